@@ -1,0 +1,136 @@
+"""The single switch between the readable reference and the Triton fast path.
+
+Model modules never import kernels. Each asks `ops_for(backend)` for the few hot operations
+(attention, MoE feed-forward, patch pooling) and calls them; the state-dict layout is the same for
+both backends. The reference implementations here follow the official numerics (spec §3, §7);
+the Triton ones live in `molmoe.kernels` and are imported only when asked for.
+
+Op contracts (both backends):
+
+attention(q, k, v, *, causal, key_padding_mask=None, scale=None) -> o
+    q: (B, Hq, Sq, Dh); k, v: (B, Hkv, Sk, Dh), Hq % Hkv == 0 (GQA: kv head j serves q heads
+    [j*g, (j+1)*g)); Sq <= Sk. `causal` is aligned bottom-right: query i sits at key position
+    Sk - Sq + i (prefill: Sq == Sk; decode with a KV cache: Sq small). key_padding_mask: (B, Sk)
+    bool, True = attend. A query row with no key to attend gets zeros. Returns (B, Hq, Sq, Dh) in
+    q's dtype.
+
+moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False) -> (y, aux)
+    x: (T, D); router_w: (E, D); w_gate, w_up: (E, F, D); w_down: (E, D, F). fp32 softmax over E,
+    top-k (ties to the lower index), optional renormalisation, y = sum_k w_k * expert(x).
+    aux: dict with at least "counts" (E,) int.
+
+patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads) -> y
+    x: (N, 4, C) the 4 member patches of N pooled 2x2 cells (pad embeddings already added).
+    query = mean of the 4; q = query Wq^T + bq, k/v from the 4 members; softmax over 4 keys per head
+    (scale 1/sqrt(head_dim), q/k/v in fp32), heads concatenated, out = o Wo^T + bo: (N, C_out).
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class Backend(str, enum.Enum):
+    REFERENCE = "reference"
+    TRITON = "triton"
+
+    @classmethod
+    def parse(cls, value: "str | Backend") -> "Backend":
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(b.value) for b in cls)
+            raise ValueError(f"unknown backend {value!r}; supported: {names}") from None
+
+
+@dataclass(frozen=True)
+class Ops:
+    attention: Callable
+    moe_ffn: Callable
+    patch_pool: Callable
+
+
+# ----------------------------------------------------------------------------- reference ops
+
+
+def reference_attention(q, k, v, *, causal, key_padding_mask=None, scale=None):
+    B, Hq, Sq, Dh = q.shape
+    Sk = k.shape[2]
+    group = Hq // k.shape[1]
+    if group > 1:  # GQA: kv head j serves query heads [j*g, (j+1)*g)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if not causal and key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        q_pos = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+        allowed = allowed & (torch.arange(Sk, device=q.device)[None, :] <= q_pos)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    # A row with nothing to attend (a left-padding query) would be NaN; give it zeros instead.
+    empty_row = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
+    return o.masked_fill(empty_row, 0.0)
+
+
+def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False):
+    """MolmoE's MoE exactly as the released code computes it (spec §3.5 steps 13'-16')."""
+    T, D = x.shape
+    E = router_w.shape[0]
+    router_logits = F.linear(x, router_w)  # (T, E), model dtype
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    topk_w, topk_idx = torch.topk(probs, top_k, dim=-1)  # (T, K)
+    if renormalize:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+    topk_w = topk_w.to(x.dtype)
+    y = torch.zeros_like(x)
+    # Experts in increasing index order, accumulated with index_add_, as the reference does.
+    for e in range(E):
+        token_idx, slot = torch.where(topk_idx == e)
+        if token_idx.numel() == 0:
+            continue
+        h = x[token_idx]
+        h = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
+        y.index_add_(0, token_idx, (h * topk_w[token_idx, slot, None]).to(x.dtype))
+    counts = torch.bincount(topk_idx.flatten(), minlength=E)
+    return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx}
+
+
+def reference_patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
+    N, _, C = x.shape
+    query = x.mean(dim=1, keepdim=True)  # (N, 1, C)
+    q = F.linear(query, wq, bq)
+    k = F.linear(x, wk, bk)
+    v = F.linear(x, wv, bv)
+    head_dim = q.shape[-1] // num_heads
+    # (N, H, S, hd); float32_attention: q, k, v in fp32, output cast back (spec §7.7)
+    q, k, v = (t.reshape(N, -1, num_heads, head_dim).transpose(1, 2).float() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head_dim))
+    o = o.to(x.dtype).transpose(1, 2).reshape(N, num_heads * head_dim)
+    return F.linear(o, wo, bo)
+
+
+REFERENCE_OPS = Ops(
+    attention=reference_attention, moe_ffn=reference_moe_ffn, patch_pool=reference_patch_pool
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops() -> Ops:
+    from molmoe.kernels.attention import attention
+    from molmoe.kernels.moe import moe_ffn
+    from molmoe.kernels.patch_pool import patch_pool
+
+    return Ops(attention=attention, moe_ffn=moe_ffn, patch_pool=patch_pool)
+
+
+def ops_for(backend: "str | Backend") -> Ops:
+    backend = Backend.parse(backend)
+    return REFERENCE_OPS if backend is Backend.REFERENCE else _triton_ops()

@@ -1,0 +1,32 @@
+"""Shared test set-up.
+
+Triton kernels run in Triton's interpreter on machines without a CUDA device. The variable must be
+set before triton is first imported, which is why it is set here, at collection start.
+"""
+import os
+import pathlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The released config/tokenizer/processor files (../shared/data); never copied into the repo."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"released data files not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (a skip, not a pass)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
