@@ -19,6 +19,11 @@ moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False) -> (y, aux)
     top-k (ties to the lower index), optional renormalisation, y = sum_k w_k * expert(x).
     aux: dict with at least "counts" (E,) int.
 
+apply_rope(q, k, cos, sin) -> (q, k)
+    q: (B, Hq, S, Dh), k: (B, Hkv, S, Dh), cos/sin: (B, S, Dh) fp32 tables. Rotate-half RoPE in
+    fp32 (x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1]), cast back to the input
+    dtype (spec §3.5 step 6).
+
 patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads) -> y
     x: (N, 4, C) the 4 member patches of N pooled 2x2 cells (pad embeddings already added).
     query = mean of the 4; q = query Wq^T + bq, k/v from the 4 members; softmax over 4 keys per head
@@ -54,6 +59,7 @@ class Ops:
     attention: Callable
     moe_ffn: Callable
     patch_pool: Callable
+    apply_rope: Callable
 
 
 # ----------------------------------------------------------------------------- reference ops
@@ -103,7 +109,12 @@ def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=Fals
     return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx}
 
 
-def reference_patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
+def reference_apply_rope(q, k, cos, sin) -> (q, k)
+    q: (B, Hq, S, Dh), k: (B, Hkv, S, Dh), cos/sin: (B, S, Dh) fp32 tables. Rotate-half RoPE in
+    fp32 (x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1]), cast back to the input
+    dtype (spec §3.5 step 6).
+
+patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
     N, _, C = x.shape
     query = x.mean(dim=1, keepdim=True)  # (N, 1, C)
     q = F.linear(query, wq, bq)
@@ -118,7 +129,10 @@ def reference_patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
 
 
 REFERENCE_OPS = Ops(
-    attention=reference_attention, moe_ffn=reference_moe_ffn, patch_pool=reference_patch_pool
+    attention=reference_attention,
+    moe_ffn=reference_moe_ffn,
+    patch_pool=reference_patch_pool,
+    apply_rope=reference_apply_rope,
 )
 
 
@@ -127,8 +141,9 @@ def _triton_ops() -> Ops:
     from molmoe.kernels.attention import attention
     from molmoe.kernels.moe import moe_ffn
     from molmoe.kernels.patch_pool import patch_pool
+    from molmoe.kernels.rope import apply_rope
 
-    return Ops(attention=attention, moe_ffn=moe_ffn, patch_pool=patch_pool)
+    return Ops(attention=attention, moe_ffn=moe_ffn, patch_pool=patch_pool, apply_rope=apply_rope)
 
 
 def ops_for(backend: "str | Backend") -> Ops:
