@@ -109,12 +109,19 @@ def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=Fals
     return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx}
 
 
-def reference_apply_rope(q, k, cos, sin) -> (q, k)
-    q: (B, Hq, S, Dh), k: (B, Hkv, S, Dh), cos/sin: (B, S, Dh) fp32 tables. Rotate-half RoPE in
-    fp32 (x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1]), cast back to the input
-    dtype (spec §3.5 step 6).
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
+
+def reference_apply_rope(q, k, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    q_rot = q.float() * cos + rotate_half(q.float()) * sin
+    k_rot = k.float() * cos + rotate_half(k.float()) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+def reference_patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
     N, _, C = x.shape
     query = x.mean(dim=1, keepdim=True)  # (N, 1, C)
     q = F.linear(query, wq, bq)

@@ -1,0 +1,143 @@
+"""The decoder shared by all Molmo variants: Qwen2 (7B-D, 72B), OLMo-1024 (7B-O), OLMoE (MolmoE).
+
+One block, switched by config: qkv bias (Qwen2), full-width q/k RMSNorm (OLMo, OLMoE), norms after
+the sublayers (7B-O), dense SwiGLU or the 64-expert top-8 MoE (spec §3.5, §3.6).
+
+Legend: B batch, S new tokens, Sk keys (cache + new), D model width, H query heads, Hkv key/value
+heads, Dh head dim, F SwiGLU width, E experts, V vocabulary rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from molmoe.backends import REFERENCE_OPS, Ops
+from molmoe.config import TextConfig
+from molmoe.model.kv_cache import KVCache
+from molmoe.model.layers import RMSNorm, swiglu
+
+
+class Embedding(nn.Module):
+    """Base rows [0, V) plus 128 extra rows for ids >= V (spec §2.4), kept as two tensors so that
+    loading never concatenates (and copies) the large base table."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(cfg.embedding_size, cfg.d_model))
+        self.new_embedding = nn.Parameter(torch.zeros(cfg.additional_vocab_size, cfg.d_model))
+
+    def forward(self, ids):  # (B, S) -> (B, S, D)
+        V = self.embedding.shape[0]
+        h = F.embedding(ids.clamp(max=V - 1), self.embedding)
+        extra = ids >= V
+        extra_rows = F.embedding((ids - V).clamp(min=0), self.new_embedding)
+        return torch.where(extra[..., None], extra_rows, h)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.kv_dim, cfg.norm_eps)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.ops: Ops = REFERENCE_OPS
+
+    def forward(self, x, cos, sin, key_padding_mask, cache: KVCache | None, layer: int,
+                slots: tuple[int, int] | None):
+        cfg = self.cfg
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).split([cfg.d_model, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        if cfg.qk_norm:  # over the full q / k vectors, before the head split (spec §7.4)
+            q = self.q_norm(q).to(k.dtype)
+            k = self.k_norm(k).to(k.dtype)
+        q = q.view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = self.ops.apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, *slots, k, v)  # (B, Hkv, Sk, Dh)
+        o = self.ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        return self.out(o.transpose(1, 2).reshape(B, S, cfg.d_model))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        # Fused as in the checkpoints: rows [0, F) = up, rows [F, 2F) = gate (spec §2.2).
+        self.up_gate = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        up, gate = self.up_gate(x).chunk(2, dim=-1)
+        return self.down(swiglu(gate, up))
+
+
+class MoEFFN(nn.Module):
+    """Softmax router over E experts, top-k, no renormalisation for MolmoE (spec §3.5 12'-16').
+
+    Expert weights are stacked: w_gate, w_up (E, F, D) and w_down (E, D, F).
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        moe = cfg.moe
+        D, F_, E = cfg.d_model, moe.expert_hidden, moe.num_experts
+        self.top_k, self.renormalize = moe.top_k, moe.renormalize
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.zeros(E, F_, D))
+        self.w_up = nn.Parameter(torch.zeros(E, F_, D))
+        self.w_down = nn.Parameter(torch.zeros(E, D, F_))
+        self.ops: Ops = REFERENCE_OPS
+
+    def forward(self, x):  # (B, S, D)
+        y, _aux = self.ops.moe_ffn(x.reshape(-1, x.shape[-1]), self.router.weight, self.w_gate,
+                                   self.w_up, self.w_down, self.top_k, self.renormalize)
+        return y.view(x.shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.norm_after = cfg.norm_after
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFFN(cfg) if cfg.moe is not None else DenseFFN(cfg)
+
+    def forward(self, h, cos, sin, key_padding_mask, cache, layer, slots):
+        if self.norm_after:  # 7B-O: normalise the sublayer outputs instead of their inputs
+            h = h + self.attn_norm(self.attn(h, cos, sin, key_padding_mask, cache, layer, slots))
+            return h + self.ffn_norm(self.ffn(h))
+        h = h + self.attn(self.attn_norm(h), cos, sin, key_padding_mask, cache, layer, slots)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+    def forward(self, h, cos, sin, attention_mask, cache: KVCache | None = None,
+                logits_to_keep: int | None = None):
+        """h (B, S, D) input embeddings -> logits (B, S or logits_to_keep, V)."""
+        slots = None
+        if cache is not None:
+            slots = cache.reserve(attention_mask)
+            key_padding_mask = cache.key_mask[:, : slots[1]]
+        else:
+            key_padding_mask = attention_mask
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, key_padding_mask, cache, i, slots)
+        if cache is not None:
+            cache.commit(slots[1])
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(self.norm(h))

@@ -1,0 +1,95 @@
+"""Molmo: vision backbone + decoder, image features added at `<im_patch>` positions (spec §3.4).
+
+Called with the tensors the official processor produces:
+`model(input_ids, images=None, image_masks=None, image_input_idx=None)` -> logits (B, S, V).
+Inputs without a batch dimension (as `process()` returns them) are accepted and batched.
+Batch padding follows the official collator: -1 in `input_ids` (and in the image tensors).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from molmoe.backends import Backend, ops_for
+from molmoe.config import MolmoConfig
+from molmoe.model.decoder import Decoder
+from molmoe.model.kv_cache import KVCache
+from molmoe.model.layers import rope_tables
+from molmoe.model.vision import VisionBackbone
+
+
+class Molmo(nn.Module):
+    def __init__(self, config: MolmoConfig, backend: str | Backend = Backend.REFERENCE):
+        super().__init__()
+        self.config = config
+        self.vision = VisionBackbone(config)
+        self.decoder = Decoder(config.text)
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str | Backend) -> "Molmo":
+        """Point every hot op at the reference or the Triton implementation (same weights)."""
+        self.backend = Backend.parse(backend)
+        ops = ops_for(self.backend)
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+        return self
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        t = self.config.text
+        p = self.decoder.lm_head.weight
+        dtype = dtype or (torch.get_autocast_dtype("cuda" if p.is_cuda else "cpu")
+                          if torch.is_autocast_enabled(p.device.type) else p.dtype)
+        return KVCache(n_layers=t.n_layers, batch=batch, n_kv_heads=t.n_kv_heads, max_len=max_len,
+                       head_dim=t.head_dim, dtype=dtype, device=device or p.device)
+
+    def embed(self, input_ids, images=None, image_masks=None, image_input_idx=None):
+        """Token embeddings with the image features added (B, S, D)."""
+        h = self.decoder.embed(input_ids.clamp(min=0))  # -1 (batch padding) looks up row 0
+        if images is None:
+            return h
+        if image_input_idx is None:
+            raise ValueError("images were given without image_input_idx")
+        B = input_ids.shape[0]
+        feats = self.vision(images, image_masks)  # (B, T, 144, D)
+        feats = feats.reshape(B, -1, feats.shape[-1])
+        idx = image_input_idx.reshape(B, -1).long()
+        if feats.shape[1] != idx.shape[1]:
+            raise ValueError(f"image_input_idx has {idx.shape[1]} entries per sample, images give "
+                             f"{feats.shape[1]} pooled features")
+        valid = idx >= 0  # -100 (processor) and -1 (batch padding) are dropped
+        if (idx >= input_ids.shape[1]).any():
+            raise ValueError(f"image_input_idx points past the sequence (length "
+                             f"{input_ids.shape[1]})")
+        batch_idx = torch.arange(B, device=idx.device)[:, None].expand_as(idx)
+        h = h.clone()
+        # Added, not replaced: the <im_patch> embedding stays in (spec §3.4).
+        h[batch_idx[valid], idx[valid]] += feats[valid].to(h.dtype)
+        return h
+
+    def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None, *,
+                attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
+                logits_to_keep: int | None = None):
+        if input_ids.dim() == 1:  # unbatched, as the official process() returns
+            input_ids = input_ids[None]
+            images = None if images is None else images[None]
+            image_masks = None if image_masks is None else image_masks[None]
+            image_input_idx = None if image_input_idx is None else image_input_idx[None]
+        if images is not None and images.dim() == 3:
+            images, image_input_idx = images[None], image_input_idx[None]
+            image_masks = None if image_masks is None else image_masks[None]
+        padded = input_ids == -1
+        if attention_mask is None and (kv_cache is not None or bool(padded.any())):
+            attention_mask = ~padded
+        if position_ids is None:
+            mask = ~padded if attention_mask is None else attention_mask.bool()
+            position_ids = (torch.cumsum(mask.long(), dim=-1) - 1).clamp(min=0)
+            if kv_cache is not None and kv_cache.length > 0:
+                raise ValueError("position_ids are required when continuing from a KV cache")
+        max_pos = self.config.text.max_position_embeddings
+        if int(position_ids.max()) >= max_pos:
+            raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
+                             f"{max_pos} positions (max_position_embeddings)")
+        h = self.embed(input_ids, images, image_masks, image_input_idx)
+        cos, sin = rope_tables(position_ids, self.config.text.head_dim, self.config.text.rope_theta)
+        return self.decoder(h, cos, sin, attention_mask, kv_cache, logits_to_keep)

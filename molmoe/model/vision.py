@@ -1,0 +1,159 @@
+"""Vision side: CLIP ViT-L/14 (23 blocks), pad embeddings, 2x2 attention pooling, projector.
+
+Module and parameter names mirror the official `model.vision_backbone.*` keys, so the checkpoint
+adapter only swaps the prefix. Spec §3.1-§3.3.
+
+Legend: N crops (batch x crops), P patches per crop (576), C feature dim (2048 = two ViT layers),
+E ViT width (1024), D decoder width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from molmoe.backends import REFERENCE_OPS, Ops
+from molmoe.config import MolmoConfig, VisionConfig
+from molmoe.model.layers import LayerNormFp32, swiglu
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        E = cfg.emb_dim
+        self.num_heads = cfg.num_heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(E, E) for _ in range(4))
+        self.ops: Ops = REFERENCE_OPS
+
+    def forward(self, x):  # x: (N, L, E)
+        N, L, E = x.shape
+        # (N, H, L, hd); float32_attention: q, k, v in fp32 (spec §7.7)
+        q, k, v = (w(x).view(N, L, self.num_heads, -1).transpose(1, 2).float()
+                   for w in (self.wq, self.wk, self.wv))
+        o = self.ops.attention(q, k, v, causal=False)
+        return self.wo(o.to(x.dtype).transpose(1, 2).reshape(N, L, E))
+
+
+class ViTMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.emb_dim, cfg.mlp_dim)
+        self.w2 = nn.Linear(cfg.mlp_dim, cfg.emb_dim)
+
+    def forward(self, x):
+        h = self.w1(x)
+        return self.w2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self.attention = ViTAttention(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self.feed_forward = ViTMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.emb_dim))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.emb_dim))
+        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.emb_dim, bias=False)
+        self.pre_ln = LayerNormFp32(cfg.emb_dim, eps=cfg.norm_eps)
+        self.transformer = _Blocks(cfg)
+
+    def forward(self, patches):  # patches: (N, P, 588) -> list of (N, 1+P, E), one per block
+        x = self.patch_embedding(patches)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.pre_ln(x)
+        hidden = []
+        for block in self.transformer.resblocks:
+            x = block(x)
+            hidden.append(x)
+        return hidden
+
+
+class AttentionPool2x2(nn.Module):
+    """Each 2x2 cell attends from the mean of its 4 patches to the 4 patches (spec §3.3)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C, E = cfg.feature_dim, cfg.emb_dim
+        self.num_heads = cfg.num_heads
+        self.wq, self.wk, self.wv = (nn.Linear(C, E) for _ in range(3))
+        self.wo = nn.Linear(E, E)
+        self.ops: Ops = REFERENCE_OPS
+
+    def forward(self, cells):  # cells: (M, 4, C) -> (M, E)
+        return self.ops.patch_pool(cells, self.wq.weight, self.wq.bias, self.wk.weight,
+                                   self.wk.bias, self.wv.weight, self.wv.bias, self.wo.weight,
+                                   self.wo.bias, self.num_heads)
+
+
+class ImageProjector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(in_dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(in_dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, out_dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class VisionBackbone(nn.Module):
+    def __init__(self, cfg: MolmoConfig):
+        super().__init__()
+        v = cfg.vision
+        self.cfg = cfg
+        self.image_vit = VisionTransformer(v)
+        self.pad_embed = nn.Parameter(torch.zeros(2, v.feature_dim))
+        self.image_pooling_2d = AttentionPool2x2(v)
+        self.image_projector = ImageProjector(v.emb_dim, cfg.projector_hidden, cfg.text.d_model)
+
+    def encode(self, images):
+        """images (B, T, P, 588) -> features (B, T, P, C), CLS dropped (spec §3.1)."""
+        B, T, P, _ = images.shape
+        flat = images.reshape(B * T, P, -1)
+        # Crops filled with -1 are batch padding. The two released codes test this differently
+        # (spec §3.1 step 7, §8): dense zeroes a crop iff all its values are -1, MolmoE iff any.
+        if self.cfg.family == "molmoe":
+            valid = torch.all(flat != -1, dim=(1, 2))
+        else:
+            valid = ~torch.all(flat == -1, dim=(1, 2))
+        hidden = self.image_vit(flat)
+        feats = torch.cat([hidden[i] for i in self.cfg.vision.vit_layers], dim=-1)
+        feats = feats * valid[:, None, None].to(feats.dtype)
+        return feats[:, 1:].reshape(B, T, P, -1)
+
+    def forward(self, images, image_masks):
+        """-> (B, T, 144, D): one vector per pooled cell, in the processor's cell order."""
+        feats = self.encode(images)  # (B, T, P, C)
+        B, T, P, C = feats.shape
+        if image_masks is not None:
+            # spec §3.2: -1 rows count as "partial" padding
+            all_pad = (image_masks == 0).to(feats.dtype)[..., None]
+            partial = ((image_masks < 1) & (image_masks != 0)).to(feats.dtype)[..., None]
+            pre_add_dtype = feats.dtype
+            feats = feats + self.pad_embed[0] * all_pad + self.pad_embed[1] * partial
+            if self.cfg.family == "molmoe":  # MolmoE casts back to the pre-add dtype (§7.1)
+                feats = feats.to(pre_add_dtype)
+        g, s = self.cfg.vision.grid, self.cfg.vision.pool_size
+        # (B*T, g/s, s, g/s, s, C) -> (B*T*(g/s)^2, s*s, C): the 4 members of each cell
+        cells = (feats.reshape(B * T, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5)
+                 .reshape(-1, s * s, C))
+        pooled = self.image_pooling_2d(cells)  # (B*T*144, E)
+        return self.image_projector(pooled.reshape(B, T, (g // s) ** 2, -1))
