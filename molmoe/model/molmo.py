@@ -24,6 +24,8 @@ class Molmo(nn.Module):
         self.config = config
         self.vision = VisionBackbone(config)
         self.decoder = Decoder(config.text)
+        # bf16 autocast over fp32 weights is Ai2's evaluation setting (spec §5.3, §7.1)
+        self.autocast_dtype: torch.dtype | None = None
         self.set_backend(backend)
 
     def set_backend(self, backend: str | Backend) -> "Molmo":
@@ -38,8 +40,7 @@ class Molmo(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         t = self.config.text
         p = self.decoder.lm_head.weight
-        dtype = dtype or (torch.get_autocast_dtype("cuda" if p.is_cuda else "cpu")
-                          if torch.is_autocast_enabled(p.device.type) else p.dtype)
+        dtype = dtype or self.autocast_dtype or p.dtype
         return KVCache(n_layers=t.n_layers, batch=batch, n_kv_heads=t.n_kv_heads, max_len=max_len,
                        head_dim=t.head_dim, dtype=dtype, device=device or p.device)
 
@@ -70,6 +71,14 @@ class Molmo(nn.Module):
     def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None, *,
                 attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
                 logits_to_keep: int | None = None):
+        device_type = input_ids.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self._forward(input_ids, images, image_masks, image_input_idx,
+                                 attention_mask, position_ids, kv_cache, logits_to_keep)
+
+    def _forward(self, input_ids, images, image_masks, image_input_idx, attention_mask,
+                 position_ids, kv_cache, logits_to_keep):
         if input_ids.dim() == 1:  # unbatched, as the official process() returns
             input_ids = input_ids[None]
             images = None if images is None else images[None]

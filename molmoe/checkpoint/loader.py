@@ -1,0 +1,75 @@
+"""`molmoe.load`: official checkpoint -> Molmo in eval mode, without a full extra copy in RAM.
+
+The model is built on the `meta` device, the adapter maps memory-mapped tensors onto it, and
+`load_state_dict(assign=True)` adopts them (gpt-fast / torchtitan style).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+from molmoe.backends import Backend
+from molmoe.checkpoint.adapter import CheckpointError, to_native
+from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
+from molmoe.config import ConfigError, MolmoConfig, from_hf_config
+from molmoe.model import Molmo
+
+# Precision modes (spec §7.1): weights dtype and optional autocast.
+PRECISIONS = {
+    "float32": (torch.float32, None),
+    "amp_bf16": (torch.float32, torch.bfloat16),  # Ai2's evaluation setting
+    "bfloat16": (torch.bfloat16, None),
+    "float16": (torch.float16, None),
+}
+_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+            "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "amp": "amp_bf16"}
+
+
+def parse_precision(dtype) -> str:
+    name = _ALIASES.get(dtype, dtype)
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(PRECISIONS)}")
+    return name
+
+
+def load_config_from_dir(directory: pathlib.Path) -> tuple[MolmoConfig, dict]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    raw = read_json(path)
+    try:
+        return from_hf_config(raw, source=str(path)), raw
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_state(directory: pathlib.Path, config: MolmoConfig) -> dict[str, torch.Tensor]:
+    """Native-named tensors (memory-mapped where the format allows), checked against config."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
+    return to_native(open_checkpoint(directory), config, expected)
+
+
+def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
+         backend: str | Backend = "reference") -> Molmo:
+    """Load an official Molmo checkpoint (hub id or local directory) in eval mode.
+
+    dtype: "float32", "amp_bf16" (fp32 weights run under bf16 autocast, as Ai2 evaluated),
+    "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
+    """
+    weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
+    backend = Backend.parse(backend)
+    directory = resolve(model_id_or_dir)
+    config, _ = load_config_from_dir(directory)
+    state = load_state(directory, config)
+    # .to() is a no-op (no copy) when the stored dtype and device already match.
+    state = {k: v.to(device=device, dtype=weights_dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = Molmo(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.set_backend(backend)
+    model.autocast_dtype = autocast_dtype
+    model.source = str(directory)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,245 @@
+"""Loader, adapter and converter: round trips in every official layout, and clear errors."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import molmoe
+from molmoe.checkpoint import CheckpointError, to_native, to_official
+from molmoe.checkpoint.convert import convert
+from tests.tiny import random_inputs, random_model, write_checkpoint
+
+LAYOUTS = [("tiny-7b-d", "dense"), ("tiny-7b-o", "dense"), ("tiny-molmoe", "molmoe-hf"),
+           ("tiny-molmoe", "molmoe-megablocks")]
+
+
+def _logits(model, config):
+    ids, images, masks, idx = random_inputs(config, batch=2)
+    with torch.no_grad():
+        return model(ids, images, masks, idx)
+
+
+@pytest.mark.parametrize("name, layout", LAYOUTS)
+def test_official_layout_round_trip(tmp_path, name, layout):
+    model = random_model(name)
+    write_checkpoint(model, tmp_path / "ckpt", layout)
+    loaded = molmoe.load(tmp_path / "ckpt")
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+
+
+@pytest.mark.parametrize("name, layout", LAYOUTS)
+def test_adapter_inverse(name, layout):
+    model = random_model(name)
+    native = model.state_dict()
+    official = to_official(native, layout)
+    expected = {k: v.shape for k, v in native.items()}
+    back = to_native({k: (lambda v=v: v) for k, v in official.items()}, model.config, expected)
+    assert back.keys() == native.keys()
+    assert all(torch.equal(back[k], native[k]) for k in native)
+
+
+def test_official_key_names_and_shapes_molmoe_hf():
+    """Spot-check the released MolmoE key strings of spec §2.3."""
+    model = random_model("tiny-molmoe")
+    official = to_official(model.state_dict(), "molmoe-hf")
+    t = model.config.text
+    assert official["model.transformer.blocks.1.attn.att_proj.weight"].shape == (
+        t.d_model + 2 * t.kv_dim, t.d_model)
+    assert official["model.transformer.blocks.0.mlp.experts.7.down_proj.weight"].shape == (
+        t.d_model, t.moe.expert_hidden)
+    assert official["model.transformer.blocks.0.mlp.gate.weight"].shape == (t.moe.num_experts,
+                                                                             t.d_model)
+    assert "lm_head.weight" in official
+    assert "model.vision_backbone.image_pooling_2d.wq.weight" in official
+
+
+def test_prefix_is_optional(tmp_path):
+    model = random_model("tiny-molmoe")
+    state = {k.removeprefix("model."): v for k, v in to_official(model.state_dict(),
+                                                                 "molmoe-hf").items()}
+    write_checkpoint(model, tmp_path / "c", "molmoe-hf")
+    torch.save(state, tmp_path / "c" / "pytorch_model.bin")
+    loaded = molmoe.load(tmp_path / "c")
+    assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+
+
+@pytest.mark.parametrize("name, layout", [("tiny-7b-d", "dense"), ("tiny-molmoe", "molmoe-hf")])
+def test_convert_round_trip(tmp_path, name, layout):
+    model = random_model(name)
+    write_checkpoint(model, tmp_path / "src", layout)
+    out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=200_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    loaded = molmoe.load(out)
+    assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_convert_is_atomic(tmp_path, monkeypatch):
+    model = random_model("tiny-7b-d")
+    write_checkpoint(model, tmp_path / "src", "dense")
+    import molmoe.checkpoint.convert as conv
+
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(tensors, path, metadata=metadata)
+
+    real_save = conv.save_file
+    monkeypatch.setattr(conv, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tmp_path / "src", tmp_path / "dst", shard_bytes=200_000)
+    assert not (tmp_path / "dst").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_refuses_to_overwrite(tmp_path):
+    write_checkpoint(random_model("tiny-7b-d"), tmp_path / "src", "dense")
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(tmp_path / "src", tmp_path / "dst")
+
+
+@pytest.mark.parametrize("dtype, wdtype, autocast", [("bfloat16", torch.bfloat16, None),
+                                                      ("amp_bf16", torch.float32, torch.bfloat16)])
+def test_precision_modes(tmp_path, dtype, wdtype, autocast):
+    write_checkpoint(random_model("tiny-7b-d"), tmp_path / "c", "dense")
+    m = molmoe.load(tmp_path / "c", dtype=dtype)
+    assert m.decoder.lm_head.weight.dtype == wdtype and m.autocast_dtype == autocast
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _dense_ckpt(tmp_path):
+    return write_checkpoint(random_model("tiny-7b-d"), tmp_path / "c", "dense")
+
+
+def _rewrite_bin(tmp_path, mutate):
+    model = random_model("tiny-molmoe")
+    d = write_checkpoint(model, tmp_path / "c", "molmoe-hf")
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    mutate(state)
+    torch.save(state, d / "pytorch_model.bin")
+    return d
+
+
+def test_missing_key_is_named(tmp_path):
+    d = _rewrite_bin(tmp_path, lambda s: s.pop("model.transformer.blocks.1.attn.q_norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys.*blocks\.1\.attn\.q_norm\.weight"):
+        molmoe.load(d)
+
+
+def test_missing_expert_is_named(tmp_path):
+    d = _rewrite_bin(tmp_path, lambda s: s.pop("model.transformer.blocks.0.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.w_up: experts \[3\]"):
+        molmoe.load(d)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    d = _rewrite_bin(tmp_path, lambda s: s.update({"model.transformer.blocks.0.attn.rogue": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*blocks\.0\.attn\.rogue"):
+        molmoe.load(d)
+
+
+def test_misshaped_key_names_expected_and_found(tmp_path):
+    key = "model.transformer.blocks.0.attn.attn_out.weight"
+    d = _rewrite_bin(tmp_path, lambda s: s.update({key: torch.zeros(64, 63)}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*expected shape \[64, 64\], found \[64, 63\]"):
+        molmoe.load(d)
+
+
+def test_misshaped_expert_is_named(tmp_path):
+    key = "model.transformer.blocks.1.mlp.experts.2.down_proj.weight"
+    d = _rewrite_bin(tmp_path, lambda s: s.update({key: torch.zeros(64, 31)}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*expected shape \[64, 32\], found \[64, 31\]"):
+        molmoe.load(d)
+
+
+def test_integer_tensor_is_refused(tmp_path):
+    key = "model.transformer.ln_f.weight"
+    d = _rewrite_bin(tmp_path, lambda s: s.update({key: torch.ones(64, dtype=torch.int64)}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*floating-point"):
+        molmoe.load(d)
+
+
+def test_truncated_safetensors_names_file(tmp_path):
+    d = _dense_ckpt(tmp_path)
+    shard = d / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        molmoe.load(d)
+
+
+def test_missing_shard_is_named(tmp_path):
+    d = _dense_ckpt(tmp_path)
+    (d / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors.*missing"):
+        molmoe.load(d)
+
+
+def test_corrupt_bin_names_file(tmp_path):
+    d = write_checkpoint(random_model("tiny-molmoe"), tmp_path / "c", "molmoe-hf")
+    f = d / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*truncated or corrupt"):
+        molmoe.load(d)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_unrestricted_pickle_is_refused_with_instructions(tmp_path):
+    d = write_checkpoint(random_model("tiny-molmoe"), tmp_path / "c", "molmoe-hf")
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": _Payload()}, f)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle.*safetensors"):
+        molmoe.load(d)
+
+
+def test_unknown_model_type(tmp_path):
+    d = _dense_ckpt(tmp_path)
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="supported: molmo"):
+        molmoe.load(d)
+
+
+def test_no_weights_lists_directory(tmp_path):
+    d = _dense_ckpt(tmp_path)
+    for f in d.glob("model*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint weights found.*config.json"):
+        molmoe.load(d)
+
+
+def test_not_a_dir_nor_hub_id(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
+        molmoe.load(tmp_path / "does" / "not" / "exist")
+
+
+def test_hub_id_resolves_through_cache(tmp_path, monkeypatch):
+    """A cached hub snapshot loads offline (the hub cache layout, built by hand)."""
+    model = random_model("tiny-7b-d")
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-molmo" / "snapshots" / ("0" * 40)
+    write_checkpoint(model, snap, "dense")
+    (cache / "models--acme--tiny-molmo" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-molmo" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    loaded = molmoe.load("acme/tiny-molmo")
+    assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
