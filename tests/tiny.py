@@ -1,6 +1,7 @@
 """Tiny random Molmo checkpoints written in the official layouts, for tests."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -11,9 +12,14 @@ from molmoe.config import MolmoConfig, preset
 from molmoe.model import Molmo
 
 
-def random_model(name: str, seed: int = 0, std: float = 0.1) -> Molmo:
+def random_model(name: str, seed: int = 0, std: float = 0.1, top_k: int | None = None) -> Molmo:
+    """A preset's model with random weights; `top_k` overrides the MoE's experts per token."""
     torch.manual_seed(seed)
-    model = Molmo(preset(name))
+    config = preset(name)
+    if top_k is not None:
+        text = dataclasses.replace(config.text, moe=dataclasses.replace(config.text.moe, top_k=top_k))
+        config = config.replace(text=text)
+    model = Molmo(config)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight") or n.endswith("_ln.weight"):

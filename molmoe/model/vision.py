@@ -134,7 +134,8 @@ class VisionBackbone(nn.Module):
             valid = torch.all(flat != -1, dim=(1, 2))
         else:
             valid = ~torch.all(flat == -1, dim=(1, 2))
-        hidden = self.image_vit(flat)
+        # Pure bf16 mode feeds bf16 pixels (spec §7.1 c); under autocast the cast is a no-op.
+        hidden = self.image_vit(flat.to(self.image_vit.patch_embedding.weight.dtype))
         feats = torch.cat([hidden[i] for i in self.cfg.vision.vit_layers], dim=-1)
         feats = feats * valid[:, None, None].to(feats.dtype)
         return feats[:, 1:].reshape(B, T, P, -1)
