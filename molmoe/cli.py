@@ -1,0 +1,50 @@
+"""The `molmoe` command line: convert, generate, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args) -> int:
+    from molmoe.checkpoint.convert import convert
+
+    out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=int(args.shard_gb * (1 << 30)),
+                  overwrite=args.overwrite, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="molmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="write a checkpoint as sharded safetensors (atomic)")
+    p.add_argument("src", help="hub id or checkpoint directory (any supported layout)")
+    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_convert)
+
+    try:
+        from molmoe.app import add_app_commands
+    except ImportError:  # generation front end not present in this build
+        pass
+    else:
+        add_app_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from molmoe.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"molmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
