@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from molmoe.backends import Backend, ops_for
+from molmoe.backends import Backend, Ops, ops_for
 from molmoe.config import MolmoConfig
 from molmoe.model.decoder import Decoder
 from molmoe.model.kv_cache import KVCache
@@ -31,7 +31,10 @@ class Molmo(nn.Module):
     def set_backend(self, backend: str | Backend) -> "Molmo":
         """Point every hot op at the reference or the Triton implementation (same weights)."""
         self.backend = Backend.parse(backend)
-        ops = ops_for(self.backend)
+        return self.set_ops(ops_for(self.backend))
+
+    def set_ops(self, ops: Ops) -> "Molmo":
+        """Use an explicit set of ops (tests mix reference and Triton ops one at a time)."""
         for module in self.modules():
             if hasattr(module, "ops"):
                 module.ops = ops
