@@ -72,20 +72,17 @@ def _from_path(path: pathlib.Path, max_pixels: int | None) -> LoadedImage:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image file")
-    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
         # Image.open reads only the header, so the size check below runs before any decoding.
-        # PIL's own bomb check fires at 2x MAX_IMAGE_PIXELS; lift it when the caller allows more.
+        # PIL's own bomb check is lifted for the open so that molmoe's limit (which the caller
+        # sets) is the one that applies, with one clear message.
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if pil_limit is not None and (max_pixels is None or max_pixels > 2 * pil_limit):
-                Image.MAX_IMAGE_PIXELS = None
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 img = Image.open(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = pil_limit
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file PIL can read") from None
     except OSError as e:
@@ -100,7 +97,10 @@ def _from_path(path: pathlib.Path, max_pixels: int | None) -> LoadedImage:
 
 
 def _from_pil(img: Image.Image, name: str) -> LoadedImage:
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # unparsable EXIF: treat as untagged rather than refuse the picture
+        orientation = 1
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         img = ImageOps.exif_transpose(img)
     try:

@@ -124,7 +124,7 @@ def resize_and_pad(image_HWC: np.ndarray, target: tuple[int, int], settings: Ima
     height, width = image_HWC.shape[:2]
     new_h, new_w = scaled_size(height, width, target_h, target_w)
 
-    x_CHW = torch.from_numpy(np.ascontiguousarray(image_HWC)).permute(2, 0, 1)
+    x_CHW = torch.tensor(image_HWC).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     if device is not None:
         x_CHW = x_CHW.to(device)
     x_CHW = x_CHW.float() / 255.0
