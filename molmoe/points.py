@@ -190,7 +190,7 @@ def draw_points(image, groups, *, radius: int | None = None):
 
     out = image.convert("RGB") if image.mode != "RGB" else image.copy()
     W, H = out.size
-    r = radius or max(3, round(min(W, H) / 80))
+    r = radius or max(4, round(min(W, H) / 60))
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     for group in groups:
