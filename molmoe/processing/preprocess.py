@@ -1,0 +1,293 @@
+"""Image -> crops, patches, padding masks and token layout, as the released Molmo processor does.
+
+Reproduces `image_preprocessing_molmo.py` of the 0924 checkpoints (current revision, torch bilinear
+resize; spec §4.0-§4.5) bit for bit on CPU:
+  * scale arithmetic in float32 with int() truncation (§4.2; float64 differs for ~3 % of sizes),
+  * bilinear + antialias resize of float32 [0, 1] CHW pixels, then clamp (what torchvision's
+    `Resize(BILINEAR, antialias=True)` does on a float tensor), centered zero padding,
+  * CLIP normalisation as subtract-then-divide in float32,
+  * tiling choice with the first-argmax / first-argmin tie rules (§4.3),
+  * a global 336x336 view first, then the overlapping tiles of a canvas (§4.4),
+  * `image_masks` with the legacy off-by-one: tile masks shifted by one crop and a trailing -1 row
+    (§4.5; the 0924 models were trained with it, so it is part of the model).
+
+Shape legend: H, W image height/width; T crops (1 global + th*tw tiles); P patches per crop (576);
+Dp pixels per patch (14*14*3 = 588); K pooled tokens per crop (12*12 = 144); C channels (3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageSettings:
+    """The values of `preprocessor_config.json` (identical for all four 0924 models)."""
+
+    base_image_input_size: tuple[int, int] = (336, 336)
+    image_patch_size: int = 14
+    image_token_length_h: int = 12
+    image_token_length_w: int = 12
+    max_crops: int = 12
+    overlap_margins: tuple[int, int] = (4, 4)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    do_normalize: bool = True
+    image_padding_mask: bool = True
+
+    def __post_init__(self):
+        crop_h, crop_w = self.base_image_input_size
+        p = self.image_patch_size
+        left, right = self.overlap_margins
+        problems = []
+        if crop_h != crop_w or crop_h % p:
+            problems.append(f"base_image_input_size {list(self.base_image_input_size)} must be "
+                            f"square and a multiple of image_patch_size {p}")
+        # The layout assumes 2x2 pooling of a crop's patch grid into the token grid.
+        elif (crop_h // p + 1) // 2 != self.image_token_length_h or \
+                self.image_token_length_h != self.image_token_length_w:
+            problems.append(f"image_token_length_h/w {self.image_token_length_h}/"
+                            f"{self.image_token_length_w} do not match 2x2 pooling of "
+                            f"{crop_h // p} patches per side")
+        if left % 2 or right % 2 or left + right >= (crop_h // p if p else 0):
+            problems.append(f"overlap_margins {list(self.overlap_margins)} must be even and "
+                            "leave part of each crop")
+        if self.max_crops < 1:
+            problems.append(f"max_crops {self.max_crops} must be >= 1")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            problems.append("image_mean and image_std must have 3 values")
+        if problems:
+            raise ValueError("unsupported preprocessor settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ImageSettings":
+        """From a parsed preprocessor_config.json; unknown keys (auto_map, class names) ignored."""
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in cfg and cfg[f.name] is not None:
+                v = cfg[f.name]
+                kw[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+    # Derived constants (spec §4.1).
+    @property
+    def crop_size(self) -> int:                 # 336
+        return self.base_image_input_size[0]
+
+    @property
+    def crop_patches(self) -> int:              # 24
+        return self.crop_size // self.image_patch_size
+
+    @property
+    def margin_pixels(self) -> int:             # 112 = 14 * (4 + 4)
+        return self.image_patch_size * sum(self.overlap_margins)
+
+    @property
+    def window_patches(self) -> int:            # 16 usable patches per tile side
+        return self.crop_patches - sum(self.overlap_margins)
+
+    @property
+    def window_size(self) -> int:               # 224 px stride between tiles
+        return self.window_patches * self.image_patch_size
+
+    @property
+    def tokens_per_crop(self) -> int:           # 144
+        return self.image_token_length_h * self.image_token_length_w
+
+
+def _f32(x) -> np.float32:
+    return np.float32(x)
+
+
+def scaled_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """Aspect-preserving size that fits (target_h, target_w), float32 math + truncation (§4.2).
+
+    Clamped to at least 1 px: the released code crashes on a 0-px side (e.g. 1x5000 images);
+    molmoe keeps such slivers as a 1-px line instead.
+    """
+    scale = min(_f32(target_h) / _f32(height), _f32(target_w) / _f32(width))
+    return max(1, int(_f32(height) * scale)), max(1, int(_f32(width) * scale))
+
+
+def resize_and_pad(image_HWC: np.ndarray, target: tuple[int, int], settings: ImageSettings,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [H, W, 3] -> (normalised float32 [TH, TW, 3], bool pixel mask [TH, TW]) on CPU.
+
+    `device` may name a CUDA device to run the resize there; the CPU result is the reference.
+    """
+    target_h, target_w = target
+    height, width = image_HWC.shape[:2]
+    new_h, new_w = scaled_size(height, width, target_h, target_w)
+
+    x_CHW = torch.from_numpy(np.ascontiguousarray(image_HWC)).permute(2, 0, 1)
+    if device is not None:
+        x_CHW = x_CHW.to(device)
+    x_CHW = x_CHW.float() / 255.0
+    if (new_h, new_w) != (height, width):  # torchvision's Resize returns the input unchanged here
+        x_CHW = F.interpolate(x_CHW[None], size=(new_h, new_w), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
+    x_CHW = x_CHW.clamp(0.0, 1.0).cpu()
+
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    out_HWC = torch.zeros(target_h, target_w, 3, dtype=torch.float32)
+    out_HWC[top:top + new_h, left:left + new_w] = x_CHW.permute(1, 2, 0)
+    mask_HW = torch.zeros(target_h, target_w, dtype=torch.bool)
+    mask_HW[top:top + new_h, left:left + new_w] = True
+    if settings.do_normalize:
+        # Pad first, normalise after: padding becomes -mean/std, as in the released code.
+        mean = torch.tensor(settings.image_mean, dtype=torch.float32)
+        std = torch.tensor(settings.image_std, dtype=torch.float32)
+        out_HWC = (out_HWC - mean) / std
+    return out_HWC, mask_HW
+
+
+def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image whose margin-reduced size is h x w (§4.3).
+
+    h and w may be <= 0 for images under 112 px: float32 division then yields inf or negative
+    scales, which the rules below handle just as the released code does.
+    """
+    tilings = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1)
+                      if i * j <= max_crops), key=lambda t: (t[0] * t[1], t[0]))
+    cand_N2 = np.array(tilings, dtype=np.int32) * window
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale_N2 = cand_N2.astype(np.float32) / np.array([h, w], dtype=np.float32)
+    scale_N = scale_N2.min(axis=-1)
+    if np.all(scale_N < 1):
+        ix = int(np.argmax(scale_N))   # must downscale: the least downscaling, first on ties
+    else:
+        ix = int(np.argmin(np.where(scale_N < 1.0, np.float32(1e10), scale_N)))  # least upscaling
+    return tilings[ix]
+
+
+def patchify(x_HWC: torch.Tensor, patch: int) -> torch.Tensor:
+    """[H, W, C] -> [(H/p)*(W/p), p*p*C]: patches row-major, inside a patch (dy, dx, c), c fastest."""
+    H, W, C = x_HWC.shape
+    x = x_HWC.reshape(H // patch, patch, W // patch, patch, C).permute(0, 2, 1, 3, 4)
+    return x.reshape((H // patch) * (W // patch), patch * patch * C)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokenIds:
+    start: int
+    end: int
+    patch: int
+    col: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one image's tokens go: tiling and the high-res pooled grid (nR x nC)."""
+
+    tiling: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def n_crops(self) -> int:
+        return 1 + self.tiling[0] * self.tiling[1]
+
+
+def image_layout(height: int, width: int, settings: ImageSettings) -> Layout:
+    """Tiling and pooled grid for an H x W image; cheap (no pixels touched)."""
+    m = settings.margin_pixels
+    th, tw = select_tiling(height - m, width - m, settings.window_size, settings.max_crops)
+    side = sum(settings.overlap_margins)
+    # Patches per side of the whole canvas, pooled 2x2 (rounding up).
+    n_rows = (th * settings.window_patches + side + 1) // 2
+    n_cols = (tw * settings.window_patches + side + 1) // 2
+    return Layout(tiling=(th, tw), grid=(n_rows, n_cols))
+
+
+def image_tokens(layout: Layout, settings: ImageSettings, ids: ImageTokenIds) -> np.ndarray:
+    """The image's token ids (§4.4 step 7): global block (12 rows), then the high-res block."""
+    def block(rows: int, cols: int) -> list[int]:
+        return [ids.start] + ([ids.patch] * cols + [ids.col]) * rows + [ids.end]
+
+    return np.array(block(settings.image_token_length_h, settings.image_token_length_w)
+                    + block(*layout.grid), dtype=np.int64)
+
+
+def n_image_tokens(layout: Layout, settings: ImageSettings) -> int:
+    th, tw = settings.image_token_length_h, settings.image_token_length_w
+    n_rows, n_cols = layout.grid
+    return (2 + th * (tw + 1)) + (2 + n_rows * (n_cols + 1))
+
+
+def image_input_idx(tokens: np.ndarray, layout: Layout, settings: ImageSettings,
+                    ids: ImageTokenIds) -> np.ndarray:
+    """int32 [T, K]: position in `tokens` of each pooled cell's <im_patch>, -100 for dropped cells.
+
+    Derived from the token sequence itself: the first K <im_patch> tokens are the global view's
+    cells in row-major order, the rest the high-res grid's. A tile keeps only the cells inside its
+    window (interior sides drop `margin/2` pooled cells of overlap); cell (r, c) of tile (i, j)
+    sits at high-res pooled (R, C) = (i*window/2 + r, j*window/2 + c).
+    """
+    positions = np.nonzero(tokens == ids.patch)[0].astype(np.int32)
+    K = settings.tokens_per_crop
+    kh, kw = settings.image_token_length_h, settings.image_token_length_w
+    n_rows, n_cols = layout.grid
+    assert positions.size == K + n_rows * n_cols
+    glob, hires_RC = positions[:K], positions[K:].reshape(n_rows, n_cols)
+
+    lo_m, hi_m = settings.overlap_margins[0] // 2, settings.overlap_margins[1] // 2
+    step = settings.window_patches // 2
+    th, tw = layout.tiling
+    out_TK = np.full((layout.n_crops, kh, kw), -100, dtype=np.int32)
+    out_TK[0] = glob.reshape(kh, kw)
+    for i in range(th):
+        r0, r1 = (0 if i == 0 else lo_m), (kh if i == th - 1 else kh - hi_m)
+        for j in range(tw):
+            c0, c1 = (0 if j == 0 else lo_m), (kw if j == tw - 1 else kw - hi_m)
+            R0, C0 = i * step + r0, j * step + c0
+            out_TK[1 + i * tw + j, r0:r1, c0:c1] = hires_RC[R0:R0 + r1 - r0, C0:C0 + c1 - c0]
+    return out_TK.reshape(layout.n_crops, K)
+
+
+@dataclasses.dataclass
+class ImageInputs:
+    images: torch.Tensor           # [T, P, Dp] float32
+    image_masks: torch.Tensor      # [T, P] float32 (legacy off-by-one, last row -1)
+    image_input_idx: np.ndarray    # [T, K] int32, relative to the first image token
+    tokens: np.ndarray             # [N_img] int64
+    layout: Layout
+
+
+def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageTokenIds,
+                     device: torch.device | str | None = None) -> ImageInputs:
+    """uint8 RGB [H, W, 3] -> crops, masks, token layout and feature positions of one image."""
+    if image_HWC.dtype != np.uint8 or image_HWC.ndim != 3 or image_HWC.shape[2] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] array, got {image_HWC.dtype} "
+                         f"{list(image_HWC.shape)} (use molmoe.processing.load_image)")
+    height, width = image_HWC.shape[:2]
+    layout = image_layout(height, width, settings)
+    th, tw = layout.tiling
+    crop, stride, p = settings.crop_size, settings.window_size, settings.image_patch_size
+
+    canvas_HWC, canvas_mask_HW = resize_and_pad(
+        image_HWC, (th * stride + settings.margin_pixels, tw * stride + settings.margin_pixels),
+        settings, device)
+    global_HWC, _ = resize_and_pad(image_HWC, settings.base_image_input_size, settings, device)
+
+    crops, masks = [patchify(global_HWC, p)], []
+    for i in range(th):
+        for j in range(tw):
+            y0, x0 = i * stride, j * stride
+            crops.append(patchify(canvas_HWC[y0:y0 + crop, x0:x0 + crop], p))
+            tile_mask = canvas_mask_HW[y0:y0 + crop, x0:x0 + crop, None]
+            # Fraction of valid pixels per patch; sums of 0/1 are exact, one f32 division.
+            masks.append(patchify(tile_mask, p).float().sum(-1) / np.float32(p * p))
+    images_TPD = torch.stack(crops)
+    # Legacy off-by-one (§4.5): tile masks only, then one row of -1, so row k meets crop k.
+    masks.append(torch.full((settings.crop_patches ** 2,), -1.0))
+    masks_TP = torch.stack(masks)
+
+    tokens = image_tokens(layout, settings, ids)
+    return ImageInputs(images=images_TPD, image_masks=masks_TP,
+                       image_input_idx=image_input_idx(tokens, layout, settings, ids),
+                       tokens=tokens, layout=layout)
+

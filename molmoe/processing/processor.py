@@ -1,0 +1,123 @@
+"""`Processor`: prompt text + optional image -> the model inputs of the released `process()`.
+
+Layout (spec §4.6): [BOS] <image tokens> " User: {text} Assistant:". The text is tokenised without
+special tokens, the image tokens come before all text, BOS (= EOS for all Molmo tokenizers) is
+prepended and every non-negative `image_input_idx` is shifted by one for it.
+
+Outputs, no batch dimension, as the released processor returns them:
+  input_ids [S] int64; with an image also images [T, 576, 588] float32, image_masks [T, 576]
+  float32, image_input_idx [T, 144] int32 and original_size (W, H) (after EXIF rotation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import torch
+
+from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
+                                          n_image_tokens, preprocess_image)
+from molmoe.processing.tokenizer import Tokenizer
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (image tokens included) does not fit the model's context."""
+
+    def __init__(self, needed: int, image_tokens: int, allowed: int):
+        self.needed, self.image_tokens, self.allowed = needed, image_tokens, allowed
+        super().__init__(f"prompt needs {needed} tokens ({image_tokens} image tokens), "
+                         f"the model allows {allowed}")
+
+
+def prompt_text(text: str) -> str:
+    """The single-turn prompt of the released processor ("role" format, leading space)."""
+    return " User: " + text + " Assistant:"
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, settings: ImageSettings | None = None, *,
+                 max_positions: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 device: torch.device | str | None = None):
+        """max_positions: the model's position limit (config max_position_embeddings).
+        device: where the resize runs (None = CPU, the reference)."""
+        self.tokenizer = tokenizer
+        self.settings = settings or ImageSettings()
+        self.max_positions = max_positions
+        self.max_pixels = max_pixels
+        self.device = device
+        self.token_ids = ImageTokenIds(start=tokenizer.image_start_id, end=tokenizer.image_end_id,
+                                       patch=tokenizer.image_patch_id, col=tokenizer.image_col_id)
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_dir: str | os.PathLike, **kwargs) -> "Processor":
+        """A local checkpoint dir or a hub id (through huggingface_hub's cache)."""
+        from molmoe.checkpoint.files import resolve
+
+        d = resolve(model_id_or_dir)
+        settings = ImageSettings()
+        pre = d / "preprocessor_config.json"
+        if pre.exists():
+            settings = ImageSettings.from_config(_read_json(pre))
+        max_positions = None
+        if (d / "config.json").exists():
+            max_positions = _read_json(d / "config.json").get("max_position_embeddings")
+        kwargs.setdefault("max_positions", max_positions)
+        return cls(Tokenizer.from_dir(d), settings, **kwargs)
+
+    def image_token_count(self, width: int, height: int) -> int:
+        """How many prompt tokens an image of this size takes (no pixels touched)."""
+        return n_image_tokens(image_layout(height, width, self.settings), self.settings)
+
+    def __call__(self, text: str, images: ImageInput | list | tuple | None = None,
+                 max_length: int | None = None) -> dict:
+        """max_length: refuse prompts longer than this (default: the model's position limit).
+        Leave room for the answer: pass the limit minus max_new_tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if isinstance(images, (list, tuple)):
+            if len(images) > 1:
+                # The released code maps every later image onto the first one's positions (§4.6).
+                raise ValueError(f"got {len(images)} images; Molmo 0924 supports one image per "
+                                 "prompt")
+            images = images[0] if images else None
+        limit = max_length if max_length is not None else self.max_positions
+        text_ids = np.array(self.tokenizer.encode(prompt_text(text)), dtype=np.int64)
+        bos = np.array([self.tokenizer.bos_token_id], dtype=np.int64)
+
+        if images is None:
+            self._check_length(1 + len(text_ids), 0, limit)
+            return {"input_ids": torch.from_numpy(np.concatenate([bos, text_ids]))}
+
+        pixels, original_size = load_image(images, max_pixels=self.max_pixels)
+        # Refuse before the pixel work: the token count depends on the size only.
+        n_img = self.image_token_count(pixels.shape[1], pixels.shape[0])
+        self._check_length(1 + n_img + len(text_ids), n_img, limit)
+
+        inputs = preprocess_image(pixels, self.settings, self.token_ids, self.device)
+        assert len(inputs.tokens) == n_img
+        idx_TK = np.where(inputs.image_input_idx < 0, inputs.image_input_idx,
+                          inputs.image_input_idx + 1).astype(np.int32)  # +1 for the BOS
+        out = {
+            "input_ids": torch.from_numpy(np.concatenate([bos, inputs.tokens, text_ids])),
+            "images": inputs.images,
+            "image_input_idx": torch.from_numpy(idx_TK),
+        }
+        if self.settings.image_padding_mask:
+            out["image_masks"] = inputs.image_masks
+        out["original_size"] = original_size
+        return out
+
+    @staticmethod
+    def _check_length(needed: int, n_image: int, limit: int | None) -> None:
+        if limit is not None and needed > limit:
+            raise PromptTooLongError(needed, n_image, limit)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from None

@@ -1,0 +1,167 @@
+"""The checkpoint's tokenizer, through the `tokenizers` library, and Molmo's special token ids.
+
+Two file layouts (spec §5.1):
+  * `tokenizer.json` (MolmoE, the demo checkpoint): loaded as is.
+  * `vocab.json` + `merges.txt` + `added_tokens.json` (Molmo-7B-D/72B ship Qwen2's slow-tokenizer
+    files): rebuilt as Qwen2's fast tokenizer would be (NFC, Qwen2's split regex, byte-level BPE)
+    with the added tokens at their listed ids: the Qwen2 specials, the `|<EXTRA_TOKENS_i>|`
+    padding tokens and the five image tokens at 152064..152068.
+The image-token ids are found by encoding the five strings, as the released processor does.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Iterable
+
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
+
+# Qwen2's pre-tokenizer split (Qwen2TokenizerFast / tokenizer.json of Qwen2 models).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class TokenizerError(ValueError):
+    """Missing or inconsistent tokenizer files; the message names the file and the token."""
+
+
+class Tokenizer:
+    """encode/decode plus the ids Molmo needs. `encode` never adds special tokens."""
+
+    def __init__(self, tok: HFTokenizer, *, eos_token: str, bos_token: str | None = None,
+                 pad_token: str | None = None, source: str = "<tokenizer>"):
+        self._tok = tok
+        self.source = source
+        self.eos_token_id = self._require(eos_token, "eos_token")
+        # Molmo's tokenizers have no BOS; the processor uses EOS in its place (spec §4.6).
+        self.bos_token_id = self._require(bos_token, "bos_token") if bos_token else self.eos_token_id
+        self.pad_token_id = self._require(pad_token, "pad_token") if pad_token else self.eos_token_id
+        ids = tok.encode("".join(IMAGE_TOKENS), add_special_tokens=False).ids
+        if len(ids) != len(IMAGE_TOKENS):
+            raise TokenizerError(f"{source}: the image tokens {IMAGE_TOKENS} do not encode to 5 "
+                                 f"single ids (got {ids}); this is not a Molmo tokenizer")
+        (self.image_start_id, self.image_end_id, self.image_patch_id, self.image_col_id,
+         self.image_prompt_id) = ids
+
+    def _require(self, token: str, what: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary")
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @classmethod
+    def from_dir(cls, directory: str | pathlib.Path) -> "Tokenizer":
+        d = pathlib.Path(directory)
+        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() \
+            else {}
+        smap = _read_json(d / "special_tokens_map.json") \
+            if (d / "special_tokens_map.json").exists() else {}
+        if (d / "tokenizer.json").exists():
+            try:
+                tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:
+                raise TokenizerError(f"{d / 'tokenizer.json'}: cannot load ({e})") from None
+            source = str(d / "tokenizer.json")
+        elif (d / "vocab.json").exists() and (d / "merges.txt").exists():
+            tok = _build_bpe(d, cfg)
+            source = str(d / "vocab.json")
+        else:
+            raise TokenizerError(f"{d}: no tokenizer.json and no vocab.json + merges.txt")
+
+        def pick(name: str) -> str | None:
+            # tokenizer_config first: MolmoE's special_tokens_map names a stale pad ('<|pad|>').
+            for source_cfg in (cfg, smap):
+                tokstr = _token_str(source_cfg.get(name))
+                if tokstr is not None and tok.token_to_id(tokstr) is not None:
+                    return tokstr
+            return None
+
+        eos = pick("eos_token") or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None
+                                    else None)
+        if eos is None:
+            raise TokenizerError(f"{d}: no eos_token in tokenizer_config.json / "
+                                 "special_tokens_map.json that the vocabulary knows")
+        return cls(tok, eos_token=eos, bos_token=pick("bos_token"), pad_token=pick("pad_token"),
+                   source=source)
+
+
+def _token_str(v) -> str | None:
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
+    """Byte-level BPE from slow-tokenizer files, laid out as Qwen2TokenizerFast builds it."""
+    cls = cfg.get("tokenizer_class", "Qwen2Tokenizer")
+    if cls not in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        raise TokenizerError(f"{d / 'tokenizer_config.json'}: tokenizer_class {cls!r} ships no "
+                             "tokenizer.json and only Qwen2's vocab.json+merges.txt layout is "
+                             "supported")
+    vocab = _read_json(d / "vocab.json")
+    merges = []
+    for n, line in enumerate((d / "merges.txt").read_text(encoding="utf-8").splitlines()):
+        if not line or (n == 0 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise TokenizerError(f"{d / 'merges.txt'}: line {n + 1} is not a pair: {line!r}")
+        merges.append((parts[0], parts[1]))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                 byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    # Added tokens at their listed ids. tokenizers numbers new tokens consecutively after the
+    # vocabulary, so they are added in id order and every id is checked afterwards.
+    added: dict[str, int] = {}
+    if (d / "added_tokens.json").exists():
+        added.update(_read_json(d / "added_tokens.json"))
+    decoder_cfg = cfg.get("added_tokens_decoder", {})
+    for tid, spec in decoder_cfg.items():
+        added.setdefault(spec["content"], int(tid))
+    for content, tid in sorted(added.items(), key=lambda kv: kv[1]):
+        spec = decoder_cfg.get(str(tid), {})
+        token = AddedToken(content, single_word=spec.get("single_word", False),
+                           lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
+                           normalized=spec.get("normalized", False),
+                           special=spec.get("special", True))
+        if token.special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+        got = tok.token_to_id(content)
+        if got != tid:
+            raise TokenizerError(f"{d / 'added_tokens.json'}: token {content!r} should have id "
+                                 f"{tid} but lands at {got} (ids must continue the vocabulary "
+                                 "without gaps)")
+    return tok
