@@ -126,3 +126,24 @@ def test_demo_json(demo_dir, tmp_path, capsys):
     doc = json.loads(captured.out)
     assert doc["weights"] == "random" and doc["timings"]["new_tokens"] <= 4
     assert "RANDOM" in captured.err
+
+
+def test_batch_of_processed_prompts_equals_one_by_one(checkpoint, image_path, tmp_path):
+    """Real processor outputs: two image sizes (different crop counts) and a text-only prompt."""
+    import molmoe
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 900, 3), dtype=np.uint8)
+                    ).save(wide)
+    proc = Processor.from_pretrained(checkpoint)
+    prompts = [proc("Point to the cat.", images=str(image_path)),
+               proc("Describe this image in detail, please.", images=str(wide)),
+               proc("No image here.")]
+    for p in prompts:
+        p.pop("original_size", None)
+    assert prompts[0]["images"].shape[0] != prompts[1]["images"].shape[0]  # crop counts differ
+    engine = Engine(molmoe.load(checkpoint), proc.tokenizer)
+    cfg = GenerationConfig(max_new_tokens=6)
+    batched = engine.generate(prompts, cfg)
+    for p, r in zip(prompts, batched):
+        assert r.token_ids == engine.generate(p, cfg).token_ids

@@ -36,8 +36,8 @@ class GenerationConfig:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None  # seeds a torch.Generator: the same seed gives the same samples
-    # The EOS string stands for the EOS id (decoded text skips special tokens, so it can never be
-    # matched as text); other strings are matched on the decoded text.
+    # The EOS id always stops; the EOS string here only stands for it (decoded text skips special
+    # tokens, so it could never match as text). Other strings are matched on the decoded text.
     stop_strings: tuple[str, ...] = (EOS_STRING,)
     eos_token_id: int | None = None  # None: the tokenizer's / generation_config's EOS
 
