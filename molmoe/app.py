@@ -1,0 +1,226 @@
+"""`molmoe generate` and `molmoe demo`: image + prompt -> streamed answer, points, annotated PNG.
+
+Both commands run the same path: load the image (EXIF-rotated, as the processor sees it),
+process the prompt, load the model, generate, parse the points of the answer, convert them to
+pixels of the original image and draw them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+DEMO_OUT = "molmoe-demo.png"
+
+
+def add_app_commands(sub) -> None:
+    p = sub.add_parser("generate", help="answer a prompt about an image")
+    p.add_argument("--model", required=True, help="hub id or checkpoint directory")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True)
+    _add_generation_args(p, max_new_tokens=200)
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (default), amp_bf16 (Ai2's eval setting), bfloat16, float16")
+    p.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--points-out", metavar="PNG", help="write the image with the points drawn")
+    p.add_argument("--json", action="store_true",
+                   help="print answer, points, count and timings as JSON (no streaming)")
+    p.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="run the whole path on the built-in tiny checkpoint "
+                                    "(RANDOM weights: the answer is noise)")
+    d.add_argument("--out", default=DEMO_OUT, help=f"annotated PNG (default ./{DEMO_OUT})")
+    d.add_argument("--cache-dir", help="where the demo checkpoint is built (default "
+                                       "$MOLMOE_CACHE or ~/.cache/molmoe)")
+    _add_generation_args(d, max_new_tokens=48)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_demo)
+
+
+def _add_generation_args(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+# ----------------------------------------------------------------------------- the shared path
+
+
+def _load(model_id, *, dtype="float32", backend="reference", device=None):
+    """Processor, model, EOS id, with a progress bar on stderr (loading is the slow part)."""
+    import torch
+    from tqdm import tqdm
+
+    import molmoe
+    from molmoe.checkpoint.files import read_json, resolve
+    from molmoe.processing import Processor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tqdm(total=3, desc="loading", unit="step", file=sys.stderr, leave=False) as bar:
+        bar.set_postfix_str("locating checkpoint")
+        directory = resolve(model_id)
+        bar.update()
+        bar.set_postfix_str("tokenizer and processor")
+        proc = Processor.from_pretrained(directory)
+        bar.update()
+        bar.set_postfix_str("weights")
+        model = molmoe.load(directory, dtype=dtype, backend=backend, device=device)
+        bar.update()
+    eos = proc.tokenizer.eos_token_id
+    gen_cfg = directory / "generation_config.json"
+    if gen_cfg.exists():  # MolmoE's names the EOS id (spec §5.3); the dense ones do not
+        eos = read_json(gen_cfg).get("eos_token_id", eos)
+        if isinstance(eos, list):
+            eos = eos[0]
+    return proc, model, eos
+
+
+def _visible(text: str) -> str:
+    """Control characters escaped (random weights emit bytes such as BEL)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = False):
+    """-> (GenerationResult, PointingAnswer, original PIL image or None)."""
+    from PIL import Image
+
+    from molmoe.generation import Engine, GenerationConfig
+    from molmoe.points import parse_points
+    from molmoe.processing import load_image
+
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              seed=args.seed)
+    pil = None
+    pixels = None
+    if image is not None:
+        pixels, _size = load_image(image)  # EXIF applied: points refer to this picture
+        pil = Image.fromarray(pixels)
+    limit = model.config.text.max_position_embeddings - config.max_new_tokens
+    if limit < 1:
+        raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
+                         f"(max_position_embeddings={model.config.text.max_position_embeddings})")
+    inputs = proc(prompt, images=pixels, max_length=limit)
+    inputs = {k: v for k, v in inputs.items() if k != "original_size"}
+    on_text = None
+    if stream:
+        def on_text(_i, delta):
+            sys.stdout.write(_visible(delta) if escape else delta)
+            sys.stdout.flush()
+    result = Engine(model, proc.tokenizer, eos_token_id=eos).generate(inputs, config,
+                                                                      on_text=on_text)
+    if stream:
+        sys.stdout.write("\n")
+    return result, parse_points(result.text), pil
+
+
+def _points_json(answer, size):
+    out = []
+    for g in answer.groups:
+        pixels = g.pixels(size) if size else [(None, None)] * len(g.points)
+        for (x, y), (px, py) in zip(g.points, pixels):
+            out.append({"label": g.label, "alt": g.alt, "text": g.text, "x_pct": x, "y_pct": y,
+                        "x_px": px, "y_px": py})
+    return out
+
+
+def _report(result, answer, size, *, as_json: bool, extra: dict | None = None,
+            err=None) -> None:
+    """Print the JSON document, or (after a streamed answer) points and timings to `err`."""
+    t = result.timings
+    if as_json:
+        doc = {"answer": result.text, "finish_reason": result.finish_reason,
+               "points": _points_json(answer, size), "count": answer.count,
+               "image_size": list(size) if size else None, "timings": t.as_dict()}
+        doc.update(extra or {})
+        print(json.dumps(doc, indent=2))
+        return
+    err = err or sys.stderr
+    if answer.points:
+        for g in answer.groups:
+            pix = g.pixels(size) if size else [None] * len(g.points)
+            for (x, y), p in zip(g.points, pix):
+                at = f" -> pixel ({p[0]:.1f}, {p[1]:.1f})" if p else ""
+                print(f"point {g.label!r}: ({x:.1f}%, {y:.1f}%){at}", file=err)
+    else:
+        print("the answer contains no point", file=err)
+    if answer.count is not None:
+        print(f"stated count: {answer.count}", file=err)
+    print(f"finish: {result.finish_reason}; {t.new_tokens} tokens; prefill {t.prefill_s:.3f} s, "
+          f"decode {t.decode_s:.3f} s ({t.tokens_per_s:.1f} tokens/s)", file=err)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _generate(args) -> int:
+    from molmoe.points import draw_points
+    from molmoe.processing import load_image
+
+    if args.points_out and not args.image:
+        raise ValueError("--points-out needs --image")
+    if args.image:  # a missing or broken image fails before the (slow) model load
+        load_image(args.image)
+    proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
+                             device=args.device)
+    result, answer, pil = _run(proc, model, eos, prompt=args.prompt, image=args.image, args=args,
+                               stream=not args.json)
+    size = pil.size if pil is not None else None
+    extra = {}
+    if args.points_out:
+        draw_points(pil, answer.groups).save(args.points_out, format="PNG")
+        extra["points_image"] = str(args.points_out)
+        if not args.json:
+            what = "drawn" if answer.points else "none in the answer, image copied unmarked"
+            print(f"wrote {args.points_out} (points: {what})", file=sys.stderr)
+    _report(result, answer, size, as_json=args.json, extra=extra)
+    return 0
+
+
+def _red_pixels_example(pil) -> str:
+    """An example pointing answer computed from the demo image's red pixels (not model output),
+    written by the official-style formatter, to show parsing and drawing on a real location."""
+    import numpy as np
+
+    from molmoe.points import format_points
+
+    a = np.asarray(pil.convert("RGB")).astype(np.int32)
+    red = (a[..., 0] > 180) & (a[..., 1] < 80) & (a[..., 2] < 80)
+    ys, xs = np.nonzero(red)
+    W, H = pil.size
+    return format_points([(100.0 * xs.mean() / W, 100.0 * ys.mean() / H)], "red circle",
+                         alt="EXAMPLE, not model output: red circle")
+
+
+def _demo(args) -> int:
+    from molmoe.demo import DEMO_IMAGE, DEMO_PROMPT, demo_checkpoint
+    from molmoe.points import draw_points, parse_points
+
+    say = sys.stderr if args.json else sys.stdout
+    print("molmoe demo: tiny MolmoE with RANDOM weights. The whole path runs for real (preprocess, "
+          "ViT, pooling, decoder, generation, pointing, drawing), but the answer is NOISE.",
+          file=say)
+    checkpoint = demo_checkpoint(args.cache_dir)
+    proc, model, eos = _load(checkpoint, device="cpu")
+    print(f"image: {DEMO_IMAGE}\nprompt: {DEMO_PROMPT}\nanswer (random weights, control "
+          f"characters escaped):", file=say)
+    say.flush()
+    result, answer, pil = _run(proc, model, eos, prompt=DEMO_PROMPT, image=DEMO_IMAGE, args=args,
+                               stream=not args.json, escape=True)
+    example = _red_pixels_example(pil)
+    groups = list(answer.groups)
+    ex_groups = list(parse_points(example).groups)
+    print("Drawn: the answer's points (if any) and an EXAMPLE answer computed from the image's "
+          f"red pixels, NOT model output:\n  {example}", file=say)
+    out = pathlib.Path(args.out)
+    draw_points(pil, groups + ex_groups).save(out, format="PNG")
+    _report(result, answer, pil.size, as_json=args.json, extra={
+        "weights": "random", "example_answer": example, "annotated_image": str(out.resolve())},
+        err=say)
+    print(f"annotated image: {out.resolve()}", file=say)
+    return 0

@@ -1,0 +1,8 @@
+"""Generation: batching, sampling and the cached decode loop (outside the model)."""
+from molmoe.generation.batching import Batch, left_pad_batch
+from molmoe.generation.engine import (Engine, GenerationConfig, GenerationLengthError,
+                                      GenerationResult, Timings)
+from molmoe.generation.sampling import sample_next, top_k_filter, top_p_filter
+
+__all__ = ["Batch", "Engine", "GenerationConfig", "GenerationLengthError", "GenerationResult",
+           "Timings", "left_pad_batch", "sample_next", "top_k_filter", "top_p_filter"]

@@ -1,0 +1,208 @@
+"""Pointing and counting answers (spec §6): parse, format, convert to pixels, draw.
+
+Molmo answers "point to ..." and "how many ..." questions in plain text:
+
+    <point x="61.5" y="40.6" alt="dog">dog</point>
+    <points x1="10.2" y1="30.0" x2="55.0" y2="31.4" alt="dogs">dogs</points>
+    Counting the <points ...>dogs</points> shows a total of 2.
+    There are none.
+
+Coordinates are percentages (0-100) of the ORIGINAL image's width and height. The parser reads
+model output, which can be malformed or cut off by the token budget: it never raises on any str and
+returns whatever it could read. Coordinates are read with the eval code's pattern and points with
+a coordinate above 100 are dropped, as the eval code drops them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The eval code's point pattern (TR:olmo/util.py extract_points), numbering optional.
+_COORD = re.compile(r'x\d*="\s*([0-9]+(?:\.[0-9]+)?)"\s+y\d*="\s*([0-9]+(?:\.[0-9]+)?)"')
+_TAG = re.compile(r"<(points?)\b", re.IGNORECASE)
+_CLOSE = re.compile(r"</points?\s*>", re.IGNORECASE)
+_ALT = re.compile(r'alt="([^"]*)("?)', re.IGNORECASE)
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty".split())}
+_TOTAL = re.compile(r"\btotal of\s+([0-9]+|" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_NONE = re.compile(r"\bthere are none\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PointGroup:
+    """One `<point>`/`<points>` tag (or bare coordinates found outside any tag)."""
+    points: tuple[tuple[float, float], ...]  # (x %, y %) in the order written
+    alt: str | None = None  # the alt attribute (None when missing or unreadable)
+    text: str | None = None  # the text between the tags
+    complete: bool = True  # False when the tag was cut off or malformed
+
+    @property
+    def label(self) -> str | None:
+        return self.alt if self.alt else self.text
+
+    def pixels(self, size: tuple[int, int]) -> list[tuple[float, float]]:
+        return to_pixels(self.points, size)
+
+
+@dataclass(frozen=True)
+class PointingAnswer:
+    groups: tuple[PointGroup, ...]
+    count: int | None  # the stated count ("... a total of N.", "There are none." -> 0)
+
+    @property
+    def points(self) -> list[tuple[float, float]]:
+        return [p for g in self.groups for p in g.points]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _float(s: str) -> float | None:
+    try:
+        return float(s)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _coords(s: str) -> tuple[tuple[float, float], ...]:
+    out = []
+    for m in _COORD.finditer(s):
+        x, y = _float(m.group(1)), _float(m.group(2))
+        # The eval code discards a point with a coordinate beyond 100 (the regex admits no sign).
+        if x is not None and y is not None and 0.0 <= x <= 100.0 and 0.0 <= y <= 100.0:
+            out.append((x, y))
+    return tuple(out)
+
+
+def _count(text: str) -> int | None:
+    totals = _TOTAL.findall(text)
+    if totals:
+        word = totals[-1].lower()
+        if word in _NUMBER_WORDS:
+            return _NUMBER_WORDS[word]
+        try:
+            return int(word)
+        except ValueError:  # more digits than Python converts: not a count we can state
+            return None
+    return 0 if _NONE.search(text) else None
+
+
+def parse_points(text: str) -> PointingAnswer:
+    """Every point group and the stated count in a model answer. Never raises on a str."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_points expects a str, got {type(text).__name__}")
+    groups: list[PointGroup] = []
+    covered: list[tuple[int, int]] = []
+    pos = 0
+    while (m := _TAG.search(text, pos)) is not None:
+        start, head = m.start(), m.end()
+        # The attributes run to the tag's '>' (or, when cut off, to the next '<' or the end).
+        stop = len(text)
+        for ch in "<>":
+            i = text.find(ch, head)
+            if i != -1:
+                stop = min(stop, i)
+        attrs = text[head:stop]
+        complete = stop < len(text) and text[stop] == ">"
+        body, end = None, stop
+        if complete:
+            close = _CLOSE.search(text, stop + 1)
+            nxt = text.find("<", stop + 1)
+            if close is not None and (nxt == -1 or close.start() == nxt):
+                body, end = text[stop + 1: close.start()], close.end()
+            else:  # no closing tag: the text runs to the next tag or the end
+                body = text[stop + 1: nxt if nxt != -1 else len(text)]
+                end = stop + 1 + len(body)
+                complete = False
+        alt_m = _ALT.search(attrs)
+        alt = alt_m.group(1) if alt_m else None
+        if alt_m and not alt_m.group(2):
+            complete = False
+        points = _coords(attrs)
+        if points or alt or body:
+            groups.append(PointGroup(points, alt or None, body or None, complete))
+        covered.append((start, end))
+        pos = max(end, head)
+    # Bare coordinates outside any tag still count, as the eval code reads the whole text.
+    rest, last = [], 0
+    for a, b in covered:
+        rest.append(text[last:a])
+        last = b
+    rest.append(text[last:])
+    bare = _coords("\n".join(rest))
+    if bare:
+        groups.append(PointGroup(bare, None, None, complete=False))
+    return PointingAnswer(tuple(groups), _count(text))
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _check_label(name: str, s: str) -> None:
+    if any(c in s for c in '"<>'):
+        raise ValueError(f"{name} {s!r} contains a character the point format cannot hold "
+                         f"('\"', '<' or '>')")
+
+
+def format_points(points, label: str, alt: str | None = None) -> str:
+    """Points (x %, y %) as the official data formatter writes them: one decimal, sorted by x
+    then y, `<point>` for one point, `<points x1 y1 x2 y2 ...>` for several."""
+    alt = label if alt is None else alt
+    _check_label("label", label)
+    _check_label("alt", alt)
+    pts = [(float(f"{x:.1f}"), float(f"{y:.1f}")) for x, y in points]
+    if not pts:
+        raise ValueError("format_points needs at least one point (zero objects: format_count)")
+    bad = [p for p in pts if not (0.0 <= p[0] <= 100.0 and 0.0 <= p[1] <= 100.0)]
+    if bad:
+        raise ValueError(f"point coordinates must be percentages in [0, 100], got {bad[0]}")
+    pts.sort(key=lambda p: p[0] * 10000 + p[1])
+    if len(pts) == 1:
+        x, y = pts[0]
+        return f'<point x="{x:.1f}" y="{y:.1f}" alt="{alt}">{label}</point>'
+    coords = " ".join(f'x{k}="{x:.1f}" y{k}="{y:.1f}"' for k, (x, y) in enumerate(pts, 1))
+    return f'<points {coords} alt="{alt}">{label}</points>'
+
+
+def format_count(points, label: str) -> str:
+    """A counting answer in the `point_count` style."""
+    if len(points) == 0:
+        return "There are none."
+    return f"Counting the {format_points(points, label)} shows a total of {len(points)}."
+
+
+# ----------------------------------------------------------------------------- pixels, drawing
+
+
+def to_pixels(points, size: tuple[int, int]) -> list[tuple[float, float]]:
+    """Percentages -> pixel coordinates of the original image of size (W, H)."""
+    W, H = size
+    return [(x / 100.0 * W, y / 100.0 * H) for x, y in points]
+
+
+def draw_points(image, groups, *, radius: int | None = None):
+    """A copy of `image` (PIL) with every point marked and its group's label written beside it.
+
+    Markers are a filled magenta disc inside a black and a white ring, visible on any background.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    W, H = out.size
+    r = radius or max(4, round(min(W, H) / 60))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for group in groups:
+        pix = to_pixels(group.points, (W, H))
+        for px, py in pix:
+            draw.ellipse([px - r - 2, py - r - 2, px + r + 2, py + r + 2], fill=(255, 255, 255))
+            draw.ellipse([px - r - 1, py - r - 1, px + r + 1, py + r + 1], fill=(0, 0, 0))
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=(255, 0, 200))
+        if group.label and pix:
+            px, py = pix[0]
+            at = (px + r + 4, py - r - 4)
+            box = draw.textbbox(at, group.label, font=font)
+            draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
+            draw.text(at, group.label, fill=(255, 255, 255), font=font)
+    return out
