@@ -24,6 +24,9 @@ V. Two things keep the GPU fed and those bytes read once:
     log-sum-exps. With B*Hkv small (one long sequence) P splits still fill every SM. P comes from
     `num_splits_heuristic` (static shapes and the SM count only) or MOLMOE_DECODE_ATTENTION_SPLITS;
     with P == 1 the first kernel writes the output directly.
+Tile configs (BLOCK_N, warps, stages) come from `kernel_configs`, pruned by `prune_configs`, keyed
+on (dtype, Dh, M); MOLMOE_DECODE_ATTENTION_CONFIG pins one, `autotune` times them once up front
+(never on the launch path), the interpreter uses one small fixed config.
 
 No host synchronisation on the launch path (grid and P come from shapes, lengths are read on the
 device), so the op can be captured in a CUDA graph. Splits past a sequence's length exit at once
@@ -203,20 +206,42 @@ def _pinned_config() -> dict | None:
     return cfg
 
 
-def default_config(head_dim: int, block_m: int, on_gpu: bool) -> dict:
-    """A fixed choice per (Dh, M): the launch path must not benchmark (CUDA graphs, latency).
+_TUNED: dict[tuple, dict] = {}  # (dtype, Dh, BLOCK_M) -> config, filled by `autotune`
 
-    Decode is bandwidth-bound, so the pick favours deep pipelining of 64-key tiles; `bench/
-    bench_decode_attention.py --sweep` times every pruned config and prints the best for a shape.
+
+def default_config(head_dim: int, block_m: int, on_gpu: bool, dtype=None) -> dict:
+    """The tile config for (dtype, Dh, M): pinned by env var, else tuned, else a fixed default.
+
+    The launch path never benchmarks (CUDA-graph capture, first-token latency): call `autotune`
+    once at start-up (bench/bench_decode_attention.py --sweep does) to time the pruned configs.
+    Decode is bandwidth-bound, so the untuned default pipelines 64-key tiles three deep.
     """
     pinned = _pinned_config()
     if pinned is not None:
         return pinned
+    if (dtype, head_dim, block_m) in _TUNED:
+        return _TUNED[(dtype, head_dim, block_m)]
     configs = prune_configs(kernel_configs(on_gpu), head_dim, block_m)
     if not on_gpu:
         return configs[0]
     want = dict(BLOCK_N=64, num_warps=4, num_stages=3)
     return want if want in configs else configs[0]
+
+
+def autotune(q, k_cache, v_cache, **kw) -> dict:
+    """Time every pruned config on these tensors (GPU only); remember and return the fastest."""
+    import triton.testing
+
+    B, Hq, Sq, Dh = q.shape
+    block_m = max(16, triton.next_power_of_2(Hq // k_cache.shape[1] * Sq))
+    best, best_ms = None, float("inf")
+    for cfg in prune_configs(kernel_configs(on_gpu=True), Dh, block_m):
+        _TUNED[(q.dtype, Dh, block_m)] = cfg
+        ms = triton.testing.do_bench(lambda: decode_attention(q, k_cache, v_cache, **kw))
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[(q.dtype, Dh, block_m)] = best
+    return best
 
 
 def num_splits_heuristic(batch_kv_heads: int, seq_len: int, sm_count: int, block_n: int) -> int:
@@ -282,7 +307,7 @@ def _launch(q, k_cache, v_cache, cache_seqlens, key_padding_mask, scale, num_spl
     G = Hq // Hkv
     block_m = max(16, triton.next_power_of_2(G * Sq))
     on_gpu = not _on_interpreter(q.device)
-    cfg = default_config(Dh, block_m, on_gpu)
+    cfg = default_config(Dh, block_m, on_gpu, q.dtype)
     block_n = cfg["BLOCK_N"]
     if num_splits <= 0:
         sms = _sm_count(q.device.index or 0) if on_gpu else 4

@@ -232,3 +232,18 @@ def test_cuda_graph_replay_equals_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, decode_attention(q, k, v, cache_seqlens=seqlens))
+
+
+def test_bench_cpu_path_runs(tmp_path):
+    # The benchmark's one command on this machine: reference figures, JSON + PNG, GPU note.
+    import json
+
+    from bench.bench_decode_attention import main
+
+    path = main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads(path.read_text())
+    impls = {r["impl"] for r in payload["rows"]}
+    assert {"reference", "sdpa"} <= impls
+    assert all(r["gbps"] > 0 for r in payload["rows"])
+    if not torch.cuda.is_available():
+        assert any("need a GPU" in n for n in payload["notes"])
