@@ -14,6 +14,14 @@ attention(q, k, v, *, causal, key_padding_mask=None, scale=None) -> o
     bool, True = attend. A query row with no key to attend gets zeros. Returns (B, Hq, Sq, Dh) in
     q's dtype.
 
+decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_padding_mask=None, scale=None) -> o
+    A few new tokens per sequence against a KV cache that already holds them. q: (B, Hq, Sq, Dh),
+    Sq small (1..~8); k_cache, v_cache: (B, Hkv, Sk, Dh) (GQA as above). cache_seqlens: (B,) int32,
+    slots written per sequence (default Sk for all); query i of sequence b sits at key position
+    cache_seqlens[b] - Sq + i and attends keys j <= that position (causal, bottom-right aligned per
+    sequence). key_padding_mask: (B, Sk) bool, True = attend (left padding). Rows with no key get
+    zeros. Returns (B, Hq, Sq, Dh) in q's dtype. Forward only (inference).
+
 moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False) -> (y, aux)
     x: (T, D); router_w: (E, D); w_gate, w_up: (E, F, D); w_down: (E, D, F). fp32 softmax over E,
     top-k (ties to the lower index), optional renormalisation, y = sum_k w_k * expert(x).
@@ -60,6 +68,7 @@ class Ops:
     moe_ffn: Callable
     patch_pool: Callable
     apply_rope: Callable
+    decode_attention: Callable
 
 
 # ----------------------------------------------------------------------------- reference ops
@@ -84,6 +93,33 @@ def reference_attention(q, k, v, *, causal, key_padding_mask=None, scale=None):
     empty_row = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
     return o.masked_fill(empty_row, 0.0)
+
+
+def reference_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_padding_mask=None,
+                               scale=None, upcast=False):
+    """`decode_attention` in plain PyTorch; `upcast` computes in fp32 and casts the result back."""
+    B, Hq, Sq, Dh = q.shape
+    Sk = k_cache.shape[2]
+    dev = q.device
+    if cache_seqlens is None:
+        lengths_B = torch.full((B,), Sk, dtype=torch.long, device=dev)
+    else:
+        lengths_B = cache_seqlens.to(device=dev, dtype=torch.long)
+    # Query i of sequence b sits at key position lengths[b] - Sq + i (bottom-right aligned).
+    q_pos_BS = lengths_B[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]
+    allowed = torch.arange(Sk, device=dev)[None, None, :] <= q_pos_BS[:, :, None]  # (B, Sq, Sk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :].to(torch.bool)
+    allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
+    out_dtype = q.dtype
+    if upcast:
+        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+    group = Hq // k_cache.shape[1]
+    k = k_cache.repeat_interleave(group, dim=1)  # GQA, as in reference_attention
+    v = v_cache.repeat_interleave(group, dim=1)
+    empty_row = ~allowed.any(dim=-1, keepdim=True)  # no key to attend (padding query): zeros
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
+    return o.masked_fill(empty_row, 0.0).to(out_dtype)
 
 
 def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False):
@@ -140,17 +176,20 @@ REFERENCE_OPS = Ops(
     moe_ffn=reference_moe_ffn,
     patch_pool=reference_patch_pool,
     apply_rope=reference_apply_rope,
+    decode_attention=reference_decode_attention,
 )
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_ops() -> Ops:
     from molmoe.kernels.attention import attention
+    from molmoe.kernels.decode_attention import decode_attention
     from molmoe.kernels.moe import moe_ffn
     from molmoe.kernels.patch_pool import patch_pool
     from molmoe.kernels.rope import apply_rope
 
-    return Ops(attention=attention, moe_ffn=moe_ffn, patch_pool=patch_pool, apply_rope=apply_rope)
+    return Ops(attention=attention, moe_ffn=moe_ffn, patch_pool=patch_pool, apply_rope=apply_rope,
+               decode_attention=decode_attention)
 
 
 def ops_for(backend: "str | Backend") -> Ops:

@@ -17,6 +17,10 @@ from molmoe.config import TextConfig
 from molmoe.model.kv_cache import KVCache
 from molmoe.model.layers import RMSNorm, swiglu
 
+# With a KV cache, up to this many new tokens per step use the decode kernel (split along the
+# cache); longer chunks (prefill) use the prefill attention.
+DECODE_MAX_NEW_TOKENS = 8
+
 
 class Embedding(nn.Module):
     """Base rows [0, V) plus 128 extra rows for ids >= V (spec §2.4), kept as two tensors so that
@@ -60,7 +64,10 @@ class Attention(nn.Module):
         q, k = self.ops.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, *slots, k, v)  # (B, Hkv, Sk, Dh)
-        o = self.ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        if cache is not None and S <= DECODE_MAX_NEW_TOKENS:
+            o = self.ops.decode_attention(q, k, v, key_padding_mask=key_padding_mask)
+        else:
+            o = self.ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
         return self.out(o.transpose(1, 2).reshape(B, S, cfg.d_model))
 
 
