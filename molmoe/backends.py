@@ -32,10 +32,16 @@ apply_rope(q, k, cos, sin) -> (q, k)
     fp32 (x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1]), cast back to the input
     dtype (spec §3.5 step 6).
 
-patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads) -> y
-    x: (N, 4, C) the 4 member patches of N pooled 2x2 cells (pad embeddings already added).
-    query = mean of the 4; q = query Wq^T + bq, k/v from the 4 members; softmax over 4 keys per head
-    (scale 1/sqrt(head_dim), q/k/v in fp32), heads concatenated, out = o Wo^T + bo: (N, C_out).
+patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo, num_heads,
+           cast_back) -> y
+    feats: (N, P, C) patch features of N crops on a square g x g grid (P = g*g, g even), CLS
+    dropped; image_masks: (N, P) processor mask values or None; pad_embed: (2, C). First the pad
+    embeddings (spec §3.2): f += pad_embed[0]*(m == 0) + pad_embed[1]*(m < 1 and m != 0), so -1
+    counts as partial; `cast_back` (MolmoE) casts f back to its pre-add dtype (§7.1). Then the
+    2x2 pooling (§3.3): cell t = (g/2)*i + j has members (2i, 2j), (2i, 2j+1), (2i+1, 2j),
+    (2i+1, 2j+1); query = mean of the 4; q = query Wq^T + bq, k/v from the 4 members; softmax
+    over 4 keys per head (scale 1/sqrt(head_dim), q/k/v in fp32), heads concatenated,
+    out = o Wo^T + bo: (N, (g/2)^2, E).
 """
 from __future__ import annotations
 
@@ -157,18 +163,36 @@ def reference_apply_rope(q, k, cos, sin):
     return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
 
-def reference_patch_pool(x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads):
-    N, _, C = x.shape
-    query = x.mean(dim=1, keepdim=True)  # (N, 1, C)
+def pad_masks(image_masks, dtype):
+    """(all_pad, partial) indicators of the processor mask (spec §3.2: -1 counts as partial)."""
+    all_pad = image_masks == 0
+    partial = (image_masks < 1) & ~all_pad
+    return all_pad.to(dtype), partial.to(dtype)
+
+
+def reference_patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo,
+                         num_heads, cast_back):
+    N, P, C = feats.shape
+    g = math.isqrt(P)
+    if g * g != P or g % 2:
+        raise ValueError(f"patch_pool: {P} patches per crop is not an even square grid")
+    if image_masks is not None:
+        all_pad, partial = pad_masks(image_masks, feats.dtype)
+        added = feats + pad_embed[0] * all_pad[..., None] + pad_embed[1] * partial[..., None]
+        feats = added.to(feats.dtype) if cast_back else added
+    # (N, g/2, 2, g/2, 2, C) -> (M, 4, C): the 4 members of each cell, cells row-major
+    x = feats.reshape(N, g // 2, 2, g // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, C)
+    M = x.shape[0]
+    query = x.mean(dim=1, keepdim=True)  # (M, 1, C)
     q = F.linear(query, wq, bq)
     k = F.linear(x, wk, bk)
     v = F.linear(x, wv, bv)
     head_dim = q.shape[-1] // num_heads
-    # (N, H, S, hd); float32_attention: q, k, v in fp32, output cast back (spec §7.7)
-    q, k, v = (t.reshape(N, -1, num_heads, head_dim).transpose(1, 2).float() for t in (q, k, v))
+    # (M, H, S, hd); float32_attention: q, k, v in fp32, output cast back (spec §7.7)
+    q, k, v = (t.reshape(M, -1, num_heads, head_dim).transpose(1, 2).float() for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head_dim))
-    o = o.to(x.dtype).transpose(1, 2).reshape(N, num_heads * head_dim)
-    return F.linear(o, wo, bo)
+    o = o.to(x.dtype).transpose(1, 2).reshape(M, num_heads * head_dim)
+    return F.linear(o, wo, bo).reshape(N, (g // 2) ** 2, -1)
 
 
 REFERENCE_OPS = Ops(

@@ -97,10 +97,12 @@ class AttentionPool2x2(nn.Module):
         self.wo = nn.Linear(E, E)
         self.ops: Ops = REFERENCE_OPS
 
-    def forward(self, cells):  # cells: (M, 4, C) -> (M, E)
-        return self.ops.patch_pool(cells, self.wq.weight, self.wq.bias, self.wk.weight,
-                                   self.wk.bias, self.wv.weight, self.wv.bias, self.wo.weight,
-                                   self.wo.bias, self.num_heads)
+    def forward(self, feats, image_masks, pad_embed, cast_back):
+        """feats (N, P, C), image_masks (N, P) or None -> (N, P/4, E); the pad-embedding add
+        happens inside the op so a fused kernel can do it while gathering (spec §3.2, §3.3)."""
+        return self.ops.patch_pool(feats, image_masks, pad_embed, self.wq.weight, self.wq.bias,
+                                   self.wk.weight, self.wk.bias, self.wv.weight, self.wv.bias,
+                                   self.wo.weight, self.wo.bias, self.num_heads, cast_back)
 
 
 class ImageProjector(nn.Module):
@@ -144,17 +146,8 @@ class VisionBackbone(nn.Module):
         """-> (B, T, 144, D): one vector per pooled cell, in the processor's cell order."""
         feats = self.encode(images)  # (B, T, P, C)
         B, T, P, C = feats.shape
-        if image_masks is not None:
-            # spec §3.2: -1 rows count as "partial" padding
-            all_pad = (image_masks == 0).to(feats.dtype)[..., None]
-            partial = ((image_masks < 1) & (image_masks != 0)).to(feats.dtype)[..., None]
-            pre_add_dtype = feats.dtype
-            feats = feats + self.pad_embed[0] * all_pad + self.pad_embed[1] * partial
-            if self.cfg.family == "molmoe":  # MolmoE casts back to the pre-add dtype (§7.1)
-                feats = feats.to(pre_add_dtype)
-        g, s = self.cfg.vision.grid, self.cfg.vision.pool_size
-        # (B*T, g/s, s, g/s, s, C) -> (B*T*(g/s)^2, s*s, C): the 4 members of each cell
-        cells = (feats.reshape(B * T, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5)
-                 .reshape(-1, s * s, C))
-        pooled = self.image_pooling_2d(cells)  # (B*T*144, E)
-        return self.image_projector(pooled.reshape(B, T, (g // s) ** 2, -1))
+        masks = None if image_masks is None else image_masks.reshape(B * T, P)
+        # MolmoE casts the features back to their pre-add dtype after the pad add (§7.1)
+        pooled = self.image_pooling_2d(feats.reshape(B * T, P, C), masks, self.pad_embed,
+                                       cast_back=self.cfg.family == "molmoe")  # (B*T, 144, E)
+        return self.image_projector(pooled.reshape(B, T, pooled.shape[1], -1))

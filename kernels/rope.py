@@ -1,0 +1,184 @@
+"""Fused rotate-half RoPE for q and k in one launch (spec §3.5 step 6, §7.3).
+
+    y[..., :h] = x1 * cos[:h] - x2 * sin[:h]        x = [x1, x2], h = Dh / 2
+    y[..., h:] = x2 * cos[h:] + x1 * sin[h:]
+
+in fp32 (q, k upcast, rotated, cast back to their dtype), exactly the arithmetic of
+`apply_rope_ref` (= `molmoe.backends.reference_apply_rope`, which builds rotate_half copies and
+four fp32 temporaries per tensor). One program takes BLOCK_S positions of one sequence, loads
+their cos/sin rows once and rotates every q head and then every k head (GQA: Hq != Hkv is just a
+second loop bound), so the tables are read once per position instead of once per head.
+
+cos/sin are read from the fp32 tables (B, S, Dh) that the model computes once per forward and
+shares by all layers (`layers.rope_tables`), not recomputed in-kernel: the tables cost 8 bytes
+per position and channel against 2x(Hq + Hkv) element reads of q/k, and reading them keeps the
+angles bit-identical to the reference's fp32 `position * inv_freq` and torch's cos/sin, also at
+large positions (4095, 32767).
+
+Backward: the rotation is orthogonal, so dx is dy rotated by the inverse (transposed) rotation:
+dx1 = dy1 * cos[:h] + dy2 * sin[h:], dx2 = dy2 * cos[h:] - dy1 * sin[:h]; same kernel, a flag.
+cos/sin get no gradient (they are functions of integer positions).
+
+Layouts: q (B, Hq, S, Dh), k (B, Hkv, S, Dh) with any strides and a unit last stride (the views
+that the decoder's head split makes); outputs are contiguous (B, H, S, Dh). Limits: even Dh.
+
+Legend: B batch, S positions, Hq query heads, Hkv key/value heads, Dh head dim, h = Dh / 2.
+
+Autotune: configs from `_configs()` keyed on (Dh, Hq, Hkv); `MOLMOE_ROPE_CONFIG="BLOCK_S=16,
+num_warps=4"` pins one; the interpreter (CPU) uses one small fixed config.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from molmoe.backends import reference_apply_rope
+
+apply_rope_ref = reference_apply_rope
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    pinned = os.environ.get("MOLMOE_ROPE_CONFIG")
+    if pinned:
+        kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
+        warps = int(kv.pop("num_warps", 4))
+        return [triton.Config({k: int(v) for k, v in kv.items()}, num_warps=warps)]
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_S": 8}, num_warps=1)]
+    return [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs in (1, 4, 8, 16, 32) for w in (1, 2, 4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    # No point in tiles longer than the sequence (decode: S = 1), nor in more warps than data.
+    S = named_args["S"]
+    kept = [c for c in configs if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _rotate_heads(x_ptr, y_ptr, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, offs_s, offs_d,
+                  mask, c1, c2, s1, s2, HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    for hd in range(n_heads):
+        xp = x_ptr + b * sx_b + hd * sx_h + offs_s[:, None] * sx_s + offs_d[None, :]
+        yp = y_ptr + b * sy_b + hd * sy_h + offs_s[:, None] * sy_s + offs_d[None, :]
+        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # the transposed rotation
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        tl.store(yp, y1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(yp + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["Dh", "Hq", "Hkv"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, Hq, Hkv, Dh,
+                 sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+                 sc_b, sc_s, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BACKWARD: tl.constexpr):
+    b = tl.program_id(0)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_H)
+    mask = (offs_s < S)[:, None] & (offs_d < HALF)[None, :]
+    tp = b * sc_b + offs_s[:, None] * sc_s + offs_d[None, :]
+    c1 = tl.load(cos_ptr + tp, mask=mask, other=0.0)
+    c2 = tl.load(cos_ptr + tp + HALF, mask=mask, other=0.0)
+    s1 = tl.load(sin_ptr + tp, mask=mask, other=0.0)
+    s2 = tl.load(sin_ptr + tp + HALF, mask=mask, other=0.0)
+    _rotate_heads(q_ptr, qo_ptr, Hq, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b, offs_s, offs_d,
+                  mask, c1, c2, s1, s2, HALF, BACKWARD)
+    _rotate_heads(k_ptr, ko_ptr, Hkv, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b, offs_s, offs_d,
+                  mask, c1, c2, s1, s2, HALF, BACKWARD)
+
+
+def _check(q, k, cos, sin):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"apply_rope: q, k must be (B, H, S, Dh), got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, Hq, S, Dh = q.shape
+    if k.shape[0] != B or k.shape[2:] != (S, Dh):
+        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, S, Dh")
+    if Dh % 2:
+        raise ValueError(f"apply_rope: head dim {Dh} must be even (rotate-half)")
+    if cos.shape != (B, S, Dh) or sin.shape != (B, S, Dh):
+        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)}, expected ({B}, {S}, {Dh})")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"apply_rope: cos/sin must be fp32 tables, got {cos.dtype}/{sin.dtype}")
+
+
+def _launch(q, k, cos, sin, backward):
+    B, Hq, S, Dh = q.shape
+    Hkv = k.shape[1]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.numel() == 0 and k.numel() == 0:
+        return qo, ko
+
+    def grid(meta):
+        return (B, triton.cdiv(S, meta["BLOCK_S"]))
+
+    _rope_kernel[grid](q, k, cos, sin, qo, ko, S, Hq, Hkv, Dh,
+                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+                       cos.stride(0), cos.stride(1), HALF=Dh // 2,
+                       BLOCK_H=triton.next_power_of_2(Dh // 2), BACKWARD=backward)
+    return qo, ko
+
+
+@torch.library.custom_op("molmoe::apply_rope", mutates_args=())
+def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, cos, sin)
+    return _launch(q, k, cos, sin, backward=False)
+
+
+@_apply_rope_op.register_fake
+def _(q, k, cos, sin):
+    _check(q, k, cos, sin)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("molmoe::apply_rope_bwd", mutates_args=())
+def _apply_rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(dq, dk, cos, sin)
+    return _launch(dq, dk, cos, sin, backward=True)
+
+
+@_apply_rope_bwd_op.register_fake
+def _(dq, dk, cos, sin):
+    return dq.new_empty(dq.shape), dk.new_empty(dk.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.q_shape, ctx.q_dtype, ctx.k_shape, ctx.k_dtype = q.shape, q.dtype, k.shape, k.dtype
+
+
+def _backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    # An output that did not reach the loss arrives as None: its gradient is zero.
+    dq_out = dq_out if dq_out is not None else cos.new_zeros(ctx.q_shape).to(ctx.q_dtype)
+    dk_out = dk_out if dk_out is not None else cos.new_zeros(ctx.k_shape).to(ctx.k_dtype)
+    dq, dk = _apply_rope_bwd_op(dq_out, dk_out, cos, sin)
+    return dq, dk, None, None
+
+
+_apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_rope(q, k, cos, sin):
+    """Same contract as `molmoe.backends.reference_apply_rope`: (q, k) rotated, input dtypes."""
+    return _apply_rope_op(q, k, cos, sin)
