@@ -104,3 +104,32 @@ def test_bench_cpu_path_runs(tmp_path):
     assert (tmp_path / "attention.png").exists()
     if not torch.cuda.is_available():
         assert any("need a GPU" in n for n in payload["notes"])
+
+
+def test_bench_correctness_gate_catches_a_wrong_contender(monkeypatch):
+    # The GPU run's check on the CPU (fp32, small): SDPA passes, a 1%-off contender is caught.
+    from bench.bench_attention import MODELS, Model, check_impls, implementations
+
+    monkeypatch.setitem(MODELS, "vit", Model(4, 4, 64))
+    case = Case("vit", "full", 1, 45)
+    q, k, v, blk = case.tensors(torch.float32, "cpu")
+    impls, _ = implementations(case, q, k, v, blk, gpu=False, triton=False)
+    impls.pop("flex")  # no FlexAttention backward on the CPU
+    impls["off"] = lambda q, k, v: impls["reference"](q, k, v) * 1.01
+    lines, failed = check_impls(case, impls, q, k, v)
+    assert set(failed) == {"off"} and "o max error" in failed["off"]
+    assert sum(ln.endswith("ok") for ln in lines) == 2  # reference, sdpa
+
+
+def test_bench_targets():
+    from bench.bench_attention import targets
+    from bench.common import Record, Timing
+
+    def rec(impl, layout, ms):
+        return Record("attention", impl, {"model": "molmoe", "layout": layout, "S": 1024,
+                                          "pass": "fwd"}, Timing(ms, ms, ms), flops=1e12)
+
+    lines = targets([rec("triton", "causal", 1.0), rec("sdpa_flash", "causal", 0.9),
+                     rec("triton", "image", 1.0), rec("flex", "image", 1.4)])
+    assert any("causal" in ln and "0.90x sdpa_flash" in ln and "NOT met" in ln for ln in lines)
+    assert any("image" in ln and "1.40x flex" in ln and ln.endswith(": met") for ln in lines)

@@ -170,3 +170,36 @@ def test_bench_cpu_path_runs(tmp_path):
     assert (tmp_path / "moe.png").exists()
     if not torch.cuda.is_available():
         assert any("need a GPU" in n for n in payload["notes"])
+
+
+def test_bench_correctness_gate_passes_baselines_and_catches_a_wrong_contender(monkeypatch):
+    # The GPU run's check, on the CPU in fp32: the baselines pass, a 1%-off contender is caught
+    # and reported (it would not be timed).
+    import bench.bench_moe as bm
+
+    monkeypatch.setattr(bm, "CHECK_TOKENS", 24)
+    layer = bm.Layer("t", D=64, F=32, E=8, K=2)
+    w = bm.make_weights(layer, torch.float32, "cpu")
+    cands, _ = bm.contenders(layer, w, gpu=False, triton=False)
+    cands["off"] = bm.functional(
+        "off", lambda *a: (reference_moe_ffn(*a)[0] * 1.01, None), w, layer.K)
+    lines, failed = bm.check(cands, layer, w, torch.float32)
+    assert set(failed) == {"off"} and "y max error" in failed["off"]
+    assert sum("ok" in ln for ln in lines) == len(cands) - 1
+
+
+def test_bench_targets_read_the_right_rows():
+    from bench.bench_moe import targets
+    from bench.common import Record, Timing
+
+    def rec(impl, T, ps, ms):
+        return Record("moe", impl, {"T": T, "pass": ps}, Timing(ms, ms, ms), flops=1e12,
+                      bytes=1e9 if ps == "fwd" else None)
+
+    peaks = {"matmul_tflops": 1000.0, "copy_gbps": 1000.0}
+    rows = [rec("triton", 4, "fwd", 1.2), rec("triton", 4096, "fwd", 1.5),
+            rec("grouped_mm", 4096, "fwd", 1.4), rec("megablocks", 4096, "fwd", 2.0)]
+    lines = targets(rows, peaks)
+    assert any("decode T=4" in ln and "83%" in ln and ln.endswith("met") for ln in lines)
+    # 1e12 FLOP in 1.5 ms = 667 TFLOP/s = 67% MFU, but slower than grouped_mm: not met.
+    assert any("T=4096 fwd" in ln and "67% MFU" in ln and "NOT met" in ln for ln in lines)
