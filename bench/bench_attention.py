@@ -17,7 +17,8 @@ Two decoder mask layouts:
 Contenders, all on the same q, k, v:
   reference    molmoe.backends.reference_attention (= attention_ref), the dense-mask SDPA path
   sdpa_flash   torch SDPA forced to its flash backend (causal and ViT; it cannot take a mask)
-  sdpa_mask    torch SDPA with the explicit boolean mask, efficient (else math) backend (image)
+  sdpa_mask    torch SDPA with the explicit boolean mask, efficient (else math) backend (image;
+               on the CPU PyTorch picks)
   flex         FlexAttention, compiled, with a block mask built from the SAME mask_mod
                (causal, or causal-or-same-image); block-mask creation is outside the timed region
   flash_attn   flash_attn_func when importable (causal and ViT; no image-block mask)
@@ -38,7 +39,9 @@ flash-attn and FlexAttention-backward figures need a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import json
 import pathlib
 from dataclasses import dataclass
 
@@ -196,9 +199,12 @@ def implementations(case: Case, q, k, v, blk, *, gpu: bool, triton: bool) -> tup
         def sdpa_mask(q, k, v):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if gpu else [SDPBackend.MATH]
-            with sdpa_kernel(backends):
-                # The efficient backend takes no GQA: kv heads are repeated inside the timed fn.
+            # GPU: the efficient backend (the math one only if it refuses); CPU: PyTorch picks.
+            pick = (sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if gpu else
+                    contextlib.nullcontext())
+            with pick:
+                # The efficient backend takes no GQA: kv heads are repeated inside the timed fn,
+                # as a caller of SDPA with a mask must.
                 if gqa:
                     g = q.shape[1] // k.shape[1]
                     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -329,6 +335,53 @@ def targets(records: list[Record]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_panels(json_path: pathlib.Path) -> None:
+    """Replace common.write_results' single-axes plot (30 lines in one legend) by one panel per
+    model/layout: TFLOP/s against S, a line per contender and pass, the measured peak dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    payload = json.loads(json_path.read_text())
+    panels: dict[str, dict[str, list]] = {}
+    for row in payload["rows"]:
+        c = row["case"]
+        series = panels.setdefault(f"{c['model']} / {c['layout']}", {})
+        series.setdefault(f"{row['impl']} {c['pass']}", []).append((c["S"], row["tflops"]))
+    impls = ["reference", "sdpa", "sdpa_flash", "sdpa_mask", "flex", "flash_attn", "triton"]
+    colour = {n: f"C{i}" for i, n in enumerate(impls)}  # one colour per contender everywhere
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, series) in zip(axes.flat, sorted(panels.items())):
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            impl, ps = label.split(" ")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    color=colour.get(impl, "k"), linestyle="-" if ps == "fwd" else "--")
+        ax.axhline(payload["peaks"]["matmul_tflops"], color="gray", linestyle=":",
+                   label="measured matmul peak")
+        ax.set_xscale("log", base=2)
+        ax.set_title(title)
+        ax.set_xlabel("S")
+        ax.set_ylabel("TFLOP/s (unmasked FLOPs)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"attention on {payload['environment']['device']} "
+                 f"({payload['environment']['commit']})")
+    fig.tight_layout()
+    fig.savefig(json_path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -419,6 +472,7 @@ def main(argv=None) -> pathlib.Path:
         notes.append(line)
     path = write_results("attention", records, x_key="S", y="tflops", notes=notes,
                          out_dir=args.out)
+    plot_panels(path)
     print(f"wrote {path} (and .png)")
     if failed:
         raise SystemExit("bench_attention: failed the correctness check (not timed there): "
