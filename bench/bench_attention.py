@@ -276,12 +276,13 @@ def check(case: Case, gpu: bool, triton: bool) -> tuple[list[str], dict]:
     q, k, v, blk = case.tensors(torch.bfloat16, "cuda", seed=3)
     impls, notes = implementations(case, q, k, v, blk, gpu=gpu, triton=triton)
     if "reference" not in impls:
-        return notes + [f"check {case.model}/{case.layout}: no reference on this tree, not checked"], {}
+        return notes + [f"check {case.model}/{case.layout}: no reference on this tree, "
+                        "not checked"], {}
     return check_impls(case, impls, q, k, v)
 
 
 def check_impls(case: Case, impls: dict, q, k, v) -> tuple[list[str], dict]:
-    """(report lines, {name: why} for contenders that failed or raised: not timed on this layout)."""
+    """(report lines, {name: why} for the contenders that failed or raised: not timed there)."""
     do = torch.randn(q.shape, generator=torch.Generator(q.device).manual_seed(4),
                      device=q.device).to(q.dtype)
     ref = impls["reference"]

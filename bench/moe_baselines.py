@@ -16,8 +16,9 @@ Legend: T tokens, D model width, F expert width, E experts, K top-k, N = T*K tok
 cumulative END offsets (length E, empty groups repeat the previous value, offs[-1] = N). On CUDA:
 bf16 only (the check in torch's meta registration), every stride but the unit one a multiple of
 16 bytes (bf16: D and F multiples of 8; MolmoE's 2048 and 1024 are), autograd for both operands.
-On the CPU it runs too (fp32, fp16, bf16, with autograd, and the same 16-byte stride rule:
-fp32 widths must be multiples of 4; tests/test_moe_baselines.py checks it against the reference). Rows past offs[-1] are left unwritten, hence offs[-1] = N always.
+On the CPU it runs too (fp32, fp16, bf16, with autograd, and the same 16-byte stride rule: fp32
+widths must be multiples of 4; tests/test_moe_baselines.py checks it against the reference).
+Rows past offs[-1] are left unwritten, hence offs[-1] = N always.
 `grouped_mm_loop` is the same contract as a plain loop over groups, for torch builds without the
 op and as the test's independent check of the offsets convention.
 
