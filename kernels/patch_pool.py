@@ -36,8 +36,14 @@ Where the idea comes from: the algebra of attention over a fixed tiny key set (e
 pooling through SDPA. Limits: 2x2 cells on an even square grid only; the per-head dim must fit in
 one register block (D <= 256); the cell order is hard-wired (row-major cells, §3.3).
 
-Autotune: configs from `_configs()` keyed on (E, D); `MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,
-num_warps=4"` pins one; the interpreter (CPU) uses one small fixed config.
+Mixed dtypes: the pad embeddings are projected in fp32 with autocast off (pad_u, (3, 2, E)), so
+an fp32 `pad_embed` beside low-precision features and weights works (MolmoE's cast_back case).
+
+Autotune: BLOCK_M x num_warps configs from `_configs()`, pruned by `_prune` (register budget, no
+tile taller than the cell count), keyed on (E, D) and the power-of-two bucket of M (M itself would
+re-tune per image); `MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,num_warps=4"` pins one; the interpreter
+(CPU) uses one small fixed config. Tuning times the kernel on the first call of each key (a host
+sync, and the kernels only store, so re-running them is harmless); later launches do not sync.
 """
 from __future__ import annotations
 
@@ -54,52 +60,69 @@ from molmoe.backends import pad_masks, reference_patch_pool
 patch_pool_ref = reference_patch_pool
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
 
 # ------------------------------------------------------------------------------ autotune
 
 
 def _configs() -> list[triton.Config]:
-    pinned = os.environ.get("MOLMOE_PATCH_POOL_CONFIG")
+    pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
-        kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
-        warps = int(kv.pop("num_warps", 4))
-        return [triton.Config({k: int(v) for k, v in kv.items()}, num_warps=warps)]
+        try:
+            kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
+            warps = int(kv.pop("num_warps", 4))
+            meta = {k: int(v) for k, v in kv.items()}
+        except ValueError:
+            raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_M=32,num_warps=4'")
+        return [triton.Config(meta, num_warps=warps)]
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 16, 32, 64) for w in (2, 4, 8)]
 
 
 def _prune(configs, named_args, **kwargs):
-    # A register tile is BLOCK_M x BLOCK_D fp32 for each of q, 4 k and 4 v: keep it modest.
+    # A program holds 9 BLOCK_M x BLOCK_D fp32 tiles (q, 4 k, 4 v; the backward a few more):
+    # keep them within ~160 registers per thread so nothing spills, and no tile taller than the
+    # number of cells (one crop has only (g/2)^2 of them).
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * bd <= 4096]
+    M = named_args["M"]
+    kept = [c for c in configs
+            if 9 * c.kwargs["BLOCK_M"] * bd <= 160 * 32 * c.num_warps
+            and c.kwargs["BLOCK_M"] <= max(8, triton.next_power_of_2(M))]
     return kept or configs[:1]
+
+
+def _m_bucket(M: int) -> int:
+    # Tile choice depends on how many cells there are to spread over the SMs (1 crop: 144,
+    # 13 crops: 1872, a batch: more), but keying on M itself would re-tune per image: bucket it.
+    return min(triton.next_power_of_2(max(M, 1)), 1 << 16)
 
 
 # ------------------------------------------------------------------------------ kernels
 
 
 @triton.jit
-def _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row, col, mask2, m_mask, E,
+def _row(ptr, col, d_mask):
+    """One (BLOCK_D,) fp32 row of a bias / projected pad embedding, broadcast over cells."""
+    return tl.load(ptr + col, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row, col, mask2, m_mask, d_mask, E,
             HAS_PAD: tl.constexpr):
     """k, v (BLOCK_M, BLOCK_D) fp32 of one member patch row, with bias and pad terms added."""
     offs = row[:, None] * E + col[None, :]
-    k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    d_mask = mask2  # bias / pad rows broadcast over cells
-    k += tl.load(b_ptr + E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-    v += tl.load(b_ptr + 2 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32) + _row(b_ptr + E, col, d_mask)
+    v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32) + _row(b_ptr + 2 * E, col, d_mask)
     a = tl.zeros(row.shape, tl.float32)
     p = tl.zeros(row.shape, tl.float32)
     if HAS_PAD:
         a = tl.load(coef_ptr + row * 2, mask=m_mask, other=0.0)
         p = tl.load(coef_ptr + row * 2 + 1, mask=m_mask, other=0.0)
-        # pad_u is (3, 2, E): [q|k|v][all_pad|partial]
-        k += a[:, None] * tl.load(u_ptr + 2 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        k += p[:, None] * tl.load(u_ptr + 3 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        v += a[:, None] * tl.load(u_ptr + 4 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        v += p[:, None] * tl.load(u_ptr + 5 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
+        # pad_u is (3, 2, E) fp32: [q|k|v][all_pad|partial]
+        k += a[:, None] * _row(u_ptr + 2 * E, col, d_mask) + p[:, None] * _row(u_ptr + 3 * E, col, d_mask)
+        v += a[:, None] * _row(u_ptr + 4 * E, col, d_mask) + p[:, None] * _row(u_ptr + 5 * E, col, d_mask)
     return k, v, a, p
 
 
@@ -109,26 +132,31 @@ def _cell_setup(q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E,
     """Offsets, q (with bias/pad) and the 4 members' k, v for a block of cells and one head."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 cells: row * E overflows int32 past 2^31 elements (a large batch of images)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < M
-    mask2 = m_mask[:, None] & (offs_d < D)[None, :]
+    d_mask = offs_d < D
+    mask2 = m_mask[:, None] & d_mask[None, :]
     col = h * D + offs_d
     # cell m = crop n, cell t = GW*i + j; members (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)
     n = offs_m // Gc
     t = offs_m % Gc
     row0 = n * P + (2 * (t // GW)) * G + 2 * (t % GW)
-    k0, v0, a0, p0 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0, col, mask2, m_mask, E, HAS_PAD)
-    k1, v1, a1, p1 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + 1, col, mask2, m_mask, E, HAS_PAD)
-    k2, v2, a2, p2 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G, col, mask2, m_mask, E, HAS_PAD)
-    k3, v3, a3, p3 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G + 1, col, mask2, m_mask, E, HAS_PAD)
+    k0, v0, a0, p0 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k1, v1, a1, p1 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + 1, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k2, v2, a2, p2 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k3, v3, a3, p3 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G + 1, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
     q = tl.load(q_ptr + offs_m[:, None] * E + col[None, :], mask=mask2, other=0.0).to(tl.float32)
-    q += tl.load(b_ptr + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+    q += _row(b_ptr, col, d_mask)
     if HAS_PAD:  # the query is the cell mean, so its pad terms are the mean indicators
         a_mean = (a0 + a1 + a2 + a3) * 0.25
         p_mean = (p0 + p1 + p2 + p3) * 0.25
-        q += a_mean[:, None] * tl.load(u_ptr + col[None, :], mask=mask2, other=0.0).to(tl.float32)
-        q += p_mean[:, None] * tl.load(u_ptr + E + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+        q += a_mean[:, None] * _row(u_ptr, col, d_mask) + p_mean[:, None] * _row(u_ptr + E, col, d_mask)
     return offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3
 
 
@@ -147,10 +175,11 @@ def _softmax4(q, k0, k1, k2, k3, scale):
     return e0 * inv, e1 * inv, e2 * inv, e3 * inv
 
 
-@triton.autotune(configs=_configs(), key=["E", "D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_fwd_kernel(q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, o_ptr, M, Gc, GW, G, P, E, D,
-                     scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                     M_BUCKET, scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3 = _cell_setup(
         q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E, D, HAS_PAD, BLOCK_M, BLOCK_D)
     p0, p1, p2, p3 = _softmax4(q, k0, k1, k2, k3, scale)
@@ -165,10 +194,12 @@ def _member_grads(dk_ptr, dv_ptr, row, col, mask2, E, do, q, v, pj, dsj, scale):
     tl.store(dk_ptr + offs, (scale * dsj[:, None] * q).to(dk_ptr.dtype.element_ty), mask=mask2)
 
 
-@triton.autotune(configs=_configs(), key=["E", "D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_bwd_kernel(do_ptr, q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr,
-                     M, Gc, GW, G, P, E, D, scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     M, Gc, GW, G, P, E, D, M_BUCKET, scale, HAS_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3 = _cell_setup(
         q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E, D, HAS_PAD, BLOCK_M, BLOCK_D)
@@ -227,10 +258,11 @@ def _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads):
     M = N * Gc
     has_pad = coef is not None
     coef = coef.contiguous().float() if has_pad else bias  # a dummy pointer when unused
-    pad_u = pad_u.contiguous() if has_pad else bias
+    pad_u = pad_u.contiguous().float() if has_pad else bias
     tensors = (q_raw.contiguous(), k_raw.contiguous(), v_raw.contiguous(), coef, pad_u,
                bias.contiguous())
-    sizes = dict(M=M, Gc=Gc, GW=g // 2, G=g, P=P, E=E, D=D, scale=1.0 / math.sqrt(D),
+    sizes = dict(M=M, Gc=Gc, GW=g // 2, G=g, P=P, E=E, D=D, M_BUCKET=_m_bucket(M),
+                 scale=1.0 / math.sqrt(D),
                  HAS_PAD=has_pad, BLOCK_D=triton.next_power_of_2(D))
 
     def grid(meta):
@@ -246,7 +278,8 @@ def patch_pool_attend(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Ten
     """(N, Gc, E) pooled heads `o` (before Wo) from projected, bias-free q/k/v; see the header."""
     tensors, sizes, grid = _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
     o = torch.empty(q_raw.shape, dtype=q_raw.dtype, device=q_raw.device)
-    _pool_fwd_kernel[grid](*tensors, o, **sizes)
+    if o.numel():  # no crops: nothing to launch
+        _pool_fwd_kernel[grid](*tensors, o, **sizes)
     return o
 
 
@@ -266,7 +299,8 @@ def patch_pool_attend_bwd(do: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Te
     dq = torch.empty(q_raw.shape, dtype=q_raw.dtype, device=q_raw.device)
     dk = torch.empty(k_raw.shape, dtype=k_raw.dtype, device=k_raw.device)
     dv = torch.empty(v_raw.shape, dtype=v_raw.dtype, device=v_raw.device)
-    _pool_bwd_kernel[grid](do.contiguous(), *tensors, dq, dk, dv, **sizes)
+    if dq.numel():
+        _pool_bwd_kernel[grid](do.contiguous(), *tensors, dq, dk, dv, **sizes)
     return dq, dk, dv
 
 
@@ -327,6 +361,10 @@ def patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo, nu
     coef = pad_u = None
     if image_masks is not None:
         coef = torch.stack(pad_masks(image_masks, torch.float32), dim=-1)  # (N, P, 2)
-        pad_u = torch.stack([F.linear(pad_embed, w) for w in (wq, wk, wv)])  # (3, 2, E)
+        # The projected pad embeddings in fp32 (tiny: (3, 2, E)), autocast off: exact by
+        # linearity in fp32, and pad_embed may be fp32 beside low-precision features/weights
+        # (MolmoE's cast_back case), which F.linear would refuse.
+        with torch.autocast(feats.device.type, enabled=False):
+            pad_u = torch.stack([pad_embed.float() @ w.float().t() for w in (wq, wk, wv)])
     o = patch_pool_attend(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
     return F.linear(o, wo, bo)
