@@ -69,7 +69,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config(meta, num_warps=warps)]
     if _INTERPRET:
         # HEADS=3 on purpose: head groups then straddle the q/k boundary (Hq=4: q0-2 | q3 k0 k1)
-        return [triton.Config({"BLOCK_S": 8, "HEADS": 3}, num_warps=1)]
+        return [triton.Config({"BLOCK_S": 16, "HEADS": 3}, num_warps=1)]
     return [triton.Config({"BLOCK_S": bs, "HEADS": hg}, num_warps=w)
             for bs in (1, 2, 4, 8, 16, 32) for hg in (2, 4, 8, 16, 64) for w in (1, 2, 4, 8)]
 
