@@ -66,7 +66,7 @@ _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 # ------------------------------------------------------------------------------ autotune
 
 
-def _configs() -> list[triton.Config]:
+def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
         try:
@@ -76,7 +76,7 @@ def _configs() -> list[triton.Config]:
         except ValueError:
             raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_M=32,num_warps=4'")
         return [triton.Config(meta, num_warps=warps)]
-    if _INTERPRET:
+    if interpret:
         # 32 cells: the interpreter's cost is per program, and 32 still leaves crops of 9 or
         # 144 cells straddling tile edges in the tests
         return [triton.Config({"BLOCK_M": 32}, num_warps=1)]
@@ -87,8 +87,9 @@ def _prune(configs, named_args, **kwargs):
     # A program holds 9 BLOCK_M x BLOCK_D fp32 tiles (q, 4 k, 4 v; the backward a few more):
     # keep them within ~160 registers per thread so nothing spills, and no tile taller than the
     # number of cells (one crop has only (g/2)^2 of them).
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    M = named_args["M"]
+    # The launcher passes the sizes as keywords (kwargs here), the tensors positionally.
+    args = {**named_args, **kwargs}
+    bd, M = args["BLOCK_D"], args["M"]
     kept = [c for c in configs
             if 9 * c.kwargs["BLOCK_M"] * bd <= 160 * 32 * c.num_warps
             and c.kwargs["BLOCK_M"] <= max(8, triton.next_power_of_2(M))]

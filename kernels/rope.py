@@ -55,7 +55,7 @@ _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 # ------------------------------------------------------------------------------ autotune
 
 
-def _configs() -> list[triton.Config]:
+def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
         try:
@@ -67,7 +67,7 @@ def _configs() -> list[triton.Config]:
         meta.setdefault("BLOCK_S", 8)
         meta.setdefault("HEADS", 1 << 30)  # all heads in one program
         return [triton.Config(meta, num_warps=warps)]
-    if _INTERPRET:
+    if interpret:
         # HEADS=3 on purpose: head groups then straddle the q/k boundary (Hq=4: q0-2 | q3 k0 k1)
         return [triton.Config({"BLOCK_S": 16, "HEADS": 3}, num_warps=1)]
     return [triton.Config({"BLOCK_S": bs, "HEADS": hg}, num_warps=w)
@@ -77,11 +77,11 @@ def _configs() -> list[triton.Config]:
 def _prune(configs, named_args, **kwargs):
     # No tile longer than the sequence (decode: S = 1), no head group wider than all heads, and
     # no more threads than elements in one head's tile (BLOCK_S x Dh/2).
-    S, n_heads = named_args["S"], named_args["Hq"] + named_args["Hkv"]
-    half = kwargs.get("HALF", named_args.get("HALF", 64))
+    args = {**named_args, **kwargs}  # sizes positional, constexprs as keywords
+    S, n_heads, half = args["S"], args["Hq"] + args["Hkv"], args["HALF"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))
-            and c.kwargs["HEADS"] < 2 * max(1, triton.next_power_of_2(n_heads))
+            and c.kwargs["HEADS"] <= 2 * max(1, triton.next_power_of_2(n_heads))
             and 32 * c.num_warps <= max(32, c.kwargs["BLOCK_S"] * half)]
     return kept or configs[:1]
 
