@@ -16,7 +16,13 @@ with a = (mask == 0), p = (mask < 1 and mask != 0) per patch (-1 counts as parti
 for the query the cell means of a and p. The kernel gathers the 4 member rows of k_raw/v_raw
 straight from the (N, g*g) grid order, adds a*u0 + p*u1 + b in fp32, and does the attention in
 fp32 (§7.7: q/k/v fp32 in the softmax), writing o in the input dtype. So the feature map is read
-by the GEMMs only and nothing of size (M, 4, C) or (N, P, C) is materialised.
+by the GEMMs and the cell mean only and nothing of size (M, 4, C) or (N, P, C) is materialised.
+
+How fast it can be: the projection GEMMs do the same FLOPs here as in the reference (k and v of
+every patch), so the speedup over the reference module is bounded by the reference's time over
+the GEMMs' time; bench/bench_patch_pool.py reports both (`gemm_floor`). Going past that bound
+needs fewer GEMM FLOPs, e.g. scores as (Wk_h^T q_h) . x_j and o_h = Wv_h (sum_j p_j x_j), which
+cut the k/v GEMMs ~4x but only pay off fused (the (M, H, C) intermediates are large).
 
 Numerics against the reference: identical math; the roundings differ slightly (the bias and pad
 terms are added in fp32 after the GEMM instead of in the feature dtype before it, so the MolmoE
@@ -26,7 +32,8 @@ exact up to summation order, in bf16 it is within bf16 rounding).
 Backward: the kernel's backward recomputes the 4-key softmax per (cell, head) and writes dq_raw
 (M, E) and dk_raw/dv_raw (N, P, E) scattered back to grid order (every patch belongs to exactly
 one cell, so no atomics); the pad/bias gradients are two small reductions in torch and the GEMM
-gradients come from torch autograd.
+gradients come from torch autograd. The k bias gets an exact zero gradient: it shifts the 4 scores
+of a (cell, head) alike, which the softmax ignores (the reference returns rounding noise there).
 
 Legend: N crops, P = g*g patches per crop (576), g grid side (24), Gc = (g/2)^2 cells per crop
 (144), M = N*Gc cells, C feature dim (2048), E pooled width (1024), H heads (16), D = E/H (64).
