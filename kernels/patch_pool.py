@@ -84,9 +84,9 @@ def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
             raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_M=32,num_warps=4'")
         return [triton.Config(meta, num_warps=warps)]
     if interpret:
-        # 32 cells: the interpreter's cost is per program, and 32 still leaves crops of 9 or
-        # 144 cells straddling tile edges in the tests
-        return [triton.Config({"BLOCK_M": 32}, num_warps=1)]
+        # 64 cells: the interpreter's cost is per program; crops of 9 or 144 cells still
+        # straddle tile edges in the tests
+        return [triton.Config({"BLOCK_M": 64}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 16, 32, 64) for w in (2, 4, 8)]
 
 

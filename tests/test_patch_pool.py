@@ -111,7 +111,7 @@ SHAPES = [
     (1, 2, 8, 8, 1, "one crop, one 2x2 cell, one head"),
     (3, 4, 7, 12, 4, "several crops, 4x4 grid, odd C, head dim 3 (masked lanes)"),
     (1, 24, 16, 32, 16, "the real 24x24 grid (144 cells, not a multiple of the tile), 16 heads"),
-    (5, 6, 10, 24, 2, "6x6 grid: 9 cells per crop, so crops straddle the 32-cell tile"),
+    (8, 6, 10, 24, 2, "6x6 grid, 8 crops: crop 7's 9 cells straddle the 64-cell tile edge"),
 ]
 
 

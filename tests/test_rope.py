@@ -42,9 +42,9 @@ def check_close(out, ref32, ref_lowp, floor):
 CASES = [
     (1, 16, 16, 1, 128, 10000.0, 32767, "decode step, MolmoE heads, its last table row (32767)"),
     (2, 28, 4, 7, 128, 1e6, 4089, "7B-D GQA 7, odd S, up to the 7B limit 4095"),
-    (1, 1, 1, 17, 64, 10000.0, 0, "one head, S one past a 16-row tile, ViT-sized head dim"),
+    (1, 1, 1, 33, 64, 10000.0, 0, "one head, S one past a 32-row tile, ViT-sized head dim"),
     (3, 4, 2, 9, 64, 5e5, 100, "GQA 2: head groups straddle the q/k boundary"),
-    (2, 16, 16, 33, 64, 10000.0, 3, "16 heads, S = 2 tiles + 1"),
+    (2, 16, 16, 65, 64, 10000.0, 3, "16 heads, S = 2 tiles + 1"),
     (1, 3, 1, 5, 6, 10000.0, 7, "Dh/2 = 3 is not a power of two (masked lanes)"),
 ]
 
