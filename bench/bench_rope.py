@@ -133,7 +133,8 @@ def main(argv=None) -> pathlib.Path:
                          extra={"fraction_of_attention": timing.p50_ms / t_attn.p50_ms,
                                 "Hq": Hq, "Hkv": Hkv})
             records.append(rec)
-            print(format_row(rec, peaks) + f"  {rec.extra['fraction_of_attention']:.1%} of attention")
+            frac = rec.extra["fraction_of_attention"]
+            print(format_row(rec, peaks) + f"  {frac:.1%} of attention")
         del q, k, v, cos, sin
     path = write_results("rope", records, x_key="seq", notes=notes, out_dir=args.out)
     print(f"wrote {path} (and .png)")

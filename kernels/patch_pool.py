@@ -123,16 +123,20 @@ def _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row, col, mask2, m_mask, d_mas
             HAS_PAD: tl.constexpr):
     """k, v (BLOCK_M, BLOCK_D) fp32 of one member patch row, with bias and pad terms added."""
     offs = row[:, None] * E + col[None, :]
-    k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32) + _row(b_ptr + E, col, d_mask)
-    v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32) + _row(b_ptr + 2 * E, col, d_mask)
+    k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+    k += _row(b_ptr + E, col, d_mask)
+    v += _row(b_ptr + 2 * E, col, d_mask)
     a = tl.zeros(row.shape, tl.float32)
     p = tl.zeros(row.shape, tl.float32)
     if HAS_PAD:
         a = tl.load(coef_ptr + row * 2, mask=m_mask, other=0.0)
         p = tl.load(coef_ptr + row * 2 + 1, mask=m_mask, other=0.0)
         # pad_u is (3, 2, E) fp32: [q|k|v][all_pad|partial]
-        k += a[:, None] * _row(u_ptr + 2 * E, col, d_mask) + p[:, None] * _row(u_ptr + 3 * E, col, d_mask)
-        v += a[:, None] * _row(u_ptr + 4 * E, col, d_mask) + p[:, None] * _row(u_ptr + 5 * E, col, d_mask)
+        k += a[:, None] * _row(u_ptr + 2 * E, col, d_mask)
+        k += p[:, None] * _row(u_ptr + 3 * E, col, d_mask)
+        v += a[:, None] * _row(u_ptr + 4 * E, col, d_mask)
+        v += p[:, None] * _row(u_ptr + 5 * E, col, d_mask)
     return k, v, a, p
 
 
