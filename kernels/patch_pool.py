@@ -16,7 +16,13 @@ with a = (mask == 0), p = (mask < 1 and mask != 0) per patch (-1 counts as parti
 for the query the cell means of a and p. The kernel gathers the 4 member rows of k_raw/v_raw
 straight from the (N, g*g) grid order, adds a*u0 + p*u1 + b in fp32, and does the attention in
 fp32 (§7.7: q/k/v fp32 in the softmax), writing o in the input dtype. So the feature map is read
-by the GEMMs only and nothing of size (M, 4, C) or (N, P, C) is materialised.
+by the GEMMs and the cell mean only and nothing of size (M, 4, C) or (N, P, C) is materialised.
+
+How fast it can be: the projection GEMMs do the same FLOPs here as in the reference (k and v of
+every patch), so the speedup over the reference module is bounded by the reference's time over
+the GEMMs' time; bench/bench_patch_pool.py reports both (`gemm_floor`). Going past that bound
+needs fewer GEMM FLOPs, e.g. scores as (Wk_h^T q_h) . x_j and o_h = Wv_h (sum_j p_j x_j), which
+cut the k/v GEMMs ~4x but only pay off fused (the (M, H, C) intermediates are large).
 
 Numerics against the reference: identical math; the roundings differ slightly (the bias and pad
 terms are added in fp32 after the GEMM instead of in the feature dtype before it, so the MolmoE
@@ -26,7 +32,8 @@ exact up to summation order, in bf16 it is within bf16 rounding).
 Backward: the kernel's backward recomputes the 4-key softmax per (cell, head) and writes dq_raw
 (M, E) and dk_raw/dv_raw (N, P, E) scattered back to grid order (every patch belongs to exactly
 one cell, so no atomics); the pad/bias gradients are two small reductions in torch and the GEMM
-gradients come from torch autograd.
+gradients come from torch autograd. The k bias gets an exact zero gradient: it shifts the 4 scores
+of a (cell, head) alike, which the softmax ignores (the reference returns rounding noise there).
 
 Legend: N crops, P = g*g patches per crop (576), g grid side (24), Gc = (g/2)^2 cells per crop
 (144), M = N*Gc cells, C feature dim (2048), E pooled width (1024), H heads (16), D = E/H (64).
@@ -36,8 +43,14 @@ Where the idea comes from: the algebra of attention over a fixed tiny key set (e
 pooling through SDPA. Limits: 2x2 cells on an even square grid only; the per-head dim must fit in
 one register block (D <= 256); the cell order is hard-wired (row-major cells, §3.3).
 
-Autotune: configs from `_configs()` keyed on (E, D); `MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,
-num_warps=4"` pins one; the interpreter (CPU) uses one small fixed config.
+Mixed dtypes: the pad embeddings are projected in fp32 with autocast off (pad_u, (3, 2, E)), so
+an fp32 `pad_embed` beside low-precision features and weights works (MolmoE's cast_back case).
+
+Autotune: BLOCK_M x num_warps configs from `_configs()`, pruned by `_prune` (register budget, no
+tile taller than the cell count), keyed on (E, D) and the power-of-two bucket of M (M itself would
+re-tune per image); `MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,num_warps=4"` pins one; the interpreter
+(CPU) uses one small fixed config. Tuning times the kernel on the first call of each key (a host
+sync, and the kernels only store, so re-running them is harmless); later launches do not sync.
 """
 from __future__ import annotations
 
@@ -54,52 +67,76 @@ from molmoe.backends import pad_masks, reference_patch_pool
 patch_pool_ref = reference_patch_pool
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
 
 # ------------------------------------------------------------------------------ autotune
 
 
-def _configs() -> list[triton.Config]:
-    pinned = os.environ.get("MOLMOE_PATCH_POOL_CONFIG")
+def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
-        kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
-        warps = int(kv.pop("num_warps", 4))
-        return [triton.Config({k: int(v) for k, v in kv.items()}, num_warps=warps)]
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16}, num_warps=1)]
+        try:
+            kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
+            warps = int(kv.pop("num_warps", 4))
+            meta = {k: int(v) for k, v in kv.items()}
+        except ValueError:
+            raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_M=32,num_warps=4'")
+        return [triton.Config(meta, num_warps=warps)]
+    if interpret:
+        # 64 cells: the interpreter's cost is per program; crops of 9 or 144 cells still
+        # straddle tile edges in the tests
+        return [triton.Config({"BLOCK_M": 64}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 16, 32, 64) for w in (2, 4, 8)]
 
 
 def _prune(configs, named_args, **kwargs):
-    # A register tile is BLOCK_M x BLOCK_D fp32 for each of q, 4 k and 4 v: keep it modest.
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * bd <= 4096]
+    # A program holds 9 BLOCK_M x BLOCK_D fp32 tiles (q, 4 k, 4 v; the backward a few more):
+    # keep them within ~160 registers per thread so nothing spills, and no tile taller than the
+    # number of cells (one crop has only (g/2)^2 of them).
+    # The launcher passes the sizes as keywords (kwargs here), the tensors positionally.
+    args = {**named_args, **kwargs}
+    bd, M = args["BLOCK_D"], args["M"]
+    kept = [c for c in configs
+            if 9 * c.kwargs["BLOCK_M"] * bd <= 160 * 32 * c.num_warps
+            and c.kwargs["BLOCK_M"] <= max(8, triton.next_power_of_2(M))]
     return kept or configs[:1]
+
+
+def _m_bucket(M: int) -> int:
+    # Tile choice depends on how many cells there are to spread over the SMs (1 crop: 144,
+    # 13 crops: 1872, a batch: more), but keying on M itself would re-tune per image: bucket it.
+    return min(triton.next_power_of_2(max(M, 1)), 1 << 16)
 
 
 # ------------------------------------------------------------------------------ kernels
 
 
 @triton.jit
-def _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row, col, mask2, m_mask, E,
+def _row(ptr, col, d_mask):
+    """One (BLOCK_D,) fp32 row of a bias / projected pad embedding, broadcast over cells."""
+    return tl.load(ptr + col, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row, col, mask2, m_mask, d_mask, E,
             HAS_PAD: tl.constexpr):
     """k, v (BLOCK_M, BLOCK_D) fp32 of one member patch row, with bias and pad terms added."""
     offs = row[:, None] * E + col[None, :]
     k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    d_mask = mask2  # bias / pad rows broadcast over cells
-    k += tl.load(b_ptr + E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-    v += tl.load(b_ptr + 2 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
+    k += _row(b_ptr + E, col, d_mask)
+    v += _row(b_ptr + 2 * E, col, d_mask)
     a = tl.zeros(row.shape, tl.float32)
     p = tl.zeros(row.shape, tl.float32)
     if HAS_PAD:
         a = tl.load(coef_ptr + row * 2, mask=m_mask, other=0.0)
         p = tl.load(coef_ptr + row * 2 + 1, mask=m_mask, other=0.0)
-        # pad_u is (3, 2, E): [q|k|v][all_pad|partial]
-        k += a[:, None] * tl.load(u_ptr + 2 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        k += p[:, None] * tl.load(u_ptr + 3 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        v += a[:, None] * tl.load(u_ptr + 4 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
-        v += p[:, None] * tl.load(u_ptr + 5 * E + col[None, :], mask=d_mask, other=0.0).to(tl.float32)
+        # pad_u is (3, 2, E) fp32: [q|k|v][all_pad|partial]
+        k += a[:, None] * _row(u_ptr + 2 * E, col, d_mask)
+        k += p[:, None] * _row(u_ptr + 3 * E, col, d_mask)
+        v += a[:, None] * _row(u_ptr + 4 * E, col, d_mask)
+        v += p[:, None] * _row(u_ptr + 5 * E, col, d_mask)
     return k, v, a, p
 
 
@@ -109,26 +146,31 @@ def _cell_setup(q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E,
     """Offsets, q (with bias/pad) and the 4 members' k, v for a block of cells and one head."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 cells: row * E overflows int32 past 2^31 elements (a large batch of images)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < M
-    mask2 = m_mask[:, None] & (offs_d < D)[None, :]
+    d_mask = offs_d < D
+    mask2 = m_mask[:, None] & d_mask[None, :]
     col = h * D + offs_d
     # cell m = crop n, cell t = GW*i + j; members (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)
     n = offs_m // Gc
     t = offs_m % Gc
     row0 = n * P + (2 * (t // GW)) * G + 2 * (t % GW)
-    k0, v0, a0, p0 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0, col, mask2, m_mask, E, HAS_PAD)
-    k1, v1, a1, p1 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + 1, col, mask2, m_mask, E, HAS_PAD)
-    k2, v2, a2, p2 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G, col, mask2, m_mask, E, HAS_PAD)
-    k3, v3, a3, p3 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G + 1, col, mask2, m_mask, E, HAS_PAD)
+    k0, v0, a0, p0 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k1, v1, a1, p1 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + 1, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k2, v2, a2, p2 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
+    k3, v3, a3, p3 = _member(k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, row0 + G + 1, col, mask2, m_mask,
+                             d_mask, E, HAS_PAD)
     q = tl.load(q_ptr + offs_m[:, None] * E + col[None, :], mask=mask2, other=0.0).to(tl.float32)
-    q += tl.load(b_ptr + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+    q += _row(b_ptr, col, d_mask)
     if HAS_PAD:  # the query is the cell mean, so its pad terms are the mean indicators
         a_mean = (a0 + a1 + a2 + a3) * 0.25
         p_mean = (p0 + p1 + p2 + p3) * 0.25
-        q += a_mean[:, None] * tl.load(u_ptr + col[None, :], mask=mask2, other=0.0).to(tl.float32)
-        q += p_mean[:, None] * tl.load(u_ptr + E + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+        q += a_mean[:, None] * _row(u_ptr, col, d_mask) + p_mean[:, None] * _row(u_ptr + E, col, d_mask)
     return offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3
 
 
@@ -147,10 +189,11 @@ def _softmax4(q, k0, k1, k2, k3, scale):
     return e0 * inv, e1 * inv, e2 * inv, e3 * inv
 
 
-@triton.autotune(configs=_configs(), key=["E", "D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_fwd_kernel(q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, o_ptr, M, Gc, GW, G, P, E, D,
-                     scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                     M_BUCKET, scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3 = _cell_setup(
         q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E, D, HAS_PAD, BLOCK_M, BLOCK_D)
     p0, p1, p2, p3 = _softmax4(q, k0, k1, k2, k3, scale)
@@ -165,10 +208,12 @@ def _member_grads(dk_ptr, dv_ptr, row, col, mask2, E, do, q, v, pj, dsj, scale):
     tl.store(dk_ptr + offs, (scale * dsj[:, None] * q).to(dk_ptr.dtype.element_ty), mask=mask2)
 
 
-@triton.autotune(configs=_configs(), key=["E", "D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_bwd_kernel(do_ptr, q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr,
-                     M, Gc, GW, G, P, E, D, scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     M, Gc, GW, G, P, E, D, M_BUCKET, scale, HAS_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     offs_m, col, mask2, row0, q, k0, k1, k2, k3, v0, v1, v2, v3 = _cell_setup(
         q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, M, Gc, GW, G, P, E, D, HAS_PAD, BLOCK_M, BLOCK_D)
@@ -227,10 +272,11 @@ def _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads):
     M = N * Gc
     has_pad = coef is not None
     coef = coef.contiguous().float() if has_pad else bias  # a dummy pointer when unused
-    pad_u = pad_u.contiguous() if has_pad else bias
+    pad_u = pad_u.contiguous().float() if has_pad else bias
     tensors = (q_raw.contiguous(), k_raw.contiguous(), v_raw.contiguous(), coef, pad_u,
                bias.contiguous())
-    sizes = dict(M=M, Gc=Gc, GW=g // 2, G=g, P=P, E=E, D=D, scale=1.0 / math.sqrt(D),
+    sizes = dict(M=M, Gc=Gc, GW=g // 2, G=g, P=P, E=E, D=D, M_BUCKET=_m_bucket(M),
+                 scale=1.0 / math.sqrt(D),
                  HAS_PAD=has_pad, BLOCK_D=triton.next_power_of_2(D))
 
     def grid(meta):
@@ -246,7 +292,8 @@ def patch_pool_attend(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Ten
     """(N, Gc, E) pooled heads `o` (before Wo) from projected, bias-free q/k/v; see the header."""
     tensors, sizes, grid = _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
     o = torch.empty(q_raw.shape, dtype=q_raw.dtype, device=q_raw.device)
-    _pool_fwd_kernel[grid](*tensors, o, **sizes)
+    if o.numel():  # no crops: nothing to launch
+        _pool_fwd_kernel[grid](*tensors, o, **sizes)
     return o
 
 
@@ -266,7 +313,8 @@ def patch_pool_attend_bwd(do: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Te
     dq = torch.empty(q_raw.shape, dtype=q_raw.dtype, device=q_raw.device)
     dk = torch.empty(k_raw.shape, dtype=k_raw.dtype, device=k_raw.device)
     dv = torch.empty(v_raw.shape, dtype=v_raw.dtype, device=v_raw.device)
-    _pool_bwd_kernel[grid](do.contiguous(), *tensors, dq, dk, dv, **sizes)
+    if dq.numel():
+        _pool_bwd_kernel[grid](do.contiguous(), *tensors, dq, dk, dv, **sizes)
     return dq, dk, dv
 
 
@@ -285,8 +333,11 @@ def _backward(ctx, do):
     q_raw, k_raw, v_raw, coef, pad_u, bias = ctx.saved_tensors
     dq, dk, dv = patch_pool_attend_bwd(do, q_raw, k_raw, v_raw, coef, pad_u, bias, ctx.num_heads)
     E = q_raw.shape[-1]
-    # q = q_raw + bias[0] (+ pad terms), k, v likewise: the bias grad is the row sum, in fp32.
-    dbias = torch.stack([t.reshape(-1, E).float().sum(0) for t in (dq, dk, dv)]).to(bias.dtype)
+    # q = q_raw + bias[0] (+ pad terms), v likewise: their bias grads are row sums, in fp32. The
+    # k bias shifts all 4 scores of a (cell, head) by the same q . bk, which the softmax ignores:
+    # its gradient is exactly zero (summing dk would only add rounding noise).
+    dbq, dbv = (t.reshape(-1, E).float().sum(0) for t in (dq, dv))
+    dbias = torch.stack([dbq, torch.zeros_like(dbq), dbv]).to(bias.dtype)
     dpad_u = None
     if coef is not None and ctx.needs_input_grad[4]:
         N, P, _ = coef.shape
@@ -320,13 +371,17 @@ def patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo, nu
         raise ValueError(f"patch_pool: image_masks {tuple(image_masks.shape)}, expected ({N}, {P})")
     E = wq.shape[0]
     # (N, g/2, 2, g/2, 2, C) mean over the 2x2 members: a strided reduction, no gather copy
-    q_in = feats.reshape(N, g // 2, 2, g // 2, 2, C).mean(dim=(2, 4)).reshape(N, -1, C)
+    q_in = feats.reshape(N, g // 2, 2, g // 2, 2, C).mean(dim=(2, 4)).reshape(N, P // 4, C)
     q_raw, k_raw, v_raw = F.linear(q_in, wq), F.linear(feats, wk), F.linear(feats, wv)
     zeros = q_raw.new_zeros(E)
     bias = torch.stack([b if b is not None else zeros for b in (bq, bk, bv)])
     coef = pad_u = None
     if image_masks is not None:
         coef = torch.stack(pad_masks(image_masks, torch.float32), dim=-1)  # (N, P, 2)
-        pad_u = torch.stack([F.linear(pad_embed, w) for w in (wq, wk, wv)])  # (3, 2, E)
+        # The projected pad embeddings in fp32 (tiny: (3, 2, E)), autocast off: exact by
+        # linearity in fp32, and pad_embed may be fp32 beside low-precision features/weights
+        # (MolmoE's cast_back case), which F.linear would refuse.
+        with torch.autocast(feats.device.type, enabled=False):
+            pad_u = torch.stack([pad_embed.float() @ w.float().t() for w in (wq, wk, wv)])
     o = patch_pool_attend(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
     return F.linear(o, wo, bo)

@@ -5,9 +5,11 @@
 
 in fp32 (q, k upcast, rotated, cast back to their dtype), exactly the arithmetic of
 `apply_rope_ref` (= `molmoe.backends.reference_apply_rope`, which builds rotate_half copies and
-four fp32 temporaries per tensor). One program takes BLOCK_S positions of one sequence, loads
-their cos/sin rows once and rotates every q head and then every k head (GQA: Hq != Hkv is just a
-second loop bound), so the tables are read once per position instead of once per head.
+four fp32 temporaries per tensor). One program takes BLOCK_S positions of one sequence and a
+group of HEADS heads from the list [q heads..., k heads...] (GQA: Hq != Hkv only moves the q/k
+boundary), loads the cos/sin rows of its positions once and rotates its heads, so the tables are
+read once per head group instead of once per head. Head groups exist so that a decode step
+(B = S = 1) still runs on several programs; HEADS >= Hq + Hkv gives one group (tables read once).
 
 cos/sin are read from the fp32 tables (B, S, Dh) that the model computes once per forward and
 shares by all layers (`layers.rope_tables`), not recomputed in-kernel: the tables cost 8 bytes
@@ -24,8 +26,15 @@ that the decoder's head split makes); outputs are contiguous (B, H, S, Dh). Limi
 
 Legend: B batch, S positions, Hq query heads, Hkv key/value heads, Dh head dim, h = Dh / 2.
 
-Autotune: configs from `_configs()` keyed on (Dh, Hq, Hkv); `MOLMOE_ROPE_CONFIG="BLOCK_S=16,
-num_warps=4"` pins one; the interpreter (CPU) uses one small fixed config.
+Autotune: (BLOCK_S, HEADS, num_warps) configs from `_configs()`, pruned by `_prune` (no tile
+longer than S, no group wider than all heads), keyed on (Dh, Hq, Hkv) and the power-of-two bucket
+of S (decode and prefill want different tiles; S itself would re-tune per prompt length).
+`MOLMOE_ROPE_CONFIG="BLOCK_S=16,HEADS=8,num_warps=4"` pins one; the interpreter (CPU) uses one
+small fixed config. Tuning times the kernel on the first call of each key (a host sync): warm up
+before capturing a CUDA graph; later launches do not synchronise.
+
+Fused into the attention prologue instead? Issue 5 asks for whichever measures faster; that
+needs a GPU (bench/bench_rope.py reports RoPE time next to the causal attention it precedes).
 """
 from __future__ import annotations
 
@@ -40,30 +49,57 @@ from molmoe.backends import reference_apply_rope
 apply_rope_ref = reference_apply_rope
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 
 
-def _configs() -> list[triton.Config]:
-    pinned = os.environ.get("MOLMOE_ROPE_CONFIG")
+# ------------------------------------------------------------------------------ autotune
+
+
+def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
-        kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
-        warps = int(kv.pop("num_warps", 4))
-        return [triton.Config({k: int(v) for k, v in kv.items()}, num_warps=warps)]
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_S": 8}, num_warps=1)]
-    return [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs in (1, 4, 8, 16, 32) for w in (1, 2, 4, 8)]
+        try:
+            kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
+            warps = int(kv.pop("num_warps", 4))
+            meta = {k: int(v) for k, v in kv.items()}
+        except ValueError:
+            raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_S=16,HEADS=8,num_warps=4'")
+        meta.setdefault("BLOCK_S", 8)
+        meta.setdefault("HEADS", 1 << 30)  # all heads in one program
+        return [triton.Config(meta, num_warps=warps)]
+    if interpret:
+        # 32 positions (the interpreter's cost is per program); HEADS=3 on purpose: head
+        # groups then straddle the q/k boundary (Hq=4: q0-2 | q3 k0 k1)
+        return [triton.Config({"BLOCK_S": 32, "HEADS": 3}, num_warps=1)]
+    return [triton.Config({"BLOCK_S": bs, "HEADS": hg}, num_warps=w)
+            for bs in (1, 2, 4, 8, 16, 32) for hg in (2, 4, 8, 16, 64) for w in (1, 2, 4, 8)]
 
 
 def _prune(configs, named_args, **kwargs):
-    # No point in tiles longer than the sequence (decode: S = 1), nor in more warps than data.
-    S = named_args["S"]
-    kept = [c for c in configs if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))]
+    # No tile longer than the sequence (decode: S = 1), no head group wider than all heads, and
+    # no more threads than elements in one head's tile (BLOCK_S x Dh/2).
+    args = {**named_args, **kwargs}  # sizes positional, constexprs as keywords
+    S, n_heads, half = args["S"], args["Hq"] + args["Hkv"], args["HALF"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))
+            and c.kwargs["HEADS"] <= 2 * max(1, triton.next_power_of_2(n_heads))
+            and 32 * c.num_warps <= max(32, c.kwargs["BLOCK_S"] * half)]
     return kept or configs[:1]
 
 
+def _s_bucket(S: int) -> int:
+    # The best tile differs between decode (S = 1) and prefill (S = 4096), but keying on S
+    # itself would re-tune for every prompt length: key on its power-of-two bucket instead.
+    return min(triton.next_power_of_2(max(S, 1)), 4096)
+
+
+# ------------------------------------------------------------------------------ kernel
+
+
 @triton.jit
-def _rotate_heads(x_ptr, y_ptr, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, offs_s, offs_d,
-                  mask, c1, c2, s1, s2, HALF: tl.constexpr, BACKWARD: tl.constexpr):
-    for hd in range(n_heads):
+def _rotate_heads(x_ptr, y_ptr, h_lo, h_hi, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, offs_s,
+                  offs_d, mask, c1, c2, s1, s2, HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    for hd in range(h_lo, h_hi):
         xp = x_ptr + b * sx_b + hd * sx_h + offs_s[:, None] * sx_s + offs_d[None, :]
         yp = y_ptr + b * sy_b + hd * sy_h + offs_s[:, None] * sy_s + offs_d[None, :]
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
@@ -78,15 +114,17 @@ def _rotate_heads(x_ptr, y_ptr, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, 
         tl.store(yp + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["Dh", "Hq", "Hkv"],
+@triton.autotune(configs=_configs(), key=["Dh", "Hq", "Hkv", "S_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, Hq, Hkv, Dh,
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, Hq, Hkv, Dh, S_BUCKET,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
                  sc_b, sc_s, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BACKWARD: tl.constexpr):
-    b = tl.program_id(0)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+                 HEADS: tl.constexpr, BACKWARD: tl.constexpr):
+    # grid (cdiv(S, BLOCK_S), B, head groups): a group is HEADS consecutive heads of the list
+    # [q heads..., k heads...], so a decode step (B = S = 1) still spreads over several programs.
+    b = tl.program_id(1).to(tl.int64)  # int64: b * stride overflows int32 past 2^31 elements
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_H)
     mask = (offs_s < S)[:, None] & (offs_d < HALF)[None, :]
     tp = b * sc_b + offs_s[:, None] * sc_s + offs_d[None, :]
@@ -94,10 +132,17 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, Hq, Hkv, Dh,
     c2 = tl.load(cos_ptr + tp + HALF, mask=mask, other=0.0)
     s1 = tl.load(sin_ptr + tp, mask=mask, other=0.0)
     s2 = tl.load(sin_ptr + tp + HALF, mask=mask, other=0.0)
-    _rotate_heads(q_ptr, qo_ptr, Hq, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b, offs_s, offs_d,
-                  mask, c1, c2, s1, s2, HALF, BACKWARD)
-    _rotate_heads(k_ptr, ko_ptr, Hkv, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b, offs_s, offs_d,
-                  mask, c1, c2, s1, s2, HALF, BACKWARD)
+    h_lo = tl.program_id(2) * HEADS
+    h_hi = tl.minimum(h_lo + HEADS, Hq + Hkv)
+    # q heads [h_lo, h_hi) & [0, Hq); k heads the rest, renumbered from 0
+    _rotate_heads(q_ptr, qo_ptr, tl.minimum(h_lo, Hq), tl.minimum(h_hi, Hq), sq_b, sq_h, sq_s,
+                  sqo_b, sqo_h, sqo_s, b, offs_s, offs_d, mask, c1, c2, s1, s2, HALF, BACKWARD)
+    _rotate_heads(k_ptr, ko_ptr, tl.maximum(h_lo, Hq) - Hq, tl.maximum(h_hi, Hq) - Hq, sk_b, sk_h,
+                  sk_s, sko_b, sko_h, sko_s, b, offs_s, offs_d, mask, c1, c2, s1, s2, HALF,
+                  BACKWARD)
+
+
+# ------------------------------------------------------------------------------ launcher
 
 
 def _check(q, k, cos, sin):
@@ -126,9 +171,9 @@ def _launch(q, k, cos, sin, backward):
         return qo, ko
 
     def grid(meta):
-        return (B, triton.cdiv(S, meta["BLOCK_S"]))
+        return (triton.cdiv(S, meta["BLOCK_S"]), B, triton.cdiv(Hq + Hkv, meta["HEADS"]))
 
-    _rope_kernel[grid](q, k, cos, sin, qo, ko, S, Hq, Hkv, Dh,
+    _rope_kernel[grid](q, k, cos, sin, qo, ko, S, Hq, Hkv, Dh, _s_bucket(S),
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
                        cos.stride(0), cos.stride(1), HALF=Dh // 2,
