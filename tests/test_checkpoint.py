@@ -243,3 +243,17 @@ def test_hub_id_resolves_through_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     loaded = molmoe.load("acme/tiny-molmo")
     assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+
+
+def test_shard_key_missing_from_index_is_named(tmp_path):
+    """A tensor in a shard that the index does not list is an error, not silently dropped."""
+    from safetensors.torch import load_file, save_file
+
+    d = _dense_ckpt(tmp_path)
+    shard = d / "model-00002-of-00002.safetensors"
+    tensors = load_file(shard)
+    tensors["model.transformer.blocks.0.rogue.weight"] = torch.zeros(3)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError,
+                       match=r"model-00002-of-00002.safetensors.*index.*blocks\.0\.rogue\.weight"):
+        molmoe.load(d)

@@ -72,12 +72,17 @@ def open_checkpoint(directory: pathlib.Path) -> dict[str, Callable[[], torch.Ten
                 if not shard_path.exists():
                     raise CheckpointError(f"{path}: shard {shard!r} is listed but missing")
                 shard_keys = _open_file(shard_path)
-                for key, file in weight_map.items():
-                    if file == shard:
-                        if key not in shard_keys:
-                            raise CheckpointError(f"{shard_path}: key {key!r} listed in the "
-                                                  "index is not in the shard")
-                        loaders[key] = shard_keys[key]
+                listed = {key for key, file in weight_map.items() if file == shard}
+                for key in sorted(listed):
+                    if key not in shard_keys:
+                        raise CheckpointError(f"{shard_path}: key {key!r} listed in the "
+                                              "index is not in the shard")
+                    loaders[key] = shard_keys[key]
+                # A tensor the index does not list would otherwise be dropped without a word.
+                unlisted = sorted(set(shard_keys) - listed)
+                if unlisted:
+                    raise CheckpointError(f"{shard_path}: holds keys the index {path.name} does "
+                                          f"not list for this shard: {unlisted[:10]}")
             return loaders
         return _open_file(path)
     present = sorted(p.name for p in directory.iterdir())
