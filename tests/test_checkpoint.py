@@ -1,5 +1,6 @@
 """Loader, adapter and converter: round trips in every official layout, and clear errors."""
 import json
+import re
 import pickle
 
 import pytest
@@ -257,3 +258,42 @@ def test_shard_key_missing_from_index_is_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"model-00002-of-00002.safetensors.*index.*blocks\.0\.rogue\.weight"):
         molmoe.load(d)
+
+
+def test_float64_tensor_is_refused(tmp_path):
+    """weights_only admits any tensor; a dtype no checkpoint is stored in is named."""
+    key = "model.transformer.blocks.0.attn.attn_out.weight"
+    d = _rewrite_bin(tmp_path, lambda s: s.update({key: s[key].double()}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*float32/bfloat16/float16.*found torch\.float64"):
+        molmoe.load(d)
+
+
+def test_dtype_is_checked_against_config_torch_dtype(tmp_path):
+    """Dense configs declare torch_dtype; a tensor stored in another dtype is named."""
+    from safetensors.torch import load_file, save_file
+
+    d = _dense_ckpt(tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float32"}))
+    molmoe.load(d)  # consistent: loads
+    shard = d / "model-00001-of-00002.safetensors"
+    tensors = load_file(shard)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].bfloat16()
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError,
+                       match=rf"{re.escape(key)}.*expected dtype torch\.float32.*found torch\.bfloat16"):
+        molmoe.load(d)
+    (d / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float17"}))
+    with pytest.raises(CheckpointError, match="unknown torch_dtype 'float17'"):
+        molmoe.load(d)
+
+
+def test_convert_to_bfloat16_loads_as_bfloat16(tmp_path):
+    model = random_model("tiny-molmoe")
+    write_checkpoint(model, tmp_path / "src", "molmoe-hf")
+    out = convert(tmp_path / "src", tmp_path / "dst", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = molmoe.load(out, dtype="bfloat16")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.bfloat16()), key
