@@ -1,6 +1,7 @@
 """Loader, adapter and converter: round trips in every official layout, and clear errors."""
 import json
 import re
+import pathlib
 import pickle
 
 import pytest
@@ -297,3 +298,67 @@ def test_convert_to_bfloat16_loads_as_bfloat16(tmp_path):
     loaded = molmoe.load(out, dtype="bfloat16")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.bfloat16()), key
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's data (Linux /proc/self/maps), else None."""
+    ptr = tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("layout", ["dense", "converted", "molmoe-hf"])
+def test_weights_are_memory_mapped_not_copied(tmp_path, layout):
+    """The loaded parameters ARE the file's pages (no extra copy in RAM): their data lies in a
+    mapping of the checkpoint file. (Only stacked per-expert .bin weights are new memory.)"""
+    name = "tiny-molmoe" if layout == "molmoe-hf" else "tiny-7b-d"
+    d = write_checkpoint(random_model(name), tmp_path / "c", "molmoe-hf" if layout == "molmoe-hf"
+                         else "dense")
+    if layout == "converted":
+        d = convert(d, tmp_path / "conv")
+    model = molmoe.load(d)
+    files = {str(p.resolve()) for p in d.iterdir()}
+    params = {"head": model.decoder.lm_head.weight, "qkv": model.decoder.blocks[1].attn.qkv.weight,
+              "vit": model.vision.image_vit.positional_embedding}
+    for what, p in params.items():
+        assert _mapped_file(p) in files, (what, _mapped_file(p))
+
+
+_KILLED_CONVERT = """
+import os, signal, sys
+import molmoe.checkpoint.convert as conv
+real_save, calls = conv.save_file, []
+def save_then_die(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    calls.append(path)
+    if len(calls) == 2:  # two shards on disk, more to come: the process dies here
+        os.kill(os.getpid(), signal.SIGKILL)
+conv.save_file = save_then_die
+conv.convert(sys.argv[1], sys.argv[2], shard_bytes=100_000)
+"""
+
+
+def test_convert_killed_midway_leaves_no_dst(tmp_path):
+    """A real crash (SIGKILL, no cleanup runs): DST does not exist, half-written or otherwise,
+    and a rerun writes it completely."""
+    import signal
+    import subprocess
+    import sys
+
+    model = random_model("tiny-7b-d")
+    write_checkpoint(model, tmp_path / "src", "dense")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERT, str(tmp_path / "src"),
+                           str(tmp_path / "dst")], cwd=root, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (tmp_path / "dst").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
+    assert leftovers and len(list(leftovers[0].glob("*.safetensors"))) == 2  # it did die midway
+    out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=100_000)
+    assert torch.equal(_logits(molmoe.load(out), model.config), _logits(model, model.config))
