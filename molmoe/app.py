@@ -91,7 +91,7 @@ def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = 
 
     from molmoe.generation import Engine, GenerationConfig
     from molmoe.points import parse_points
-    from molmoe.processing import load_image
+    from molmoe.processing import PromptTooLongError, load_image
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -105,7 +105,12 @@ def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = 
     if limit < 1:
         raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
                          f"(max_position_embeddings={model.config.text.max_position_embeddings})")
-    inputs = proc(prompt, images=pixels, max_length=limit)
+    try:
+        inputs = proc(prompt, images=pixels, max_length=limit)
+    except PromptTooLongError as e:  # say where the allowance comes from
+        raise PromptTooLongError(e.needed, e.image_tokens, e.allowed, note=(
+            f"{model.config.text.max_position_embeddings} positions minus "
+            f"{config.max_new_tokens} kept for the answer (--max-new-tokens)")) from None
     inputs = {k: v for k, v in inputs.items() if k != "original_size"}
     on_text = None
     if stream:

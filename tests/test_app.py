@@ -98,6 +98,8 @@ def test_too_long_prompt_exits_2(checkpoint, image_path, capsys):
                "hi", "--max-new-tokens", "4000"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "prompt needs" in err[-1] and "tokens" in err[-1]
+    # 4096 positions - 4000 kept for the answer = 96 allowed, and the message says so.
+    assert "the model allows 96 (4096 positions minus 4000 kept for the answer" in err[-1]
 
 
 def test_demo_runs_end_to_end(demo_dir, tmp_path, capsys):
