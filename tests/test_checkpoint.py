@@ -245,6 +245,9 @@ def test_hub_id_resolves_through_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     loaded = molmoe.load("acme/tiny-molmo")
     assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+    assert loaded.source == str(snap)  # read from the cache snapshot
+    with pytest.raises(CheckpointError, match="'acme/other'.*not in the local cache"):
+        molmoe.load("acme/other")  # offline and not cached: a clear error, no network
 
 
 def test_shard_key_missing_from_index_is_named(tmp_path):
