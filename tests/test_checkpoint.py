@@ -365,3 +365,21 @@ def test_convert_killed_midway_leaves_no_dst(tmp_path):
     assert leftovers and len(list(leftovers[0].glob("*.safetensors"))) == 2  # it did die midway
     out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=100_000)
     assert torch.equal(_logits(molmoe.load(out), model.config), _logits(model, model.config))
+
+
+def test_bin_with_a_short_storage_record_names_file(tmp_path):
+    """A well-formed zip whose tensor record is shorter than the tensor it declares (a malformed
+    archive, read memory-mapped): a clear error naming the file, not garbage or a crash."""
+    import zipfile
+
+    d = write_checkpoint(random_model("tiny-molmoe"), tmp_path / "c", "molmoe-hf")
+    f = d / "pytorch_model.bin"
+    with zipfile.ZipFile(f) as zin:
+        records = {n: zin.read(n) for n in zin.namelist()}
+    biggest = max((n for n in records if "/data/" in n), key=lambda n: len(records[n]))
+    records[biggest] = records[biggest][: len(records[biggest]) // 2]
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zout:
+        for n, data in records.items():
+            zout.writestr(n, data)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*truncated or corrupt"):
+        molmoe.load(d)
