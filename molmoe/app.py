@@ -25,6 +25,9 @@ def add_app_commands(sub) -> None:
     p.add_argument("--backend", default="reference", choices=["reference", "triton"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--points-out", metavar="PNG", help="write the image with the points drawn")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels (default: the decompression-bomb limit "
+                        "of ~179 Mpx; 0 = no limit, for trusted files only)")
     p.add_argument("--json", action="store_true",
                    help="print answer, points, count and timings as JSON (no streaming)")
     p.set_defaults(func=_generate)
@@ -80,6 +83,18 @@ def _load(model_id, *, dtype="float32", backend="reference", device=None):
     return proc, model, eos
 
 
+def _max_pixels(args):
+    """--max-pixels: None (flag absent) -> the default limit, 0 -> no limit."""
+    from molmoe.processing import DEFAULT_MAX_PIXELS
+
+    value = getattr(args, "max_pixels", None)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    if value < 0:
+        raise ValueError(f"--max-pixels must be >= 0 (0 = no limit), got {value}")
+    return value or None
+
+
 def _visible(text: str) -> str:
     """Control characters escaped (random weights emit bytes such as BEL)."""
     return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
@@ -91,7 +106,7 @@ def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = 
 
     from molmoe.generation import Engine, GenerationConfig
     from molmoe.points import parse_points
-    from molmoe.processing import load_image
+    from molmoe.processing import PromptTooLongError, load_image
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -99,13 +114,20 @@ def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = 
     pil = None
     pixels = None
     if image is not None:
-        pixels, _size = load_image(image)  # EXIF applied: points refer to this picture
+        pixels, _size = load_image(image, max_pixels=_max_pixels(args))  # EXIF applied:
+        # points refer to this picture
         pil = Image.fromarray(pixels)
     limit = model.config.text.max_position_embeddings - config.max_new_tokens
     if limit < 1:
         raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
                          f"(max_position_embeddings={model.config.text.max_position_embeddings})")
-    inputs = proc(prompt, images=pixels, max_length=limit)
+    try:
+        proc.max_pixels = _max_pixels(args)  # the array is checked again there
+        inputs = proc(prompt, images=pixels, max_length=limit)
+    except PromptTooLongError as e:  # say where the allowance comes from
+        raise PromptTooLongError(e.needed, e.image_tokens, e.allowed, note=(
+            f"{model.config.text.max_position_embeddings} positions minus "
+            f"{config.max_new_tokens} kept for the answer (--max-new-tokens)")) from None
     inputs = {k: v for k, v in inputs.items() if k != "original_size"}
     on_text = None
     if stream:
@@ -165,7 +187,7 @@ def _generate(args) -> int:
     if args.points_out and not args.image:
         raise ValueError("--points-out needs --image")
     if args.image:  # a missing or broken image fails before the (slow) model load
-        load_image(args.image)
+        load_image(args.image, max_pixels=_max_pixels(args))
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
                              device=args.device)
     result, answer, pil = _run(proc, model, eos, prompt=args.prompt, image=args.image, args=args,
@@ -198,6 +220,21 @@ def _red_pixels_example(pil) -> str:
 
 
 def _demo(args) -> int:
+    import torch
+
+    # The demo model is tiny (d_model 64): its matmuls are far too small to split across
+    # threads, and on a busy machine idle OpenMP workers spinning for cores made decoding ~40x
+    # slower (9 s instead of 0.2 s for 48 tokens on a loaded 2-core box). One thread, restored
+    # afterwards because the setting is process-wide.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _demo_single_thread(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_single_thread(args) -> int:
     from molmoe.demo import DEMO_IMAGE, DEMO_PROMPT, demo_checkpoint
     from molmoe.points import draw_points, parse_points
 

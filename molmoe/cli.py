@@ -26,12 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 
-    try:
-        from molmoe.app import add_app_commands
-    except ImportError:  # generation front end not present in this build
-        pass
-    else:
-        add_app_commands(sub)
+    from molmoe.app import add_app_commands  # an import error must show, not hide commands
+
+    add_app_commands(sub)
     return parser
 
 

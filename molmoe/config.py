@@ -203,7 +203,11 @@ def _require(cfg: dict, key: str, source: str):
 def from_hf_config(cfg: dict, *, source: str = "config.json") -> MolmoConfig:
     """Parse an official (or molmoe-converted) `config.json` dict."""
     if "molmoe" in cfg:  # written by `molmoe convert`: our own config beside the original fields
-        return MolmoConfig.from_dict(cfg["molmoe"])
+        try:
+            return MolmoConfig.from_dict(cfg["molmoe"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{source}: malformed 'molmoe' config block "
+                              f"({type(e).__name__}: {e})") from None
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r}; supported: "

@@ -12,14 +12,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the repository root; MOLMOE_SHARED_DATA points elsewhere (a git worktree
+# that does not sit beside shared/, a fresh clone in /tmp).
+SHARED_DATA = pathlib.Path(os.environ.get("MOLMOE_SHARED_DATA") or
+                           pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """The released config/tokenizer/processor files (../shared/data); never copied into the repo."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"released data files not found at {SHARED_DATA}")
+        pytest.skip(f"released data files not found at {SHARED_DATA} (set MOLMOE_SHARED_DATA)")
     return SHARED_DATA
 
 

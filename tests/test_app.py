@@ -98,6 +98,8 @@ def test_too_long_prompt_exits_2(checkpoint, image_path, capsys):
                "hi", "--max-new-tokens", "4000"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "prompt needs" in err[-1] and "tokens" in err[-1]
+    # 4096 positions - 4000 kept for the answer = 96 allowed, and the message says so.
+    assert "the model allows 96 (4096 positions minus 4000 kept for the answer" in err[-1]
 
 
 def test_demo_runs_end_to_end(demo_dir, tmp_path, capsys):
@@ -147,3 +149,15 @@ def test_batch_of_processed_prompts_equals_one_by_one(checkpoint, image_path, tm
     batched = engine.generate(prompts, cfg)
     for p, r in zip(prompts, batched):
         assert r.token_ids == engine.generate(p, cfg).token_ids
+
+
+def test_max_pixels_flag(checkpoint, image_path, capsys):
+    """The pixel limit is configurable from the command line (130 x 90 = 11,700 pixels)."""
+    args = ["generate", "--model", str(checkpoint), "--image", str(image_path), "--prompt", "hi",
+            "--max-new-tokens", "2", "--json"]
+    assert main(args + ["--max-pixels", "10000"]) == 2
+    err = capsys.readouterr().err
+    assert "11,700 pixels, over the limit of 10,000" in err and str(image_path) in err
+    assert main(args + ["--max-pixels", "11700"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == [130, 90]
+    assert main(args + ["--max-pixels", "0"]) == 0

@@ -1,5 +1,7 @@
 """Loader, adapter and converter: round trips in every official layout, and clear errors."""
 import json
+import re
+import pathlib
 import pickle
 
 import pytest
@@ -243,3 +245,141 @@ def test_hub_id_resolves_through_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     loaded = molmoe.load("acme/tiny-molmo")
     assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
+    assert loaded.source == str(snap)  # read from the cache snapshot
+    with pytest.raises(CheckpointError, match="'acme/other'.*not in the local cache"):
+        molmoe.load("acme/other")  # offline and not cached: a clear error, no network
+
+
+def test_shard_key_missing_from_index_is_named(tmp_path):
+    """A tensor in a shard that the index does not list is an error, not silently dropped."""
+    from safetensors.torch import load_file, save_file
+
+    d = _dense_ckpt(tmp_path)
+    shard = d / "model-00002-of-00002.safetensors"
+    tensors = load_file(shard)
+    tensors["model.transformer.blocks.0.rogue.weight"] = torch.zeros(3)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError,
+                       match=r"model-00002-of-00002.safetensors.*index.*blocks\.0\.rogue\.weight"):
+        molmoe.load(d)
+
+
+def test_float64_tensor_is_refused(tmp_path):
+    """weights_only admits any tensor; a dtype no checkpoint is stored in is named."""
+    key = "model.transformer.blocks.0.attn.attn_out.weight"
+    d = _rewrite_bin(tmp_path, lambda s: s.update({key: s[key].double()}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*float32/bfloat16/float16.*found torch\.float64"):
+        molmoe.load(d)
+
+
+def test_dtype_is_checked_against_config_torch_dtype(tmp_path):
+    """Dense configs declare torch_dtype; a tensor stored in another dtype is named."""
+    from safetensors.torch import load_file, save_file
+
+    d = _dense_ckpt(tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float32"}))
+    molmoe.load(d)  # consistent: loads
+    shard = d / "model-00001-of-00002.safetensors"
+    tensors = load_file(shard)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].bfloat16()
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError,
+                       match=rf"{re.escape(key)}.*expected dtype torch\.float32.*found torch\.bfloat16"):
+        molmoe.load(d)
+    (d / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float17"}))
+    with pytest.raises(CheckpointError, match="unknown torch_dtype 'float17'"):
+        molmoe.load(d)
+
+
+def test_convert_to_bfloat16_loads_as_bfloat16(tmp_path):
+    model = random_model("tiny-molmoe")
+    write_checkpoint(model, tmp_path / "src", "molmoe-hf")
+    out = convert(tmp_path / "src", tmp_path / "dst", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = molmoe.load(out, dtype="bfloat16")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.bfloat16()), key
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's data (Linux /proc/self/maps), else None."""
+    ptr = tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("layout", ["dense", "converted", "molmoe-hf"])
+def test_weights_are_memory_mapped_not_copied(tmp_path, layout):
+    """The loaded parameters ARE the file's pages (no extra copy in RAM): their data lies in a
+    mapping of the checkpoint file. (Only stacked per-expert .bin weights are new memory.)"""
+    name = "tiny-molmoe" if layout == "molmoe-hf" else "tiny-7b-d"
+    d = write_checkpoint(random_model(name), tmp_path / "c", "molmoe-hf" if layout == "molmoe-hf"
+                         else "dense")
+    if layout == "converted":
+        d = convert(d, tmp_path / "conv")
+    model = molmoe.load(d)
+    files = {str(p.resolve()) for p in d.iterdir()}
+    params = {"head": model.decoder.lm_head.weight, "qkv": model.decoder.blocks[1].attn.qkv.weight,
+              "vit": model.vision.image_vit.positional_embedding}
+    for what, p in params.items():
+        assert _mapped_file(p) in files, (what, _mapped_file(p))
+
+
+_KILLED_CONVERT = """
+import os, signal, sys
+import molmoe.checkpoint.convert as conv
+real_save, calls = conv.save_file, []
+def save_then_die(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    calls.append(path)
+    if len(calls) == 2:  # two shards on disk, more to come: the process dies here
+        os.kill(os.getpid(), signal.SIGKILL)
+conv.save_file = save_then_die
+conv.convert(sys.argv[1], sys.argv[2], shard_bytes=100_000)
+"""
+
+
+def test_convert_killed_midway_leaves_no_dst(tmp_path):
+    """A real crash (SIGKILL, no cleanup runs): DST does not exist, half-written or otherwise,
+    and a rerun writes it completely."""
+    import signal
+    import subprocess
+    import sys
+
+    model = random_model("tiny-7b-d")
+    write_checkpoint(model, tmp_path / "src", "dense")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERT, str(tmp_path / "src"),
+                           str(tmp_path / "dst")], cwd=root, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (tmp_path / "dst").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
+    assert leftovers and len(list(leftovers[0].glob("*.safetensors"))) == 2  # it did die midway
+    out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=100_000)
+    assert torch.equal(_logits(molmoe.load(out), model.config), _logits(model, model.config))
+
+
+def test_bin_with_a_short_storage_record_names_file(tmp_path):
+    """A well-formed zip whose tensor record is shorter than the tensor it declares (a malformed
+    archive, read memory-mapped): a clear error naming the file, not garbage or a crash."""
+    import zipfile
+
+    d = write_checkpoint(random_model("tiny-molmoe"), tmp_path / "c", "molmoe-hf")
+    f = d / "pytorch_model.bin"
+    with zipfile.ZipFile(f) as zin:
+        records = {n: zin.read(n) for n in zin.namelist()}
+    biggest = max((n for n in records if "/data/" in n), key=lambda n: len(records[n]))
+    records[biggest] = records[biggest][: len(records[biggest]) // 2]
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zout:
+        for n, data in records.items():
+            zout.writestr(n, data)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*truncated or corrupt"):
+        molmoe.load(d)

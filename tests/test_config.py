@@ -69,3 +69,12 @@ def test_missing_field_is_named():
 def test_unknown_preset_lists_available():
     with pytest.raises(ConfigError, match="molmoe-1b"):
         preset("molmo-3b")
+
+
+def test_malformed_molmoe_block_is_a_config_error():
+    block = preset("tiny-7b-d").to_dict()
+    del block["text"]["n_layers"]
+    with pytest.raises(ConfigError, match=r"x\.json: malformed 'molmoe' config block.*n_layers"):
+        from_hf_config({"molmoe": block}, source="x.json")
+    with pytest.raises(ConfigError, match="malformed"):
+        from_hf_config({"molmoe": {"text": 3}}, source="x.json")

@@ -47,6 +47,7 @@ def test_cached_decoding_equals_full_recomputation(model, tokenizer):
     res = Engine(model, tokenizer).generate(p, GenerationConfig(max_new_tokens=12))
     assert res.token_ids == greedy_by_recomputation(model, p, 12)
     assert res.finish_reason == "length" and res.timings.new_tokens == 12
+    assert len(set(res.token_ids)) > 2  # a varied sequence: the comparison has teeth
 
 
 def test_batch_equals_one_by_one(model, tokenizer):
@@ -201,3 +202,13 @@ def test_config_validation():
         GenerationConfig(top_p=1.5)
     with pytest.raises(TypeError):
         GenerationConfig(10)  # keyword-only
+
+
+@pytest.mark.parametrize("name", ["tiny-7b-d", "tiny-7b-o"])
+def test_cached_decoding_equals_recomputation_dense(name, tokenizer):
+    """The same for the dense variants: GQA with qkv bias (7B-D) and norm_after (7B-O)."""
+    m = random_model(name, seed=5)
+    p = prompt(m.config, crops=2, text=9)
+    res = Engine(m, tokenizer).generate(p, GenerationConfig(max_new_tokens=10))
+    assert res.token_ids == greedy_by_recomputation(m, p, 10)
+    assert len(set(res.token_ids)) > 2  # a varied sequence, not one token repeated

@@ -212,3 +212,22 @@ def test_unreadable_files(tmp_path):
         load_image(tmp_path / "missing.jpg")
     with pytest.raises(ImageError, match="is a directory"):
         load_image(tmp_path)
+
+
+def test_16bit_rgb_png_is_scaled_not_clipped(tmp_path):
+    """A 48-bit RGB PNG (written by hand; PIL cannot write one): the 8-bit result is each
+    16-bit value scaled down (its high byte), not clipped to 255."""
+    a = np.random.default_rng(3).integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    a[0, 0] = (0, 300, 65535)            # clipping would give 255 for 300
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(a.shape[0]))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, 2, 0, 0, 0)
+    (tmp_path / "rgb48.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    pixels, size = load_image(tmp_path / "rgb48.png")
+    assert size == (7, 5) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, (a >> 8).astype(np.uint8))
+    assert pixels[0, 0].tolist() == [0, 1, 255]

@@ -104,3 +104,54 @@ def test_position_limit_is_enforced():
 def test_unknown_backend_lists_supported():
     with pytest.raises(ValueError, match="supported: 'reference', 'triton'"):
         random_model("tiny-7b-d").set_backend("cuda-magic")
+
+
+def test_pad_embeddings_follow_the_mask_rule():
+    """Spec §3.2 written out here: mask 0 -> + pad_embed[0]; 0 < m < 1 and the legacy -1 ->
+    + pad_embed[1]; m == 1 -> nothing. Pooling the hand-padded features without masks must give
+    what the backbone gives with the masks."""
+    model = random_model("tiny-7b-d")
+    v = model.vision
+    _, images, _, _ = random_inputs(model.config, crops=2)
+    P = model.config.vision.num_patches
+    masks = torch.ones(1, 2, P)
+    masks[0, 0, :5] = 0.0
+    masks[0, 0, 5:9] = 0.5
+    masks[0, 1] = -1.0
+    with torch.no_grad():
+        feats = v.encode(images)[0]  # (2, P, C)
+        pe = v.pad_embed
+        padded = feats.clone()
+        padded[0, :5] += pe[0]
+        padded[0, 5:9] += pe[1]
+        padded[1] += pe[1]
+        want = v.image_projector(v.image_pooling_2d(padded, None, pe, cast_back=False))[None]
+        got = v(images, masks)
+        assert not torch.allclose(got, v(images, torch.ones_like(masks)), atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_pooling_cell_by_hand():
+    """One pooled cell computed from spec §3.3 by hand: members (2i,2j), (2i,2j+1), (2i+1,2j),
+    (2i+1,2j+1) of the 24x24 grid, query = their mean, per-head softmax over the 4 keys scaled
+    by 1/sqrt(head_dim), heads concatenated, output projection."""
+    model = random_model("tiny-molmoe")
+    pool, vc = model.vision.image_pooling_2d, model.config.vision
+    g, C = vc.grid, vc.feature_dim
+    feats = torch.randn(1, g * g, C, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = pool(feats, None, model.vision.pad_embed, cast_back=False)  # (1, 144, E)
+        i, j = 3, 5
+        grid = feats[0].view(g, g, C)
+        X = torch.stack([grid[2 * i, 2 * j], grid[2 * i, 2 * j + 1], grid[2 * i + 1, 2 * j],
+                         grid[2 * i + 1, 2 * j + 1]])  # (4, C)
+        q = pool.wq(X.mean(0))
+        k, v = pool.wk(X), pool.wv(X)
+        H, hd = vc.num_heads, vc.emb_dim // vc.num_heads
+        heads = []
+        for h in range(H):
+            s = slice(h * hd, (h + 1) * hd)
+            w = torch.softmax(k[:, s] @ q[s] / hd ** 0.5, dim=0)  # (4,)
+            heads.append(w @ v[:, s])
+        want = pool.wo(torch.cat(heads))
+    assert torch.allclose(out[0, (g // 2) * i + j], want, atol=1e-5)

@@ -58,8 +58,9 @@ def _load_official(tmp_path, ours, official, layout):
     return molmoe.load(directory)
 
 
-def test_moe_decoder_matches_transformers_olmoe(tmp_path):
-    ours = random_model("tiny-molmoe")
+def _olmoe_pair(tmp_path, top_k=None):
+    """(molmoe model loaded from an official MolmoE .bin built from OLMoE weights, the OLMoE)."""
+    ours = random_model("tiny-molmoe", top_k=top_k)
     t = ours.config.text
     hf_cfg = transformers.OlmoeConfig(
         vocab_size=t.embedding_size, hidden_size=t.d_model, intermediate_size=t.moe.expert_hidden,
@@ -92,8 +93,12 @@ def test_moe_decoder_matches_transformers_olmoe(tmp_path):
             official[mp + f"mlp.experts.{e}.gate_proj.weight"] = gate_up[e, :F_].clone()
             official[mp + f"mlp.experts.{e}.up_proj.weight"] = gate_up[e, F_:].clone()
             official[mp + f"mlp.experts.{e}.down_proj.weight"] = down[e].clone()
-    model = _load_official(tmp_path, ours, official, "molmoe-hf")
-    ids = _text_ids(ours.config)
+    return _load_official(tmp_path, ours, official, "molmoe-hf"), hf
+
+
+def test_moe_decoder_matches_transformers_olmoe(tmp_path):
+    model, hf = _olmoe_pair(tmp_path)
+    ids = _text_ids(model.config)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < REL_TOL
 
@@ -127,7 +132,7 @@ def _dense_official(ours, sd, *, norm_after):
     return official
 
 
-def test_qwen2_decoder_matches_transformers_qwen2(tmp_path):
+def _qwen2_pair(tmp_path):
     ours = random_model("tiny-7b-d")
     t = ours.config.text
     assert t.n_kv_heads < t.n_heads and t.qkv_bias  # GQA and qkv bias are exercised
@@ -138,14 +143,18 @@ def test_qwen2_decoder_matches_transformers_qwen2(tmp_path):
         max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
         use_sliding_window=False, **_rope(t.rope_theta))
     hf = _randomize(transformers.Qwen2ForCausalLM(hf_cfg))
-    model = _load_official(tmp_path, ours, _dense_official(ours, hf.state_dict(), norm_after=False),
-                           "dense")
-    ids = _text_ids(ours.config)
+    return _load_official(tmp_path, ours, _dense_official(ours, hf.state_dict(), norm_after=False),
+                          "dense"), hf
+
+
+def test_qwen2_decoder_matches_transformers_qwen2(tmp_path):
+    model, hf = _qwen2_pair(tmp_path)
+    ids = _text_ids(model.config)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < REL_TOL
 
 
-def test_olmo_7b_o_decoder_matches_transformers_olmo2(tmp_path):
+def _olmo2_pair(tmp_path):
     ours = random_model("tiny-7b-o")
     t = ours.config.text
     hf_cfg = transformers.Olmo2Config(
@@ -155,11 +164,37 @@ def test_olmo_7b_o_decoder_matches_transformers_olmo2(tmp_path):
         max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
         pad_token_id=None, bos_token_id=None, eos_token_id=None, **_rope(t.rope_theta))
     hf = _randomize(transformers.Olmo2ForCausalLM(hf_cfg))
-    model = _load_official(tmp_path, ours, _dense_official(ours, hf.state_dict(), norm_after=True),
-                           "dense")
-    ids = _text_ids(ours.config)
+    return _load_official(tmp_path, ours, _dense_official(ours, hf.state_dict(), norm_after=True),
+                          "dense"), hf
+
+
+def test_olmo_7b_o_decoder_matches_transformers_olmo2(tmp_path):
+    model, hf = _olmo2_pair(tmp_path)
+    ids = _text_ids(model.config)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < REL_TOL
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2", "olmo2"])
+def test_bf16_error_is_pytorch_bf16_error(tmp_path, family):
+    """Pure bf16 (weights and activations) against fp32, measured against transformers' own
+    bf16 error on the same weights: molmoe's bf16 path may not lose more than PyTorch's
+    low-precision arithmetic does in an implementation nobody here wrote. (MoE: top-k = all
+    experts, so bf16 noise cannot flip a routing decision; what is measured is arithmetic.)"""
+    if family == "olmoe":
+        model, hf = _olmoe_pair(tmp_path, top_k=8)
+    else:
+        model, hf = {"qwen2": _qwen2_pair, "olmo2": _olmo2_pair}[family](tmp_path)
+    # Long enough that positions (RoPE angles up to ~300 rad) need the fp32 tables.
+    ids = _text_ids(model.config, batch=1, length=300)
+    with torch.no_grad():
+        exact = hf(ids).logits
+        assert rel_err(model(ids), exact) < REL_TOL
+        ours_bf16 = model.to(torch.bfloat16)(ids).float()
+        hf_bf16 = hf.to(torch.bfloat16)(ids).logits.float()
+    ours_err, hf_err = rel_err(ours_bf16, exact), rel_err(hf_bf16, exact)
+    assert 0 < hf_err < 0.05, hf_err  # bf16 really ran and stayed sane
+    assert ours_err <= 2 * hf_err, (ours_err, hf_err)
 
 
 def test_padded_batch_matches_transformers_with_attention_mask(tmp_path):

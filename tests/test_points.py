@@ -131,3 +131,36 @@ def test_drawing_marks_points_and_leaves_original_untouched():
             assert (np.abs(patch - np.array(bg)).sum(-1) > 100).any()
         far = arr[95:100, 0:5]  # a corner far from every marker and label
         assert (far == np.array(bg)).all()
+
+
+def official_style(points, label, count_style=False):
+    """The official data formatter's output, written here from spec §6 (independently of
+    molmoe.points): percentages rounded to 1 decimal with round(), sorted by x*10000 + y,
+    printed "%.1f", `<point>` for one and numbered `<points>` for several, label as alt and text;
+    the point_count style wraps it as "Counting the ... shows a total of N." / "There are none."."""
+    if not points:
+        return "There are none."
+    pts = sorted(([round(x, 1), round(y, 1)] for x, y in points), key=lambda p: p[0] * 10000 + p[1])
+    if len(pts) == 1:
+        tag = '<point x="%.1f" y="%.1f" alt="%s">%s</point>' % (pts[0][0], pts[0][1], label, label)
+    else:
+        coords = " ".join('x%d="%.1f" y%d="%.1f"' % (k, x, k, y) for k, (x, y) in
+                          enumerate(pts, start=1))
+        tag = '<points %s alt="%s">%s</points>' % (coords, label, label)
+    return f"Counting the {tag} shows a total of {len(pts)}." if count_style else tag
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_pct, _pct), min_size=0, max_size=8), _label, st.booleans())
+def test_official_formatter_output_round_trips(points, label, count_style):
+    text = official_style(points, label, count_style)
+    if points:
+        assert format_points(points, label) == official_style(points, label)  # same bytes
+    if count_style or not points:
+        assert format_count(points, label) == official_style(points, label, True)
+    ans = parse_points(text)
+    want = sorted(((round(x, 1), round(y, 1)) for x, y in points), key=lambda p: p[0] * 10000 + p[1])
+    assert ans.points == want
+    if points:
+        assert len(ans.groups) == 1 and ans.groups[0].alt == label == ans.groups[0].text
+    assert ans.count == (len(points) if (count_style or not points) else None)

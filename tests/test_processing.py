@@ -272,3 +272,45 @@ def test_cuda_resize_close_to_cpu(qwen2):
     assert torch.equal(cpu["input_ids"], gpu["input_ids"])
     assert torch.equal(cpu["image_masks"], gpu["image_masks"])
     torch.testing.assert_close(gpu["images"], cpu["images"], rtol=0, atol=1e-4)
+
+
+QWEN2_IMAGE_IDS = (152064, 152065, 152066, 152067)  # <im_start> <im_end> <im_patch> <im_col>
+
+
+def test_worked_example_layout_needs_no_tokenizer_files():
+    """§4.7's image side (7 crops, 740 image tokens, indices, masks) from the image code alone,
+    so it runs even where the released tokenizer files are absent (a fresh clone)."""
+    from molmoe.processing.preprocess import ImageTokenIds, preprocess_image
+
+    start, end, patch, col = QWEN2_IMAGE_IDS
+    out = preprocess_image(random_image(480, 640), ImageSettings(), ImageTokenIds(*QWEN2_IMAGE_IDS))
+    assert out.layout.tiling == (2, 3) and out.layout.grid == (20, 28)
+    assert out.images.shape == (7, 576, 588) and out.image_masks.shape == (7, 576)
+    tok = out.tokens.tolist()
+    assert len(tok) == 740
+    # Before the BOS: the global block is tokens 0..157, the high-res block 158..739.
+    assert tok[:14] == [start] + [patch] * 12 + [col] and tok[156:158] == [col, end]
+    assert tok[158:] == [start] + ([patch] * 28 + [col]) * 20 + [end]
+    idx = out.image_input_idx + np.where(out.image_input_idx >= 0, 1, 0)  # the BOS shift
+    assert idx[1, :12].tolist() == list(range(160, 170)) + [-100, -100]
+    assert idx[2, 24:36].tolist() == [-100, -100] + list(range(228, 236)) + [-100, -100]
+    assert idx[6, -12:].tolist() == [-100, -100] + list(range(729, 739))
+    assert (out.image_masks[6] == -1).all() and (out.image_masks[1] == 1).all()
+
+
+def test_tiles_are_exact_canvas_windows():
+    """784 x 560 is exactly the (2, 3) canvas, so nothing is resized: tile (i, j) must be the
+    normalised image's window at (224 i, 224 j), crops in row-major tile order after the global
+    view, each patchified (dy, dx, c)."""
+    from molmoe.processing.preprocess import ImageTokenIds, preprocess_image
+
+    img = random_image(560, 784, seed=9)
+    out = preprocess_image(img, ImageSettings(), ImageTokenIds(*QWEN2_IMAGE_IDS))
+    assert out.layout.tiling == (2, 3) and out.images.shape[0] == 7
+    want = normalise(img)
+    for i in range(2):
+        for j in range(3):
+            tile = unpatchify(out.images[1 + 3 * i + j])
+            assert np.array_equal(tile, want[224 * i: 224 * i + 336, 224 * j: 224 * j + 336]), (i, j)
+    # No padding anywhere on the canvas: every tile mask is 1 (then the legacy -1 row).
+    assert (out.image_masks[:6] == 1).all() and (out.image_masks[6] == -1).all()

@@ -24,6 +24,8 @@ import torch
 from molmoe.config import MolmoConfig
 
 LAYOUTS = ("dense", "molmoe-hf", "molmoe-megablocks", "native")
+# Dtypes a checkpoint tensor may be stored in; the official files are float32.
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class CheckpointError(ValueError):
@@ -85,11 +87,26 @@ def detect_layout(keys) -> str:
                           f"{sorted(keys)[:5]}")
 
 
+def check_dtype(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """`dtype` (config.json's torch_dtype) when the config names one, else a float dtype that
+    checkpoints are stored in. Checked on every tensor even after `weights_only` accepted the file:
+    a safe unpickler admits any tensor, integer or float64 alike."""
+    if dtype is not None and t.dtype != dtype:
+        raise CheckpointError(f"key {key!r}: expected dtype {dtype} (config.json torch_dtype), "
+                              f"found {t.dtype}")
+    if t.dtype not in STORED_DTYPES:
+        kind = "floating-point" if not t.dtype.is_floating_point else "float32/bfloat16/float16"
+        raise CheckpointError(f"key {key!r}: expected a {kind} tensor "
+                              f"({', '.join(str(d) for d in STORED_DTYPES)}), found {t.dtype}")
+
+
 def to_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoConfig,
-              expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+              expected: Mapping[str, torch.Size],
+              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read every source tensor (a zero-arg loader per key) and return native-named tensors.
 
-    Every key must be used, every expected key filled, every shape equal to `expected`.
+    Every key must be used, every expected key filled, every shape equal to `expected`, every
+    dtype `dtype` (when given) and one of STORED_DTYPES.
     """
     layout = detect_layout(source.keys())
     out: dict[str, torch.Tensor] = {}
@@ -145,6 +162,7 @@ def to_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoCon
             if tuple(t.shape) != want:
                 raise CheckpointError(f"key {key!r}: expected shape {list(want)}, found "
                                       f"{list(t.shape)}")
+            check_dtype(key, t, dtype)  # before stacking, which would promote a stray dtype
         put(native, per_expert[0][0], torch.stack([per_expert[e][1] for e in range(E)]))
 
     if unexpected:
@@ -161,9 +179,7 @@ def to_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoCon
         if tuple(tensor.shape) != tuple(expected[native]):
             raise CheckpointError(f"key {origin[native]!r}: expected shape "
                                   f"{list(expected[native])}, found {list(tensor.shape)}")
-        if not tensor.dtype.is_floating_point:
-            raise CheckpointError(f"key {origin[native]!r}: expected a floating-point tensor, "
-                                  f"found {tensor.dtype}")
+        check_dtype(origin[native], tensor, dtype)
     return out
 
 

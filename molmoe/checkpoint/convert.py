@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from molmoe.checkpoint.adapter import CheckpointError
 from molmoe.checkpoint.files import resolve
-from molmoe.checkpoint.loader import PRECISIONS, load_config_from_dir, load_state, parse_precision
+from molmoe.checkpoint.loader import (PRECISIONS, load_config_from_dir, load_state,
+                                      parse_precision, stored_dtype)
 
 # Non-weight files carried over so that DST is a complete model directory.
 _SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.py")
@@ -31,7 +32,7 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite)")
     config, raw = load_config_from_dir(src_dir)
-    state = load_state(src_dir, config)
+    state = load_state(src_dir, config, stored_dtype(raw, str(src_dir / "config.json")))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))

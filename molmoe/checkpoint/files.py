@@ -5,10 +5,12 @@ function that returns the tensor, so the adapter pulls one tensor at a time.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 import pickle
+import zipfile
 from typing import Callable
 
 import torch
@@ -72,12 +74,17 @@ def open_checkpoint(directory: pathlib.Path) -> dict[str, Callable[[], torch.Ten
                 if not shard_path.exists():
                     raise CheckpointError(f"{path}: shard {shard!r} is listed but missing")
                 shard_keys = _open_file(shard_path)
-                for key, file in weight_map.items():
-                    if file == shard:
-                        if key not in shard_keys:
-                            raise CheckpointError(f"{shard_path}: key {key!r} listed in the "
-                                                  "index is not in the shard")
-                        loaders[key] = shard_keys[key]
+                listed = {key for key, file in weight_map.items() if file == shard}
+                for key in sorted(listed):
+                    if key not in shard_keys:
+                        raise CheckpointError(f"{shard_path}: key {key!r} listed in the "
+                                              "index is not in the shard")
+                    loaders[key] = shard_keys[key]
+                # A tensor the index does not list would otherwise be dropped without a word.
+                unlisted = sorted(set(shard_keys) - listed)
+                if unlisted:
+                    raise CheckpointError(f"{shard_path}: holds keys the index {path.name} does "
+                                          f"not list for this shard: {unlisted[:10]}")
             return loaders
         return _open_file(path)
     present = sorted(p.name for p in directory.iterdir())
@@ -126,11 +133,80 @@ def _open_pickle(path: pathlib.Path):
     return {k: (lambda t=v: t) for k, v in state.items()}
 
 
+# Bytes per element of the storage classes a torch zip archive names; anything else is counted
+# as 1 byte per element, a lower bound that still catches a record cut short.
+_STORAGE_ITEMSIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                     "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+                     "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
+                     "ComplexDoubleStorage": 16, "UntypedStorage": 1}
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads only the storage records a torch archive's data.pkl declares: every global becomes
+    an inert placeholder, so nothing in the pickle is executed."""
+
+    class _Inert(dict):
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, int] = {}  # record key -> bytes the storage needs
+
+    def find_class(self, module, name):
+        if name.endswith("Storage"):
+            return type(name, (), {"itemsize": _STORAGE_ITEMSIZE.get(name, 1)})
+        return self._Inert
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, storage_type, key, _location, numel = pid
+            need = int(numel) * getattr(storage_type, "itemsize", 1)
+            self.storages[str(key)] = max(need, self.storages.get(str(key), 0))
+        return None
+
+
+def check_storage_records(path: pathlib.Path) -> None:
+    """Every storage a zip-format torch archive declares must lie inside its own record.
+
+    `torch.load(mmap=True)` maps a storage at its record's offset with the size the pickle
+    declares and does not compare it with the record: a record cut short silently reads the
+    bytes that follow it (other tensors, the zip directory) as weights, with the right shape
+    and dtype. Without mmap torch checks this; with mmap it is checked here.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # legacy format: read without mmap, where torch itself checks the sizes
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename: i for i in z.infolist()}
+        pkl = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{path}: not a torch archive (no single data.pkl record)")
+        prefix = pkl[0][: -len("data.pkl")]
+        scan = _StorageScan(z.read(pkl[0]))
+        try:
+            scan.load()
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable data.pkl ({type(e).__name__}: {e})") from None
+    for key, need in sorted(scan.storages.items()):
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise CheckpointError(f"{path}: storage record data/{key} is missing; the archive is "
+                                  "truncated or corrupt")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size < need:
+            raise CheckpointError(
+                f"{path}: storage record data/{key} holds {info.file_size} bytes"
+                f"{'' if info.compress_type == zipfile.ZIP_STORED else ' (compressed)'}, its "
+                f"tensors need {need}; the archive is truncated or corrupt")
+
+
 def load_pickle_weights_only(path: pathlib.Path):
     """`torch.load(weights_only=True)`, memory-mapped; an unrestricted pickle is refused."""
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):  # legacy (non-zip) format cannot be mmapped; others re-raise
                 raise
@@ -146,3 +222,5 @@ def load_pickle_weights_only(path: pathlib.Path):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt "
                               f"({type(e).__name__}: {e})") from None
+    check_storage_records(path)  # what mmap does not check (see there)
+    return state

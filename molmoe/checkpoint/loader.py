@@ -45,11 +45,24 @@ def load_config_from_dir(directory: pathlib.Path) -> tuple[MolmoConfig, dict]:
         raise CheckpointError(str(e)) from None
 
 
-def load_state(directory: pathlib.Path, config: MolmoConfig) -> dict[str, torch.Tensor]:
-    """Native-named tensors (memory-mapped where the format allows), checked against config."""
+def stored_dtype(raw: dict, source: str = "config.json") -> torch.dtype | None:
+    """The weights dtype config.json declares (`torch_dtype`; MolmoE's config has none)."""
+    name = raw.get("torch_dtype")
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{source}: unknown torch_dtype {name!r}")
+    return dtype
+
+
+def load_state(directory: pathlib.Path, config: MolmoConfig,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Native-named tensors (memory-mapped where the format allows), checked against config:
+    names, shapes, and dtypes (`dtype`, config.json's torch_dtype, when given)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
-    return to_native(open_checkpoint(directory), config, expected)
+    return to_native(open_checkpoint(directory), config, expected, dtype)
 
 
 def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
@@ -62,8 +75,8 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
     backend = Backend.parse(backend)
     directory = resolve(model_id_or_dir)
-    config, _ = load_config_from_dir(directory)
-    state = load_state(directory, config)
+    config, raw = load_config_from_dir(directory)
+    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")))
     # .to() is a no-op (no copy) when the stored dtype and device already match.
     state = {k: v.to(device=device, dtype=weights_dtype) for k, v in state.items()}
     with torch.device("meta"):

@@ -169,13 +169,14 @@ def _composite(rgba_HW4: np.ndarray) -> np.ndarray:
 
 def _from_array(a: np.ndarray, max_pixels: int | None) -> LoadedImage:
     name = f"<numpy array {a.dtype} {list(a.shape)}>"
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    elif a.ndim != 3 or a.shape[2] != 3:
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         hint = " (RGBA: pass a PIL image so transparency is handled)" if \
             a.ndim == 3 and a.shape[2] == 4 else ""
         raise ImageError(f"{name}: numpy images must be [H, W, 3] RGB or [H, W] gray{hint}")
+    # The size limit first: expanding a huge gray array to RGB would triple it before the check.
     _check_pixels((a.shape[1], a.shape[0]), max_pixels, name)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
     if a.dtype != np.uint8:
         if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer)
                                        or np.issubdtype(a.dtype, np.floating)):

@@ -26,10 +26,10 @@ from molmoe.processing.tokenizer import Tokenizer
 class PromptTooLongError(ValueError):
     """The prompt (image tokens included) does not fit the model's context."""
 
-    def __init__(self, needed: int, image_tokens: int, allowed: int):
+    def __init__(self, needed: int, image_tokens: int, allowed: int, note: str | None = None):
         self.needed, self.image_tokens, self.allowed = needed, image_tokens, allowed
         super().__init__(f"prompt needs {needed} tokens ({image_tokens} image tokens), "
-                         f"the model allows {allowed}")
+                         f"the model allows {allowed}" + (f" ({note})" if note else ""))
 
 
 def prompt_text(text: str) -> str:
