@@ -161,3 +161,16 @@ def test_max_pixels_flag(checkpoint, image_path, capsys):
     assert main(args + ["--max-pixels", "11700"]) == 0
     assert json.loads(capsys.readouterr().out)["image_size"] == [130, 90]
     assert main(args + ["--max-pixels", "0"]) == 0
+
+
+def test_model_takes_the_processor_output_as_is(checkpoint, image_path):
+    """`model(**processor(...))`: the processor's metadata key (original_size) does not break it."""
+    import molmoe
+
+    proc = Processor.from_pretrained(checkpoint)
+    inputs = proc("Point to the cat.", images=str(image_path))
+    assert "original_size" in inputs
+    model = molmoe.load(checkpoint)
+    tensors = {k: v for k, v in inputs.items() if k != "original_size"}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), model(**tensors))

@@ -73,7 +73,9 @@ class Molmo(nn.Module):
 
     def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None, *,
                 attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
-                logits_to_keep: int | None = None):
+                logits_to_keep: int | None = None, original_size=None):
+        # original_size (W, H) is processor metadata for mapping points back to pixels; it is
+        # accepted so that `model(**processor(...))` works, and plays no part in the forward.
         device_type = input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
