@@ -155,3 +155,26 @@ def test_pooling_cell_by_hand():
             heads.append(w @ v[:, s])
         want = pool.wo(torch.cat(heads))
     assert torch.allclose(out[0, (g // 2) * i + j], want, atol=1e-5)
+
+
+
+def test_vit_pre_ln_per_family():
+    """Spec §3.1 step 4: the dense ViT's pre_ln computes in fp32 and casts back; MolmoE's eval-mode
+    pre_ln is a plain layer_norm, so autocast decides its dtype (fp32 on CUDA, see the GPU test)."""
+    from molmoe.model.layers import LayerNormFp32
+
+    assert isinstance(random_model("tiny-7b-d").vision.image_vit.pre_ln, LayerNormFp32)
+    assert not isinstance(random_model("tiny-molmoe").vision.image_vit.pre_ln, LayerNormFp32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, stream_dtype", [("tiny-7b-d", torch.bfloat16),
+                                                ("tiny-molmoe", torch.float32)])
+def test_vit_stream_dtype_under_cuda_autocast_per_family(name, stream_dtype):
+    """Spec §7.1 (b): under CUDA bf16 autocast the dense ViT's residual stream is bf16, MolmoE's
+    stays fp32 (CUDA autocast runs layer_norm in fp32 and MolmoE does not cast back)."""
+    model = random_model(name).cuda()
+    _, images, _, _ = random_inputs(model.config)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model.vision.image_vit(images[0].cuda())
+    assert all(h.dtype == stream_dtype for h in hidden)

@@ -65,13 +65,17 @@ class _Blocks(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, fp32_pre_ln: bool = True):
         super().__init__()
         self.cfg = cfg
         self.class_embedding = nn.Parameter(torch.zeros(cfg.emb_dim))
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.emb_dim))
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.emb_dim, bias=False)
-        self.pre_ln = LayerNormFp32(cfg.emb_dim, eps=cfg.norm_eps)
+        # The dense models' pre_ln computes in fp32 and casts back; MolmoE's does so only in
+        # training and is a plain layer_norm in eval, which bf16 autocast runs in fp32 *without*
+        # the cast back, so MolmoE's ViT residual stream stays fp32 in the eval setting (§3.1.4).
+        norm = LayerNormFp32 if fp32_pre_ln else nn.LayerNorm
+        self.pre_ln = norm(cfg.emb_dim, eps=cfg.norm_eps)
         self.transformer = _Blocks(cfg)
 
     def forward(self, patches):  # patches: (N, P, 588) -> list of (N, 1+P, E), one per block
@@ -121,7 +125,7 @@ class VisionBackbone(nn.Module):
         super().__init__()
         v = cfg.vision
         self.cfg = cfg
-        self.image_vit = VisionTransformer(v)
+        self.image_vit = VisionTransformer(v, fp32_pre_ln=cfg.family != "molmoe")
         self.pad_embed = nn.Parameter(torch.zeros(2, v.feature_dim))
         self.image_pooling_2d = AttentionPool2x2(v)
         self.image_projector = ImageProjector(v.emb_dim, cfg.projector_hidden, cfg.text.d_model)
