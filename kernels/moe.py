@@ -81,7 +81,11 @@ __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padd
 _CONFIG_ENV = "MOLMOE_MOE_CONFIG"
 DECODE_MAX_TOKENS = 8  # decode path up to this many tokens (its rows are tokens: <= BLOCK_M)
 _DECODE_BLOCK_M = 16  # tl.dot's smallest M
-_BLOCK_D = 256  # combine kernels: columns per program
+
+def _combine_tile(on_gpu: bool) -> dict:
+    # (tokens, columns) per combine program: 4 x 256 keeps a GPU program at ~1K elements; the
+    # interpreter prefers few programs.
+    return dict(BLOCK_T=4, BLOCK_D=256) if on_gpu else dict(BLOCK_T=16, BLOCK_D=64)
 KINDS = ("gate_up", "down", "down_bwd", "dx", "dw_gate_up", "dw_down", "gate_up_decode",
          "down_decode")
 _TWO_B_TILES = {"gate_up", "dx", "gate_up_decode"}  # kernels that load two weight tiles a step
@@ -221,6 +225,13 @@ def _launch_kw(cfg, swizzled=True):
     return kw
 
 
+def _combine(z, topk_w, y, top_k, on_gpu, has_w):
+    T, D = y.shape
+    tile = _combine_tile(on_gpu)
+    _combine_kernel[(triton.cdiv(T, tile["BLOCK_T"]), triton.cdiv(D, tile["BLOCK_D"]))](
+        z, topk_w, y, T, D, y.stride(0), K=top_k, HAS_W=has_w, **tile)
+
+
 def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k, block_m,
                  save_pre):
     T, D = x.shape
@@ -245,8 +256,7 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
     _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
         h, w_down, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m, K=top_k,
         K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, **_launch_kw(cfg))
-    _combine_kernel[(T, triton.cdiv(D, _BLOCK_D))](z, topk_w, y, D, y.stride(0), K=top_k,
-                                                   BLOCK_D=_BLOCK_D, HAS_W=True)
+    _combine(z, topk_w, y, top_k, on_gpu, has_w=True)
     return y, gate, up, z
 
 
@@ -272,8 +282,7 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
     cfg = default_config("down_decode", x.dtype, D, F_, 0, on_gpu)
     _down_kernel[(N * triton.cdiv(D, cfg["BLOCK_N"]),)](
         h, w_down, z, idx, idx, idx, T, N, D, F_, N, **common, **_launch_kw(cfg))
-    _combine_kernel[(T, triton.cdiv(D, _BLOCK_D))](z, topk_w, y, D, y.stride(0), K=K,
-                                                   BLOCK_D=_BLOCK_D, HAS_W=True)
+    _combine(z, topk_w, y, K, on_gpu, has_w=True)
     return y
 
 
@@ -290,8 +299,9 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
         return (torch.zeros_like(x), torch.zeros_like(w_gate), torch.zeros_like(w_up),
                 torch.zeros_like(w_down), torch.zeros_like(topk_w))
     d_topk_w = torch.empty_like(topk_w)  # (T, K) fp32
-    _combine_bwd_kernel[(T,)](dy, z, d_topk_w, D, dy.stride(0), K=top_k,
-                              K_PAD=triton.next_power_of_2(top_k), BLOCK_D=_BLOCK_D)
+    tile = _combine_tile(on_gpu)
+    _combine_bwd_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
+        dy, z, d_topk_w, T, D, dy.stride(0), K=top_k, K_PAD=triton.next_power_of_2(top_k), **tile)
     dg, du = x.new_empty(R, F_), x.new_empty(R, F_)
     cfg = default_config("down_bwd", x.dtype, D, F_, block_m, on_gpu)
     _down_bwd_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
@@ -303,8 +313,7 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
         dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
         BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
     dx = x.new_empty(T, D)
-    _combine_kernel[(T, triton.cdiv(D, _BLOCK_D))](dxs, topk_w, dx, D, dx.stride(0), K=top_k,
-                                                   BLOCK_D=_BLOCK_D, HAS_W=False)
+    _combine(dxs, topk_w, dx, top_k, on_gpu, has_w=False)
     dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
     cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
     _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](

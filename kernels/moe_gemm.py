@@ -80,10 +80,16 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
-    if e < 0:
-        return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < F
+    if e < 0:
+        if SAVE_PRE:  # saved outputs hold zeros, not garbage, past the work (reproducible)
+            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            tl.store(g_ptr + row[:, None] * F + cols[None, :], zero.to(g_ptr.dtype.element_ty),
+                     mask=col_ok[None, :])
+            tl.store(u_ptr + row[:, None] * F + cols[None, :], zero.to(u_ptr.dtype.element_ty),
+                     mask=col_ok[None, :])
+        return
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * s_xt + ks[None, :]
     w_off = e.to(tl.int64) * F * D + cols[None, :] * D + ks[:, None]  # (BLOCK_K, BLOCK_N)
@@ -99,9 +105,9 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
     out_ok = ok[:, None] & col_ok[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_ok)
-    if SAVE_PRE:  # training: the backward needs the pre-activations
-        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(u_ptr + out, acc_u.to(u_ptr.dtype.element_ty), mask=out_ok)
+    if SAVE_PRE:  # training: the backward needs the pre-activations (padding rows: zeros)
+        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=col_ok[None, :])
+        tl.store(u_ptr + out, acc_u.to(u_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
@@ -131,40 +137,46 @@ def _down_kernel(h_ptr, wd_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_p
 
 
 @triton.jit
-def _combine_kernel(z_ptr, w_ptr, y_ptr, D, s_yt, K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_W: tl.constexpr):
+def _combine_kernel(z_ptr, w_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
     """y[t] = sum_k w[t, k] * z[t*K + k] in fp32, slots in order: a gather, no atomics."""
-    t = tl.program_id(0).to(tl.int64)
+    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    t_ok = toks < T
+    ok = t_ok[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for k in range(K):
-        zk = tl.load(z_ptr + (t * K + k) * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        zk = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
+        zk = zk.to(tl.float32)
         if HAS_W:
-            zk = zk * tl.load(w_ptr + t * K + k)
+            zk = zk * tl.load(w_ptr + toks * K + k, mask=t_ok, other=0.0)[:, None]
         acc += zk
-    tl.store(y_ptr + t * s_yt + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ok)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _combine_bwd_kernel(dy_ptr, z_ptr, dw_ptr, D, s_dyt, K: tl.constexpr, K_PAD: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def _combine_bwd_kernel(dy_ptr, z_ptr, dw_ptr, T, D, s_dyt, K: tl.constexpr,
+                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """d topk_w[t, k] = dy[t] . z[t*K + k] (fp32)."""
-    t = tl.program_id(0).to(tl.int64)
+    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = toks < T
     slots = tl.arange(0, K_PAD)
-    s_ok = slots < K
-    acc = tl.zeros([K_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T, K_PAD], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        dy = tl.load(dy_ptr + t * s_dyt + cols, mask=col_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + (t * K + slots)[:, None] * D + cols[None, :],
-                    mask=s_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(z * dy[None, :], axis=1)
-    tl.store(dw_ptr + t * K + slots, acc, mask=s_ok)
+        ok = t_ok[:, None] & (cols < D)[None, :]
+        dy = tl.load(dy_ptr + toks[:, None] * s_dyt + cols[None, :], mask=ok, other=0.0)
+        dy = dy.to(tl.float32)
+        for k in range(K):
+            z = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
+            part = tl.sum(z.to(tl.float32) * dy, axis=1)
+            acc += tl.where(slots[None, :] == k, part[:, None], 0.0)
+    tl.store(dw_ptr + toks[:, None] * K + slots[None, :], acc,
+             mask=t_ok[:, None] & (slots < K)[None, :])
 
 
 @triton.jit

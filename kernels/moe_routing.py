@@ -66,7 +66,7 @@ def _route_fwd_kernel(logits_ptr, w_ptr, idx_ptr, probs_ptr, lse_ptr, T, E, s_lt
         i_tk = tl.where(slots[None, :] == k, j[:, None].to(tl.int32), i_tk)
         cand = tl.where(cols[None, :] == j[:, None], -2.0, cand)
     if RENORM:
-        w_tk = w_tk / tl.sum(w_tk, axis=1)[:, None]
+        w_tk = w_tk / tl.where(row_ok, tl.sum(w_tk, axis=1), 1.0)[:, None]
     out = rows[:, None] * K + slots[None, :]
     sok = row_ok[:, None] & (slots < K)[None, :]
     tl.store(w_ptr + out, w_tk, mask=sok)
