@@ -73,7 +73,8 @@ CASES = [
     (3, 16, 24, 16, 2, False, False, "empty experts: 3 tokens x 2 of 16 experts"),
     (9, 17, 23, 5, 5, False, False, "K=E (prime 5): every expert on every token"),
     (9, 17, 23, 5, 5, True, False, "K=E renormalised: weights sum to 1 exactly"),
-    (41, 31, 37, 6, 3, True, False, "several row tiles per expert; prime D, F; renormalised"),
+    (41, 67, 71, 6, 3, True, False,
+     "several row tiles per expert; prime D, F > 64: two column tiles and two K steps"),
 ]
 IDS = [c[-1] for c in CASES]
 
