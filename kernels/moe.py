@@ -496,14 +496,16 @@ def aux_losses(counts_E, probs_TE, lse_T, top_k):
     return E * (f_E * p_E).sum(), lse_T.square().sum() / max(T, 1)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
-    """The experts part of the op for given routing: (y, counts). topk_w (T, K) fp32, topk_idx
-    (T, K) int; `path` None (choose from shapes), 'decode' or 'grouped'."""
+    """The experts part of the op for a given routing: (y, counts int64). topk_w (T, K) fp32,
+    topk_idx (T, K) int; `path` None (choose from shapes), 'decode' or 'grouped'."""
     T = x.shape[0]
     E, K = w_gate.shape[0], topk_idx.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, w_gate, w_up, w_down, topk_w))
-    path = choose_path(T, needs_grad, path)
+    path = choose_path(T, _needs_grad(x, w_gate, w_up, w_down, topk_w), path)
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
     if path == "decode":
@@ -516,7 +518,8 @@ def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
     counts, expert_start, sorted_assign, _assign_row, tile_expert = _permute_op(
         topk_idx, E, block_m)
     y, _gate, _up, _z = _experts_op(x, w_gate, w_up, w_down, topk_w, counts, expert_start,
-                                    sorted_assign, tile_expert, K, block_m, needs_grad)
+                                    sorted_assign, tile_expert, K, block_m,
+                                    _needs_grad(x, w_gate, w_up, w_down, topk_w))
     return y, counts.long()
 
 
@@ -525,14 +528,23 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False, *, path
 
     path: None picks from static shapes (decode for <= DECODE_MAX_TOKENS tokens without
     gradients, else grouped); 'decode' / 'grouped' force one (tests, benchmarks).
+    aux: counts (E,) int64, router_logits (T, E), topk_idx (T, K) int64, topk_weights (T, K)
+    fp32, router_probs (T, E) fp32, router_lse (T,) fp32, lb_loss, z_loss. On the decode path
+    (inference, <= 8 tokens) the two losses are None: computing them would add ~10 small
+    kernels to a latency-bound step; `aux_losses(counts, router_probs, router_lse, K)` gives
+    them if wanted.
     """
     _check(x, router_w, w_gate, w_up, w_down, top_k)
     logits = F.linear(x, router_w)  # (T, E) model dtype, exactly the reference's
     topk_w, topk_idx, probs, lse = _route_op(logits, int(top_k), bool(renormalize))
+    path = choose_path(x.shape[0], _needs_grad(x, router_w, w_gate, w_up, w_down), path)
     y, counts = moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, path=path)
-    lb_loss, z_loss = aux_losses(counts, probs, lse, top_k)
-    return y, {"counts": counts.long(), "router_logits": logits, "topk_idx": topk_idx.long(),
-               "topk_weights": topk_w, "lb_loss": lb_loss, "z_loss": z_loss}
+    lb_loss = z_loss = None
+    if path == "grouped":
+        lb_loss, z_loss = aux_losses(counts, probs, lse, top_k)
+    return y, {"counts": counts, "router_logits": logits, "topk_idx": topk_idx.long(),
+               "topk_weights": topk_w, "router_probs": probs, "router_lse": lse,
+               "lb_loss": lb_loss, "z_loss": z_loss}
 
 
 def autotune(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False,

@@ -121,6 +121,11 @@ def test_decode_path_equals_grouped_path(T):
         y_grp, aux_grp = moe_ffn(*inputs, 2, path="grouped")
     assert torch.equal(aux_dec["counts"].cpu(), aux_grp["counts"].cpu())
     torch.testing.assert_close(y_dec, y_grp, atol=1e-6, rtol=1e-5)
+    # Decode skips the losses (latency); aux carries what computes them.
+    assert aux_dec["lb_loss"] is None and aux_dec["z_loss"] is None
+    lb, z = aux_losses(aux_dec["counts"], aux_dec["router_probs"], aux_dec["router_lse"], 2)
+    torch.testing.assert_close(lb, aux_grp["lb_loss"])
+    torch.testing.assert_close(z, aux_grp["z_loss"])
     assert choose_path(T, needs_grad=False, path=None) == "decode"
     assert choose_path(T, needs_grad=True, path=None) == "grouped"
     assert choose_path(DECODE_MAX_TOKENS + 1, needs_grad=False, path=None) == "grouped"
