@@ -27,7 +27,10 @@ moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False) -> (y, aux)
     top-k (ties to the lower index), optional renormalisation, y = sum_k w_k * expert(x).
     aux: dict with at least "counts" (E,) int; both backends also give "router_logits",
     "topk_idx", "topk_weights" and the training losses "lb_loss" (E * sum_e f_e P_e) and
-    "z_loss" (mean_t logsumexp^2), differentiable w.r.t. router_w and x.
+    "z_loss" (mean_t logsumexp^2), differentiable w.r.t. router_w and x (the Triton decode path,
+    inference on <= 8 tokens, leaves the two losses None). Exact ties between router
+    probabilities: the Triton router takes the lower expert index; torch.topk promises no order
+    (on the CPU it takes the higher one), so the two may pick different experts there.
 
 apply_rope(q, k, cos, sin) -> (q, k)
     q: (B, Hq, S, Dh), k: (B, Hkv, S, Dh), cos/sin: (B, S, Dh) fp32 tables. Rotate-half RoPE in
