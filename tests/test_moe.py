@@ -315,6 +315,23 @@ def test_configs_are_visible_pruned_and_pinnable(monkeypatch):
         default_config("down", torch.bfloat16, 2048, 1024, 32, on_gpu=True)
 
 
+def test_pinned_tiles_are_used_and_correct(monkeypatch):
+    # Another tiling end to end: 32-row tiles (other padding), 16-wide column tiles and 16-deep
+    # K steps (several of each), dW tiles 16 x 16 over 8-row steps.
+    monkeypatch.setenv("MOLMOE_MOE_CONFIG", "BLOCK_M=32;BLOCK_N=16,BLOCK_K=16;"
+                       "dw_gate_up:BLOCK_M=16,BLOCK_K=8;dw_down:BLOCK_M=16,BLOCK_K=8")
+    assert block_m_for(10, 4, on_gpu=False) == 32
+    assert default_config("down", torch.float32, 20, 18, 32, on_gpu=False)["BLOCK_N"] == 16
+    assert default_config("dw_down", torch.float32, 20, 18, 32, on_gpu=False)["BLOCK_K"] == 8
+    inputs = make(13, 20, 18, 5, seed=12)
+    dy = torch.randn(13, 20, generator=torch.Generator().manual_seed(1))
+    y, aux, g = grads(moe_ffn, inputs, 2, False, dy)
+    y_ref, aux_ref, g_ref = grads(moe_ffn_ref, inputs, 2, False, dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_name_the_problem():
     x, router, wg, wu, wd = make(3, 16, 12, 4)
     with pytest.raises(ValueError, match="top_k=5"):
