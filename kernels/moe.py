@@ -57,6 +57,12 @@ otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The
 over one expert's rows per output tile, so a very skewed routing (all tokens on one expert) runs
 few long programs. The decode path has no backward (a call that needs gradients takes the grouped
 path). Memory kept for the backward: gate and up (R, F) and z (N, D) in the model dtype.
+The decode path returns lb_loss / z_loss as None (inference; `aux_losses` computes them).
+Exact ties between router probabilities go to the lower expert index (a stable descending sort);
+torch.topk promises no order among ties (CPU: higher index first), so the reference on the CPU
+can pick another expert where two bf16 logits are equal at the K-th place.
+Not yet run on a GPU: the kernels are verified in Triton's interpreter (fp32, fp16); the H100
+defaults in moe_tuning.default_config are reasoned from tile sizes, not measured.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ z-loss needs lse, and both are differentiated through these two outputs.
 Permutation (`permute`): the N = T*K (token, slot) assignments, numbered a = t*K + k, are sorted
 by expert, stable in a (so the order is deterministic), each expert's rows padded to a multiple of
 BLOCK_M (the grouped GEMM's row tile, so that a tile never straddles two experts):
-  1. `_histogram_kernel`: per chunk of BLOCK_A assignments, a (chunk, E) count table (no atomics).
+  1. `_histogram_kernel`: per chunk of BLOCK_A (<= 256) assignments, a (chunk, E) count table (no atomics).
   2. `_offsets_kernel` (one program): exclusive prefix sums over chunks (each chunk's base per
      expert), per-expert counts, padded expert starts, and the expert of every row tile.
   3. `_scatter_kernel`: each assignment's rank inside its chunk (cumsum of a one-hot), hence its
@@ -27,7 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_A = 256  # assignments per histogram/scatter program: (256, E) one-hot stays in registers
+
+
+def _block_a(block_e: int) -> int:
+    # Assignments per histogram/scatter program: the (BLOCK_A, E) one-hot stays at <= 16K values
+    # (256 x 64 for MolmoE), in registers.
+    return max(16, min(256, 16384 // block_e))
 
 
 # ----------------------------------------------------------------------------- router
@@ -241,17 +246,18 @@ def permute(topk_idx_TK: torch.Tensor, num_experts: int, block_m: int):
     tile_expert = torch.empty(num_tiles, device=dev, dtype=torch.int32)
     idx = topk_idx_TK.reshape(-1)
     idx = idx if idx.dtype == torch.int32 else idx.to(torch.int32)
-    num_chunks = triton.cdiv(N, _BLOCK_A)
+    block_e = triton.next_power_of_2(E)
+    block_a = _block_a(block_e)
+    num_chunks = triton.cdiv(N, block_a)
     chunk_counts = torch.empty(max(num_chunks, 1), E, device=dev, dtype=torch.int32)
     chunk_base = torch.empty_like(chunk_counts)
-    block_e = triton.next_power_of_2(E)
     if num_chunks:
-        _histogram_kernel[(num_chunks,)](idx, chunk_counts, N, E, BLOCK_A=_BLOCK_A,
+        _histogram_kernel[(num_chunks,)](idx, chunk_counts, N, E, BLOCK_A=block_a,
                                          BLOCK_E=block_e)
     _offsets_kernel[(1,)](chunk_counts, chunk_base, counts, expert_start, tile_expert,
                           num_chunks, E, num_tiles, BLOCK_M=block_m, BLOCK_E=block_e,
                           BLOCK_TILES=max(16, min(256, 8192 // block_e)))
     if num_chunks:
         _scatter_kernel[(num_chunks,)](idx, chunk_base, expert_start, sorted_assign, assign_row,
-                                       N, E, BLOCK_A=_BLOCK_A, BLOCK_E=block_e)
+                                       N, E, BLOCK_A=block_a, BLOCK_E=block_e)
     return counts, expert_start, sorted_assign, assign_row, tile_expert
