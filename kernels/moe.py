@@ -9,9 +9,11 @@ w_down (E, D, F) -- the loader's stacked layout, contiguous --
     y[t] = sum_k w[t, k] * (silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)) Wd[e]^T,   e = idx[t, k]
 
 `moe_ffn(...) -> (y, aux)`; aux: counts (E,) int64, router_logits, topk_idx, topk_weights and the
-two training losses, defined as in Switch Transformer / OLMoE / megablocks:
+two training losses, per layer and unweighted, as megablocks (OLMoE's trainer) and Switch (K=1)
+define them:
     lb_loss = E * sum_e f_e * P_e   f_e = counts_e / (T*K) (no gradient), P_e = mean_t p[t, e]
-    z_loss  = mean_t logsumexp(logits[t])^2
+    z_loss  = mean_t logsumexp(logits[t])^2            (ST-MoE)
+transformers' `load_balancing_loss_func` divides counts by T, not T*K: it is K * lb_loss.
 Both are differentiable w.r.t. router_w (and x) through the router kernel's backward; the caller
 scales and adds them to its loss. `moe_ffn_ref` (= molmoe.backends.reference_moe_ffn, the released
 per-expert loop) has the same signature and aux.

@@ -191,6 +191,10 @@ def test_aux_losses_and_their_router_gradients_against_plain_pytorch(K, renorm):
                                atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g_z, torch.autograd.grad(z, r2)[0], atol=1e-6, rtol=1e-5)
     assert aux_losses(torch.zeros(7, dtype=torch.long), p[:0], p[:0, 0], K)[0].item() == 0.0
+    # transformers' OLMoE loss counts f_e per token, not per assignment: K times megablocks'.
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+    hf = load_balancing_loss_func((logits.detach(),), 7, K)
+    torch.testing.assert_close(K * aux["lb_loss"].detach(), hf, atol=1e-6, rtol=1e-5)
 
 
 def test_router_ties_go_to_the_lower_expert_index():
