@@ -240,9 +240,11 @@ def test_router_ties_go_to_the_lower_expert_index():
 
 
 @pytest.mark.parametrize("T,K,E,block_m", [(0, 2, 4, 16), (1, 1, 3, 16), (37, 3, 8, 16),
-                                           (300, 2, 5, 32), (200, 8, 64, 16), (5, 7, 7, 64)],
+                                           (300, 2, 5, 32), (200, 8, 64, 16), (5, 7, 7, 64),
+                                           (2100, 8, 64, 128)],
                          ids=["empty", "one", "small", "3 chunks of 256 assignments", "E=64 K=8",
-                              "K=E, tile 64"])
+                              "K=E, tile 64", "66 chunks: the prefix sum carries over 64-chunk "
+                              "steps (MolmoE-1B E, K, tile)"])
 def test_permutation_invariants(T, K, E, block_m):
     g = torch.Generator().manual_seed(T + E)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else \

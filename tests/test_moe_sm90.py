@@ -93,7 +93,7 @@ CASES = [
     ("route_bwd", R._route_bwd_kernel, dict(K=K, BLOCK_T=64, BLOCK_E=E, RENORM=True,
                                             HAS_DPROBS=True, HAS_DLSE=True), 4, 2, False),
     ("histogram", R._histogram_kernel, dict(BLOCK_A=256, BLOCK_E=E), 4, 2, False),
-    ("offsets", R._offsets_kernel, dict(BLOCK_M=128, BLOCK_E=E, BLOCK_TILES=128), 4, 2, False),
+    ("offsets", R._offsets_kernel, dict(BLOCK_M=128, BLOCK_E=E, BLOCK_C=64, BLOCK_TILES=128), 4, 2, False),
     ("scatter", R._scatter_kernel, dict(BLOCK_A=256, BLOCK_E=E), 4, 2, False),
 ]
 
