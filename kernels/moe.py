@@ -169,7 +169,9 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
 
 
 def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
-                 tile_expert, gate, up, z, top_k, block_m):
+                 tile_expert, gate, up, z, top_k, block_m, need_dx, need_dw):
+    """(dx, dw_gate, dw_up, dw_down, d topk_w); dx / the dW are empty (0,) when not needed
+    (frozen experts, a frozen input): their kernels do not run."""
     T, D = x.shape
     E, F_, _ = w_gate.shape
     N, R = T * top_k, sorted_assign.shape[0]
@@ -177,34 +179,40 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
     on_gpu = not _on_interpreter(x.device)
     ieee = x.dtype == torch.float32
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    # Every element is written below (empty experts' dW included) unless there are no tokens.
+    alloc = torch.zeros_like if T == 0 else torch.empty_like
+    dx = alloc(x) if need_dx else x.new_empty(0)  # outputs may not alias: one empty each
+    dwg, dwu, dwd = ((alloc(w_gate), alloc(w_up), alloc(w_down)) if need_dw
+                     else (x.new_empty(0), x.new_empty(0), x.new_empty(0)))
+    d_topk_w = alloc(topk_w)  # (T, K) fp32
     if T == 0:
-        return (torch.zeros_like(x), torch.zeros_like(w_gate), torch.zeros_like(w_up),
-                torch.zeros_like(w_down), torch.zeros_like(topk_w))
-    d_topk_w = torch.empty_like(topk_w)  # (T, K) fp32
+        return dx, dwg, dwu, dwd, d_topk_w
     tile = _combine_tile(on_gpu)
     _combine_bwd_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
         dy, z, d_topk_w, T, D, dy.stride(0), K=top_k, K_PAD=triton.next_power_of_2(top_k), **tile)
+    if not (need_dx or need_dw):
+        return dx, dwg, dwu, dwd, d_topk_w
     dg, du = x.new_empty(R, F_), x.new_empty(R, F_)
     cfg = default_config("down_bwd", x.dtype, D, F_, block_m, on_gpu)
     _down_bwd_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
         dy, topk_w, w_down, gate, up, dg, du, tile_expert, sorted_assign, D, F_, num_m,
         dy.stride(0), K=top_k, BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
-    dxs = x.new_empty(N, D)
-    cfg = default_config("dx", x.dtype, D, F_, block_m, on_gpu)
-    _gate_up_bwd_dx_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
-        dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
-        BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
-    dx = x.new_empty(T, D)
-    _combine(dxs, topk_w, dx, top_k, on_gpu, has_w=False)
-    dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
-    cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
-    _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](
-        dg, du, x, sorted_assign, counts, expert_start, dwg, dwu, D, F_, x.stride(0), K=top_k,
-        BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
-    cfg = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)
-    _dw_down_kernel[(triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(F_, cfg["BLOCK_N"]), E)](
-        dy, topk_w, gate, up, sorted_assign, counts, expert_start, dwd, D, F_, dy.stride(0),
-        K=top_k, BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
+    if need_dx:
+        dxs = x.new_empty(N, D)
+        cfg = default_config("dx", x.dtype, D, F_, block_m, on_gpu)
+        _gate_up_bwd_dx_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
+            dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
+            BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
+        _combine(dxs, topk_w, dx, top_k, on_gpu, has_w=False)
+    if need_dw:
+        cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
+        _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](
+            dg, du, x, sorted_assign, counts, expert_start, dwg, dwu, D, F_, x.stride(0), K=top_k,
+            BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
+        cfg = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)
+        _dw_down_kernel[(triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(F_, cfg["BLOCK_N"]), E)](
+            dy, topk_w, gate, up, sorted_assign, counts, expert_start, dwd, D, F_, dy.stride(0),
+            K=top_k, BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
     return dx, dwg, dwu, dwd, d_topk_w
 
 
@@ -299,8 +307,12 @@ def _experts_backward(ctx, dy, _d_gate, _d_up, _d_z):
     if not ctx.save_pre:
         raise RuntimeError("moe_experts: forward ran with save_pre=False (inference); "
                            "no pre-activations were kept for a backward")
-    dx, dwg, dwu, dwd, d_topk_w = _experts_bwd_op(dy, *ctx.saved_tensors, ctx.top_k, ctx.block_m)
-    return dx, dwg, dwu, dwd, d_topk_w, None, None, None, None, None, None, None
+    need = ctx.needs_input_grad
+    need_dx, need_dw = need[0], any(need[1:4])
+    dx, dwg, dwu, dwd, d_topk_w = _experts_bwd_op(dy, *ctx.saved_tensors, ctx.top_k, ctx.block_m,
+                                                  need_dx, need_dw)
+    return (dx if need_dx else None, dwg if need_dw else None, dwu if need_dw else None,
+            dwd if need_dw else None, d_topk_w, None, None, None, None, None, None, None)
 
 
 @torch.library.custom_op("molmoe::moe_experts_bwd", mutates_args=())
@@ -308,17 +320,21 @@ def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_u
                     w_down: torch.Tensor, topk_w: torch.Tensor, counts: torch.Tensor,
                     expert_start: torch.Tensor, sorted_assign: torch.Tensor,
                     tile_expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    z: torch.Tensor, top_k: int, block_m: int) -> tuple[
+                    z: torch.Tensor, top_k: int, block_m: int, need_dx: bool,
+                    need_dw: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
-                        tile_expert, gate, up, z, top_k, block_m)
+                        tile_expert, gate, up, z, top_k, block_m, need_dx, need_dw)
 
 
 @_experts_bwd_op.register_fake
 def _(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, gate,
-      up, z, top_k, block_m):
-    return (x.new_empty(x.shape), w_gate.new_empty(w_gate.shape), w_up.new_empty(w_up.shape),
-            w_down.new_empty(w_down.shape), topk_w.new_empty(topk_w.shape))
+      up, z, top_k, block_m, need_dx, need_dw):
+    def like(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty(0)
+
+    return (like(x, need_dx), like(w_gate, need_dw), like(w_up, need_dw), like(w_down, need_dw),
+            topk_w.new_empty(topk_w.shape))
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)

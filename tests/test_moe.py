@@ -219,6 +219,23 @@ def test_training_steps_follow_the_reference():
     torch.testing.assert_close(curves[0], curves[1], atol=1e-6, rtol=1e-5)
 
 
+def test_frozen_experts_or_input_skip_their_gradients():
+    # Only what needs a gradient gets one (frozen experts: no dW kernels run); the rest agree.
+    x, router, wg, wu, wd = make(10, 16, 12, 4, seed=13)
+    dy = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    _, _, full = grads(moe_ffn, (x, router, wg, wu, wd), 2, False, dy)
+    for frozen in ((2, 3, 4), (0,)):
+        leaves = [t.clone().requires_grad_(i not in frozen)
+                  for i, t in enumerate((x, router, wg, wu, wd))]
+        y, aux = moe_ffn(*leaves, 2)
+        loss_of(y, aux, dy).backward()
+        for i, (t, want) in enumerate(zip(leaves, full)):
+            if i in frozen:
+                assert t.grad is None
+            else:
+                torch.testing.assert_close(t.grad, want, atol=1e-6, rtol=1e-6)
+
+
 def test_router_ties_go_to_the_lower_expert_index():
     # Identical router rows give bit-identical probabilities; the kernel takes the lower index
     # first. The oracle is a STABLE descending sort: torch.topk itself does not promise an order
