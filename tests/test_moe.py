@@ -60,7 +60,7 @@ def grads(fn, inputs, top_k, renorm, dy, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     y, aux = fn(*leaves, top_k, renorm, **kw)
     gs = torch.autograd.grad(loss_of(y, aux, dy), leaves, allow_unused=True)
-    return y.detach(), aux, [g if g is not None else torch.zeros_like(t) for g, t in zip(gs, leaves)]
+    return y.detach(), aux, [torch.zeros_like(t) if g is None else g for g, t in zip(gs, leaves)]
 
 
 # (T, D, F, E, K, renormalize, dominant, reason)
