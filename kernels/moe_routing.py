@@ -12,7 +12,8 @@ BLOCK_M (the grouped GEMM's row tile, so that a tile never straddles two experts
   1. `_histogram_kernel`: per chunk of BLOCK_A (<= 256) assignments, a (chunk, E) count table
      (no atomics).
   2. `_offsets_kernel` (one program): exclusive prefix sums over chunks, BLOCK_C chunks a step
-     (each chunk's base per expert), per-expert counts, padded expert starts, and the expert of every row tile.
+     (each chunk's base per expert), per-expert counts, padded expert starts, and the expert of
+     every row tile.
   3. `_scatter_kernel`: each assignment's rank inside its chunk (cumsum of a one-hot), hence its
      sorted row; writes both directions: sorted_assign[row] = a (the gather index, -1 on padding
      rows) and assign_row[a] = row (the scatter index; it inverts the gather index).
