@@ -26,18 +26,20 @@ How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_t
   2. Permutation (prefill/training): histogram per chunk, prefix sums, a stable scatter; the T*K
      assignments sorted by expert, each expert padded to BLOCK_M rows; gather and scatter indices
      and the expert of every row tile. Deterministic, no atomics, no host sync (static sizes).
-  3. Grouped GEMMs over the sorted rows: gate and up in one pass (two accumulators sharing the
-     gathered x tile) with the silu(gate)*up epilogue; the down projection writes z per
-     assignment; a combine kernel gathers each token's K rows and sums w_k * z_k in fp32 (slot
-     order: deterministic). The routing weight is applied in that fp32 combine rather than in the
-     down GEMM's epilogue so the backward has the unweighted z for d w = dy . z.
+  3. Grouped GEMMs over the sorted rows (x rows gathered in the GEMM, never copied): gate and up
+     in one pass (two accumulators sharing the gathered x tile) with the silu(gate)*up epilogue;
+     the down projection with the routing weight applied in its fp32 epilogue writes z per
+     assignment; a combine kernel gathers each token's K rows and sums them in fp32 (slot order:
+     deterministic, no atomics).
      Decode path (T <= DECODE_MAX_TOKENS, no gradient needed): no permutation; one program per
      (selected expert, column tile) covers every token that chose that expert, so each selected
      expert's weights are read once (see moe_gemm._tile_rows).
-  4. Backward (grouped, same row tiles): dh = w * (dy Wd) with the silu-gate backward fused in its
-     epilogue; dx rows = dgate Wg + dup Wu, then the same per-token combine; dW as grouped GEMMs
-     over each expert's rows (one program per output tile per expert, no atomics); d w = dy . z;
-     the router backward turns d w, d p (lb loss) and d lse (z loss) into d logits.
+  4. Backward (grouped, same row tiles): g = dy Wd per row; d w = g . h (h = silu(gate)*up from
+     the saved pre-activations; per-column-tile partials reduced in order), dh = w g through the
+     silu-gate backward, all in one kernel's epilogue; dx rows = dgate Wg + dup Wu, then the same
+     per-token combine; dW as grouped GEMMs over each expert's rows (one program per output tile
+     per expert, no atomics); the router backward turns d w, d p (lb loss) and d lse (z loss)
+     into d logits. Inputs that need no gradient (frozen experts) skip their kernels.
 Where the ideas come from: the sort-pad-grouped-GEMM layout of vLLM's fused_moe
 (moe_align_block_size), the separate gather/scatter of scattermoe and megablocks' dMoE (block
 sparse, padded per expert), the losses of Switch Transformer (Fedus et al. 2021) and ST-MoE
@@ -58,7 +60,7 @@ Limits: fp32/fp16/bf16, x and the expert weights of one dtype; contiguous weight
 otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels loop
 over one expert's rows per output tile, so a very skewed routing (all tokens on one expert) runs
 few long programs. The decode path has no backward (a call that needs gradients takes the grouped
-path). Memory kept for the backward: gate and up (R, F) and z (N, D) in the model dtype.
+path). Memory kept for the backward: gate and up (R, F) in the model dtype.
 The decode path returns lb_loss / z_loss as None (inference; `aux_losses` computes them).
 Exact ties between router probabilities go to the lower expert index (a stable descending sort);
 torch.topk promises no order among ties (CPU: higher index first), so the reference on the CPU
@@ -73,8 +75,8 @@ import torch.nn.functional as F
 import triton
 
 from molmoe.backends import reference_moe_ffn
-from molmoe.kernels.moe_gemm import (_combine_bwd_kernel, _combine_kernel, _down_bwd_kernel,
-                                     _down_kernel, _dw_down_kernel, _dw_gate_up_kernel,
+from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
+                                     _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
                                      _gate_up_bwd_dx_kernel, _gate_up_kernel)
 from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
 from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _on_interpreter, autotune,
@@ -107,11 +109,11 @@ def _launch_kw(cfg, swizzled=True):
     return kw
 
 
-def _combine(z, topk_w, y, top_k, on_gpu, has_w):
+def _combine(z, y, top_k, on_gpu):
     T, D = y.shape
     tile = _combine_tile(on_gpu)
     _combine_kernel[(triton.cdiv(T, tile["BLOCK_T"]), triton.cdiv(D, tile["BLOCK_D"]))](
-        z, topk_w, y, T, D, y.stride(0), K=top_k, HAS_W=has_w, **tile)
+        z, y, T, D, y.stride(0), K=top_k, **tile)
 
 
 def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k, block_m,
@@ -125,10 +127,10 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
     y = x.new_empty(T, D)
     gate = x.new_empty(R if save_pre else 0, F_)
     up = x.new_empty(R if save_pre else 0, F_)
-    z = x.new_empty(N, D)
     if T == 0:
-        return y, gate, up, z
+        return y, gate, up
     h = x.new_empty(R, F_)
+    z = x.new_empty(N, D)  # weighted expert outputs per assignment
     cfg = default_config("gate_up", x.dtype, D, F_, block_m, on_gpu)
     _gate_up_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
         x, w_gate, w_up, h, gate if save_pre else h, up if save_pre else h, tile_expert,
@@ -136,10 +138,10 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
         BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, **_launch_kw(cfg))
     cfg = default_config("down", x.dtype, D, F_, block_m, on_gpu)
     _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
-        h, w_down, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m, K=top_k,
-        K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, **_launch_kw(cfg))
-    _combine(z, topk_w, y, top_k, on_gpu, has_w=True)
-    return y, gate, up, z
+        h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, **_launch_kw(cfg))
+    _combine(z, y, top_k, on_gpu)
+    return y, gate, up
 
 
 def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
@@ -163,13 +165,13 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
         **common, **_launch_kw(cfg))
     cfg = default_config("down_decode", x.dtype, D, F_, 0, on_gpu)
     _down_kernel[(N * triton.cdiv(D, cfg["BLOCK_N"]),)](
-        h, w_down, z, idx, idx, idx, T, N, D, F_, N, **common, **_launch_kw(cfg))
-    _combine(z, topk_w, y, K, on_gpu, has_w=True)
+        h, w_down, topk_w, z, idx, idx, idx, T, N, D, F_, N, **common, **_launch_kw(cfg))
+    _combine(z, y, K, on_gpu)
     return y
 
 
 def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
-                 tile_expert, gate, up, z, top_k, block_m, need_dx, need_dw):
+                 tile_expert, gate, up, top_k, block_m, need_dx, need_dw):
     """(dx, dw_gate, dw_up, dw_down, d topk_w); dx / the dW are empty (0,) when not needed
     (frozen experts, a frozen input): their kernels do not run."""
     T, D = x.shape
@@ -187,23 +189,25 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
     d_topk_w = alloc(topk_w)  # (T, K) fp32
     if T == 0:
         return dx, dwg, dwu, dwd, d_topk_w
-    tile = _combine_tile(on_gpu)
-    _combine_bwd_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
-        dy, z, d_topk_w, T, D, dy.stride(0), K=top_k, K_PAD=triton.next_power_of_2(top_k), **tile)
-    if not (need_dx or need_dw):
-        return dx, dwg, dwu, dwd, d_topk_w
-    dg, du = x.new_empty(R, F_), x.new_empty(R, F_)
+    need_dh = need_dx or need_dw
+    dg, du = (x.new_empty(R, F_), x.new_empty(R, F_)) if need_dh else (x, x)  # (x: unused)
     cfg = default_config("down_bwd", x.dtype, D, F_, block_m, on_gpu)
-    _down_bwd_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
-        dy, topk_w, w_down, gate, up, dg, du, tile_expert, sorted_assign, D, F_, num_m,
-        dy.stride(0), K=top_k, BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
+    num_n = triton.cdiv(F_, cfg["BLOCK_N"])
+    dw_part = torch.empty(N, num_n, device=x.device, dtype=torch.float32)  # per column tile
+    _down_bwd_kernel[(num_m * num_n,)](
+        dy, topk_w, w_down, gate, up, dg, du, dw_part, tile_expert, sorted_assign, D, F_, num_m,
+        dy.stride(0), K=top_k, BLOCK_M=block_m, NEED_DH=need_dh, IEEE=ieee, **_launch_kw(cfg))
+    block_a = 64 if on_gpu else 16
+    _dw_reduce_kernel[(triton.cdiv(N, block_a),)](
+        dw_part, d_topk_w, N, NUM_PARTS=num_n, BLOCK_A=block_a,
+        BLOCK_P=triton.next_power_of_2(num_n))
     if need_dx:
         dxs = x.new_empty(N, D)
         cfg = default_config("dx", x.dtype, D, F_, block_m, on_gpu)
         _gate_up_bwd_dx_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
             dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
             BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
-        _combine(dxs, topk_w, dx, top_k, on_gpu, has_w=False)
+        _combine(dxs, dx, top_k, on_gpu)
     if need_dw:
         cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
         _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](
@@ -280,7 +284,7 @@ def _(topk_idx, num_experts, block_m):
 def _experts_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                 topk_w: torch.Tensor, counts: torch.Tensor, expert_start: torch.Tensor,
                 sorted_assign: torch.Tensor, tile_expert: torch.Tensor, top_k: int, block_m: int,
-                save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k,
                         block_m, save_pre)
 
@@ -290,20 +294,19 @@ def _(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile
       block_m, save_pre):
     R, F_ = sorted_assign.shape[0], w_gate.shape[1]
     kept = R if save_pre else 0
-    return (x.new_empty(x.shape), x.new_empty(kept, F_), x.new_empty(kept, F_),
-            x.new_empty(topk_w.numel(), x.shape[1]))
+    return x.new_empty(x.shape), x.new_empty(kept, F_), x.new_empty(kept, F_)
 
 
 def _experts_setup(ctx, inputs, output):
     (x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, top_k,
      block_m, save_pre) = inputs
-    _, gate, up, z = output
+    _, gate, up = output
     ctx.save_for_backward(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
-                          tile_expert, gate, up, z)
+                          tile_expert, gate, up)
     ctx.top_k, ctx.block_m, ctx.save_pre = top_k, block_m, save_pre
 
 
-def _experts_backward(ctx, dy, _d_gate, _d_up, _d_z):
+def _experts_backward(ctx, dy, _d_gate, _d_up):
     if not ctx.save_pre:
         raise RuntimeError("moe_experts: forward ran with save_pre=False (inference); "
                            "no pre-activations were kept for a backward")
@@ -320,16 +323,16 @@ def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_u
                     w_down: torch.Tensor, topk_w: torch.Tensor, counts: torch.Tensor,
                     expert_start: torch.Tensor, sorted_assign: torch.Tensor,
                     tile_expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    z: torch.Tensor, top_k: int, block_m: int, need_dx: bool,
+                    top_k: int, block_m: int, need_dx: bool,
                     need_dw: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
-                        tile_expert, gate, up, z, top_k, block_m, need_dx, need_dw)
+                        tile_expert, gate, up, top_k, block_m, need_dx, need_dw)
 
 
 @_experts_bwd_op.register_fake
 def _(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, gate,
-      up, z, top_k, block_m, need_dx, need_dw):
+      up, top_k, block_m, need_dx, need_dw):
     def like(t, needed):
         return t.new_empty(t.shape) if needed else t.new_empty(0)
 
@@ -404,6 +407,7 @@ def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
     path = choose_path(T, _needs_grad(x, w_gate, w_up, w_down, topk_w), path)
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
+    topk_w = topk_w.to(torch.float32).contiguous()  # read flat, by assignment
     if path == "decode":
         y = _experts_decode_op(x, w_gate, w_up, w_down, topk_w, topk_idx)
         # A handful of assignments: a one-hot sum is cheaper than the permutation kernels.
@@ -413,7 +417,7 @@ def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
     block_m = block_m_for(T * K, E, not _on_interpreter(x.device))
     counts, expert_start, sorted_assign, _assign_row, tile_expert = _permute_op(
         topk_idx, E, block_m)
-    y, _gate, _up, _z = _experts_op(x, w_gate, w_up, w_down, topk_w, counts, expert_start,
+    y, _gate, _up = _experts_op(x, w_gate, w_up, w_down, topk_w, counts, expert_start,
                                     sorted_assign, tile_expert, K, block_m,
                                     _needs_grad(x, w_gate, w_up, w_down, topk_w))
     return y, counts.long()

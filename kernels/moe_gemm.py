@@ -111,11 +111,12 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
 
 
 @triton.jit
-def _down_kernel(h_ptr, wd_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N, D, F,
-                 num_m, K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
+def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N,
+                 D, F, num_m, K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr):
-    """z[assign] = h[row] @ w_down[e]^T: (BLOCK_M, BLOCK_N) over D, stored per assignment."""
+    """z[assign] = w[assign] * (h[row] @ w_down[e]^T): (BLOCK_M, BLOCK_N) over D, the routing
+    weight applied in fp32 before the one rounding, stored per assignment."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
@@ -132,25 +133,22 @@ def _down_kernel(h_ptr, wd_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_p
         a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
+    acc = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
     tl.store(z_ptr + assign[:, None] * D + cols[None, :], acc.to(z_ptr.dtype.element_ty),
              mask=ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _combine_kernel(z_ptr, w_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
-    """y[t] = sum_k w[t, k] * z[t*K + k] in fp32, slots in order: a gather, no atomics."""
+def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """y[t] = sum_k z[t*K + k] in fp32, slots in order: a gather, no atomics."""
     toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t_ok = toks < T
-    ok = t_ok[:, None] & (cols < D)[None, :]
+    ok = (toks < T)[:, None] & (cols < D)[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for k in range(K):
         zk = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
-        zk = zk.to(tl.float32)
-        if HAS_W:
-            zk = zk * tl.load(w_ptr + toks * K + k, mask=t_ok, other=0.0)[:, None]
-        acc += zk
+        acc += zk.to(tl.float32)
     tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=ok)
 
@@ -159,32 +157,25 @@ def _combine_kernel(z_ptr, w_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: t
 
 
 @triton.jit
-def _combine_bwd_kernel(dy_ptr, z_ptr, dw_ptr, T, D, s_dyt, K: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d topk_w[t, k] = dy[t] . z[t*K + k] (fp32)."""
-    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_ok = toks < T
-    slots = tl.arange(0, K_PAD)
-    acc = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ok = t_ok[:, None] & (cols < D)[None, :]
-        dy = tl.load(dy_ptr + toks[:, None] * s_dyt + cols[None, :], mask=ok, other=0.0)
-        dy = dy.to(tl.float32)
-        for k in range(K):
-            z = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
-            part = tl.sum(z.to(tl.float32) * dy, axis=1)
-            acc += tl.where(slots[None, :] == k, part[:, None], 0.0)
-    tl.store(dw_ptr + toks[:, None] * K + slots[None, :], acc,
-             mask=t_ok[:, None] & (slots < K)[None, :])
+def _dw_reduce_kernel(part_ptr, dw_ptr, N, NUM_PARTS: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_P: tl.constexpr):
+    """d topk_w[a] = sum of the per-column-tile partials of `_down_bwd_kernel`, in tile order."""
+    a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    parts = tl.arange(0, BLOCK_P)
+    ok = (a < N)[:, None] & (parts < NUM_PARTS)[None, :]
+    p = tl.load(part_ptr + a.to(tl.int64)[:, None] * NUM_PARTS + parts[None, :], mask=ok,
+                other=0.0)
+    tl.store(dw_ptr + a, tl.sum(p, axis=1), mask=a < N)
 
 
 @triton.jit
-def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, tile_expert_ptr,
-                     sorted_assign_ptr, D, F, num_m, s_dyt, K: tl.constexpr,
+def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dw_part_ptr,
+                     tile_expert_ptr, sorted_assign_ptr, D, F, num_m, s_dyt, K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, IEEE: tl.constexpr):
-    """dh = w * (dy[tok] @ w_down[e]) over F, then silu-gate backward: d gate, d up per row."""
+                     GROUP_M: tl.constexpr, NEED_DH: tl.constexpr, IEEE: tl.constexpr):
+    """g = dy[tok] @ w_down[e] over F. Then the routing weight's gradient, d w = dy . z / w =
+    g . h, as this column tile's partial sum (reduced by `_dw_reduce_kernel`: no atomics), and
+    dh = w * g through the silu-gate backward: d gate, d up per row."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
                                          sorted_assign_ptr, 0, 0, K, 1, 1, BLOCK_M, False)
@@ -201,17 +192,20 @@ def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, tile_e
         a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + k0 * F, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
-    # The routing weight multiplies z in the combine, so it scales dz = dh's source here.
-    dh = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
     off = row[:, None] * F + cols[None, :]
     out_ok = ok[:, None] & col_ok[None, :]
     gate = tl.load(g_ptr + off, mask=out_ok, other=0.0).to(tl.float32)
     up = tl.load(u_ptr + off, mask=out_ok, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
-    # d silu(g)/dg = sig * (1 + g * (1 - sig))
-    tl.store(dg_ptr + off, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(dg_ptr.dtype.element_ty),
-             mask=out_ok)
-    tl.store(du_ptr + off, (dh * gate * sig).to(du_ptr.dtype.element_ty), mask=out_ok)
+    # h recomputed from the saved gate/up (masked entries are 0, so they add nothing)
+    tl.store(dw_part_ptr + assign * tl.cdiv(F, BLOCK_N) + pid_n,
+             tl.sum(acc * gate * sig * up, axis=1), mask=ok)
+    if NEED_DH:
+        dh = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(dg_ptr + off, dgate.to(dg_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(du_ptr + off, (dh * gate * sig).to(du_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit

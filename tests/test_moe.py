@@ -224,7 +224,7 @@ def test_frozen_experts_or_input_skip_their_gradients():
     x, router, wg, wu, wd = make(10, 16, 12, 4, seed=13)
     dy = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
     _, _, full = grads(moe_ffn, (x, router, wg, wu, wd), 2, False, dy)
-    for frozen in ((2, 3, 4), (0,)):
+    for frozen in ((2, 3, 4), (0,), (0, 2, 3, 4)):  # experts; input; all but the router
         leaves = [t.clone().requires_grad_(i not in frozen)
                   for i, t in enumerate((x, router, wg, wu, wd))]
         y, aux = moe_ffn(*leaves, 2)

@@ -32,7 +32,8 @@ I32, F32 = "*i32", "*fp32"
 DIV16 = {"D", "F", "s_xt", "s_dyt", "s_yt", "E", "s_lt"}
 INT_PTRS = {"tile_expert_ptr", "sorted_assign_ptr", "idx_ptr", "counts_ptr", "expert_start_ptr",
             "chunk_counts_ptr", "chunk_base_ptr", "assign_row_ptr"}
-F32_PTRS = {"w_ptr", "dw_ptr", "probs_ptr", "lse_ptr", "dprobs_ptr", "dlse_ptr"}
+F32_PTRS = {"w_ptr", "dw_ptr", "probs_ptr", "lse_ptr", "dprobs_ptr", "dlse_ptr", "dw_part_ptr",
+            "part_ptr"}
 
 
 def compile_sm90(kernel, consts, num_warps, num_stages):
@@ -81,7 +82,7 @@ DECODE = dict(K_PAD=K, N_PAD=K, DECODE=True)  # T = 1
 CASES = [
     gemm_case("gate_up", G._gate_up_kernel, 128, dict(GROUPED, SAVE_PRE=True)),
     gemm_case("down", G._down_kernel, 128, GROUPED),
-    gemm_case("down_bwd", G._down_bwd_kernel, 128, {}),
+    gemm_case("down_bwd", G._down_bwd_kernel, 128, dict(NEED_DH=True)),
     gemm_case("dx", G._gate_up_bwd_dx_kernel, 128, {}),
     gemm_case("dw_gate_up", G._dw_gate_up_kernel, 128, {}),
     gemm_case("dw_down", G._dw_down_kernel, 128, {}),
@@ -89,9 +90,8 @@ CASES = [
     gemm_case("down", G._down_kernel, 64, GROUPED),
     gemm_case("gate_up_decode", G._gate_up_kernel, 0, dict(DECODE, SAVE_PRE=False)),
     gemm_case("down_decode", G._down_kernel, 0, DECODE),
-    ("combine", G._combine_kernel, dict(K=K, BLOCK_T=4, BLOCK_D=256, HAS_W=True), 4, 2, None),
-    ("combine_bwd", G._combine_bwd_kernel, dict(K=K, K_PAD=K, BLOCK_T=4, BLOCK_D=256), 4, 2,
-     None),
+    ("combine", G._combine_kernel, dict(K=K, BLOCK_T=4, BLOCK_D=256), 4, 2, None),
+    ("dw_reduce", G._dw_reduce_kernel, dict(NUM_PARTS=16, BLOCK_A=64, BLOCK_P=16), 4, 2, None),
     ("route_fwd", R._route_fwd_kernel, dict(K=K, K_PAD=K, BLOCK_T=64, BLOCK_E=E, RENORM=False),
      4, 2, None),
     ("route_bwd", R._route_bwd_kernel, dict(K=K, BLOCK_T=64, BLOCK_E=E, RENORM=True,
