@@ -190,7 +190,8 @@ def test_aux_losses_and_their_router_gradients_against_plain_pytorch(K, renorm):
     torch.testing.assert_close(g_lb, torch.autograd.grad(lb, r2, retain_graph=True)[0],
                                atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g_z, torch.autograd.grad(z, r2)[0], atol=1e-6, rtol=1e-5)
-    assert aux_losses(torch.zeros(7, dtype=torch.long), p[:0], p[:0, 0], K)[0].item() == 0.0
+    no_tokens = aux_losses(torch.zeros(7, dtype=torch.long, device=DEV), p[:0], p[:0, 0], K)
+    assert no_tokens[0].item() == 0.0 and no_tokens[1].item() == 0.0
     # transformers' OLMoE loss counts f_e per token, not per assignment: K times megablocks'.
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
     hf = load_balancing_loss_func((logits.detach(),), 7, K)
@@ -222,7 +223,7 @@ def test_training_steps_follow_the_reference():
 def test_frozen_experts_or_input_skip_their_gradients():
     # Only what needs a gradient gets one (frozen experts: no dW kernels run); the rest agree.
     x, router, wg, wu, wd = make(10, 16, 12, 4, seed=13)
-    dy = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(10, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
     _, _, full = grads(moe_ffn, (x, router, wg, wu, wd), 2, False, dy)
     for frozen in ((2, 3, 4), (0,), (0, 2, 3, 4)):  # experts; input; all but the router
         leaves = [t.clone().requires_grad_(i not in frozen)
@@ -369,7 +370,7 @@ def test_pinned_tiles_are_used_and_correct(monkeypatch):
     assert default_config("down", torch.float32, 20, 18, 32, on_gpu=False)["BLOCK_N"] == 16
     assert default_config("dw_down", torch.float32, 20, 18, 32, on_gpu=False)["BLOCK_K"] == 8
     inputs = make(13, 20, 18, 5, seed=12)
-    dy = torch.randn(13, 20, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(13, 20, generator=torch.Generator().manual_seed(1)).to(DEV)
     y, aux, g = grads(moe_ffn, inputs, 2, False, dy)
     y_ref, aux_ref, g_ref = grads(moe_ffn_ref, inputs, 2, False, dy)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
