@@ -25,7 +25,12 @@ decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_padding_mask=No
 moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False) -> (y, aux)
     x: (T, D); router_w: (E, D); w_gate, w_up: (E, F, D); w_down: (E, D, F). fp32 softmax over E,
     top-k (ties to the lower index), optional renormalisation, y = sum_k w_k * expert(x).
-    aux: dict with at least "counts" (E,) int.
+    aux: dict with at least "counts" (E,) int; both backends also give "router_logits",
+    "topk_idx", "topk_weights" and the training losses "lb_loss" (E * sum_e f_e P_e) and
+    "z_loss" (mean_t logsumexp^2), differentiable w.r.t. router_w and x (the Triton decode path,
+    inference on <= 8 tokens, leaves the two losses None). Exact ties between router
+    probabilities: the Triton router takes the lower expert index; torch.topk promises no order
+    (on the CPU it takes the higher one), so the two may pick different experts there.
 
 apply_rope(q, k, cos, sin) -> (q, k)
     q: (B, Hq, S, Dh), k: (B, Hkv, S, Dh), cos/sin: (B, S, Dh) fp32 tables. Rotate-half RoPE in
@@ -148,7 +153,14 @@ def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=Fals
         h = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
         y.index_add_(0, token_idx, (h * topk_w[token_idx, slot, None]).to(x.dtype))
     counts = torch.bincount(topk_idx.flatten(), minlength=E)
-    return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx}
+    # Training losses as Switch Transformer / OLMoE / megablocks define them: load balancing
+    # E * sum_e f_e P_e (f_e = share of the T*K assignments on e, no gradient; P_e = mean router
+    # probability) and the ST-MoE z-loss mean_t logsumexp(logits_t)^2. Both 0 when T = 0.
+    f = counts.to(torch.float32) / max(T * top_k, 1)
+    lb_loss = E * (f * probs.sum(0) / max(T, 1)).sum()
+    z_loss = torch.logsumexp(router_logits.float(), dim=-1).square().sum() / max(T, 1)
+    return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx,
+               "topk_weights": topk_w, "lb_loss": lb_loss, "z_loss": z_loss}
 
 
 def rotate_half(x):

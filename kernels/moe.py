@@ -1,0 +1,447 @@
+"""MolmoE's sparse mixture-of-experts feed-forward as Triton kernels, forward and backward.
+
+What (spec §3.5 steps 12'-17'): for x (T, D), router_w (E, D), experts w_gate, w_up (E, F, D) and
+w_down (E, D, F) -- the loader's stacked layout, contiguous --
+
+    logits = x router_w^T                  (T, E), model dtype (the reference's F.linear)
+    p = softmax(logits) in fp32;  (w, idx) = top-K of p, ties to the lower expert index
+    w /= sum(w) if renormalize             (off for MolmoE)
+    y[t] = sum_k w[t, k] * (silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)) Wd[e]^T,   e = idx[t, k]
+
+`moe_ffn(...) -> (y, aux)`; aux: counts (E,) int64, router_logits, topk_idx, topk_weights and the
+two training losses, per layer and unweighted, as megablocks (OLMoE's trainer) and Switch (K=1)
+define them:
+    lb_loss = E * sum_e f_e * P_e   f_e = counts_e / (T*K) (no gradient), P_e = mean_t p[t, e]
+    z_loss  = mean_t logsumexp(logits[t])^2            (ST-MoE)
+transformers' `load_balancing_loss_func` divides counts by T, not T*K: it is K * lb_loss.
+Both are differentiable w.r.t. router_w (and x) through the router kernel's backward; the caller
+scales and adds them to its loss. `moe_ffn_ref` (= molmoe.backends.reference_moe_ffn, the released
+per-expert loop) has the same signature and aux.
+
+How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_tuning.py):
+  1. Router kernel: fp32 softmax, top-K by K argmax passes, renormalisation; also writes p and lse
+     for the losses. The router GEMM itself (T x D x E, <1% of the FLOPs) stays `F.linear` in the
+     model dtype, so the logits -- and hence every expert choice -- are bit-identical to the
+     reference's.
+  2. Permutation (prefill/training): histogram per chunk, prefix sums, a stable scatter; the T*K
+     assignments sorted by expert, each expert padded to BLOCK_M rows; gather and scatter indices
+     and the expert of every row tile. Deterministic, no atomics, no host sync (static sizes).
+  3. Grouped GEMMs over the sorted rows (x rows gathered in the GEMM, never copied): gate and up
+     in one pass (two accumulators sharing the gathered x tile) with the silu(gate)*up epilogue;
+     the down projection with the routing weight applied in its fp32 epilogue writes z per
+     assignment; a combine kernel gathers each token's K rows and sums them in fp32 (slot order:
+     deterministic, no atomics).
+     Decode path (T <= DECODE_MAX_TOKENS, no gradient needed): no permutation; one program per
+     (selected expert, column tile) covers every token that chose that expert, so each selected
+     expert's weights are read once (see moe_gemm._tile_rows).
+  4. Backward (grouped, same row tiles): g = dy Wd per row; d w = g . h (h = silu(gate)*up from
+     the saved pre-activations; per-column-tile partials reduced in order), dh = w g through the
+     silu-gate backward, all in one kernel's epilogue; dx rows = dgate Wg + dup Wu, then the same
+     per-token combine; dW as grouped GEMMs over each expert's rows (one program per output tile
+     per expert, no atomics); the router backward turns d w, d p (lb loss) and d lse (z loss)
+     into d logits. Inputs that need no gradient (frozen experts) skip their kernels.
+Where the ideas come from: the sort-pad-grouped-GEMM layout of vLLM's fused_moe
+(moe_align_block_size), the separate gather/scatter of scattermoe and megablocks' dMoE (block
+sparse, padded per expert), the losses of Switch Transformer (Fedus et al. 2021) and ST-MoE
+(z-loss, Zoph et al. 2022) as OLMoE uses them. No code is copied from them.
+
+Tiles: row tile BLOCK_M is shared by the permutation and the row-tiled kernels and picked from
+the expected rows per expert (T*K/E); each kernel kind has its own (BLOCK_N, BLOCK_K, GROUP_M,
+warps, stages) from `kernel_configs(kind)`, pruned by shared memory (`prune_configs`), tuned once
+per (kind, dtype, D, F, BLOCK_M) by `autotune` (never on the launch path: CUDA-graph capture).
+MOLMOE_MOE_CONFIG pins them, e.g. "BLOCK_M=64;gate_up:BLOCK_N=64,BLOCK_K=64,num_warps=4" (entries
+split by ';', an optional "kind:" prefix, a bare entry applies to every kind). The interpreter
+uses one small fixed config.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, N = T*K
+assignments (a = t*K + k), R padded sorted rows (N + E*(BLOCK_M-1), whole tiles).
+
+Limits: fp32/fp16/bf16, x and the expert weights of one dtype; contiguous weights (a copy is made
+otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels loop
+over one expert's rows per output tile, so a very skewed routing (all tokens on one expert) runs
+few long programs. The decode path has no backward (a call that needs gradients takes the grouped
+path). Memory kept for the backward: gate and up (R, F) in the model dtype.
+The decode path returns lb_loss / z_loss as None (inference; `aux_losses` computes them).
+Exact ties between router probabilities go to the lower expert index (a stable descending sort);
+torch.topk promises no order among ties (CPU: higher index first), so the reference on the CPU
+can pick another expert where two bf16 logits are equal at the K-th place.
+Not yet run on a GPU: the kernels are verified in Triton's interpreter (fp32, fp16); the H100
+defaults in moe_tuning.default_config are reasoned from tile sizes, not measured.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from molmoe.backends import reference_moe_ffn
+from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
+                                     _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
+                                     _gate_up_bwd_dx_kernel, _gate_up_kernel)
+from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
+from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _on_interpreter, autotune,
+                                       block_m_for, choose_path, default_config, kernel_configs,
+                                       prune_configs)
+
+moe_ffn_ref = reference_moe_ffn  # ONE reference: the model's (molmoe.backends)
+
+__all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
+           "moe_experts", "aux_losses", "block_m_for", "choose_path", "kernel_configs",
+           "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS", "KINDS"]
+
+_DECODE_BLOCK_M = 16  # tl.dot's smallest M
+
+
+def _combine_tile(on_gpu: bool) -> dict:
+    # (tokens, columns) per combine program: 4 x 256 keeps a GPU program at ~1K elements; the
+    # interpreter prefers few programs.
+    return dict(BLOCK_T=4, BLOCK_D=256) if on_gpu else dict(BLOCK_T=16, BLOCK_D=64)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _launch_kw(cfg, swizzled=True):
+    kw = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
+    if swizzled:  # the dW kernels index (expert, tile) directly: no GROUP_M
+        kw["GROUP_M"] = cfg["GROUP_M"]
+    return kw
+
+
+def _combine(z, y, top_k, on_gpu):
+    T, D = y.shape
+    tile = _combine_tile(on_gpu)
+    _combine_kernel[(triton.cdiv(T, tile["BLOCK_T"]), triton.cdiv(D, tile["BLOCK_D"]))](
+        z, y, T, D, y.stride(0), K=top_k, **tile)
+
+
+def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k, block_m,
+                 save_pre):
+    T, D = x.shape
+    F_ = w_gate.shape[1]
+    N, R = T * top_k, sorted_assign.shape[0]
+    num_m = R // block_m
+    on_gpu = not _on_interpreter(x.device)
+    ieee = x.dtype == torch.float32
+    y = x.new_empty(T, D)
+    gate = x.new_empty(R if save_pre else 0, F_)
+    up = x.new_empty(R if save_pre else 0, F_)
+    if T == 0:
+        return y, gate, up
+    h = x.new_empty(R, F_)
+    z = x.new_empty(N, D)  # weighted expert outputs per assignment
+    cfg = default_config("gate_up", x.dtype, D, F_, block_m, on_gpu)
+    _gate_up_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
+        x, w_gate, w_up, h, gate if save_pre else h, up if save_pre else h, tile_expert,
+        sorted_assign, tile_expert, T, N, D, F_, num_m, x.stride(0), K=top_k, K_PAD=1, N_PAD=1,
+        BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, **_launch_kw(cfg))
+    cfg = default_config("down", x.dtype, D, F_, block_m, on_gpu)
+    _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
+        h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, **_launch_kw(cfg))
+    _combine(z, y, top_k, on_gpu)
+    return y, gate, up
+
+
+def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
+    T, D = x.shape
+    K = topk_idx.shape[1]
+    F_ = w_gate.shape[1]
+    N = T * K
+    on_gpu = not _on_interpreter(x.device)
+    y = x.new_empty(T, D)
+    if T == 0:
+        return y
+    h = x.new_empty(N, F_)  # rows per assignment
+    z = x.new_empty(N, D)
+    idx = topk_idx.to(torch.int32).reshape(-1)
+    common = dict(K=K, K_PAD=triton.next_power_of_2(K), N_PAD=triton.next_power_of_2(N),
+                  BLOCK_M=max(_DECODE_BLOCK_M, triton.next_power_of_2(T)), DECODE=True,
+                  IEEE=x.dtype == torch.float32)
+    cfg = default_config("gate_up_decode", x.dtype, D, F_, 0, on_gpu)
+    _gate_up_kernel[(N * triton.cdiv(F_, cfg["BLOCK_N"]),)](
+        x, w_gate, w_up, h, h, h, idx, idx, idx, T, N, D, F_, N, x.stride(0), SAVE_PRE=False,
+        **common, **_launch_kw(cfg))
+    cfg = default_config("down_decode", x.dtype, D, F_, 0, on_gpu)
+    _down_kernel[(N * triton.cdiv(D, cfg["BLOCK_N"]),)](
+        h, w_down, topk_w, z, idx, idx, idx, T, N, D, F_, N, **common, **_launch_kw(cfg))
+    _combine(z, y, K, on_gpu)
+    return y
+
+
+def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                 tile_expert, gate, up, top_k, block_m, need_dx, need_dw):
+    """(dx, dw_gate, dw_up, dw_down, d topk_w); dx / the dW are empty (0,) when not needed
+    (frozen experts, a frozen input): their kernels do not run."""
+    T, D = x.shape
+    E, F_, _ = w_gate.shape
+    N, R = T * top_k, sorted_assign.shape[0]
+    num_m = R // block_m
+    on_gpu = not _on_interpreter(x.device)
+    ieee = x.dtype == torch.float32
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    # Every element is written below (empty experts' dW included) unless there are no tokens.
+    alloc = torch.zeros_like if T == 0 else torch.empty_like
+    dx = alloc(x) if need_dx else x.new_empty(0)  # outputs may not alias: one empty each
+    dwg, dwu, dwd = ((alloc(w_gate), alloc(w_up), alloc(w_down)) if need_dw
+                     else (x.new_empty(0), x.new_empty(0), x.new_empty(0)))
+    d_topk_w = alloc(topk_w)  # (T, K) fp32
+    if T == 0:
+        return dx, dwg, dwu, dwd, d_topk_w
+    need_dh = need_dx or need_dw
+    dg, du = (x.new_empty(R, F_), x.new_empty(R, F_)) if need_dh else (x, x)  # (x: unused)
+    cfg = default_config("down_bwd", x.dtype, D, F_, block_m, on_gpu)
+    num_n = triton.cdiv(F_, cfg["BLOCK_N"])
+    dw_part = torch.empty(N, num_n, device=x.device, dtype=torch.float32)  # per column tile
+    _down_bwd_kernel[(num_m * num_n,)](
+        dy, topk_w, w_down, gate, up, dg, du, dw_part, tile_expert, sorted_assign, D, F_, num_m,
+        dy.stride(0), K=top_k, BLOCK_M=block_m, NEED_DH=need_dh, IEEE=ieee, **_launch_kw(cfg))
+    block_a = 64 if on_gpu else 16
+    _dw_reduce_kernel[(triton.cdiv(N, block_a),)](
+        dw_part, d_topk_w, N, NUM_PARTS=num_n, BLOCK_A=block_a,
+        BLOCK_P=triton.next_power_of_2(num_n))
+    if need_dx:
+        dxs = x.new_empty(N, D)
+        cfg = default_config("dx", x.dtype, D, F_, block_m, on_gpu)
+        _gate_up_bwd_dx_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
+            dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
+            BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
+        _combine(dxs, dx, top_k, on_gpu)
+    if need_dw:
+        cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
+        _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](
+            dg, du, x, sorted_assign, counts, expert_start, dwg, dwu, D, F_, x.stride(0), K=top_k,
+            BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
+        cfg = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)
+        _dw_down_kernel[(triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(F_, cfg["BLOCK_N"]), E)](
+            dy, topk_w, gate, up, sorted_assign, counts, expert_start, dwd, D, F_, dy.stride(0),
+            K=top_k, BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
+    return dx, dwg, dwu, dwd, d_topk_w
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("molmoe::moe_route", mutates_args=())
+def _route_op(logits: torch.Tensor, top_k: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return route(logits, top_k, renormalize)
+
+
+@_route_op.register_fake
+def _(logits, top_k, renormalize):
+    T, E = logits.shape
+    f32 = dict(dtype=torch.float32)
+    return (logits.new_empty(T, top_k, **f32), logits.new_empty(T, top_k, dtype=torch.int32),
+            logits.new_empty(T, E, **f32), logits.new_empty(T, **f32))
+
+
+def _route_setup(ctx, inputs, output):
+    logits, top_k, renormalize = inputs
+    ctx.save_for_backward(output[2], output[1])  # probs, topk_idx
+    ctx.renormalize, ctx.logits_dtype = renormalize, logits.dtype
+
+
+def _route_backward(ctx, d_topk_w, _d_idx, d_probs, d_lse):
+    probs, topk_idx = ctx.saved_tensors
+    return _route_bwd_op(probs, topk_idx, d_topk_w, d_probs, d_lse, ctx.renormalize,
+                         ctx.logits_dtype), None, None
+
+
+@torch.library.custom_op("molmoe::moe_route_bwd", mutates_args=())
+def _route_bwd_op(probs: torch.Tensor, topk_idx: torch.Tensor, d_topk_w: torch.Tensor | None,
+                  d_probs: torch.Tensor | None, d_lse: torch.Tensor | None, renormalize: bool,
+                  logits_dtype: torch.dtype) -> torch.Tensor:
+    return route_backward(probs, topk_idx, d_topk_w, d_probs, d_lse, renormalize, logits_dtype)
+
+
+@_route_bwd_op.register_fake
+def _(probs, topk_idx, d_topk_w, d_probs, d_lse, renormalize, logits_dtype):
+    return probs.new_empty(probs.shape, dtype=logits_dtype)
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+@torch.library.custom_op("molmoe::moe_permute", mutates_args=())
+def _permute_op(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return permute(topk_idx, num_experts, block_m)
+
+
+@_permute_op.register_fake
+def _(topk_idx, num_experts, block_m):
+    N = topk_idx.numel()
+    R = padded_rows_bound(N, num_experts, block_m)
+    i32 = dict(dtype=torch.int32)
+    return (topk_idx.new_empty(num_experts, **i32), topk_idx.new_empty(num_experts, **i32),
+            topk_idx.new_empty(R, **i32), topk_idx.new_empty(N, **i32),
+            topk_idx.new_empty(R // block_m, **i32))
+
+
+@torch.library.custom_op("molmoe::moe_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                topk_w: torch.Tensor, counts: torch.Tensor, expert_start: torch.Tensor,
+                sorted_assign: torch.Tensor, tile_expert: torch.Tensor, top_k: int, block_m: int,
+                save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k,
+                        block_m, save_pre)
+
+
+@_experts_op.register_fake
+def _(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, top_k,
+      block_m, save_pre):
+    R, F_ = sorted_assign.shape[0], w_gate.shape[1]
+    kept = R if save_pre else 0
+    return x.new_empty(x.shape), x.new_empty(kept, F_), x.new_empty(kept, F_)
+
+
+def _experts_setup(ctx, inputs, output):
+    (x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, top_k,
+     block_m, save_pre) = inputs
+    _, gate, up = output
+    ctx.save_for_backward(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                          tile_expert, gate, up)
+    ctx.top_k, ctx.block_m, ctx.save_pre = top_k, block_m, save_pre
+
+
+def _experts_backward(ctx, dy, _d_gate, _d_up):
+    if not ctx.save_pre:
+        raise RuntimeError("moe_experts: forward ran with save_pre=False (inference); "
+                           "no pre-activations were kept for a backward")
+    need = ctx.needs_input_grad
+    need_dx, need_dw = need[0], any(need[1:4])
+    dx, dwg, dwu, dwd, d_topk_w = _experts_bwd_op(dy, *ctx.saved_tensors, ctx.top_k, ctx.block_m,
+                                                  need_dx, need_dw)
+    return (dx if need_dx else None, dwg if need_dw else None, dwu if need_dw else None,
+            dwd if need_dw else None, d_topk_w, None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op("molmoe::moe_experts_bwd", mutates_args=())
+def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                    w_down: torch.Tensor, topk_w: torch.Tensor, counts: torch.Tensor,
+                    expert_start: torch.Tensor, sorted_assign: torch.Tensor,
+                    tile_expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    top_k: int, block_m: int, need_dx: bool,
+                    need_dw: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                        tile_expert, gate, up, top_k, block_m, need_dx, need_dw)
+
+
+@_experts_bwd_op.register_fake
+def _(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign, tile_expert, gate,
+      up, top_k, block_m, need_dx, need_dw):
+    def like(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty(0)
+
+    return (like(x, need_dx), like(w_gate, need_dw), like(w_up, need_dw), like(w_down, need_dw),
+            topk_w.new_empty(topk_w.shape))
+
+
+_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+@torch.library.custom_op("molmoe::moe_experts_decode", mutates_args=())
+def _experts_decode_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       w_down: torch.Tensor, topk_w: torch.Tensor,
+                       topk_idx: torch.Tensor) -> torch.Tensor:
+    return _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx)
+
+
+@_experts_decode_op.register_fake
+def _(x, w_gate, w_up, w_down, topk_w, topk_idx):
+    return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(x, router_w, w_gate, w_up, w_down, top_k):
+    if x.dim() != 2 or router_w.dim() != 2 or w_gate.dim() != 3:
+        raise ValueError(f"moe_ffn: expected x (T, D), router_w (E, D), w_gate (E, F, D); got "
+                         f"{tuple(x.shape)}, {tuple(router_w.shape)}, {tuple(w_gate.shape)}")
+    T, D = x.shape
+    E, F_, Dg = w_gate.shape
+    if router_w.shape != (E, D) or Dg != D or w_up.shape != (E, F_, D) or \
+            w_down.shape != (E, D, F_):
+        raise ValueError(f"moe_ffn: shapes disagree: x {tuple(x.shape)}, router_w "
+                         f"{tuple(router_w.shape)}, w_gate {tuple(w_gate.shape)}, w_up "
+                         f"{tuple(w_up.shape)}, w_down {tuple(w_down.shape)} (want router_w "
+                         f"(E, D), w_gate/w_up (E, F, D), w_down (E, D, F))")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"moe_ffn: top_k={top_k} must be in 1..E={E}")
+    if E > 1024:
+        raise ValueError(f"moe_ffn: {E} experts unsupported (at most 1024)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"moe_ffn: dtype {x.dtype} unsupported (fp32, fp16, bf16)")
+    for name, w in (("router_w", router_w), ("w_gate", w_gate), ("w_up", w_up),
+                    ("w_down", w_down)):
+        if w.dtype != x.dtype:
+            raise ValueError(f"moe_ffn: {name} is {w.dtype} but x is {x.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"moe_ffn: {name} on {w.device} but x on {x.device}")
+    if not _on_interpreter(x.device) and x.device.type != "cuda":
+        raise ValueError("moe_ffn: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+
+
+def aux_losses(counts_E, probs_TE, lse_T, top_k):
+    """Switch/OLMoE load-balancing loss E * sum_e f_e P_e (f from counts, no gradient) and the
+    ST-MoE router z-loss mean_t lse_t^2; both 0 for T = 0."""
+    T, E = probs_TE.shape
+    f_E = counts_E.to(torch.float32) / max(T * top_k, 1)
+    p_E = probs_TE.sum(0) / max(T, 1)
+    return E * (f_E * p_E).sum(), lse_T.square().sum() / max(T, 1)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
+    """The experts part of the op for a given routing: (y, counts int64). topk_w (T, K) fp32,
+    topk_idx (T, K) int; `path` None (choose from shapes), 'decode' or 'grouped'."""
+    T = x.shape[0]
+    E, K = w_gate.shape[0], topk_idx.shape[1]
+    path = choose_path(T, _needs_grad(x, w_gate, w_up, w_down, topk_w), path)
+    w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    topk_w = topk_w.to(torch.float32).contiguous()  # read flat, by assignment
+    if path == "decode":
+        y = _experts_decode_op(x, w_gate, w_up, w_down, topk_w, topk_idx)
+        # A handful of assignments: a one-hot sum is cheaper than the permutation kernels.
+        arange_E = torch.arange(E, device=x.device, dtype=topk_idx.dtype)
+        counts = (topk_idx.reshape(-1, 1) == arange_E).sum(0)
+        return y, counts
+    block_m = block_m_for(T * K, E, not _on_interpreter(x.device))
+    counts, expert_start, sorted_assign, _assign_row, tile_expert = _permute_op(
+        topk_idx, E, block_m)
+    y, _gate, _up = _experts_op(x, w_gate, w_up, w_down, topk_w, counts, expert_start,
+                                    sorted_assign, tile_expert, K, block_m,
+                                    _needs_grad(x, w_gate, w_up, w_down, topk_w))
+    return y, counts.long()
+
+
+def moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False, *, path=None):
+    """x (T, D) -> (y (T, D), aux); the contract of molmoe.backends (see the header).
+
+    path: None picks from static shapes (decode for <= DECODE_MAX_TOKENS tokens without
+    gradients, else grouped); 'decode' / 'grouped' force one (tests, benchmarks).
+    aux: counts (E,) int64, router_logits (T, E), topk_idx (T, K) int64, topk_weights (T, K)
+    fp32, router_probs (T, E) fp32, router_lse (T,) fp32, lb_loss, z_loss. On the decode path
+    (inference, <= 8 tokens) the two losses are None: computing them would add ~10 small
+    kernels to a latency-bound step; `aux_losses(counts, router_probs, router_lse, K)` gives
+    them if wanted.
+    """
+    _check(x, router_w, w_gate, w_up, w_down, top_k)
+    logits = F.linear(x, router_w)  # (T, E) model dtype, exactly the reference's
+    topk_w, topk_idx, probs, lse = _route_op(logits, int(top_k), bool(renormalize))
+    path = choose_path(x.shape[0], _needs_grad(x, router_w, w_gate, w_up, w_down), path)
+    y, counts = moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, path=path)
+    lb_loss = z_loss = None
+    if path == "grouped":
+        lb_loss, z_loss = aux_losses(counts, probs, lse, top_k)
+    return y, {"counts": counts, "router_logits": logits, "topk_idx": topk_idx.long(),
+               "topk_weights": topk_w, "router_probs": probs, "router_lse": lse,
+               "lb_loss": lb_loss, "z_loss": z_loss}

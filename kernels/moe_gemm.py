@@ -1,0 +1,306 @@
+"""Grouped expert GEMMs of the MoE op, forward and backward (see kernels/moe.py for the picture).
+
+Every row-tiled kernel gets its rows from `_tile_rows`, in one of two modes:
+  * grouped (prefill/training): program m takes row tile m of the expert-sorted, padded layout
+    (kernels/moe_routing.py `permute`); the tile's expert is tile_expert[m] (-1: exit at once).
+  * decode (few tokens, no permutation): program m takes assignment a = m; only the FIRST
+    assignment of each selected expert works, and its rows are all the tokens that picked that
+    expert (found by comparing the T*K expert ids in-kernel). So each selected expert's weights
+    are read once however many of the T tokens chose it, and no sort is needed.
+Row vectors: `tok` (row of x / dy), `assign` (a = t*K + k: row of z / dxs), `row` (row of the
+h / gate / up buffers: the sorted row when grouped, the assignment when decoding).
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, N = T*K,
+R padded sorted rows. Weights are the loader's: w_gate, w_up (E, F, D), w_down (E, D, F),
+contiguous. Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row tiles share each column tile in launch order: the expert weight tile and the
+    # gathered activation rows both stay in L2 (the same expert's row tiles are adjacent).
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N, K: tl.constexpr,
+               K_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+               DECODE: tl.constexpr):
+    if DECODE:
+        all_a = tl.arange(0, N_PAD)
+        all_e = tl.load(idx_ptr + all_a, mask=all_a < N, other=-1)
+        e = tl.load(idx_ptr + pid_m)
+        first = tl.min(tl.where(all_e == e, all_a, N_PAD), axis=0)
+        e = tl.where(first == pid_m, e, -1)  # a later assignment of the same expert: no work
+        tok = tl.arange(0, BLOCK_M)  # rows are tokens (T <= BLOCK_M on this path)
+        slots = tl.arange(0, K_PAD)
+        sel = tl.load(idx_ptr + tok[:, None] * K + slots[None, :],
+                      mask=(tok < T)[:, None] & (slots < K)[None, :], other=-1)
+        match = sel == e  # a token picks an expert at most once
+        ok = tl.sum(match.to(tl.int32), axis=1) > 0
+        assign = tok * K + tl.sum(tl.where(match, slots[None, :], 0), axis=1)
+        row = assign
+    else:
+        e = tl.load(tile_expert_ptr + pid_m)
+        row = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        assign = tl.load(sorted_assign_ptr + row)
+        ok = assign >= 0  # padding rows of the expert's last tile
+        assign = tl.where(ok, assign, 0)
+        tok = assign // K
+    return e, tok.to(tl.int64), assign.to(tl.int64), row.to(tl.int64), ok
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
+                    sorted_assign_ptr, idx_ptr, T, N, D, F, num_m, s_xt,
+                    K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, DECODE: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
+                                         N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    if e < 0:
+        if SAVE_PRE:  # saved outputs hold zeros, not garbage, past the work (reproducible)
+            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            tl.store(g_ptr + row[:, None] * F + cols[None, :], zero.to(g_ptr.dtype.element_ty),
+                     mask=col_ok[None, :])
+            tl.store(u_ptr + row[:, None] * F + cols[None, :], zero.to(u_ptr.dtype.element_ty),
+                     mask=col_ok[None, :])
+        return
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * s_xt + ks[None, :]
+    w_off = e.to(tl.int64) * F * D + cols[None, :] * D + ks[:, None]  # (BLOCK_K, BLOCK_N)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks) < D
+        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b_ok = k_ok[:, None] & col_ok[None, :]
+        acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
+        acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
+    out = row[:, None] * F + cols[None, :]
+    out_ok = ok[:, None] & col_ok[None, :]
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_ok)
+    if SAVE_PRE:  # training: the backward needs the pre-activations (padding rows: zeros)
+        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=col_ok[None, :])
+        tl.store(u_ptr + out, acc_u.to(u_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N,
+                 D, F, num_m, K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr):
+    """z[assign] = w[assign] * (h[row] @ w_down[e]^T): (BLOCK_M, BLOCK_N) over D, the routing
+    weight applied in fp32 before the one rounding, stored per assignment."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
+                                         N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
+    if e < 0:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + row[:, None] * F + ks[None, :]
+    b_ptrs = wd_ptr + e.to(tl.int64) * D * F + cols[None, :] * F + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        k_ok = (k0 + ks) < F
+        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    acc = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
+    tl.store(z_ptr + assign[:, None] * D + cols[None, :], acc.to(z_ptr.dtype.element_ty),
+             mask=ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """y[t] = sum_k z[t*K + k] in fp32, slots in order: a gather, no atomics."""
+    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (toks < T)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for k in range(K):
+        zk = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
+        acc += zk.to(tl.float32)
+    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _dw_reduce_kernel(part_ptr, dw_ptr, N, NUM_PARTS: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_P: tl.constexpr):
+    """d topk_w[a] = sum of the per-column-tile partials of `_down_bwd_kernel`, in tile order."""
+    a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    parts = tl.arange(0, BLOCK_P)
+    ok = (a < N)[:, None] & (parts < NUM_PARTS)[None, :]
+    p = tl.load(part_ptr + a.to(tl.int64)[:, None] * NUM_PARTS + parts[None, :], mask=ok,
+                other=0.0)
+    tl.store(dw_ptr + a, tl.sum(p, axis=1), mask=a < N)
+
+
+@triton.jit
+def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dw_part_ptr,
+                     tile_expert_ptr, sorted_assign_ptr, D, F, num_m, s_dyt, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, NEED_DH: tl.constexpr, IEEE: tl.constexpr):
+    """g = dy[tok] @ w_down[e] over F. Then the routing weight's gradient, d w = dy . z / w =
+    g . h, as this column tile's partial sum (reduced by `_dw_reduce_kernel`: no atomics), and
+    dh = w * g through the silu-gate backward: d gate, d up per row."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
+                                         sorted_assign_ptr, 0, 0, K, 1, 1, BLOCK_M, False)
+    if e < 0:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = dy_ptr + tok[:, None] * s_dyt + ks[None, :]
+    b_ptrs = wd_ptr + e.to(tl.int64) * D * F + ks[:, None] * F + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks) < D
+        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0 * F, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    off = row[:, None] * F + cols[None, :]
+    out_ok = ok[:, None] & col_ok[None, :]
+    gate = tl.load(g_ptr + off, mask=out_ok, other=0.0).to(tl.float32)
+    up = tl.load(u_ptr + off, mask=out_ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    # h recomputed from the saved gate/up (masked entries are 0, so they add nothing)
+    tl.store(dw_part_ptr + assign * tl.cdiv(F, BLOCK_N) + pid_n,
+             tl.sum(acc * gate * sig * up, axis=1), mask=ok)
+    if NEED_DH:
+        dh = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(dg_ptr + off, dgate.to(dg_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(du_ptr + off, (dh * gate * sig).to(du_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_ptr,
+                           sorted_assign_ptr, D, F, num_m, K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+    """dxs[assign] = d gate[row] @ w_gate[e] + d up[row] @ w_up[e] over D (summed per token
+    by `_combine_kernel` afterwards)."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
+                                         sorted_assign_ptr, 0, 0, K, 1, 1, BLOCK_M, False)
+    if e < 0:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    ks = tl.arange(0, BLOCK_K)
+    a_off = row[:, None] * F + ks[None, :]
+    b_off = e.to(tl.int64) * F * D + ks[:, None] * D + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        k_ok = (k0 + ks) < F
+        a_ok = ok[:, None] & k_ok[None, :]
+        b_ok = k_ok[:, None] & col_ok[None, :]
+        acc = _dot(tl.load(dg_ptr + a_off + k0, mask=a_ok, other=0.0),
+                   tl.load(wg_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
+        acc = _dot(tl.load(du_ptr + a_off + k0, mask=a_ok, other=0.0),
+                   tl.load(wu_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
+    tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], acc.to(dxs_ptr.dtype.element_ty),
+             mask=ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dw_gate_up_kernel(dg_ptr, du_ptr, x_ptr, sorted_assign_ptr, counts_ptr, expert_start_ptr,
+                       dwg_ptr, dwu_ptr, D, F, s_xt, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """dW_gate[e] = d gate[rows_e]^T @ x[tok], dW_up[e] likewise: (BLOCK_M over F, BLOCK_N over
+    D) per program, a loop over the expert's rows (an empty expert stores zeros)."""
+    e = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    fcols = (tl.program_id(0) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    f_ok = fcols < F
+    d_ok = dcols < D
+    start = tl.load(expert_start_ptr + e)
+    count = tl.load(counts_ptr + e)
+    rs = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(0, count, BLOCK_K):
+        r_ok = (r0 + rs) < count
+        row = (start + r0 + rs).to(tl.int64)
+        tok = (tl.load(sorted_assign_ptr + row, mask=r_ok, other=0) // K).to(tl.int64)
+        at_ok = f_ok[:, None] & r_ok[None, :]
+        dg_t = tl.load(dg_ptr + row[None, :] * F + fcols[:, None], mask=at_ok, other=0.0)
+        du_t = tl.load(du_ptr + row[None, :] * F + fcols[:, None], mask=at_ok, other=0.0)
+        xb = tl.load(x_ptr + tok[:, None] * s_xt + dcols[None, :],
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        acc_g = _dot(dg_t, xb, acc_g, IEEE)
+        acc_u = _dot(du_t, xb, acc_u, IEEE)
+    off = e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :]
+    out_ok = f_ok[:, None] & d_ok[None, :]
+    tl.store(dwg_ptr + off, acc_g.to(dwg_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(dwu_ptr + off, acc_u.to(dwu_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _dw_down_kernel(dy_ptr, w_ptr, g_ptr, u_ptr, sorted_assign_ptr, counts_ptr, expert_start_ptr,
+                    dwd_ptr, D, F, s_dyt, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """dW_down[e] = (w * dy[tok])[rows_e]^T @ h[rows_e]: (BLOCK_M over D, BLOCK_N over F); h is
+    recomputed from the saved gate/up (one fewer (R, F) buffer kept for the backward)."""
+    e = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    dcols = (tl.program_id(0) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    fcols = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = dcols < D
+    f_ok = fcols < F
+    start = tl.load(expert_start_ptr + e)
+    count = tl.load(counts_ptr + e)
+    rs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(0, count, BLOCK_K):
+        r_ok = (r0 + rs) < count
+        row = (start + r0 + rs).to(tl.int64)
+        assign = tl.load(sorted_assign_ptr + row, mask=r_ok, other=0).to(tl.int64)
+        wgt = tl.load(w_ptr + assign, mask=r_ok, other=0.0)
+        dy_t = tl.load(dy_ptr + (assign // K)[None, :] * s_dyt + dcols[:, None],
+                       mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        dy_t = (dy_t.to(tl.float32) * wgt[None, :]).to(dy_ptr.dtype.element_ty)
+        hb_ok = r_ok[:, None] & f_ok[None, :]
+        gate = tl.load(g_ptr + row[:, None] * F + fcols[None, :], mask=hb_ok, other=0.0)
+        up = tl.load(u_ptr + row[:, None] * F + fcols[None, :], mask=hb_ok, other=0.0)
+        gate = gate.to(tl.float32)
+        h = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dy_ptr.dtype.element_ty)
+        acc = _dot(dy_t, h, acc, IEEE)
+    off = e.to(tl.int64) * D * F + dcols[:, None] * F + fcols[None, :]
+    tl.store(dwd_ptr + off, acc.to(dwd_ptr.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])

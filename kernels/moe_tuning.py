@@ -1,0 +1,195 @@
+"""Launch policy of the MoE kernels: tile configs, their pruning, pinning and tuning, the row
+tile and the decode/grouped choice. All from static shapes; nothing here runs on the launch path
+except dictionary look-ups (CUDA-graph capture). See kernels/moe.py for the op.
+
+Kinds (one config each): gate_up, down (forward, grouped), down_bwd (dh + silu backward), dx,
+dw_gate_up, dw_down (backward), gate_up_decode, down_decode (decode path). A config is a dict of
+BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; the row-tiled grouped kinds share
+BLOCK_M with the permutation (`block_m_for`), the dW kinds tile the weight (BLOCK_M x BLOCK_N)
+and step over rows (BLOCK_K).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CONFIG_ENV = "MOLMOE_MOE_CONFIG"
+DECODE_MAX_TOKENS = 8  # decode path up to this many tokens (its rows are tokens: <= BLOCK_M)
+
+KINDS = ("gate_up", "down", "down_bwd", "dx", "dw_gate_up", "dw_down", "gate_up_decode",
+         "down_decode")
+_TWO_B_TILES = {"gate_up", "dx", "gate_up_decode"}  # kernels that load two weight tiles a step
+
+
+def _on_interpreter(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_configs(kind: str, on_gpu: bool) -> list[dict]:
+    """Candidate tiles of one kernel kind. The interpreter gets one small one (fast tests)."""
+    if kind not in KINDS:
+        raise ValueError(f"moe: unknown kernel kind {kind!r}; known: {KINDS}")
+    if not on_gpu:  # 64-wide: the tests' odd widths take one or two tiles (few programs)
+        return [dict(BLOCK_M=64 if kind.startswith("dw_") else 16, BLOCK_N=64,
+                     BLOCK_K=16 if kind.startswith("dw_") else 64, GROUP_M=2, num_warps=1,
+                     num_stages=1)]
+    # Kept small on purpose: `autotune` compiles every candidate (~1-2 s each on the host).
+    if kind.endswith("_decode"):  # bandwidth-bound: narrow column tiles -> many programs
+        return [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stages=4)
+                for n in (16, 32, 64) for k in (128, 256) for w in (2, 4)]
+    if kind.startswith("dw_"):  # BLOCK_M/BLOCK_N over the weight's two dims, BLOCK_K over rows
+        return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, GROUP_M=1, num_warps=w, num_stages=s)
+                for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (3, 4)]
+    return [dict(BLOCK_M=0, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
+            for n in (64, 128, 256) for k in (64, 128) for w in (4, 8) for s in (3, 4)]
+
+
+def prune_configs(configs: list[dict], kind: str, block_m: int, dtype: torch.dtype) -> list[dict]:
+    """Drop tiles whose pipelined A and B stages overflow shared memory (~220 KiB on H100), and
+    64-row-wide accumulators that would spill (more than 128 fp32 registers a thread)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    kept = []
+    for c in configs:
+        bm = c["BLOCK_M"] or block_m
+        n_b = 2 if kind in _TWO_B_TILES else 1
+        n_a = 2 if kind in ("dx", "dw_gate_up") else 1
+        smem = c["num_stages"] * size * c["BLOCK_K"] * (n_a * bm + n_b * c["BLOCK_N"])
+        n_acc = 2 if kind in ("gate_up", "dw_gate_up", "gate_up_decode") else 1
+        regs = n_acc * bm * c["BLOCK_N"] / (32 * c["num_warps"])
+        if smem <= 220_000 and regs <= 128:
+            kept.append(c)
+    return kept or configs[:1]
+
+
+def _pinned(kind: str) -> dict:
+    """MOLMOE_MOE_CONFIG entries that apply to `kind` (bare entries apply to all kinds)."""
+    spec = os.environ.get(_CONFIG_ENV, "").replace(" ", "")
+    out: dict = {}
+    for entry in filter(None, spec.split(";")):
+        scope, _, body = entry.rpartition(":")
+        if scope and scope not in KINDS:
+            raise ValueError(f"{_CONFIG_ENV}: unknown kind {scope!r}; known: {KINDS}")
+        if scope and scope != kind:
+            continue
+        try:
+            out.update({k: int(v) for k, v in (kv.split("=") for kv in body.split(","))})
+        except ValueError:
+            raise ValueError(f"{_CONFIG_ENV}={spec!r}: expected e.g. 'BLOCK_M=64;gate_up:"
+                             f"BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=4'") from None
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}  # (kind, dtype, D, F, BLOCK_M) -> config, filled by `autotune`
+
+
+def block_m_for(num_assignments: int, num_experts: int, on_gpu: bool) -> int:
+    """Row tile of the grouped path from the expected rows per expert (static shapes only):
+    small tiles waste less padding when experts get few rows, large ones reuse each weight tile
+    over more rows. MOLMOE_MOE_CONFIG="BLOCK_M=..." pins it."""
+    pinned = _pinned("gate_up").get("BLOCK_M")
+    if pinned:
+        return pinned
+    if not on_gpu:
+        return 16
+    per_expert = num_assignments / max(num_experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
+
+
+def default_config(kind: str, dtype: torch.dtype, D: int, F_: int, block_m: int,
+                   on_gpu: bool) -> dict:
+    """Pinned entries over tuned over a default chosen for MolmoE-1B (D 2048, F 1024) on H100."""
+    key = (kind, dtype, D, F_, block_m)
+    if not on_gpu:
+        cfg = dict(kernel_configs(kind, False)[0])
+    elif key in _TUNED:
+        cfg = dict(_TUNED[key])
+    else:
+        big = block_m >= 128
+        cfg = {
+            "gate_up": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
+                            num_stages=4),
+            "down": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
+                         num_stages=4),
+            "down_bwd": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
+                             num_stages=4),
+            "dx": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
+                       num_stages=3),
+            "dw_gate_up": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=8,
+                               num_stages=3),
+            "dw_down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8,
+                            num_stages=3),
+            "gate_up_decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
+                                   num_stages=4),
+            "down_decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
+                                num_stages=4),
+        }[kind]
+        cfg.setdefault("BLOCK_M", 0)
+    cfg.update(_pinned(kind))
+    if not kind.startswith("dw_") and not kind.endswith("_decode"):
+        cfg["BLOCK_M"] = block_m  # shared with the permutation
+    return cfg
+
+
+def choose_path(num_tokens: int, needs_grad: bool, path: str | None) -> str:
+    """'decode' for a few tokens without gradients, else 'grouped'; `path` forces one."""
+    if path not in (None, "decode", "grouped"):
+        raise ValueError(f"moe_ffn: path must be None, 'decode' or 'grouped', got {path!r}")
+    if path == "decode" and (needs_grad or num_tokens > DECODE_MAX_TOKENS):
+        raise ValueError(f"moe_ffn: the decode path serves <= {DECODE_MAX_TOKENS} tokens without "
+                         f"gradients (got {num_tokens} tokens, needs_grad={needs_grad})")
+    if path is not None:
+        return path
+    return "decode" if num_tokens <= DECODE_MAX_TOKENS and not needs_grad else "grouped"
+
+
+def autotune(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False,
+             kinds=KINDS) -> dict[str, dict]:
+    """Time every pruned config of each kernel kind on these tensors (GPU only), one kind at a
+    time with the others at their current choice; remember and return the fastest. Forward
+    kinds are timed on the forward, backward kinds on forward + backward."""
+    import triton.testing
+
+    from molmoe.kernels.moe import moe_ffn  # the op this tunes (imports this module)
+
+    T, D = x.shape
+    E, F_, _ = w_gate.shape
+    on_gpu = not _on_interpreter(x.device)
+    if not on_gpu:
+        raise RuntimeError("moe autotune needs a GPU")
+    block_m = block_m_for(T * top_k, E, on_gpu)
+    params = [t.detach().requires_grad_() for t in (x, router_w, w_gate, w_up, w_down)]
+    best_by_kind = {}
+    for kind in kinds:
+        decode = kind.endswith("_decode")
+        if decode and T > DECODE_MAX_TOKENS:
+            continue
+        bwd = kind in ("down_bwd", "dx", "dw_gate_up", "dw_down")
+        if bwd:
+            y = moe_ffn(*params, top_k, renormalize)[0]
+            dy = torch.randn_like(y)
+
+            def run():
+                out = moe_ffn(*params, top_k, renormalize)[0]
+                torch.autograd.grad(out, params, dy)
+        else:
+            def run():
+                with torch.no_grad():
+                    moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize,
+                            path="decode" if decode else "grouped")
+        key = (kind, x.dtype, D, F_, 0 if decode else block_m)
+        best, best_ms = None, float("inf")
+        for cfg in prune_configs(kernel_configs(kind, True), kind, key[-1] or 16, x.dtype):
+            _TUNED[key] = cfg
+            try:
+                ms = triton.testing.do_bench(run)
+            except Exception:  # a config the compiler rejects (e.g. out of resources)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is not None:
+            _TUNED[key] = best
+            best_by_kind[kind] = best
+        else:
+            _TUNED.pop(key, None)
+    return best_by_kind
