@@ -261,6 +261,8 @@ def main(argv=None) -> pathlib.Path:
     parser.add_argument("--quick", action="store_true", help="a few token counts only")
     parser.add_argument("--no-triton", action="store_true", help="GPU: baselines only")
     parser.add_argument("--no-check", action="store_true", help="GPU: skip the correctness check")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="GPU: time the Triton op with its default tiles")
     parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     args = parser.parse_args(argv)
 
@@ -306,6 +308,12 @@ def main(argv=None) -> pathlib.Path:
         fwd_flops = 2 * T * layer.K * 3 * layer.D * layer.F
         weight_bytes = stats["experts_hit"] * 3 * layer.D * layer.F * itemsize
         print(f"T={T}: {stats}")
+        if "triton" in cands and not args.no_autotune:
+            # Tile choice is never made on the launch path: tune once per shape, before timing.
+            from molmoe.kernels.moe import autotune
+
+            tuned = autotune(x, *(weights[n] for n in WEIGHT_NAMES), layer.K)
+            print(f"triton autotune T={T}: {tuned}")
         for name, c in cands.items():
             for ps in ("fwd", "fwd+bwd"):
                 if ps == "fwd":
