@@ -315,7 +315,8 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, do, dq, lse, delta, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
-        meta["kfirst"], meta["klast"], meta["kpm"], *strides, Hq, Sq, Sk, scale, **flags)
+        meta["kfirst"], meta["klast"], meta["kpm"], *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **flags)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, meta["blk"], meta["bfirst"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], *strides,

@@ -248,7 +248,7 @@ def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
     blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
-    Hq, Sq, Sk, scale,
+    sdq_b, sdq_h, sdq_s, Hq, Sq, Sk, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
@@ -293,7 +293,7 @@ def _attn_bwd_dq_kernel(
                           rows_pos, q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
                           BLOCK_N, True, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
     dq = dq * scale
-    tl.store(dq_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + dims[None, :],
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows[:, None] * sdq_s + dims[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
