@@ -293,7 +293,7 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
 
 
 def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens, causal,
-                scale):
+                scale, counts=None):
     B, Hq, Sq, Dh = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v, do = (_unit_stride(t) for t in (q, k, v, do))
@@ -319,9 +319,10 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
         dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **flags)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, meta["blk"], meta["bfirst"], meta["seqs"], meta["seqe"],
-        meta["kfirst"], meta["klast"], meta["kpm"], *strides,
+        meta["kfirst"], meta["klast"], meta["kpm"], counts if counts is not None else delta,
+        *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hkv, Sq, Sk, scale, **flags)
+        Hkv, Sq, Sk, scale, COUNT_TILES=counts is not None, **flags)
     return dq, dk, dv
 
 
@@ -391,16 +392,24 @@ def attention(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=No
 
 
 def attention_tile_counts(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None,
-                          cu_seqlens=None, scale=None):
-    """(output, visited key tiles per (batch, q head, query tile), (BLOCK_M, BLOCK_N)): a debug
-    view of the forward's tile skipping, for tests and benchmarks."""
+                          cu_seqlens=None, scale=None, backward=False):
+    """A debug view of the tile skipping, for tests and benchmarks. Forward: (o, visited key
+    tiles per (batch, q head, query tile), (BLOCK_M, BLOCK_N)). backward=True: (dk, (query
+    head, query tile) pairs the dk/dv kernel computed per (batch, kv head, key tile), tiles)."""
     _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    o, _, counts = _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens,
-                               bool(causal), float(scale), count_tiles=True)
-    masked = any(t is not None for t in (image_block_ids, key_padding_mask, cu_seqlens))
-    cfg = default_config(_tune_key(False, q.dtype, q.shape[-1], bool(causal), masked),
-                         not _on_interpreter(q.device))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    masks = (image_block_ids, key_padding_mask, cu_seqlens)
+    o, lse, counts = _launch_fwd(q, k, v, *masks, bool(causal), scale, count_tiles=True)
+    on_gpu = not _on_interpreter(q.device)
+    key = _tune_key(backward, q.dtype, q.shape[-1], bool(causal),
+                    any(t is not None for t in masks))
+    cfg = default_config(key, on_gpu)
     B, Hq, Sq, _ = q.shape
-    return o, counts.view(B, Hq, -1), (cfg["BLOCK_M"], cfg["BLOCK_N"])
-
+    if not backward:
+        return o, counts.view(B, Hq, -1), (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    Hkv, Sk = k.shape[1], k.shape[2]
+    counts = torch.zeros(B * Hkv * triton.cdiv(Sk, cfg["BLOCK_N"]), dtype=torch.int32,
+                         device=q.device)
+    _, dk, _ = _launch_bwd(torch.randn_like(o), q, k, v, o, lse, *masks, bool(causal), scale,
+                           counts=counts)
+    return dk, counts.view(B, Hkv, -1), (cfg["BLOCK_M"], cfg["BLOCK_N"])

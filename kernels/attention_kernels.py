@@ -338,13 +338,13 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
-    blk_ptr, bfirst_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr,
+    blk_ptr, bfirst_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr, count_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
     sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s,
     Hkv, Sq, Sk, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
     """dk, dv of one key tile of one kv head, summed over its G query heads in registers (no
     atomics): the query tiles that can reach the key tile are [q_lo, q_hi); from q_full on every
@@ -393,6 +393,7 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    visited = q_lo * 0
     if CAUSAL and HAS_BLOCKS:
         kb_min, kb_max = _block_range(k_blk, col_ok)
     for g in range(G):
@@ -413,17 +414,20 @@ def _attn_bwd_dkdv_kernel(
                                         sq_s, sdo_s, m0, q_hi, off, dims, cols, col_ok, k_blk,
                                         k_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, BLOCK_M, True,
                                         CAUSAL, HAS_BLOCKS, HAS_SEQ, IEEE)
+                    visited += 1
         else:
             for m0 in range(q_lo, q_mid, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s,
                                     sdo_s, m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk,
                                     qk_scale, blk_ptr, seqs_ptr, BLOCK_M, True, CAUSAL,
                                     HAS_BLOCKS, HAS_SEQ, IEEE)
+                visited += 1
         for m0 in range(q_mid, q_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
                                 m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk, qk_scale,
                                 blk_ptr, seqs_ptr, BLOCK_M, False, CAUSAL, HAS_BLOCKS, HAS_SEQ,
                                 IEEE)
+            visited += 1
     dk = dk * scale
     if HAS_KPM:  # padding keys are never attended: exactly zero gradient
         pad = tl.load(kpm_ptr + b * Sk + cols, mask=col_ok, other=0)
@@ -433,3 +437,5 @@ def _attn_bwd_dkdv_kernel(
              dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + b * sdv_b + hkv * sdv_h + cols[:, None] * sdv_s + dims[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+    if COUNT_TILES:  # (query head, query tile) pairs computed, summed over the group
+        tl.store(count_ptr + bh * tl.num_programs(0) + n_tile, visited)

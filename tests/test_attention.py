@@ -212,10 +212,10 @@ def test_strided_inputs():
 # ----------------------------------------------------------------------------- tile skipping
 
 
-def brute_force_tiles(mask, Sq, tile_m, tile_n):
+def brute_force_tiles(mask, tile_m, tile_n):
     """Key tiles holding at least one allowed (query, key) pair, per query tile. The key tile
     grid starts at the tile's first allowed key (the kernel starts its loop there)."""
-    B = mask.shape[0]
+    B, Sq, _ = mask.shape
     out = torch.zeros(B, math.ceil(Sq / tile_m), dtype=torch.int32)
     for b in range(B):
         for t in range(out.shape[1]):
@@ -232,12 +232,11 @@ SKIP_CASES = {
     "image blocks": dict(S=100, spans=[(5, 40, 0), (60, 70, 1)]),
     "one id for all images": dict(S=100, spans=[(3, 20, 0), (50, 80, 0)]),
     "packed": dict(S=100, cu=[0, 1, 6, 50, 100], spans=[(10, 30, 0), (60, 90, 1)]),
-    "left padding": dict(S=100, pad=37),
+    "left padding": dict(S=100, pad=64),
 }
 
 
-@pytest.mark.parametrize("name", list(SKIP_CASES))
-def test_tile_skipping_visits_exactly_the_nonempty_tiles(name):
+def _skip_case(name, G=1):
     c = SKIP_CASES[name]
     S, Sq = c["S"], c.get("Sq", c["S"])
     ids = _blocks(S, c["spans"])[None] if "spans" in c else None
@@ -246,17 +245,38 @@ def test_tile_skipping_visits_exactly_the_nonempty_tiles(name):
     if "pad" in c:
         kpm = torch.ones(1, S, dtype=torch.bool)
         kpm[0, :c["pad"]] = False
-    q, k, v, _ = make(1, 1, 1, Sq, S, 16, torch.float32)
+    q, k, v, _ = make(1, G, 1, Sq, S, 16, torch.float32)
     kw = dict(image_block_ids=ids, cu_seqlens=cu, key_padding_mask=kpm)
-    o, counts, (tm, tn) = attention_tile_counts(q, k, v, causal=True,
-                                                **{n: t if t is None else t.to(DEV)
-                                                   for n, t in kw.items()})
     mask = loop_mask(1, Sq, S, True, blocks=ids, kpm=kpm, cu=cu)
-    want = brute_force_tiles(mask, Sq, tm, tn)
+    return q, k, v, kw, mask
+
+
+def _on_device(kw):
+    return {n: t if t is None else t.to(DEV) for n, t in kw.items()}
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_tile_skipping_visits_exactly_the_nonempty_tiles(name):
+    # Forward (and dq, same bounds): per query tile, the key tiles with an allowed pair.
+    q, k, v, kw, mask = _skip_case(name)
+    Sq, S = mask.shape[1:]
+    o, counts, (tm, tn) = attention_tile_counts(q, k, v, causal=True, **_on_device(kw))
+    want = brute_force_tiles(mask, tm, tn)
     assert torch.equal(counts[:, 0].cpu(), want), (counts[:, 0], want)
-    dense = math.ceil(Sq / tm) * math.ceil(S / tn)
-    assert counts.sum() < dense  # the masks really removed work
+    assert counts.sum() < math.ceil(Sq / tm) * math.ceil(S / tn)  # the masks removed work
     torch.testing.assert_close(o, attention_ref(q, k, v, causal=True, **kw), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_backward_tile_skipping_visits_exactly_the_nonempty_tiles(name):
+    # dk/dv: per key tile, the (query head, query tile) pairs with an allowed pair; GQA 2.
+    q, k, v, kw, mask = _skip_case(name, G=2)
+    Sq, S = mask.shape[1:]
+    dk, counts, (tm, tn) = attention_tile_counts(q, k, v, causal=True, backward=True,
+                                                 **_on_device(kw))
+    want = 2 * brute_force_tiles(mask.transpose(1, 2), tn, tm)  # keys as rows
+    assert torch.equal(counts[:, 0].cpu(), want), (counts[:, 0], want)
+    assert counts.sum() < 2 * math.ceil(Sq / tm) * math.ceil(S / tn)
 
 
 def test_tile_skip_range_test_is_conservative_not_wrong():
@@ -267,7 +287,7 @@ def test_tile_skip_range_test_is_conservative_not_wrong():
                       (3 * TILE_M + 5, 3 * TILE_M + 9, 2)])[None]
     q, k, v, do = make(1, 2, 1, S, S, 16, torch.float32, seed=7)
     o, counts, (tm, tn) = attention_tile_counts(q, k, v, image_block_ids=ids.to(DEV))
-    want = brute_force_tiles(loop_mask(1, S, S, True, blocks=ids), S, tm, tn)
+    want = brute_force_tiles(loop_mask(1, S, S, True, blocks=ids), tm, tn)
     assert (counts[0, 0].cpu() >= want[0]).all()
     check(q, k, v, do, loop_mask(1, S, S, True, blocks=ids), causal=True,
           image_block_ids=ids.to(DEV))
@@ -306,8 +326,9 @@ def test_opcheck():
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEV)
     # Every default check (schema, fake tensor, autograd registration, AOT dispatch) once, the
     # packed non-causal variant through the cheaper ones.
-    torch.library.opcheck(torch.ops.molmoe.attention.default, (q, k, v, ids, kpm, None, True, 0.25))
-    torch.library.opcheck(torch.ops.molmoe.attention.default, (q, k, v, None, None, cu, False, 0.3),
+    op = torch.ops.molmoe.attention.default
+    torch.library.opcheck(op, (q, k, v, ids, kpm, None, True, 0.25))
+    torch.library.opcheck(op, (q, k, v, None, None, cu, False, 0.3),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
 
@@ -322,7 +343,8 @@ ptr_dtype = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf
              "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
              "lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8"}
 for fn, block_m, extra in ((K._attn_fwd_kernel, 128, dict(COUNT_TILES=False)),
-                           (K._attn_bwd_dq_kernel, 32, {}), (K._attn_bwd_dkdv_kernel, 32, {})):
+                           (K._attn_bwd_dq_kernel, 32, {}),
+                           (K._attn_bwd_dkdv_kernel, 32, dict(COUNT_TILES=False))):
     consts = dict(G=7, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64, CAUSAL=True, HAS_BLOCKS=True,
                   HAS_SEQ=True, HAS_KPM=True, IEEE=False, **extra)
     sig = {n: "constexpr" if n in consts else ptr_dtype.get(n, "*i32") if n.endswith("_ptr")
