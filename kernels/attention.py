@@ -32,6 +32,8 @@ log2 e folded into the scale). Tiles a mask makes empty are skipped, not compute
     diagonal and the edges: masked (stage 2), as in the tutorial's two stages.
   The per-token tables (block first / last key, sequence start / end, padding bounds) are a few
   torch ops on the device: no host synchronisation, so the launch can be graph-captured.
+  `attention_tile_counts` returns how many tiles each program computed (a constexpr-guarded
+  debug counter), which the tests compare with a brute-force count of non-empty tiles.
 Backward, FlashAttention-2 style: delta = rowsum(o * do) (fp32), then two kernels, neither with
 atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
 summing its G query heads in registers, over the query tiles that reach it (causal onward, back
@@ -42,9 +44,10 @@ them up front on a GPU (never on the launch path), MOLMOE_ATTENTION_CONFIG /
 MOLMOE_ATTENTION_BWD_CONFIG pin one ("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the
 interpreter uses one small fixed config.
 
-Limits: Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
-accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU. Needs a
-unit stride on Dh. Holes in the key padding (not leading / trailing) are masked, not skipped.
+Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
+Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
+accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU. Inputs
+without a unit stride on Dh are copied (other strides are passed through). Holes in the key padding (not leading / trailing) are masked, not skipped.
 With image blocks, a key tile past the causal limit is visited if a block id in the query tile's
 [min, max] id range occurs in it (a range test: a conservative skip with many interleaved
 blocks). The backward recomputes the metadata tables (cheap) rather than saving them.
