@@ -7,12 +7,22 @@ the Triton ones live in `molmoe.kernels` and are imported only when asked for.
 
 Op contracts (both backends):
 
-attention(q, k, v, *, causal, key_padding_mask=None, scale=None) -> o
+attention(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None, cu_seqlens=None,
+          scale=None) -> o
     q: (B, Hq, Sq, Dh); k, v: (B, Hkv, Sk, Dh), Hq % Hkv == 0 (GQA: kv head j serves q heads
     [j*g, (j+1)*g)); Sq <= Sk. `causal` is aligned bottom-right: query i sits at key position
-    Sk - Sq + i (prefill: Sq == Sk; decode with a KV cache: Sq small). key_padding_mask: (B, Sk)
-    bool, True = attend. A query row with no key to attend gets zeros. Returns (B, Hq, Sq, Dh) in
-    q's dtype.
+    Sk - Sq + i (prefill: Sq == Sk; chunked prefill / decode against a KV cache: Sq < Sk).
+    The masks combine as allowed(i, j) = (causal(i, j) OR same_image(i, j)) AND same_seq(i, j)
+    AND key_padding_mask[j]:
+      image_block_ids: (B, Sk) int over KEY positions (query i reads entry Sk - Sq + i); -1 for
+        text, >= 0 for image tokens; same_image(i, j) = block[i] == block[j] >= 0, so the tokens
+        of one image attend to each other in both directions (Molmo 2; transformers
+        `masking_utils.blockwise_overlay`, OR-ed onto the causal mask). Only matters if causal.
+      cu_seqlens: (N+1,) int cumulative lengths of packed sequences (then B == 1 and
+        Sq == Sk == cu_seqlens[-1]); no attention across sequences.
+      key_padding_mask: (B, Sk) bool, True = attend.
+    A query row with no key to attend gets zeros (and zero gradients). Returns (B, Hq, Sq, Dh)
+    in q's dtype.
 
 decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_padding_mask=None, scale=None) -> o
     A few new tokens per sequence against a KV cache that already holds them. q: (B, Hq, Sq, Dh),
@@ -85,25 +95,52 @@ class Ops:
 # ----------------------------------------------------------------------------- reference ops
 
 
-def reference_attention(q, k, v, *, causal, key_padding_mask=None, scale=None):
+def attention_allowed_mask(Sq, Sk, *, causal, image_block_ids=None, key_padding_mask=None,
+                           cu_seqlens=None, batch=1, device=None):
+    """The (B, Sq, Sk) bool mask of the `attention` contract: which key each query may attend."""
+    off = Sk - Sq  # query i sits at key position off + i (bottom-right alignment)
+    q_pos = torch.arange(Sq, device=device) + off
+    k_pos = torch.arange(Sk, device=device)
+    if causal:
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None].expand(batch, Sq, Sk)
+    else:
+        allowed = torch.ones(batch, Sq, Sk, dtype=torch.bool, device=device)
+    if causal and image_block_ids is not None:
+        # Tokens of one image see each other in both directions (Molmo 2, transformers
+        # `blockwise_overlay`: OR-ed onto the causal mask before the padding / sequence ANDs).
+        blk_k = image_block_ids.to(device=device, dtype=torch.long)  # (B, Sk)
+        blk_q = blk_k[:, off:]  # (B, Sq)
+        allowed = allowed | ((blk_q[:, :, None] == blk_k[:, None, :]) & (blk_q[:, :, None] >= 0))
+    if cu_seqlens is not None:
+        seq_of = torch.searchsorted(cu_seqlens.to(device=device, dtype=torch.long)[1:], k_pos,
+                                    right=True)  # (Sk,) index of each token's sequence
+        allowed = allowed & (seq_of[off:, None] == seq_of[None, :])[None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :].to(device=device, dtype=torch.bool)
+    return allowed
+
+
+def reference_attention(q, k, v, *, causal, image_block_ids=None, key_padding_mask=None,
+                        cu_seqlens=None, scale=None, upcast=False):
+    """`attention` in plain PyTorch (SDPA with the explicit mask); `upcast` computes in fp32."""
     B, Hq, Sq, Dh = q.shape
     Sk = k.shape[2]
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
     group = Hq // k.shape[1]
     if group > 1:  # GQA: kv head j serves query heads [j*g, (j+1)*g)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    if not causal and key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        q_pos = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-        allowed = allowed & (torch.arange(Sk, device=q.device)[None, :] <= q_pos)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    if not causal and key_padding_mask is None and cu_seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(out_dtype)
+    allowed = attention_allowed_mask(Sq, Sk, causal=causal, image_block_ids=image_block_ids,
+                                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                     batch=B, device=q.device)[:, None]  # (B, 1, Sq, Sk)
     # A row with nothing to attend (a left-padding query) would be NaN; give it zeros instead.
     empty_row = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
-    return o.masked_fill(empty_row, 0.0)
+    return o.masked_fill(empty_row, 0.0).to(out_dtype)
 
 
 def reference_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_padding_mask=None,

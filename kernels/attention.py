@@ -1,0 +1,418 @@
+"""Flash attention for prefill and training (forward + backward) with Molmo's masks.
+
+What: softmax(q k^T * scale + mask) v without ever materialising the score matrix:
+
+    q  (B, Hq, Sq, Dh)   queries; k, v (B, Hkv, Sk, Dh), Hq % Hkv == 0 (GQA: kv head j serves
+                         q heads [j*G, (j+1)*G), G = Hq / Hkv), Sq <= Sk
+    -> o (B, Hq, Sq, Dh) in q's dtype
+
+Masks, combinable (the contract is `molmoe.backends.reference_attention`'s docstring):
+    allowed(i, j) = (causal(i, j) OR same_image(i, j)) AND same_seq(i, j) AND key_padding_mask[j]
+  * causal, aligned bottom-right: query i sits at key position Sk - Sq + i (chunked prefill
+    against a KV cache);
+  * image_block_ids (B, Sk) int, -1 text, >= 0 image: same_image(i, j) = block[i] == block[j]
+    >= 0, so the tokens of one image attend to each other in both directions. This is Molmo 2's
+    mask: transformers `masking_utils.blockwise_overlay`, OR-ed onto the causal mask before
+    padding is AND-ed (transformers' `molmo2` passes block_sequence_ids = 0 for every image /
+    frame token and -1 for text during prefill, i.e. one block for all images; ids per image
+    are the finer case). Molmo 0924 is plain causal (no ids);
+  * cu_seqlens (N+1,) int: packed variable-length sequences (B == 1, Sq == Sk), no attention
+    across sequences;
+  * key_padding_mask (B, Sk) bool, True = attend. A row with no key gets zeros and zero grads.
+
+How (Dao, "FlashAttention-2", 2023; Triton tutorial 06-fused-attention; flash-attn's
+flash_attn_triton.py): one program per (query tile, batch, q head) runs online softmax over key
+tiles, keeping the running max m, sum l and the output accumulator in fp32 registers (exp2 with
+log2 e folded into the scale). Tiles a mask makes empty are skipped, not computed and masked:
+  * per query tile, the key range [lo, hi) comes from the causal limit of its last row, the
+    farthest key an image block lets any of its rows reach (`blast`, a per-token table), its
+    packed sequence's bounds and the leading / trailing key padding; key tiles past the causal
+    limit are visited only if they hold one of the tile's image block ids;
+  * [lo, mid) are key tiles every row fully attends: no mask math (stage 1); [mid, hi) are the
+    diagonal and the edges: masked (stage 2), as in the tutorial's two stages.
+  The per-token tables (block first / last key, sequence start / end, padding bounds) are a few
+  torch ops on the device: no host synchronisation, so the launch can be graph-captured.
+  `attention_tile_counts` returns how many tiles each program computed (a constexpr-guarded
+  debug counter), which the tests compare with a brute-force count of non-empty tiles.
+Backward, FlashAttention-2 style: delta = rowsum(o * do) (fp32), then two kernels, neither with
+atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
+summing its G query heads in registers, over the query tiles that reach it (causal onward, back
+to the first token of any image block in the key tile, within its sequence).
+
+Tiles: `kernel_configs` / `prune_configs` (keyed on dtype, Dh, causal, masks), `autotune` times
+them up front on a GPU (never on the launch path), MOLMOE_ATTENTION_CONFIG /
+MOLMOE_ATTENTION_BWD_CONFIG pin one ("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the
+interpreter uses one small fixed config.
+
+Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
+Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
+accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU. Inputs
+without a unit stride on Dh are copied (other strides are passed through). Holes in the key padding (not leading / trailing) are masked, not skipped.
+With image blocks, a key tile past the causal limit is visited if a block id in the query tile's
+[min, max] id range occurs in it (a range test: a conservative skip with many interleaved
+blocks). The backward recomputes the metadata tables (cheap) rather than saving them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from molmoe.backends import reference_attention
+from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
+                                              _attn_fwd_kernel)
+
+attention_ref = reference_attention  # ONE reference: the model's (molmoe.backends)
+
+_CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
+_BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
+
+# ----------------------------------------------------------------------------- launch policy
+
+
+def _on_interpreter(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
+    """Candidate tile configs. The interpreter gets one small one so tests stay fast; its
+    BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles."""
+    if not on_gpu:
+        return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
+                dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
+    if backward:
+        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+                for m in (32, 64) for n in (64, 128) for w in (4, 8) for s in (1, 2)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int) -> list[dict]:
+    """Drop tiles whose pipelined K/V stages + q tile would overflow shared memory (~200 KiB on
+    an H100) and, for Dh 256, 128-row tiles whose fp32 accumulator would spill registers."""
+    kept = []
+    for c in configs:
+        smem = (2 * c["BLOCK_N"] * max(c["num_stages"], 1) + c["BLOCK_M"]) * head_dim * elem_bytes
+        if smem <= 200_000 and not (head_dim > 128 and c["BLOCK_M"] * c["BLOCK_N"] > 64 * 64):
+            kept.append(c)
+    return kept or configs[:1]
+
+
+def _pinned_config(env: str) -> dict | None:
+    spec = os.environ.get(env)
+    if not spec:
+        return None
+    try:
+        cfg = {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"{env}={spec!r}: expected 'BLOCK_M=128,BLOCK_N=64,num_warps=8,"
+                         f"num_stages=3'") from None
+    missing = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} - set(cfg)
+    if missing:
+        raise ValueError(f"{env}={spec!r}: missing {sorted(missing)}")
+    for name in ("BLOCK_M", "BLOCK_N"):
+        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
+            raise ValueError(f"{env}={spec!r}: {name} must be a power of two >= 16")
+    return cfg
+
+
+_TUNED: dict[tuple, dict] = {}  # (backward, dtype, Dh, causal, masked) -> config, by `autotune`
+
+
+def _tune_key(backward, dtype, head_dim, causal, masked):
+    return (backward, dtype, head_dim, causal, masked)
+
+
+def default_config(key: tuple, on_gpu: bool) -> dict:
+    """Pinned by env var, else tuned by `autotune`, else a fixed default (never timed here)."""
+    backward, dtype, head_dim = key[0], key[1], key[2]
+    pinned = _pinned_config(_BWD_CONFIG_ENV if backward else _CONFIG_ENV)
+    if pinned is not None:
+        return pinned
+    if key in _TUNED:
+        return _TUNED[key]
+    elem = 4 if dtype == torch.float32 else 2
+    configs = prune_configs(kernel_configs(on_gpu, backward), head_dim, elem)
+    if not on_gpu:
+        return configs[0]
+    # Tutorial-06-like defaults: wide query tiles forward; the backward holds dk, dv, k, v.
+    want = (dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1) if backward else
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3))
+    return want if want in configs else configs[0]
+
+
+def autotune(q, k, v, backward: bool = False, **kw) -> dict:
+    """Time every pruned config on these tensors (GPU only); remember and return the fastest."""
+    import triton.testing
+
+    causal = kw.get("causal", True)
+    masked = any(kw.get(n) is not None for n in ("image_block_ids", "key_padding_mask",
+                                                   "cu_seqlens"))
+    key = _tune_key(backward, q.dtype, q.shape[-1], causal, masked)
+    elem = q.element_size()
+    if backward:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        do = torch.randn_like(q)
+
+        def run():
+            torch.autograd.grad(attention(q, k, v, **kw), (q, k, v), do)
+    else:
+        def run():
+            attention(q, k, v, **kw)
+    best, best_ms = None, float("inf")
+    for cfg in prune_configs(kernel_configs(True, backward), q.shape[-1], elem):
+        _TUNED[key] = cfg
+        try:
+            ms = triton.testing.do_bench(run)
+        except Exception:  # out of resources for this tile: not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _metadata(B, Sq, Sk, device, causal, image_block_ids, key_padding_mask, cu_seqlens):
+    """Per-token tables the kernels use for loop bounds and masks (see attention_kernels.py).
+
+    Device-side torch ops only (sort, scatter, argmax): nothing here reads a value on the host.
+    """
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    pos = torch.arange(Sk, device=device)
+    meta = dict(blk=dummy, bfirst=dummy, blast=dummy, seqs=dummy, seqe=dummy, kfirst=dummy,
+                klast=dummy, kpm=dummy)
+    seq_of = torch.zeros(Sk, dtype=torch.long, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        seq_of = torch.searchsorted(cu[1:], pos, right=True).clamp(max=cu.numel() - 2)
+        meta["seqs"] = cu[seq_of].to(torch.int32).contiguous()
+        meta["seqe"] = cu[seq_of + 1].to(torch.int32).contiguous()
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=device, dtype=torch.uint8).contiguous()
+        any_key = kpm.bool().any(dim=1)
+        first = torch.argmax(kpm, dim=1)  # first 1 (argmax returns the first maximum)
+        last = Sk - torch.argmax(kpm.flip(1), dim=1)  # one past the last 1
+        meta["kpm"] = kpm
+        meta["kfirst"] = torch.where(any_key, first, Sk).to(torch.int32)
+        meta["klast"] = torch.where(any_key, last, 0).to(torch.int32)
+    if causal and image_block_ids is not None:
+        ids = image_block_ids.to(device=device, dtype=torch.long)  # (B, Sk)
+        # Group tokens by (sequence, block id); stable sort keeps positions ascending inside a
+        # group, so each group's first / last position is a scatter-min / -max away.
+        group_key = seq_of[None, :] * (1 << 33) + ids
+        sorted_key, order = torch.sort(group_key, dim=1, stable=True)
+        new_group = torch.ones_like(sorted_key, dtype=torch.bool)
+        new_group[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+        gid = torch.cumsum(new_group.long(), dim=1) - 1  # (B, Sk) group of each sorted token
+        first = torch.full((B, Sk), Sk, dtype=torch.long, device=device)
+        last = torch.full((B, Sk), -1, dtype=torch.long, device=device)
+        first.scatter_reduce_(1, gid, order, "amin")
+        last.scatter_reduce_(1, gid, order, "amax")
+        bfirst = torch.empty_like(first).scatter_(1, order, first.gather(1, gid))
+        blast = torch.empty_like(last).scatter_(1, order, last.gather(1, gid))
+        text = ids < 0  # text tokens reach only themselves
+        meta["blk"] = torch.where(text, -1, ids).to(torch.int32).contiguous()
+        meta["bfirst"] = torch.where(text, pos, bfirst).to(torch.int32).contiguous()
+        meta["blast"] = torch.where(text, pos, blast).to(torch.int32).contiguous()
+    return meta
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: expected q (B, Hq, Sq, Dh) and k == v (B, Hkv, Sk, Dh); "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, Sq, Dh = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if Bk != B or Dk != Dh:
+        raise ValueError(f"attention: batch/head dim mismatch: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"attention: {Hq} query heads not a multiple of {Hkv} kv heads")
+    if Sq > Sk:
+        raise ValueError(f"attention: more queries ({Sq}) than keys ({Sk}); need Sq <= Sk")
+    if Dh < 16 or Dh > 256 or Dh & (Dh - 1):
+        raise ValueError(f"attention: head dim {Dh} unsupported (power of two, 16..256)")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"attention: dtype {q.dtype} unsupported (fp32, fp16, bf16)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if image_block_ids is not None and (image_block_ids.shape != (B, Sk) or
+                                        image_block_ids.is_floating_point()):
+        raise ValueError(f"attention: image_block_ids must be ({B}, {Sk}) int (one id per key "
+                         f"position), got {tuple(image_block_ids.shape)} {image_block_ids.dtype}")
+    if key_padding_mask is not None and key_padding_mask.shape != (B, Sk):
+        raise ValueError(f"attention: key_padding_mask must be ({B}, {Sk}), got "
+                         f"{tuple(key_padding_mask.shape)}")
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"attention: cu_seqlens must be (N+1,) int32, got "
+                             f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+        if B != 1 or Sq != Sk:
+            raise ValueError(f"attention: cu_seqlens packs sequences along one row: needs B == 1 "
+                             f"and Sq == Sk, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not _on_interpreter(q.device) and q.device.type != "cuda":
+        raise ValueError("attention: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+
+
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale,
+                count_tiles=False):
+    B, Hq, Sq, Dh = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    on_gpu = not _on_interpreter(q.device)
+    masked = any(t is not None for t in (image_block_ids, key_padding_mask, cu_seqlens))
+    cfg = default_config(_tune_key(False, q.dtype, Dh, causal, masked), on_gpu)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
+    n_m = triton.cdiv(Sq, cfg["BLOCK_M"])
+    counts = torch.zeros(B * Hq * n_m, dtype=torch.int32, device=q.device)
+    if Sq == 0:
+        return o, lse, counts
+    meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    _attn_fwd_kernel[(n_m, B * Hq)](
+        q, k, v, o, lse, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
+        meta["kfirst"], meta["klast"], meta["kpm"], counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        Hq, Sq, Sk, scale,
+        G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+        HAS_BLOCKS=causal and image_block_ids is not None, HAS_SEQ=cu_seqlens is not None,
+        HAS_KPM=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
+        COUNT_TILES=count_tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, lse, counts
+
+
+def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens, causal,
+                scale, counts=None):
+    B, Hq, Sq, Dh = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    q, k, v, do = (_unit_stride(t) for t in (q, k, v, do))
+    on_gpu = not _on_interpreter(q.device)
+    masked = any(t is not None for t in (image_block_ids, key_padding_mask, cu_seqlens))
+    cfg = default_config(_tune_key(True, q.dtype, Dh, causal, masked), on_gpu)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if Sq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    # FlashAttention-2 preprocessing: delta_i = sum_d o_id do_id = sum_j p_ij dp_ij, in fp32.
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, Hq, Sq)
+    meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    flags = dict(G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 CAUSAL=causal, HAS_BLOCKS=causal and image_block_ids is not None,
+                 HAS_SEQ=cu_seqlens is not None, HAS_KPM=key_padding_mask is not None,
+                 IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
+        q, k, v, do, dq, lse, delta, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
+        meta["kfirst"], meta["klast"], meta["kpm"], *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **flags)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, meta["blk"], meta["bfirst"], meta["seqs"], meta["seqe"],
+        meta["kfirst"], meta["klast"], meta["kpm"], counts if counts is not None else delta,
+        *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Hkv, Sq, Sk, scale, COUNT_TILES=counts is not None, **flags)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("molmoe::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  image_block_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                  cu_seqlens: torch.Tensor | None, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse, _ = _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal,
+                            scale)
+    return o, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale):
+    B, Hq, Sq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("molmoe::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, lse: torch.Tensor, image_block_ids: torch.Tensor | None,
+                      key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                      causal: bool, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens,
+                       causal, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, image_block_ids, key_padding_mask,
+                                   cu_seqlens, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None,
+              cu_seqlens=None, scale=None):
+    """q (B, Hq, Sq, Dh), k/v (B, Hkv, Sk, Dh) -> (B, Hq, Sq, Dh); contract in the header."""
+    _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    o, _lse = _attention_op(q, k, v, image_block_ids, key_padding_mask, cu_seqlens,
+                            bool(causal), float(scale))
+    return o
+
+
+def attention_tile_counts(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None,
+                          cu_seqlens=None, scale=None, backward=False):
+    """A debug view of the tile skipping, for tests and benchmarks. Forward: (o, visited key
+    tiles per (batch, q head, query tile), (BLOCK_M, BLOCK_N)). backward=True: (dk, (query
+    head, query tile) pairs the dk/dv kernel computed per (batch, kv head, key tile), tiles)."""
+    _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    masks = (image_block_ids, key_padding_mask, cu_seqlens)
+    o, lse, counts = _launch_fwd(q, k, v, *masks, bool(causal), scale, count_tiles=True)
+    on_gpu = not _on_interpreter(q.device)
+    key = _tune_key(backward, q.dtype, q.shape[-1], bool(causal),
+                    any(t is not None for t in masks))
+    cfg = default_config(key, on_gpu)
+    B, Hq, Sq, _ = q.shape
+    if not backward:
+        return o, counts.view(B, Hq, -1), (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    Hkv, Sk = k.shape[1], k.shape[2]
+    counts = torch.zeros(B * Hkv * triton.cdiv(Sk, cfg["BLOCK_N"]), dtype=torch.int32,
+                         device=q.device)
+    _, dk, _ = _launch_bwd(torch.randn_like(o), q, k, v, o, lse, *masks, bool(causal), scale,
+                           counts=counts)
+    return dk, counts.view(B, Hkv, -1), (cfg["BLOCK_M"], cfg["BLOCK_N"])

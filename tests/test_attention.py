@@ -1,0 +1,491 @@
+"""Flash attention (prefill / training) against the reference and against PyTorch SDPA with a
+boolean mask built here by loops, forward and dq / dk / dv, over shapes and masks chosen on
+purpose; the tile skipping checked against a brute-force emptiness count; the op's torch.library
+registration; and the tiny models with the kernel serving both the ViT and the decoder.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from molmoe.backends import REFERENCE_OPS
+from molmoe.kernels.attention import (attention, attention_ref, attention_tile_counts,
+                                      kernel_configs)
+from tests.tiny import random_inputs, random_model
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FWD = kernel_configs(on_gpu=torch.cuda.is_available())[0]
+BWD = kernel_configs(on_gpu=torch.cuda.is_available(), backward=True)[0]
+TILE_M, TILE_N = FWD["BLOCK_M"], FWD["BLOCK_N"]
+
+
+def make(B, Hq, Hkv, Sq, Sk, Dh, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, s, Dh, generator=g) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    do = torch.randn(B, Hq, Sq, Dh, generator=g)
+    return [t.to(DEV, dtype) for t in (q, k, v, do)]
+
+
+def loop_mask(B, Sq, Sk, causal, blocks=None, kpm=None, cu=None):
+    """(B, Sq, Sk) bool, written out element by element from the contract's words, sharing no
+    code with the kernel or the reference."""
+    seq_of = [0] * Sk
+    if cu is not None:
+        cu = [int(c) for c in cu]
+        for s in range(len(cu) - 1):
+            for t in range(cu[s], cu[s + 1]):
+                seq_of[t] = s
+    rows = []
+    for b in range(B):
+        blk = [-1] * Sk if blocks is None else [int(x) for x in blocks[b]]
+        pad = [True] * Sk if kpm is None else [bool(x) for x in kpm[b]]
+        mat = []
+        for i in range(Sq):
+            p = Sk - Sq + i  # query i's key position
+            mat.append([((not causal) or j <= p or (blk[p] >= 0 and blk[p] == blk[j]))
+                        and seq_of[p] == seq_of[j] and pad[j] for j in range(Sk)])
+        rows.append(mat)
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def sdpa_oracle(q, k, v, do, mask):
+    """fp32 SDPA with the explicit mask; rows with no key give zeros (and zero gradients)."""
+    q, k, v = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    empty = ~mask.any(-1, keepdim=True)[:, None]  # (B, 1, Sq, 1)
+    o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                       attn_mask=mask[:, None] | empty)
+    o = o * ~empty
+    return (o.detach(), *torch.autograd.grad(o, (q, k, v), do.float().cpu()))
+
+
+def run_kernel(q, k, v, do, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = attention(q, k, v, **kw)
+    return (o.detach(), *torch.autograd.grad(o, (q, k, v), do))
+
+
+def run_ref(q, k, v, do, upcast, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = attention_ref(q, k, v, upcast=upcast, **kw)
+    return (o.detach(), *torch.autograd.grad(o, (q, k, v), do))
+
+
+def check(q, k, v, do, mask, **kw):
+    """Output and dq, dk, dv: (1) error vs the fp32 reference at most 2x PyTorch's own error in
+    the input dtype (+ a floor); (2) close to SDPA with the loop-built mask; (3) no NaN."""
+    got = run_kernel(q, k, v, do, **kw)
+    ref32 = run_ref(q, k, v, do, True, **kw)
+    low = run_ref(q, k, v, do, False, **kw) if q.dtype != torch.float32 else ref32
+    oracle = sdpa_oracle(q, k, v, do, mask)
+    for name, x, r, lo, orc in zip(("o", "dq", "dk", "dv"), got, ref32, low, oracle):
+        assert not x.isnan().any(), name
+        scale = max(1.0, r.abs().max().item())
+        floor = (2e-5 if q.dtype == torch.float32 else 2e-3) * scale
+        err = (x.float() - r.float()).abs().max().item()
+        torch_err = (lo.float() - r.float()).abs().max().item()
+        assert err <= 2 * torch_err + floor, (name, err, torch_err)
+        torch.testing.assert_close(x.float().cpu(), orc, atol=floor + 2 * torch_err, rtol=1e-3,
+                                   msg=lambda m: f"{name} vs SDPA oracle: {m}")
+    return got
+
+
+DTYPES = [torch.float32, torch.float16]
+
+# (B, Hq, Hkv, Sq, Sk, Dh, causal, reason)
+PLAIN = [
+    (1, 2, 2, 1, 1, 64, True, "one token"),
+    (2, 2, 1, 2, 2, 64, True, "two tokens, GQA 2"),
+    (1, 7, 1, 17, 17, 64, True, "17 tokens (not a tile multiple), GQA 7"),
+    (1, 8, 1, 40, 40, 128, True, "40 tokens over several tiles, GQA 8, Dh 128"),
+    (1, 4, 2, 17, 53, 64, True, "chunked prefill: 17 queries against 53 keys (Sq < Sk)"),
+    (1, 2, 2, 1, 40, 64, True, "one query against a cache of 40"),
+    (2, 2, 2, 37, 37, 64, False, "non-causal (ViT), 37 tokens"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,Dh,causal,reason", PLAIN, ids=[c[-1] for c in PLAIN])
+def test_plain_shapes(B, Hq, Hkv, Sq, Sk, Dh, causal, reason, dtype):
+    q, k, v, do = make(B, Hq, Hkv, Sq, Sk, Dh, dtype)
+    check(q, k, v, do, loop_mask(B, Sq, Sk, causal), causal=causal)
+
+
+def _blocks(S, spans):
+    ids = torch.full((S,), -1, dtype=torch.int32)
+    for start, end, bid in spans:
+        ids[start:end] = bid
+    return ids
+
+
+# Rows of image block ids for S = 70 tokens, (start, end, id) spans; interpreter tiles 32 x 16.
+BLOCK_CASES = {
+    "image at the start": [(0, 12, 0)],
+    "image in the middle": [(30, 45, 0)],
+    "two images back to back": [(20, 30, 1), (30, 45, 2)],
+    "image straddling a tile edge": [(13, 19, 5), (60, 67, 6)],
+    "one id for all images (transformers molmo2)": [(3, 20, 0), (40, 52, 0)],
+}
+
+
+# The mask logic does not depend on the dtype: fp16 runs on two of the layouts only (time).
+BLOCK_PARAMS = [(n, torch.float32) for n in BLOCK_CASES] + [
+    ("two images back to back", torch.float16), ("image straddling a tile edge", torch.float16)]
+
+
+@pytest.mark.parametrize("name,dtype", BLOCK_PARAMS)
+def test_image_blocks(name, dtype):
+    S = 70
+    ids = torch.stack([_blocks(S, BLOCK_CASES[name]), _blocks(S, [(50, 69, 3)])]).to(DEV)
+    q, k, v, do = make(2, 2, 1, S, S, 64, dtype, seed=1)
+    check(q, k, v, do, loop_mask(2, S, S, True, blocks=ids.cpu()), causal=True,
+          image_block_ids=ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_image_blocks_chunked_prefill_and_padding(dtype):
+    # Sq < Sk with an image spanning the cache / new-chunk boundary; left padding in batch 1.
+    Sq, Sk = 30, 61
+    ids = torch.stack([_blocks(Sk, [(20, 40, 0), (50, 58, 1)]), _blocks(Sk, [(25, 35, 4)])])
+    kpm = torch.ones(2, Sk, dtype=torch.bool)
+    kpm[1, :19] = False
+    q, k, v, do = make(2, 2, 1, Sq, Sk, 64, dtype, seed=2)
+    check(q, k, v, do, loop_mask(2, Sq, Sk, True, blocks=ids, kpm=kpm), causal=True,
+          image_block_ids=ids.to(DEV), key_padding_mask=kpm.to(DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_padding_rows_are_zero_with_zero_grads(dtype):
+    # Batch 0: 20 left-padding queries see no key; batch 1: no key at all.
+    S = 45
+    kpm = torch.ones(2, S, dtype=torch.bool)
+    kpm[0, :20] = False
+    kpm[1] = False
+    q, k, v, do = make(2, 2, 2, S, S, 64, dtype, seed=3)
+    o, dq, dk, dv = check(q, k, v, do, loop_mask(2, S, S, True, kpm=kpm), causal=True,
+                          key_padding_mask=kpm.to(DEV))
+    assert o[0, :, :20].abs().max() == 0 and o[1].abs().max() == 0
+    assert dq[0, :, :20].abs().max() == 0 and dq[1].abs().max() == 0
+    assert dk[0, :, :20].abs().max() == 0 and dv[1].abs().max() == 0
+    # Non-causal with right padding (a padded ViT-style batch): padded keys get no gradient.
+    kpm = torch.ones(2, S, dtype=torch.bool)
+    kpm[1, 30:] = False
+    check(q, k, v, do, loop_mask(2, S, S, False, kpm=kpm), causal=False,
+          key_padding_mask=kpm.to(DEV))
+
+
+PACKED = torch.tensor([0, 1, 6, 306], dtype=torch.int32)  # sequences of 1, 5 and 300 tokens
+
+
+@pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (True, torch.float16),
+                                          (False, torch.float32)])
+def test_packed_sequences(causal, dtype):
+    S = int(PACKED[-1])
+    ids = _blocks(S, [(2, 5, 0), (40, 70, 0), (100, 140, 1)])[None] if causal else None
+    q, k, v, do = make(1, 1, 1, S, S, 16, dtype, seed=4)
+    mask = loop_mask(1, S, S, causal, blocks=ids, cu=PACKED)
+    check(q, k, v, do, mask, causal=causal, cu_seqlens=PACKED.to(DEV),
+          image_block_ids=None if ids is None else ids.to(DEV))
+
+
+def test_vit_fp32_noncausal_and_explicit_scale():
+    # The ViT path: fp32 q/k/v (IEEE dots), no mask; an explicit scale as the caller passes it.
+    q, k, v, do = make(3, 2, 2, 50, 50, 64, torch.float32, seed=5)
+    for scale in (None, 0.07):
+        got = run_kernel(q, k, v, do, causal=False, scale=scale)
+        want = run_ref(q, k, v, do, True, causal=False, scale=scale)
+        for x, r in zip(got, want):
+            torch.testing.assert_close(x, r, atol=2e-5, rtol=1e-4)
+
+
+def test_strided_inputs():
+    # The decoder hands q/k/v as transposes of (B, S, H, Dh) views: non-contiguous.
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(2, 33, 4 + 2 + 2, 64, generator=g).to(DEV)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([4, 2, 2], dim=2))
+    do = torch.randn(2, 4, 33, 64, generator=g).to(DEV)
+    check(q, k, v, do, loop_mask(2, 33, 33, True), causal=True)
+
+
+# ----------------------------------------------------------------------------- tile skipping
+
+
+def brute_force_tiles(mask, tile_m, tile_n):
+    """Key tiles holding at least one allowed (query, key) pair, per query tile. The key tile
+    grid starts at the tile's first allowed key (the kernel starts its loop there)."""
+    B, Sq, _ = mask.shape
+    out = torch.zeros(B, math.ceil(Sq / tile_m), dtype=torch.int32)
+    for b in range(B):
+        for t in range(out.shape[1]):
+            sub = mask[b, t * tile_m:(t + 1) * tile_m]  # (rows, Sk)
+            keys = sub.any(0).nonzero().flatten().tolist()
+            if keys:
+                out[b, t] = len({(j - keys[0]) // tile_n for j in keys})
+    return out
+
+
+SKIP_CASES = {
+    "causal": dict(S=100),
+    "chunked prefill": dict(S=100, Sq=40),
+    "image blocks": dict(S=100, spans=[(5, 40, 0), (60, 70, 1)]),
+    "one id for all images": dict(S=100, spans=[(3, 20, 0), (50, 80, 0)]),
+    "packed": dict(S=100, cu=[0, 1, 6, 50, 100], spans=[(10, 30, 0), (60, 90, 1)]),
+    "left padding": dict(S=100, pad=64),
+}
+
+
+def _skip_case(name, G=1):
+    c = SKIP_CASES[name]
+    S, Sq = c["S"], c.get("Sq", c["S"])
+    ids = _blocks(S, c["spans"])[None] if "spans" in c else None
+    cu = torch.tensor(c["cu"], dtype=torch.int32) if "cu" in c else None
+    kpm = None
+    if "pad" in c:
+        kpm = torch.ones(1, S, dtype=torch.bool)
+        kpm[0, :c["pad"]] = False
+    q, k, v, _ = make(1, G, 1, Sq, S, 16, torch.float32)
+    kw = dict(image_block_ids=ids, cu_seqlens=cu, key_padding_mask=kpm)
+    mask = loop_mask(1, Sq, S, True, blocks=ids, kpm=kpm, cu=cu)
+    return q, k, v, kw, mask
+
+
+def _on_device(kw):
+    return {n: t if t is None else t.to(DEV) for n, t in kw.items()}
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_tile_skipping_visits_exactly_the_nonempty_tiles(name):
+    # Forward (and dq, same bounds): per query tile, the key tiles with an allowed pair.
+    q, k, v, kw, mask = _skip_case(name)
+    Sq, S = mask.shape[1:]
+    o, counts, (tm, tn) = attention_tile_counts(q, k, v, causal=True, **_on_device(kw))
+    want = brute_force_tiles(mask, tm, tn)
+    assert torch.equal(counts[:, 0].cpu(), want), (counts[:, 0], want)
+    assert counts.sum() < math.ceil(Sq / tm) * math.ceil(S / tn)  # the masks removed work
+    torch.testing.assert_close(o, attention_ref(q, k, v, causal=True, **kw), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_backward_tile_skipping_visits_exactly_the_nonempty_tiles(name):
+    # dk/dv: per key tile, the (query head, query tile) pairs with an allowed pair; GQA 2.
+    q, k, v, kw, mask = _skip_case(name, G=2)
+    Sq, S = mask.shape[1:]
+    dk, counts, (tm, tn) = attention_tile_counts(q, k, v, causal=True, backward=True,
+                                                 **_on_device(kw))
+    want = 2 * brute_force_tiles(mask.transpose(1, 2), tn, tm)  # keys as rows
+    assert torch.equal(counts[:, 0].cpu(), want), (counts[:, 0], want)
+    assert counts.sum() < 2 * math.ceil(Sq / tm) * math.ceil(S / tn)
+
+
+def test_tile_skip_range_test_is_conservative_not_wrong():
+    # A query tile holding blocks 0 and 2 and a later key tile holding only block 1 (in between
+    # by id): the range test visits it (counted) but the mask keeps the result exact.
+    S = 4 * TILE_M
+    ids = _blocks(S, [(0, 3, 0), (TILE_M - 2, TILE_M, 2), (3 * TILE_M, 3 * TILE_M + 5, 1),
+                      (3 * TILE_M + 5, 3 * TILE_M + 9, 2)])[None]
+    q, k, v, do = make(1, 2, 1, S, S, 16, torch.float32, seed=7)
+    o, counts, (tm, tn) = attention_tile_counts(q, k, v, image_block_ids=ids.to(DEV))
+    want = brute_force_tiles(loop_mask(1, S, S, True, blocks=ids), tm, tn)
+    assert (counts[0, 0].cpu() >= want[0]).all()
+    check(q, k, v, do, loop_mask(1, S, S, True, blocks=ids), causal=True,
+          image_block_ids=ids.to(DEV))
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v, _ = make(1, 6, 4, 8, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="not a multiple"):
+        attention(q, k, v)
+    q, k, v, _ = make(1, 4, 2, 8, 8, 48, torch.float32)
+    with pytest.raises(ValueError, match="head dim 48"):
+        attention(q, k, v)
+    q, k, v, _ = make(1, 4, 2, 9, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="Sq <= Sk"):
+        attention(q, k, v)
+    q, k, v, _ = make(2, 4, 2, 8, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="image_block_ids must be"):
+        attention(q, k, v, image_block_ids=torch.zeros(2, 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        attention(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="B == 1"):
+        attention(q, k, v, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+def test_opcheck():
+    q, k, v, _ = make(1, 4, 2, 20, 20, 16, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ids = _blocks(20, [(3, 9, 0)])[None].to(DEV)
+    kpm = torch.ones(1, 20, dtype=torch.bool, device=DEV)
+    kpm[0, :2] = False
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEV)
+    # Every default check (schema, fake tensor, autograd registration, AOT dispatch) once, the
+    # packed non-causal variant through the cheaper ones.
+    op = torch.ops.molmoe.attention.default
+    torch.library.opcheck(op, (q, k, v, ids, kpm, None, True, 0.25))
+    torch.library.opcheck(op, (q, k, v, None, None, cu, False, 0.3),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from molmoe.kernels import attention_kernels as K
+
+ptr_dtype = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
+             "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
+             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8"}
+for fn, block_m, extra in ((K._attn_fwd_kernel, 128, dict(COUNT_TILES=False)),
+                           (K._attn_bwd_dq_kernel, 32, {}),
+                           (K._attn_bwd_dkdv_kernel, 32, dict(COUNT_TILES=False))):
+    consts = dict(G=7, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64, CAUSAL=True, HAS_BLOCKS=True,
+                  HAS_SEQ=True, HAS_KPM=True, IEEE=False, **extra)
+    sig = {n: "constexpr" if n in consts else ptr_dtype.get(n, "*i32") if n.endswith("_ptr")
+           else "fp32" if n == "scale" else "i32" for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8,
+                                                                           num_stages=2))
+    assert c.asm["cubin"] and c.metadata.shared <= 227 * 1024, fn.__name__
+    print("compiled", fn.__name__, "shared", c.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_h100_without_a_gpu():
+    # The interpreter does not type-check like the compiler (loop-carried types, scalar ifs):
+    # compile the three kernels for sm_90 (bf16, GQA 7, every mask on) down to a cubin, in a
+    # subprocess because TRITON_INTERPRET=1 replaces @triton.jit functions in this one.
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton built without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 3
+
+
+# ----------------------------------------------------------------------------- model
+
+
+# The tiny ViT runs 577 tokens per crop: 128-wide tiles keep the interpreter to a few seconds
+# (tile edges are covered above with the small default tiles).
+BIG_TILES = "BLOCK_M=128,BLOCK_N=128,num_warps=1,num_stages=1"
+
+
+@pytest.fixture
+def big_tiles(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MOLMOE_ATTENTION_CONFIG", BIG_TILES)
+        monkeypatch.setenv("MOLMOE_ATTENTION_BWD_CONFIG", BIG_TILES)
+
+
+@pytest.mark.parametrize("name", ["tiny-molmoe", "tiny-7b-d"])
+def test_model_with_images_matches_reference(name, big_tiles):
+    # The kernel serves the ViT (non-causal, fp32) and the decoder (causal, GQA for 7b-d).
+    model = random_model(name)
+    ids, images, masks, idx = random_inputs(model.config, batch=1, crops=1, text=10)
+    with torch.no_grad():
+        want = model(ids, images, masks, idx)
+    calls = []
+
+    def counted(q, k, v, **kw):
+        calls.append(kw["causal"])
+        return attention(q, k, v, **kw)
+
+    model.set_ops(dataclasses.replace(REFERENCE_OPS, attention=counted))
+    with torch.no_grad():
+        got = model(ids, images, masks, idx)
+    cfg = model.config
+    assert calls.count(False) == cfg.vision.num_layers and calls.count(True) == cfg.text.n_layers
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_model_chunked_prefill_through_kv_cache():
+    # Prefill in two chunks; the second (> DECODE_MAX_NEW_TOKENS new tokens against the cache)
+    # runs the kernel with Sq < Sk; left padding in batch 1 exercises the key padding mask.
+    model = random_model("tiny-7b-d")
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, model.config.text.vocab_size, (2, 40), generator=g)
+    ids[1, :6] = -1
+    pos = (torch.cumsum((ids != -1).long(), -1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids)
+    shapes = []
+
+    def counted(q, k, v, **kw):
+        shapes.append((q.shape[2], k.shape[2], kw.get("key_padding_mask") is not None))
+        return attention(q, k, v, **kw)
+
+    model.set_ops(dataclasses.replace(REFERENCE_OPS, attention=counted))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 40)
+        first = model(ids[:, :15], kv_cache=cache, position_ids=pos[:, :15])
+        second = model(ids[:, 15:], kv_cache=cache, position_ids=pos[:, 15:])
+    assert (25, 40, True) in shapes  # the second chunk really ran with Sq < Sk and padding
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_model_training_gradients_match_reference(big_tiles):
+    # One backward through the tiny dense model, ViT included: parameter grads equal the
+    # reference's.
+    model = random_model("tiny-7b-d")
+    ids, images, masks, idx = random_inputs(model.config, batch=1, crops=1, text=6)
+
+    def grads():
+        model.zero_grad()
+        model(ids, images, masks, idx).float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    model.set_ops(dataclasses.replace(REFERENCE_OPS, attention=attention))
+    got = grads()
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=2e-5, rtol=1e-3, msg=n)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,Dh,causal", [(16, 16, 128, True), (28, 4, 128, True),
+                                              (64, 8, 128, True), (16, 16, 64, False)])
+def test_bf16_against_reference_gpu(Hq, Hkv, Dh, causal):
+    S = 1000
+    q, k, v, do = make(2, Hq, Hkv, S, S, Dh, torch.bfloat16, seed=9)
+    ids = torch.stack([_blocks(S, [(1, 577, 0), (600, 744, 1)]), _blocks(S, [])]).to(DEV)
+    kpm = torch.ones(2, S, dtype=torch.bool, device=DEV)
+    kpm[1, :100] = False
+    kw = dict(causal=causal, key_padding_mask=kpm)
+    if causal:
+        kw["image_block_ids"] = ids
+    check(q, k, v, do, loop_mask(2, S, S, causal, blocks=ids.cpu() if causal else None,
+                                 kpm=kpm.cpu()), **kw)
+
+
+@pytest.mark.gpu
+def test_bf16_packed_and_deterministic_gpu():
+    cu = torch.tensor([0, 1, 700, 2000, 2048], dtype=torch.int32, device=DEV)
+    q, k, v, do = make(1, 28, 4, 2048, 2048, 128, torch.bfloat16, seed=10)
+    a = run_kernel(q, k, v, do, cu_seqlens=cu)
+    b = run_kernel(q, k, v, do, cu_seqlens=cu)
+    for x, y in zip(a, b):  # no atomics: bitwise reproducible
+        assert torch.equal(x, y)
+    want = run_ref(q, k, v, do, True, causal=True, cu_seqlens=cu)
+    low = run_ref(q, k, v, do, False, causal=True, cu_seqlens=cu)
+    for x, r, lo in zip(a, want, low):
+        err = (x.float() - r.float()).abs().max().item()
+        assert err <= 2 * (lo.float() - r.float()).abs().max().item() + 1e-2 * r.abs().max()
