@@ -390,6 +390,8 @@ def main(argv=None) -> pathlib.Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-triton", action="store_true", help="GPU: baselines only")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="GPU: time the Triton op with its default tiles")
     parser.add_argument("--no-check", action="store_true", help="GPU: skip the correctness check")
     parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     args = parser.parse_args(argv)
@@ -436,6 +438,13 @@ def main(argv=None) -> pathlib.Path:
                 print(n)
                 notes.append(n)
         flops = case.flops_fwd(device)
+        if "triton" in impls and not args.no_autotune:
+            # Tiles are never chosen on the launch path: tune once per case, before timing.
+            from molmoe.kernels.attention import autotune
+
+            kw = dict(causal=case.causal, image_block_ids=blk)
+            print(f"triton autotune {case}: fwd {autotune(q, k, v, **kw)}, "
+                  f"bwd {autotune(q, k, v, backward=True, **kw)}")
         for name, fn in impls.items():
             if (name, case.layout) in failed:
                 continue

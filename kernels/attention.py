@@ -170,7 +170,10 @@ def autotune(q, k, v, backward: bool = False, **kw) -> dict:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _TUNED[key] = best
+    if best is None:  # nothing compiled: fall back to the default rather than pin None
+        _TUNED.pop(key, None)
+    else:
+        _TUNED[key] = best
     return best
 
 
