@@ -20,6 +20,13 @@ def on_interpreter(device: torch.device) -> bool:
     return device.type != "cuda" or interpreter_enabled()
 
 
+def check_launch_device(op: str, device: torch.device) -> None:
+    """Triton launches on CUDA tensors, or on any tensors in its interpreter; say so up front
+    rather than let the launch fail on a CPU pointer."""
+    if device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"{op}: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+
+
 def parse_tile_config(env: str, spec: str, example: str, required=(), *,
                       entry: str | None = None) -> dict[str, int]:
     """Parse a pinned tile config "NAME=int,NAME=int" read from the environment variable `env`
@@ -63,6 +70,5 @@ def check_qkv(op: str, q, k, v, k_name: str = "k", v_name: str = "v"):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{op}: dtypes differ: q {q.dtype}, {k_name} {k.dtype}, "
                          f"{v_name} {v.dtype}")
-    if not on_interpreter(q.device) and q.device.type != "cuda":
-        raise ValueError(f"{op}: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    check_launch_device(op, q.device)
     return B, Hq, Sq, Dh, Hkv, Sk

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 import triton
 
 from molmoe.backends import reference_moe_ffn
-from molmoe.kernels._common import on_interpreter
+from molmoe.kernels._common import check_launch_device, on_interpreter
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
                                      _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
                                      _gate_up_bwd_dx_kernel, _gate_up_kernel)
@@ -382,8 +382,7 @@ def _check(x, router_w, w_gate, w_up, w_down, top_k):
             raise ValueError(f"moe_ffn: {name} is {w.dtype} but x is {x.dtype}")
         if w.device != x.device:
             raise ValueError(f"moe_ffn: {name} on {w.device} but x on {x.device}")
-    if not on_interpreter(x.device) and x.device.type != "cuda":
-        raise ValueError("moe_ffn: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    check_launch_device("moe_ffn", x.device)
 
 
 def aux_losses(counts_E, probs_TE, lse_T, top_k):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
+from molmoe.kernels._common import (check_launch_device, check_qkv, on_interpreter,
+                                    parse_tile_config)
 
 ENV = "MOLMOE_X_CONFIG"
 
@@ -45,3 +46,27 @@ def test_check_qkv_sizes_and_messages():
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
             check_qkv("op", *args, k_name="kc", v_name="vc")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    # Before kernels/_common.py this check read `not on_interpreter(d) and d.type != "cuda"`,
+    # which is never true: CPU tensors without TRITON_INTERPRET reached the launch.
+    from molmoe.kernels.attention import attention
+    from molmoe.kernels.decode_attention import decode_attention
+    from molmoe.kernels.moe import moe_ffn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_launch_device("op", torch.device("cpu"))  # the interpreter takes CPU tensors
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check_launch_device("op", torch.device("cuda"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="op: Triton needs CUDA tensors"):
+        check_launch_device("op", torch.device("cpu"))
+    with pytest.raises(ValueError, match="^attention: Triton needs CUDA tensors"):
+        attention(q, q, q)
+    with pytest.raises(ValueError, match="^decode_attention: Triton needs CUDA tensors"):
+        decode_attention(q, q, q)
+    x, w = torch.randn(3, 16), torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="^moe_ffn: Triton needs CUDA tensors"):
+        moe_ffn(x, torch.randn(2, 16), w, w, torch.randn(2, 16, 8), 1)
