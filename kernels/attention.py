@@ -61,6 +61,7 @@ import torch
 import triton
 
 from molmoe.backends import reference_attention
+from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
@@ -70,10 +71,6 @@ _CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
 _BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
 
 # ----------------------------------------------------------------------------- launch policy
-
-
-def _on_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
@@ -104,14 +101,8 @@ def _pinned_config(env: str) -> dict | None:
     spec = os.environ.get(env)
     if not spec:
         return None
-    try:
-        cfg = {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-    except ValueError:
-        raise ValueError(f"{env}={spec!r}: expected 'BLOCK_M=128,BLOCK_N=64,num_warps=8,"
-                         f"num_stages=3'") from None
-    missing = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} - set(cfg)
-    if missing:
-        raise ValueError(f"{env}={spec!r}: missing {sorted(missing)}")
+    cfg = parse_tile_config(env, spec, "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
+                            required=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
     for name in ("BLOCK_M", "BLOCK_N"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{env}={spec!r}: {name} must be a power of two >= 16")
@@ -229,24 +220,9 @@ def _metadata(B, Sq, Sk, device, causal, image_block_ids, key_padding_mask, cu_s
 
 
 def _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens):
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"attention: expected q (B, Hq, Sq, Dh) and k == v (B, Hkv, Sk, Dh); "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Hq, Sq, Dh = q.shape
-    Bk, Hkv, Sk, Dk = k.shape
-    if Bk != B or Dk != Dh:
-        raise ValueError(f"attention: batch/head dim mismatch: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
-    if Hq % Hkv:
-        raise ValueError(f"attention: {Hq} query heads not a multiple of {Hkv} kv heads")
+    B, Hq, Sq, Dh, Hkv, Sk = check_qkv("attention", q, k, v)
     if Sq > Sk:
         raise ValueError(f"attention: more queries ({Sq}) than keys ({Sk}); need Sq <= Sk")
-    if Dh < 16 or Dh > 256 or Dh & (Dh - 1):
-        raise ValueError(f"attention: head dim {Dh} unsupported (power of two, 16..256)")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"attention: dtype {q.dtype} unsupported (fp32, fp16, bf16)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if image_block_ids is not None and (image_block_ids.shape != (B, Sk) or
                                         image_block_ids.is_floating_point()):
         raise ValueError(f"attention: image_block_ids must be ({B}, {Sk}) int (one id per key "
@@ -261,8 +237,6 @@ def _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens):
         if B != 1 or Sq != Sk:
             raise ValueError(f"attention: cu_seqlens packs sequences along one row: needs B == 1 "
                              f"and Sq == Sk, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not _on_interpreter(q.device) and q.device.type != "cuda":
-        raise ValueError("attention: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
 def _unit_stride(t):
@@ -274,7 +248,7 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     B, Hq, Sq, Dh = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    on_gpu = not _on_interpreter(q.device)
+    on_gpu = not on_interpreter(q.device)
     masked = any(t is not None for t in (image_block_ids, key_padding_mask, cu_seqlens))
     cfg = default_config(_tune_key(False, q.dtype, Dh, causal, masked), on_gpu)
     o = torch.empty_like(q)
@@ -303,7 +277,7 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
     B, Hq, Sq, Dh = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v, do = (_unit_stride(t) for t in (q, k, v, do))
-    on_gpu = not _on_interpreter(q.device)
+    on_gpu = not on_interpreter(q.device)
     masked = any(t is not None for t in (image_block_ids, key_padding_mask, cu_seqlens))
     cfg = default_config(_tune_key(True, q.dtype, Dh, causal, masked), on_gpu)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -406,7 +380,7 @@ def attention_tile_counts(q, k, v, *, causal=True, image_block_ids=None, key_pad
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     masks = (image_block_ids, key_padding_mask, cu_seqlens)
     o, lse, counts = _launch_fwd(q, k, v, *masks, bool(causal), scale, count_tiles=True)
-    on_gpu = not _on_interpreter(q.device)
+    on_gpu = not on_interpreter(q.device)
     key = _tune_key(backward, q.dtype, q.shape[-1], bool(causal),
                     any(t is not None for t in masks))
     cfg = default_config(key, on_gpu)

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from molmoe.backends import reference_decode_attention
+from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
 
 decode_attention_ref = reference_decode_attention  # ONE reference: the model's (molmoe.backends)
 
@@ -168,10 +169,6 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------- launch policy
 
 
-def _on_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -196,14 +193,8 @@ def _pinned_config() -> dict | None:
     spec = os.environ.get(_CONFIG_ENV)
     if not spec:
         return None
-    try:
-        cfg = {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-    except ValueError:
-        raise ValueError(f"{_CONFIG_ENV}={spec!r}: expected 'BLOCK_N=64,num_warps=4,num_stages=2'")
-    missing = {"BLOCK_N", "num_warps", "num_stages"} - set(cfg)
-    if missing:
-        raise ValueError(f"{_CONFIG_ENV}={spec!r}: missing {sorted(missing)}")
-    return cfg
+    return parse_tile_config(_CONFIG_ENV, spec, "BLOCK_N=64,num_warps=4,num_stages=2",
+                             required=("BLOCK_N", "num_warps", "num_stages"))
 
 
 _TUNED: dict[tuple, dict] = {}  # (dtype, Dh, BLOCK_M) -> config, filled by `autotune`
@@ -268,24 +259,7 @@ def num_splits_heuristic(batch_kv_heads: int, seq_len: int, sm_count: int, block
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, key_padding_mask):
-    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"decode_attention: expected q (B, Hq, Sq, Dh) and k_cache == v_cache "
-                         f"(B, Hkv, Sk, Dh); got q {tuple(q.shape)}, k_cache "
-                         f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    B, Hq, Sq, Dh = q.shape
-    Bk, Hkv, Sk, Dk = k_cache.shape
-    if Bk != B or Dk != Dh:
-        raise ValueError(f"decode_attention: batch/head dim mismatch: q {tuple(q.shape)}, "
-                         f"k_cache {tuple(k_cache.shape)}")
-    if Hq % Hkv:
-        raise ValueError(f"decode_attention: {Hq} query heads not a multiple of {Hkv} kv heads")
-    if Dh < 16 or Dh > 256 or Dh & (Dh - 1):
-        raise ValueError(f"decode_attention: head dim {Dh} unsupported (power of two, 16..256)")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"decode_attention: dtype {q.dtype} unsupported (fp32, fp16, bf16)")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"decode_attention: dtypes differ: q {q.dtype}, k_cache "
-                         f"{k_cache.dtype}, v_cache {v_cache.dtype}")
+    B, _, _, _, _, Sk = check_qkv("decode_attention", q, k_cache, v_cache, "k_cache", "v_cache")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} needs unit stride on the head dim, "
@@ -297,8 +271,6 @@ def _check(q, k_cache, v_cache, cache_seqlens, key_padding_mask):
     if key_padding_mask is not None and key_padding_mask.shape != (B, Sk):
         raise ValueError(f"decode_attention: key_padding_mask must be ({B}, {Sk}), got "
                          f"{tuple(key_padding_mask.shape)}")
-    if not _on_interpreter(q.device) and q.device.type != "cuda":
-        raise ValueError("decode_attention: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, key_padding_mask, scale, num_splits):
@@ -306,7 +278,7 @@ def _launch(q, k_cache, v_cache, cache_seqlens, key_padding_mask, scale, num_spl
     Hkv, Sk = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     block_m = max(16, triton.next_power_of_2(G * Sq))
-    on_gpu = not _on_interpreter(q.device)
+    on_gpu = not on_interpreter(q.device)
     cfg = default_config(Dh, block_m, on_gpu, q.dtype)
     block_n = cfg["BLOCK_N"]
     if num_splits <= 0:

@@ -75,13 +75,13 @@ import torch.nn.functional as F
 import triton
 
 from molmoe.backends import reference_moe_ffn
+from molmoe.kernels._common import check_launch_device, on_interpreter
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
                                      _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
                                      _gate_up_bwd_dx_kernel, _gate_up_kernel)
 from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
-from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _on_interpreter, autotune,
-                                       block_m_for, choose_path, default_config, kernel_configs,
-                                       prune_configs)
+from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, autotune, block_m_for,
+                                       choose_path, default_config, kernel_configs, prune_configs)
 
 moe_ffn_ref = reference_moe_ffn  # ONE reference: the model's (molmoe.backends)
 
@@ -122,7 +122,7 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
     F_ = w_gate.shape[1]
     N, R = T * top_k, sorted_assign.shape[0]
     num_m = R // block_m
-    on_gpu = not _on_interpreter(x.device)
+    on_gpu = not on_interpreter(x.device)
     ieee = x.dtype == torch.float32
     y = x.new_empty(T, D)
     gate = x.new_empty(R if save_pre else 0, F_)
@@ -149,7 +149,7 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
     K = topk_idx.shape[1]
     F_ = w_gate.shape[1]
     N = T * K
-    on_gpu = not _on_interpreter(x.device)
+    on_gpu = not on_interpreter(x.device)
     y = x.new_empty(T, D)
     if T == 0:
         return y
@@ -178,7 +178,7 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
     E, F_, _ = w_gate.shape
     N, R = T * top_k, sorted_assign.shape[0]
     num_m = R // block_m
-    on_gpu = not _on_interpreter(x.device)
+    on_gpu = not on_interpreter(x.device)
     ieee = x.dtype == torch.float32
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     # Every element is written below (empty experts' dW included) unless there are no tokens.
@@ -382,8 +382,7 @@ def _check(x, router_w, w_gate, w_up, w_down, top_k):
             raise ValueError(f"moe_ffn: {name} is {w.dtype} but x is {x.dtype}")
         if w.device != x.device:
             raise ValueError(f"moe_ffn: {name} on {w.device} but x on {x.device}")
-    if not _on_interpreter(x.device) and x.device.type != "cuda":
-        raise ValueError("moe_ffn: Triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    check_launch_device("moe_ffn", x.device)
 
 
 def aux_losses(counts_E, probs_TE, lse_T, top_k):
@@ -414,7 +413,7 @@ def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
         arange_E = torch.arange(E, device=x.device, dtype=topk_idx.dtype)
         counts = (topk_idx.reshape(-1, 1) == arange_E).sum(0)
         return y, counts
-    block_m = block_m_for(T * K, E, not _on_interpreter(x.device))
+    block_m = block_m_for(T * K, E, not on_interpreter(x.device))
     counts, expert_start, sorted_assign, _assign_row, tile_expert = _permute_op(
         topk_idx, E, block_m)
     y, _gate, _up = _experts_op(x, w_gate, w_up, w_down, topk_w, counts, expert_start,

@@ -14,16 +14,15 @@ import os
 
 import torch
 
+from molmoe.kernels._common import on_interpreter, parse_tile_config
+
 _CONFIG_ENV = "MOLMOE_MOE_CONFIG"
+_EXAMPLE = "BLOCK_M=64;gate_up:BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=4"
 DECODE_MAX_TOKENS = 8  # decode path up to this many tokens (its rows are tokens: <= BLOCK_M)
 
 KINDS = ("gate_up", "down", "down_bwd", "dx", "dw_gate_up", "dw_down", "gate_up_decode",
          "down_decode")
 _TWO_B_TILES = {"gate_up", "dx", "gate_up_decode"}  # kernels that load two weight tiles a step
-
-
-def _on_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_configs(kind: str, on_gpu: bool) -> list[dict]:
@@ -72,11 +71,7 @@ def _pinned(kind: str) -> dict:
             raise ValueError(f"{_CONFIG_ENV}: unknown kind {scope!r}; known: {KINDS}")
         if scope and scope != kind:
             continue
-        try:
-            out.update({k: int(v) for k, v in (kv.split("=") for kv in body.split(","))})
-        except ValueError:
-            raise ValueError(f"{_CONFIG_ENV}={spec!r}: expected e.g. 'BLOCK_M=64;gate_up:"
-                             f"BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=4'") from None
+        out.update(parse_tile_config(_CONFIG_ENV, spec, _EXAMPLE, entry=body))
     return out
 
 
@@ -154,7 +149,7 @@ def autotune(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False,
 
     T, D = x.shape
     E, F_, _ = w_gate.shape
-    on_gpu = not _on_interpreter(x.device)
+    on_gpu = not on_interpreter(x.device)
     if not on_gpu:
         raise RuntimeError("moe autotune needs a GPU")
     block_m = block_m_for(T * top_k, E, on_gpu)

@@ -63,10 +63,11 @@ import triton
 import triton.language as tl
 
 from molmoe.backends import pad_masks, reference_patch_pool
+from molmoe.kernels._common import interpreter_enabled, parse_tile_config
 
 patch_pool_ref = reference_patch_pool
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreter_enabled()  # read once: the autotune configs are built at import
 _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
 
@@ -76,12 +77,9 @@ _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
-        try:
-            kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
-            warps = int(kv.pop("num_warps", 4))
-            meta = {k: int(v) for k, v in kv.items()}
-        except ValueError:
-            raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_M=32,num_warps=4'")
+        meta = parse_tile_config(_CONFIG_ENV, pinned, "BLOCK_M=32,num_warps=4",
+                                 entry=pinned.replace(" ", ""))  # spaces anywhere are ignored
+        warps = meta.pop("num_warps", 4)
         return [triton.Config(meta, num_warps=warps)]
     if interpret:
         # 64 cells: the interpreter's cost is per program; crops of 9 or 144 cells still

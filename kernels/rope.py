@@ -45,10 +45,11 @@ import triton
 import triton.language as tl
 
 from molmoe.backends import reference_apply_rope
+from molmoe.kernels._common import interpreter_enabled, parse_tile_config
 
 apply_rope_ref = reference_apply_rope
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreter_enabled()  # read once: the autotune configs are built at import
 _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 
 
@@ -58,12 +59,9 @@ _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     pinned = os.environ.get(_CONFIG_ENV)
     if pinned:
-        try:
-            kv = dict(item.split("=") for item in pinned.replace(" ", "").split(","))
-            warps = int(kv.pop("num_warps", 4))
-            meta = {k: int(v) for k, v in kv.items()}
-        except ValueError:
-            raise ValueError(f"{_CONFIG_ENV}={pinned!r}: expected 'BLOCK_S=16,HEADS=8,num_warps=4'")
+        meta = parse_tile_config(_CONFIG_ENV, pinned, "BLOCK_S=16,HEADS=8,num_warps=4",
+                                 entry=pinned.replace(" ", ""))  # spaces anywhere are ignored
+        warps = meta.pop("num_warps", 4)
         meta.setdefault("BLOCK_S", 8)
         meta.setdefault("HEADS", 1 << 30)  # all heads in one program
         return [triton.Config(meta, num_warps=warps)]

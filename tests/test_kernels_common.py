@@ -1,0 +1,72 @@
+"""The helpers the kernel launchers share (kernels/_common.py): no kernel runs here."""
+import pytest
+import torch
+
+from molmoe.kernels._common import (check_launch_device, check_qkv, on_interpreter,
+                                    parse_tile_config)
+
+ENV = "MOLMOE_X_CONFIG"
+
+
+def test_parse_tile_config():
+    assert parse_tile_config(ENV, " BLOCK_M = 64, num_warps=4 ", "BLOCK_M=64") == \
+        dict(BLOCK_M=64, num_warps=4)
+    # the message names the variable, the bad value and an example
+    for bad in ("BLOCK_M", "BLOCK_M=big", "BLOCK_M=1=2", "", "BLOCK_M=64,,num_warps=4"):
+        with pytest.raises(ValueError, match=f"{ENV}='{bad}': expected 'BLOCK_M=64,num_warps=4'"):
+            parse_tile_config(ENV, bad, "BLOCK_M=64,num_warps=4")
+    with pytest.raises(ValueError, match=r"missing \['BLOCK_N', 'num_warps'\]"):
+        parse_tile_config(ENV, "BLOCK_M=64", "x", required=("BLOCK_M", "BLOCK_N", "num_warps"))
+    # `entry`: one part of a larger value is parsed, the whole value is reported
+    assert parse_tile_config(ENV, "a;b:BLOCK_N=32", "x", entry="BLOCK_N=32") == dict(BLOCK_N=32)
+    with pytest.raises(ValueError, match=f"{ENV}='a;b:BLOCK_N=z'"):
+        parse_tile_config(ENV, "a;b:BLOCK_N=z", "x", entry="BLOCK_N=z")
+
+
+def test_on_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert on_interpreter(torch.device("cpu"))
+    assert not on_interpreter(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert on_interpreter(torch.device("cuda"))
+
+
+def test_check_qkv_sizes_and_messages():
+    q, k = torch.empty(2, 6, 3, 32), torch.empty(2, 3, 5, 32)
+    assert check_qkv("op", q, k, k) == (2, 6, 3, 32, 3, 5)
+    cases = [
+        ((q, k, k[:, :, :4]), "op: expected q .* kc == vc .* vc \\(2, 3, 4, 32\\)"),
+        ((q, k[:1], k[:1]), "op: batch/head dim mismatch: q \\(2, 6, 3, 32\\), kc"),
+        ((q[:, :4], k, k), "op: 4 query heads not a multiple of 3 kv heads"),
+        ((q[..., :24], k[..., :24], k[..., :24]), "op: head dim 24 unsupported"),
+        ((q.int(), k.int(), k.int()), "op: dtype torch.int32 unsupported"),
+        ((q, k, k.half()), "op: dtypes differ: q torch.float32, kc torch.float32, "
+                           "vc torch.float16"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            check_qkv("op", *args, k_name="kc", v_name="vc")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    # Before kernels/_common.py this check read `not on_interpreter(d) and d.type != "cuda"`,
+    # which is never true: CPU tensors without TRITON_INTERPRET reached the launch.
+    from molmoe.kernels.attention import attention
+    from molmoe.kernels.decode_attention import decode_attention
+    from molmoe.kernels.moe import moe_ffn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_launch_device("op", torch.device("cpu"))  # the interpreter takes CPU tensors
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check_launch_device("op", torch.device("cuda"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="op: Triton needs CUDA tensors"):
+        check_launch_device("op", torch.device("cpu"))
+    with pytest.raises(ValueError, match="^attention: Triton needs CUDA tensors"):
+        attention(q, q, q)
+    with pytest.raises(ValueError, match="^decode_attention: Triton needs CUDA tensors"):
+        decode_attention(q, q, q)
+    x, w = torch.randn(3, 16), torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="^moe_ffn: Triton needs CUDA tensors"):
+        moe_ffn(x, torch.randn(2, 16), w, w, torch.randn(2, 16, 8), 1)
