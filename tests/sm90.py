@@ -8,8 +8,8 @@ reads the cubin's register, stack and local-memory use. That catches what the in
 compile errors (loop-carried types, scalar ifs), register spills, shared memory past the limit,
 and a GEMM that does not reach the tensor cores. It says nothing about speed.
 
-A test module lists its kernels as `Case`s from a function `sm90_cases()` and calls `report(module)`:
-the compiling runs in a child process (`python -m tests.sm90 <module>`) because conftest turns on
+A test module lists its kernels as `Case`s from a function `sm90_cases()` and calls
+`report(module)`: the compiling runs in a child process (`python -m tests.sm90 <module>`) because conftest turns on
 Triton's interpreter in the test process, and interpreted kernels cannot be compiled. The child
 also drops the MOLMOE_*_CONFIG / *_SPLITS pins so the shipped default and autotune configs are the
 ones checked.

@@ -354,17 +354,31 @@ def sm90_cases():
     return cases
 
 
-def test_kernels_compile_for_h100_without_a_gpu():
+@pytest.fixture(scope="module")
+def sm90():
+    from tests.sm90 import report
+
+    return report("tests.test_attention")
+
+
+def test_kernels_compile_for_h100_without_a_gpu(sm90):
     # The interpreter does not type-check like the compiler (loop-carried types, scalar ifs):
     # compile the three kernels for sm_90 down to a cubin, in a subprocess because
     # TRITON_INTERPRET=1 replaces @triton.jit functions in this one (tests/sm90.py).
-    from tests.sm90 import report
-
-    r = report("tests.test_attention")
+    r = sm90
     assert len(r) == 3
     for name, res in r.items():
         assert "error" not in res, f"{name} does not compile for sm_90: {res['error']}"
         assert res["cubin_bytes"] > 0 and res["shared"] <= 227 * 1024, (name, res)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the forward (72 B of stack at 255 registers) and "
+                   "dk/dv (152 B) kernels spill on sm_90 at these tiles; strict, so a fix shows")
+def test_kernels_do_not_spill_on_h100(sm90):
+    from tests.sm90 import check
+
+    for case in sm90_cases():
+        check(sm90.get(case.name), case.name, tensor_core="mma_any")
 
 
 # ----------------------------------------------------------------------------- model

@@ -4,19 +4,24 @@ and decode attention's tl.dot GEMMs run on tensor cores (mma.sync or wgmma). Spe
 
 Which configs: decode attention at the tile config its own `default_config` picks on a GPU for
 each row count M = G*Sq; RoPE and patch pooling at every config of their GPU autotune list that
-survives their own prune at Molmo shapes (the autotuner may pick any of those).
+survives their own prune at Molmo shapes (the autotuner may pick any of those); for RoPE every
+surviving (BLOCK_S, num_warps) with its HEADS rotated through the surviving values (see
+`_rope_cases`). One config the RoPE prune drops is compiled as well, to show that the check
+sees a spill.
 
 Shapes, each with its reason:
   decode    MolmoE-1B Hq = Hkv = 16 (G 1) and Molmo-7B-D Hq 28 / Hkv 4 (G 7), Dh 128, bf16;
             Sq 1 (a decode step: M 16) and for 7B-D 8 (draft tokens / a short chunk: M 56 -> a
-            64-row tile, the only one on wgmma); one split (the output written directly) and P splits (partials +
-            combine), with and without cache_seqlens + key_padding_mask. The combine at P 16 (what
-            `num_splits_heuristic` gives 7B-D at 4096 keys on 132 SMs) and at its cap, 128.
+            64-row tile, the only one on wgmma); one split (the output written directly) and P
+            splits (partials + combine), with and without cache_seqlens + key_padding_mask. The
+            combine at P 16 (what `num_splits_heuristic` gives 7B-D at 4096 keys on 132 SMs) and
+            at its cap, 128 (a 128 x 128 fp32 tile of partials in registers).
   rope      Dh 128, Hq/Hkv 16/16 and 28/4, S 1 (decode) and S 4096 (prefill), bf16, forward and
             backward. Hq and Hkv are runtime integers: they only prune (head groups), so the
             compiled configs are the union of what survives for both models.
   pool      C 2048 -> E 1024, 16 heads (D 64), one crop (M 144 cells) and 13 crops, bf16,
-            with and without pad embeddings, forward and backward.
+            with and without pad embeddings, forward and backward (C only enters the GEMMs
+            around the kernel).
 """
 from __future__ import annotations
 
@@ -125,11 +130,19 @@ def _pool_cases() -> list[Case]:
     return cases
 
 
+# A config the RoPE prune now drops: 32 positions on one warp hold 256 cos/sin values per thread
+# and spilled. Compiled too, to show the spill check sees a spill (it is not a check that
+# cannot fail) and that the prune's register budget is needed.
+SPILLER = Case("rope_fwd-pruned-S32-H2-w1", RO._rope_kernel,
+               dict(HALF=DH // 2, BLOCK_H=DH // 2, BACKWARD=False, BLOCK_S=32, HEADS=2),
+               num_warps=1, types=dict(cos_ptr="*fp32", sin_ptr="*fp32"))
+
+
 def sm90_cases() -> list[Case]:
-    return _decode_cases() + _rope_cases() + _pool_cases()
+    return _decode_cases() + _rope_cases() + _pool_cases() + [SPILLER]
 
 
-CASES = sm90_cases()
+CASES = sm90_cases()[:-1]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +166,14 @@ def test_cases_cover_the_configs():
     gpu = RO._configs(interpret=False)
     heads = {c.kwargs["HEADS"] for c in gpu}
     assert {c.consts["HEADS"] for c in CASES if c.name.startswith("rope_fwd")} == heads
+
+
+def test_the_spill_check_sees_a_spill(sm90):
+    r = sm90[SPILLER.name]
+    assert r["stack"] > 0, f"expected {SPILLER.name} to spill: {r}"
+    with pytest.raises(AssertionError, match="spills registers"):
+        check(r, SPILLER.name)
+    # and the prune drops it at prefill, where the same tile on 4 warps stays
+    spiller = triton.Config({"BLOCK_S": 32, "HEADS": 2}, num_warps=1)
+    fits = triton.Config({"BLOCK_S": 32, "HEADS": 2}, num_warps=4)
+    assert RO._prune([spiller, fits], {}, S=4096, Hq=16, Hkv=16, HALF=DH // 2) == [fits]
