@@ -27,8 +27,9 @@ that the decoder's head split makes); outputs are contiguous (B, H, S, Dh). Limi
 Legend: B batch, S positions, Hq query heads, Hkv key/value heads, Dh head dim, h = Dh / 2.
 
 Autotune: (BLOCK_S, HEADS, num_warps) configs from `_configs()`, pruned by `_prune` (no tile
-longer than S, no group wider than all heads), keyed on (Dh, Hq, Hkv) and the power-of-two bucket
-of S (decode and prefill want different tiles; S itself would re-tune per prompt length).
+longer than S, no group wider than all heads, cos/sin tiles within a register budget), keyed on
+(Dh, Hq, Hkv) and the power-of-two bucket of S (decode and prefill want different tiles; S
+itself would re-tune per prompt length).
 `MOLMOE_ROPE_CONFIG="BLOCK_S=16,HEADS=8,num_warps=4"` pins one; the interpreter (CPU) uses one
 small fixed config. Tuning times the kernel on the first call of each key (a host sync): warm up
 before capturing a CUDA graph; later launches do not synchronise.
@@ -73,15 +74,23 @@ def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
             for bs in (1, 2, 4, 8, 16, 32) for hg in (2, 4, 8, 16, 64) for w in (1, 2, 4, 8)]
 
 
+_TABLE_REGS = 64  # fp32 cos/sin values one thread may hold (4 tiles of BLOCK_S x BLOCK_H)
+
+
 def _prune(configs, named_args, **kwargs):
-    # No tile longer than the sequence (decode: S = 1), no head group wider than all heads, and
-    # no more threads than elements in one head's tile (BLOCK_S x Dh/2).
+    # No tile longer than the sequence (decode: S = 1), no head group wider than all heads, no
+    # more threads than elements in one head's tile (BLOCK_S x Dh/2), and the four cos/sin tiles
+    # a program keeps for all its heads within _TABLE_REGS registers per thread. Compiled for
+    # sm_90 at Dh 128 (tests/test_kernels_sm90.py): 64 per thread -> 118 registers; 128 -> 231;
+    # 256 (BLOCK_S 32 on one warp) spilled 640 bytes of stack at the 255-register cap.
     args = {**named_args, **kwargs}  # sizes positional, constexprs as keywords
     S, n_heads, half = args["S"], args["Hq"] + args["Hkv"], args["HALF"]
+    block_h = triton.next_power_of_2(half)
     kept = [c for c in configs
             if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))
             and c.kwargs["HEADS"] <= 2 * max(1, triton.next_power_of_2(n_heads))
-            and 32 * c.num_warps <= max(32, c.kwargs["BLOCK_S"] * half)]
+            and 32 * c.num_warps <= max(32, c.kwargs["BLOCK_S"] * half)
+            and 4 * c.kwargs["BLOCK_S"] * block_h <= _TABLE_REGS * 32 * c.num_warps]
     return kept or configs[:1]
 
 

@@ -333,48 +333,52 @@ def test_opcheck():
                                       "test_autograd_registration"))
 
 
-COMPILE_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from molmoe.kernels import attention_kernels as K
+def sm90_cases():
+    """The three kernels for sm_90 (bf16, GQA 7, every mask on); compiled by tests/sm90.py."""
+    from molmoe.kernels import attention_kernels as K
+    from tests.sm90 import Case
 
-ptr_dtype = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
-             "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
-             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8"}
-for fn, block_m, extra in ((K._attn_fwd_kernel, 128, dict(COUNT_TILES=False)),
-                           (K._attn_bwd_dq_kernel, 32, {}),
-                           (K._attn_bwd_dkdv_kernel, 32, dict(COUNT_TILES=False))):
-    consts = dict(G=7, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64, CAUSAL=True, HAS_BLOCKS=True,
-                  HAS_SEQ=True, HAS_KPM=True, IEEE=False, **extra)
-    sig = {n: "constexpr" if n in consts else ptr_dtype.get(n, "*i32") if n.endswith("_ptr")
-           else "fp32" if n == "scale" else "i32" for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8,
-                                                                           num_stages=2))
-    assert c.asm["cubin"] and c.metadata.shared <= 227 * 1024, fn.__name__
-    print("compiled", fn.__name__, "shared", c.metadata.shared)
-"""
+    types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "scale": "fp32"}
+    cases = []
+    for fn, block_m, extra in ((K._attn_fwd_kernel, 128, dict(COUNT_TILES=False)),
+                               (K._attn_bwd_dq_kernel, 32, {}),
+                               (K._attn_bwd_dkdv_kernel, 32, dict(COUNT_TILES=False))):
+        consts = dict(G=7, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64, CAUSAL=True,
+                      HAS_BLOCKS=True, HAS_SEQ=True, HAS_KPM=True, IEEE=False, **extra)
+        # the other pointers: q/k/v/o/do/dq/dk/dv bf16 (the default), the rest (block ids,
+        # sequence bounds, tile counts) int32
+        ptr_types = {n: "*i32" for n in fn.arg_names if n.endswith("_ptr") and n not in types
+                     and n[:-4] not in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
+        cases.append(Case(fn.__name__, fn, consts, num_warps=8, num_stages=2,
+                          types={**types, **ptr_types}))
+    return cases
 
 
-def test_kernels_compile_for_h100_without_a_gpu():
+@pytest.fixture(scope="module")
+def sm90():
+    from tests.sm90 import report
+
+    return report("tests.test_attention")
+
+
+def test_kernels_compile_for_h100_without_a_gpu(sm90):
     # The interpreter does not type-check like the compiler (loop-carried types, scalar ifs):
-    # compile the three kernels for sm_90 (bf16, GQA 7, every mask on) down to a cubin, in a
-    # subprocess because TRITON_INTERPRET=1 replaces @triton.jit functions in this one.
-    import os
-    import subprocess
-    import sys
+    # compile the three kernels for sm_90 down to a cubin, in a subprocess because
+    # TRITON_INTERPRET=1 replaces @triton.jit functions in this one (tests/sm90.py).
+    r = sm90
+    assert len(r) == 3
+    for name, res in r.items():
+        assert "error" not in res, f"{name} does not compile for sm_90: {res['error']}"
+        assert res["cubin_bytes"] > 0 and res["shared"] <= 227 * 1024, (name, res)
 
-    import triton
 
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton built without its CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 3
+@pytest.mark.xfail(strict=True, reason="known: the forward (72 B of stack at 255 registers) and "
+                   "dk/dv (152 B) kernels spill on sm_90 at these tiles; strict, so a fix shows")
+def test_kernels_do_not_spill_on_h100(sm90):
+    from tests.sm90 import check
+
+    for case in sm90_cases():
+        check(sm90.get(case.name), case.name, tensor_core="mma_any")
 
 
 # ----------------------------------------------------------------------------- model
