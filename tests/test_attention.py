@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from molmoe.backends import REFERENCE_OPS
 from molmoe.kernels.attention import (_tune_key, attention, attention_ref,
-                                      attention_tile_counts, default_config, kernel_configs)
+                                      attention_tile_counts, default_config, kernel_configs,
+                                      prune_configs)
 from tests.tiny import random_inputs, random_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -398,11 +399,30 @@ def test_kernels_compile_for_h100_without_a_gpu(sm90):
         assert res["cubin_bytes"] > 0 and res["shared"] <= 227 * 1024, (name, res)
 
 
+def test_prune_drops_tiles_that_spilled_on_h100():
+    # The register rules of prune_configs against tiles measured to spill on sm_90 (bf16, every
+    # mask on): they must be dropped, and the GPU defaults (compiled above) must survive.
+    fwd128 = prune_configs(kernel_configs(True), 128, 2)
+    assert dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2) not in fwd128  # 16 B
+    assert not [c for c in fwd128 if c["num_warps"] == 4 and c["BLOCK_M"] == 128]  # 88..1608 B
+    assert dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2) not in fwd128  # 8 B
+    bwd128 = prune_configs(kernel_configs(True, True), 128, 2, backward=True)
+    assert bwd128 and all(c["num_warps"] == 8 and c["BLOCK_M"] == 32 for c in bwd128)
+    bwd64 = prune_configs(kernel_configs(True, True), 64, 2, backward=True)
+    assert dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2) not in bwd64  # 320 B
+    for Dh in (64, 128):
+        for backward in (False, True):
+            kept = prune_configs(kernel_configs(True, backward), Dh, 2, backward)
+            for masked in (False, True):
+                key = _tune_key(backward, torch.bfloat16, Dh, True, masked)
+                assert default_config(key, True) in kept
+
+
 def test_kernels_do_not_spill_on_h100(sm90):
     from tests.sm90 import check
 
-    for case in sm90_cases():
-        check(sm90.get(case.name), case.name, tensor_core="mma_any")
+    for case in sm90_cases():  # and the K/V (q/do) loads pipelined: cp.async
+        check(sm90.get(case.name), case.name, tensor_core="mma_any", cp_async=True)
 
 
 # ----------------------------------------------------------------------------- model
