@@ -99,14 +99,15 @@ def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
         dropped spilled (e.g. 128x128 with 8 warps 16 B, any 4-warp 128-row tile at Dh 128);
       * backward (one config for both kernels): the dk/dv kernel holds dk, dv (fp32) and k, v
         for a BN-key tile and streams BM-row query tiles; with 4 warps it spilled at every tile
-        at Dh 128 and at 32x128 at Dh 64, and at Dh 128 a 64-row query tile spilled with 8
-        warps too. So: 8 warps, and BM x Dh <= 32 x 128."""
+        at Dh 128 and at 32x128 at Dh 64; with 8 warps, 64-row query tiles spilled at Dh 128
+        and 64x128 (8 B, GQA 1, masks) at Dh 64. So: 8 warps, the query tile BM x Dh and the
+        (BN, BM) score tiles BN x BM each within 32 x 128 elements. (1 stage is not offered.)"""
     kept = []
     for c in configs:
         bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
         smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
         if backward:
-            regs_ok = warps == 8 and bm * head_dim <= 32 * 128
+            regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
         else:
             regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
         if smem <= 200_000 and regs_ok:

@@ -410,6 +410,7 @@ def test_prune_drops_tiles_that_spilled_on_h100():
     assert bwd128 and all(c["num_warps"] == 8 and c["BLOCK_M"] == 32 for c in bwd128)
     bwd64 = prune_configs(kernel_configs(True, True), 64, 2, backward=True)
     assert dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2) not in bwd64  # 320 B
+    assert dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2) not in bwd64  # 8 B
     for Dh in (64, 128):
         for backward in (False, True):
             kept = prune_configs(kernel_configs(True, backward), Dh, 2, backward)
