@@ -80,19 +80,37 @@ def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
     if backward:
-        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-                for m in (32, 64) for n in (64, 128) for w in (4, 8) for s in (1, 2)]
+        # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
+        # 32x64 even kept 16 B of stack there.
+        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=2)
+                for m in (32, 64) for n in (64, 128) for w in (4, 8)]
     return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
             for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
-def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int) -> list[dict]:
+def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
+                  backward: bool = False) -> list[dict]:
     """Drop tiles whose pipelined K/V stages + q tile would overflow shared memory (~200 KiB on
-    an H100) and, for Dh 256, 128-row tiles whose fp32 accumulator would spill registers."""
+    an H100), and tiles that spill registers on sm_90 (255 per thread). The register rules are
+    calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64 and 128, GQA 1 and
+    7, every mask on, causal only, none):
+      * forward: the fp32 accumulator (BM x Dh), scores (BM x BN) and the K/V tile (BN x Dh),
+        per thread, within 128 words: every config kept compiled without spills, every one
+        dropped spilled (e.g. 128x128 with 8 warps 16 B, any 4-warp 128-row tile at Dh 128);
+      * backward (one config for both kernels): the dk/dv kernel holds dk, dv (fp32) and k, v
+        for a BN-key tile and streams BM-row query tiles; with 4 warps it spilled at every tile
+        at Dh 128 and at 32x128 at Dh 64; with 8 warps, 64-row query tiles spilled at Dh 128
+        and 64x128 (8 B, GQA 1, masks) at Dh 64. So: 8 warps, the query tile BM x Dh and the
+        (BN, BM) score tiles BN x BM each within 32 x 128 elements. (1 stage is not offered.)"""
     kept = []
     for c in configs:
-        smem = (2 * c["BLOCK_N"] * max(c["num_stages"], 1) + c["BLOCK_M"]) * head_dim * elem_bytes
-        if smem <= 200_000 and not (head_dim > 128 and c["BLOCK_M"] * c["BLOCK_N"] > 64 * 64):
+        bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
+        smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
+        if backward:
+            regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
+        else:
+            regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
+        if smem <= 200_000 and regs_ok:
             kept.append(c)
     return kept or configs[:1]
 
@@ -125,12 +143,17 @@ def default_config(key: tuple, on_gpu: bool) -> dict:
     if key in _TUNED:
         return _TUNED[key]
     elem = 4 if dtype == torch.float32 else 2
-    configs = prune_configs(kernel_configs(on_gpu, backward), head_dim, elem)
+    configs = prune_configs(kernel_configs(on_gpu, backward), head_dim, elem, backward)
     if not on_gpu:
         return configs[0]
-    # Tutorial-06-like defaults: wide query tiles forward; the backward holds dk, dv, k, v.
-    want = (dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1) if backward else
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3))
+    # Tutorial-06-like defaults, checked spill-free on sm_90 (tests/test_attention.py): wide
+    # query tiles forward (8 warps: with 4, Molmo's masks spill even at Dh 64); the backward's
+    # dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query tiles at Dh 128.
+    if backward:
+        want = (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
+                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
+    else:
+        want = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return want if want in configs else configs[0]
 
 
@@ -153,7 +176,7 @@ def autotune(q, k, v, backward: bool = False, **kw) -> dict:
         def run():
             attention(q, k, v, **kw)
     best, best_ms = None, float("inf")
-    for cfg in prune_configs(kernel_configs(True, backward), q.shape[-1], elem):
+    for cfg in prune_configs(kernel_configs(True, backward), q.shape[-1], elem, backward):
         _TUNED[key] = cfg
         try:
             ms = triton.testing.do_bench(run)

@@ -396,38 +396,51 @@ def _attn_bwd_dkdv_kernel(
     visited = q_lo * 0
     if CAUSAL and HAS_BLOCKS:
         kb_min, kb_max = _block_range(k_blk, col_ok)
-    for g in range(G):
+    # The G query heads are folded into the query-tile loops, (head, tile) pairs in one flat
+    # loop per stage, rather than an outer loop over heads around them: a nested loop kept
+    # the inner loops' invariants live across the outer one, and dk/dv spilled on sm_90.
+    n_masked = tl.maximum(q_mid - q_lo, 0) // BLOCK_M  # q_mid - q_lo: a multiple of BLOCK_M
+    n_full = tl.cdiv(tl.maximum(q_hi - q_mid, 0), BLOCK_M)
+    # Stage 1: query tiles [q_lo, q_mid) straddle the causal edge / image blocks: masked.
+    for t in range(0, G * n_masked):
+        g = t // n_masked
+        m0 = q_lo + (t - g * n_masked) * BLOCK_M
         h = hkv * G + g
         q_base = q_ptr + b * sq_b + h * sq_h
         do_base = do_ptr + b * sdo_b + h * sdo_h
         lse_base = lse_ptr + (b * Hkv * G + h) * Sq
         delta_base = delta_ptr + (b * Hkv * G + h) * Sq
         if CAUSAL and HAS_BLOCKS:
-            for m0 in range(q_lo, q_mid, BLOCK_M):
-                # Query tiles wholly before the key tile reach it only through an image block.
-                rows = m0 + tl.arange(0, BLOCK_M)
-                rq_ok = rows < q_hi
-                rq_blk = tl.load(blk_ptr + b * Sk + off + rows, mask=rq_ok, other=-1)
-                hit = tl.max(((rq_blk >= kb_min) & (rq_blk <= kb_max)).to(tl.int32), axis=0)
-                if (off + m0 + BLOCK_M - 1 >= n0) | (hit > 0):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                        sq_s, sdo_s, m0, q_hi, off, dims, cols, col_ok, k_blk,
-                                        k_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, BLOCK_M, True,
-                                        CAUSAL, HAS_BLOCKS, HAS_SEQ, IEEE)
-                    visited += 1
-        else:
-            for m0 in range(q_lo, q_mid, BLOCK_M):
+            # Query tiles wholly before the key tile reach it only through an image block.
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rq_ok = rows < q_hi
+            rq_blk = tl.load(blk_ptr + b * Sk + off + rows, mask=rq_ok, other=-1)
+            hit = tl.max(((rq_blk >= kb_min) & (rq_blk <= kb_max)).to(tl.int32), axis=0)
+            if (off + m0 + BLOCK_M - 1 >= n0) | (hit > 0):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s,
-                                    sdo_s, m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk,
-                                    qk_scale, blk_ptr, seqs_ptr, BLOCK_M, True, CAUSAL,
+                                    sdo_s, m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b,
+                                    Sk, qk_scale, blk_ptr, seqs_ptr, BLOCK_M, True, CAUSAL,
                                     HAS_BLOCKS, HAS_SEQ, IEEE)
                 visited += 1
-        for m0 in range(q_mid, q_hi, BLOCK_M):
+        else:
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
                                 m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk, qk_scale,
-                                blk_ptr, seqs_ptr, BLOCK_M, False, CAUSAL, HAS_BLOCKS, HAS_SEQ,
+                                blk_ptr, seqs_ptr, BLOCK_M, True, CAUSAL, HAS_BLOCKS, HAS_SEQ,
                                 IEEE)
             visited += 1
+    # Stage 2: query tiles [q_mid, q_hi) attend every key of the tile: no mask.
+    for t in range(0, G * n_full):
+        g = t // n_full
+        m0 = q_mid + (t - g * n_full) * BLOCK_M
+        h = hkv * G + g
+        q_base = q_ptr + b * sq_b + h * sq_h
+        do_base = do_ptr + b * sdo_b + h * sdo_h
+        lse_base = lse_ptr + (b * Hkv * G + h) * Sq
+        delta_base = delta_ptr + (b * Hkv * G + h) * Sq
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
+                            m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk, qk_scale,
+                            blk_ptr, seqs_ptr, BLOCK_M, False, CAUSAL, HAS_BLOCKS, HAS_SEQ, IEEE)
+        visited += 1
     dk = dk * scale
     if HAS_KPM:  # padding keys are never attended: exactly zero gradient
         pad = tl.load(kpm_ptr + b * Sk + cols, mask=col_ok, other=0)

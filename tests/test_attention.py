@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from molmoe.backends import REFERENCE_OPS
-from molmoe.kernels.attention import (attention, attention_ref, attention_tile_counts,
-                                      kernel_configs)
+from molmoe.kernels.attention import (_tune_key, attention, attention_ref,
+                                      attention_tile_counts, default_config, kernel_configs,
+                                      prune_configs)
 from tests.tiny import random_inputs, random_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -334,23 +335,49 @@ def test_opcheck():
 
 
 def sm90_cases():
-    """The three kernels for sm_90 (bf16, GQA 7, every mask on); compiled by tests/sm90.py."""
+    """The three kernels for sm_90 at Molmo's shapes (bf16; Dh 128 decoder with GQA 7 and 1, Dh
+    64 ViT), every mask on and none, at the shipped GPU default tiles (`default_config`), plus
+    the test tiles used since the kernels were written; compiled by tests/sm90.py."""
     from molmoe.kernels import attention_kernels as K
     from tests.sm90 import Case
 
     types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "scale": "fp32"}
+    # (name, G, Dh, causal, masks): Molmo's decoder (GQA 7, causal, image blocks + packing +
+    # padding, or causal only), an MHA decoder, the ViT (Dh 64, bidirectional, no mask).
+    shapes = (("d128_g7_masks", 7, 128, True, True), ("d128_g7_causal", 7, 128, True, False),
+              ("d128_g1_masks", 1, 128, True, True), ("d64_g1_vit", 1, 64, False, False),
+              ("d64_g7_masks", 7, 64, True, True))
+    kernels = ((K._attn_fwd_kernel, "fwd", False, dict(COUNT_TILES=False)),
+               (K._attn_bwd_dq_kernel, "dq", True, {}),
+               (K._attn_bwd_dkdv_kernel, "dkdv", True, dict(COUNT_TILES=False)))
     cases = []
-    for fn, block_m, extra in ((K._attn_fwd_kernel, 128, dict(COUNT_TILES=False)),
-                               (K._attn_bwd_dq_kernel, 32, {}),
-                               (K._attn_bwd_dkdv_kernel, 32, dict(COUNT_TILES=False))):
-        consts = dict(G=7, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64, CAUSAL=True,
-                      HAS_BLOCKS=True, HAS_SEQ=True, HAS_KPM=True, IEEE=False, **extra)
+    for fn, short, backward, extra in kernels:
         # the other pointers: q/k/v/o/do/dq/dk/dv bf16 (the default), the rest (block ids,
         # sequence bounds, tile counts) int32
         ptr_types = {n: "*i32" for n in fn.arg_names if n.endswith("_ptr") and n not in types
                      and n[:-4] not in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        cases.append(Case(fn.__name__, fn, consts, num_warps=8, num_stages=2,
-                          types={**types, **ptr_types}))
+        # The JIT marks integer arguments divisible by 16 at launch; the strides of (B, H, S,
+        # Dh) tensors with a unit Dh stride are multiples of Dh >= 16, and that hint is what
+        # lets the K/V loads become 16-byte cp.async (pipelined). Without it this would compile
+        # a kernel no launch runs (unpipelined, different registers).
+        strides = frozenset(a for a in fn.arg_names if a.startswith("s") and "_" in a
+                            and a.split("_")[1] in ("b", "h", "s"))
+        tiles = [("default", G, Dh, causal, masks,
+                  default_config(_tune_key(backward, torch.bfloat16, Dh, causal, masks), True))
+                 for _, G, Dh, causal, masks in shapes]
+        # the tiles this check started from (bwd: 32 x 64, 8 warps)
+        tiles.append(("test", 7, 128, True, True,
+                      dict(BLOCK_M=32 if backward else 128, BLOCK_N=64, num_warps=8,
+                           num_stages=2)))
+        for (tag, G, Dh, causal, masks, cfg), shape in zip(tiles, shapes + (("d128_g7_masks",),)):
+            consts = dict(G=G, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          CAUSAL=causal, HAS_BLOCKS=masks, HAS_SEQ=masks, HAS_KPM=masks,
+                          IEEE=False, **extra)
+            name = f"{short}_{shape[0]}_{tag}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}" \
+                   f"_w{cfg['num_warps']}_s{cfg['num_stages']}"
+            cases.append(Case(name, fn, consts, num_warps=cfg["num_warps"],
+                              num_stages=cfg["num_stages"], types={**types, **ptr_types},
+                              divisible=strides))
     return cases
 
 
@@ -366,19 +393,37 @@ def test_kernels_compile_for_h100_without_a_gpu(sm90):
     # compile the three kernels for sm_90 down to a cubin, in a subprocess because
     # TRITON_INTERPRET=1 replaces @triton.jit functions in this one (tests/sm90.py).
     r = sm90
-    assert len(r) == 3
+    assert len(r) == len(sm90_cases())
     for name, res in r.items():
         assert "error" not in res, f"{name} does not compile for sm_90: {res['error']}"
         assert res["cubin_bytes"] > 0 and res["shared"] <= 227 * 1024, (name, res)
 
 
-@pytest.mark.xfail(strict=True, reason="known: the forward (72 B of stack at 255 registers) and "
-                   "dk/dv (152 B) kernels spill on sm_90 at these tiles; strict, so a fix shows")
+def test_prune_drops_tiles_that_spilled_on_h100():
+    # The register rules of prune_configs against tiles measured to spill on sm_90 (bf16, every
+    # mask on): they must be dropped, and the GPU defaults (compiled above) must survive.
+    fwd128 = prune_configs(kernel_configs(True), 128, 2)
+    assert dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2) not in fwd128  # 16 B
+    assert not [c for c in fwd128 if c["num_warps"] == 4 and c["BLOCK_M"] == 128]  # 88..1608 B
+    assert dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2) not in fwd128  # 8 B
+    bwd128 = prune_configs(kernel_configs(True, True), 128, 2, backward=True)
+    assert bwd128 and all(c["num_warps"] == 8 and c["BLOCK_M"] == 32 for c in bwd128)
+    bwd64 = prune_configs(kernel_configs(True, True), 64, 2, backward=True)
+    assert dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2) not in bwd64  # 320 B
+    assert dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2) not in bwd64  # 8 B
+    for Dh in (64, 128):
+        for backward in (False, True):
+            kept = prune_configs(kernel_configs(True, backward), Dh, 2, backward)
+            for masked in (False, True):
+                key = _tune_key(backward, torch.bfloat16, Dh, True, masked)
+                assert default_config(key, True) in kept
+
+
 def test_kernels_do_not_spill_on_h100(sm90):
     from tests.sm90 import check
 
-    for case in sm90_cases():
-        check(sm90.get(case.name), case.name, tensor_core="mma_any")
+    for case in sm90_cases():  # and the K/V (q/do) loads pipelined: cp.async
+        check(sm90.get(case.name), case.name, tensor_core="mma_any", cp_async=True)
 
 
 # ----------------------------------------------------------------------------- model
