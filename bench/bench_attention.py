@@ -38,7 +38,6 @@ flash-attn and FlexAttention-backward figures need a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import json
@@ -48,7 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import OUT_DIR, Record, format_row, measured_peaks, on_gpu, time_fn, write_results
+from bench.common import (bench_device, bench_parser, format_row, measured_peaks, Record, time_fn,
+                          write_results)
 from molmoe.backends import reference_attention
 
 
@@ -387,18 +387,14 @@ def plot_panels(json_path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> pathlib.Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser = bench_parser(__doc__)
     parser.add_argument("--no-triton", action="store_true", help="GPU: baselines only")
     parser.add_argument("--no-autotune", action="store_true",
                         help="GPU: time the Triton op with its default tiles")
     parser.add_argument("--no-check", action="store_true", help="GPU: skip the correctness check")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     args = parser.parse_args(argv)
 
-    gpu = on_gpu()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, device, dtype = bench_device()
     triton = gpu and not args.no_triton
     if triton:
         require_triton()

@@ -14,13 +14,13 @@ On CPU only the PyTorch paths run, at small sizes, in seconds: Triton figures ne
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import OUT_DIR, Record, format_row, measured_peaks, on_gpu, time_fn, write_results
+from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
+                          time_fn, write_results)
 from molmoe.backends import reference_decode_attention
 
 MODELS = {"molmoe": (16, 16), "7b-d": (28, 4), "72b": (64, 8)}  # (Hq, Hkv), Dh = 128
@@ -73,15 +73,11 @@ def implementations(q, k, v, kpm, seqlens):
 
 
 def main(argv=None) -> pathlib.Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser = bench_parser(__doc__)
     parser.add_argument("--sweep", action="store_true", help="GPU: autotune tile configs first")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     args = parser.parse_args(argv)
 
-    gpu = on_gpu()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, device, dtype = bench_device()
     if gpu and not args.quick:
         grid = [(m, b, s) for m in MODELS for b in (1, 4, 8, 16, 32) for s in (1024, 4096, 16384)]
     elif gpu:

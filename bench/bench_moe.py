@@ -35,7 +35,6 @@ Triton, megablocks and every MolmoE-size figure need a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import OUT_DIR, Record, format_row, measured_peaks, on_gpu, time_fn, write_results
+from bench.common import (bench_device, bench_parser, format_row, measured_peaks, Record, time_fn,
+                          write_results)
 from bench.moe_baselines import grouped_mm_moe_ffn, megablocks_dmoe, megablocks_grads_in_our_layout
 from molmoe.backends import reference_moe_ffn
 
@@ -257,18 +257,14 @@ def targets(records: list[Record], peaks: dict) -> list[str]:
 
 
 def main(argv=None) -> pathlib.Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few token counts only")
+    parser = bench_parser(__doc__, "a few token counts only")
     parser.add_argument("--no-triton", action="store_true", help="GPU: baselines only")
     parser.add_argument("--no-check", action="store_true", help="GPU: skip the correctness check")
     parser.add_argument("--no-autotune", action="store_true",
                         help="GPU: time the Triton op with its default tiles")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     args = parser.parse_args(argv)
 
-    gpu = on_gpu()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, device, dtype = bench_device()
     if gpu and not args.no_triton:
         require_triton()
     layer = MOLMOE_1B if gpu else CPU_SMALL

@@ -24,14 +24,14 @@ On CPU only the reference runs, at small sizes, in seconds: the Triton figures n
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import OUT_DIR, Record, format_row, measured_peaks, on_gpu, time_fn, write_results
+from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
+                          time_fn, write_results)
 from molmoe.backends import REFERENCE_OPS, reference_patch_pool
 from molmoe.config import VisionConfig
 from molmoe.model.vision import AttentionPool2x2
@@ -146,14 +146,10 @@ def implementations(module, feats, masks, pad_embed, backward):
 
 
 def main(argv=None) -> pathlib.Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
 
-    gpu = on_gpu()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, device, dtype = bench_device()
     if gpu:
         grid = [(n, mode) for mode in ("fwd", "fwd+bwd")
                 for n in ((1, 13) if args.quick else (1, 4, 13, 26, 52))]

@@ -22,13 +22,13 @@ torch.compile) figures need a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import OUT_DIR, Record, format_row, measured_peaks, on_gpu, time_fn, write_results
+from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
+                          time_fn, write_results)
 from molmoe.backends import reference_apply_rope
 from molmoe.model.layers import rope_tables
 
@@ -79,14 +79,10 @@ def attention_after(q, k, v, decode: bool):
 
 
 def main(argv=None) -> pathlib.Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
 
-    gpu = on_gpu()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, device, dtype = bench_device()
     # (model, phase, batch, seq): prefill seq = S; decode seq = cache length, RoPE on 1 token
     if gpu:
         seqs = (512, 4096) if args.quick else (1, 512, 2048, 4096)

@@ -5,6 +5,7 @@ compute peak, a large device-to-device copy for the bandwidth peak), not against
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import pathlib
@@ -21,6 +22,20 @@ OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def bench_device() -> tuple[bool, str, torch.dtype]:
+    """(gpu, device, dtype): bf16 on a GPU; fp32 on the CPU, where only reference paths run."""
+    gpu = on_gpu()
+    return gpu, ("cuda" if gpu else "cpu"), (torch.bfloat16 if gpu else torch.float32)
+
+
+def bench_parser(doc: str, quick_help: str = "a few shapes only") -> argparse.ArgumentParser:
+    """The options every benchmark takes (--quick, --out); each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
+    return parser
 
 
 def git_commit() -> str:
