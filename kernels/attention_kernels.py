@@ -113,11 +113,14 @@ def _reaches(start, p_last, cols, col_ok, b, Sk, blk_ptr, bmin, bmax):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
-              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
-              IEEE: tl.constexpr):
+def _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk, q_seq, b,
+                    Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """K and V of the key tile at `start` and the masked scores q k^T * qk_scale (BM, BN), in
+    log2 units, -inf where not allowed; shared by the forward and the dq pass, which must visit
+    and mask key tiles identically."""
     cols = start + tl.arange(0, BLOCK_N)
     if MASKED:
         col_ok = cols < hi
@@ -126,7 +129,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, row
     else:  # a whole tile inside [lo, mid): no bounds to check
         k = tl.load(k_base + cols[:, None] * sk_s + dims[None, :])
         v = tl.load(v_base + cols[:, None] * sv_s + dims[None, :])
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BM, BN), log2 units
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         ok = _allowed(rows_pos, q_blk, q_seq, cols, col_ok, b, Sk, blk_ptr, seqs_ptr, kpm_ptr,
                       CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
@@ -134,6 +137,18 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, row
     elif HAS_KPM:  # the only mask a fully allowed tile can still carry
         pad = tl.load(kpm_ptr + b * Sk + cols)
         s = tl.where((pad != 0)[None, :], s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
+              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
+              IEEE: tl.constexpr):
+    k, v, s = _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
+                              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
+                              CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with every key masked so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -221,22 +236,9 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, start, hi, dims,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
              HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
              IEEE: tl.constexpr):
-    cols = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        col_ok = cols < hi
-        k = tl.load(k_base + cols[:, None] * sk_s + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_s + dims[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + cols[:, None] * sk_s + dims[None, :])
-        v = tl.load(v_base + cols[:, None] * sv_s + dims[None, :])
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    if MASKED:
-        ok = _allowed(rows_pos, q_blk, q_seq, cols, col_ok, b, Sk, blk_ptr, seqs_ptr, kpm_ptr,
-                      CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
-        s = tl.where(ok, s, float("-inf"))
-    elif HAS_KPM:
-        pad = tl.load(kpm_ptr + b * Sk + cols)
-        s = tl.where((pad != 0)[None, :], s, float("-inf"))
+    k, v, s = _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
+                              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
+                              CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
     p = tl.exp2(s - lse[:, None])  # (BM, BN); 0 where masked or for rows with lse = +inf
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
