@@ -55,7 +55,6 @@ sync, and the kernels only store, so re-running them is harmless); later launche
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +62,7 @@ import triton
 import triton.language as tl
 
 from molmoe.backends import pad_masks, reference_patch_pool
-from molmoe.kernels._common import interpreter_enabled, parse_tile_config
+from molmoe.kernels._common import interpreter_enabled, pinned_autotune_config
 
 patch_pool_ref = reference_patch_pool
 
@@ -75,11 +74,9 @@ _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
 
 def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
-    pinned = os.environ.get(_CONFIG_ENV)
+    pinned = pinned_autotune_config(_CONFIG_ENV, "BLOCK_M=32,num_warps=4")
     if pinned:
-        meta = parse_tile_config(_CONFIG_ENV, pinned, "BLOCK_M=32,num_warps=4",
-                                 entry=pinned.replace(" ", ""))  # spaces anywhere are ignored
-        warps = meta.pop("num_warps", 4)
+        meta, warps = pinned
         return [triton.Config(meta, num_warps=warps)]
     if interpret:
         # 64 cells: the interpreter's cost is per program; crops of 9 or 144 cells still

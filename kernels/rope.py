@@ -39,14 +39,13 @@ needs a GPU (bench/bench_rope.py reports RoPE time next to the causal attention 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from molmoe.backends import reference_apply_rope
-from molmoe.kernels._common import interpreter_enabled, parse_tile_config
+from molmoe.kernels._common import interpreter_enabled, pinned_autotune_config
 
 apply_rope_ref = reference_apply_rope
 
@@ -58,13 +57,11 @@ _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 
 
 def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
-    pinned = os.environ.get(_CONFIG_ENV)
+    # HEADS defaults to all heads in one program
+    pinned = pinned_autotune_config(_CONFIG_ENV, "BLOCK_S=16,HEADS=8,num_warps=4", BLOCK_S=8,
+                                    HEADS=1 << 30)
     if pinned:
-        meta = parse_tile_config(_CONFIG_ENV, pinned, "BLOCK_S=16,HEADS=8,num_warps=4",
-                                 entry=pinned.replace(" ", ""))  # spaces anywhere are ignored
-        warps = meta.pop("num_warps", 4)
-        meta.setdefault("BLOCK_S", 8)
-        meta.setdefault("HEADS", 1 << 30)  # all heads in one program
+        meta, warps = pinned
         return [triton.Config(meta, num_warps=warps)]
     if interpret:
         # 32 positions (the interpreter's cost is per program); HEADS=3 on purpose: head
