@@ -11,6 +11,8 @@ import json
 import pathlib
 import sys
 
+from molmoe.errors import UsageError
+
 DEMO_OUT = "molmoe-demo.png"
 
 
@@ -91,7 +93,7 @@ def _max_pixels(args):
     if value is None:
         return DEFAULT_MAX_PIXELS
     if value < 0:
-        raise ValueError(f"--max-pixels must be >= 0 (0 = no limit), got {value}")
+        raise UsageError(f"--max-pixels must be >= 0 (0 = no limit), got {value}")
     return value or None
 
 
@@ -119,7 +121,7 @@ def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = 
         pil = Image.fromarray(pixels)
     limit = model.config.text.max_position_embeddings - config.max_new_tokens
     if limit < 1:
-        raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
+        raise UsageError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
                          f"(max_position_embeddings={model.config.text.max_position_embeddings})")
     try:
         proc.max_pixels = _max_pixels(args)  # the array is checked again there
@@ -185,7 +187,7 @@ def _generate(args) -> int:
     from molmoe.processing import load_image
 
     if args.points_out and not args.image:
-        raise ValueError("--points-out needs --image")
+        raise UsageError("--points-out needs --image")
     if args.image:  # a missing or broken image fails before the (slow) model load
         load_image(args.image, max_pixels=_max_pixels(args))
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,

@@ -69,6 +69,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from molmoe.errors import UsageError
+
 
 class Backend(str, enum.Enum):
     REFERENCE = "reference"
@@ -80,7 +82,7 @@ class Backend(str, enum.Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(repr(b.value) for b in cls)
-            raise ValueError(f"unknown backend {value!r}; supported: {names}") from None
+            raise UsageError(f"unknown backend {value!r}; supported: {names}") from None
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ def reference_patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, 
     N, P, C = feats.shape
     g = math.isqrt(P)
     if g * g != P or g % 2:
-        raise ValueError(f"patch_pool: {P} patches per crop is not an even square grid")
+        raise UsageError(f"patch_pool: {P} patches per crop is not an even square grid")
     if image_masks is not None:
         all_pad, partial = pad_masks(image_masks, feats.dtype)
         added = feats + pad_embed[0] * all_pad[..., None] + pad_embed[1] * partial[..., None]

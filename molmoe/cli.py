@@ -33,12 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from molmoe.checkpoint import CheckpointError
+    from molmoe.errors import MolmoeError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except MolmoeError as e:  # the user's input; anything else is a bug and keeps its traceback
         print(f"molmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

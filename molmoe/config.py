@@ -12,10 +12,12 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
+from molmoe.errors import MolmoeError
+
 SUPPORTED_MODEL_TYPES = ("molmo",)
 
 
-class ConfigError(ValueError):
+class ConfigError(MolmoeError):
     pass
 
 

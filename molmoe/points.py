@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from molmoe.errors import UsageError
+
 # The eval code's point pattern (TR:olmo/util.py extract_points), numbering optional.
 _COORD = re.compile(r'x\d*="\s*([0-9]+(?:\.[0-9]+)?)"\s+y\d*="\s*([0-9]+(?:\.[0-9]+)?)"')
 _TAG = re.compile(r"<(points?)\b", re.IGNORECASE)
@@ -141,7 +143,7 @@ def parse_points(text: str) -> PointingAnswer:
 
 def _check_label(name: str, s: str) -> None:
     if any(c in s for c in '"<>'):
-        raise ValueError(f"{name} {s!r} contains a character the point format cannot hold "
+        raise UsageError(f"{name} {s!r} contains a character the point format cannot hold "
                          f"('\"', '<' or '>')")
 
 
@@ -153,10 +155,10 @@ def format_points(points, label: str, alt: str | None = None) -> str:
     _check_label("alt", alt)
     pts = [(float(f"{x:.1f}"), float(f"{y:.1f}")) for x, y in points]
     if not pts:
-        raise ValueError("format_points needs at least one point (zero objects: format_count)")
+        raise UsageError("format_points needs at least one point (zero objects: format_count)")
     bad = [p for p in pts if not (0.0 <= p[0] <= 100.0 and 0.0 <= p[1] <= 100.0)]
     if bad:
-        raise ValueError(f"point coordinates must be percentages in [0, 100], got {bad[0]}")
+        raise UsageError(f"point coordinates must be percentages in [0, 100], got {bad[0]}")
     pts.sort(key=lambda p: p[0] * 10000 + p[1])
     if len(pts) == 1:
         x, y = pts[0]

@@ -22,13 +22,14 @@ from typing import Callable, Mapping
 import torch
 
 from molmoe.config import MolmoConfig
+from molmoe.errors import MolmoeError
 
 LAYOUTS = ("dense", "molmoe-hf", "molmoe-megablocks", "native")
 # Dtypes a checkpoint tensor may be stored in; the official files are float32.
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MolmoeError):
     """A checkpoint that cannot be loaded; the message names the file, key and shapes."""
 
 

@@ -10,6 +10,7 @@ import pathlib
 
 import torch
 
+from molmoe.errors import UsageError
 from molmoe.backends import Backend
 from molmoe.checkpoint.adapter import CheckpointError, to_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
@@ -30,7 +31,7 @@ _ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16:
 def parse_precision(dtype) -> str:
     name = _ALIASES.get(dtype, dtype)
     if name not in PRECISIONS:
-        raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown dtype {dtype!r}; supported: {', '.join(PRECISIONS)}")
     return name
 
 

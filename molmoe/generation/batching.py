@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from molmoe.errors import UsageError
+
 PAD = -1
 
 
@@ -39,14 +41,14 @@ def left_pad_batch(samples: list[dict]) -> Batch:
     """Processor outputs (unbatched: `input_ids` [S], optional `images` [T,P,F], `image_masks`
     [T,P], `image_input_idx` [T,Q]) -> one left-padded batch."""
     if not samples:
-        raise ValueError("no prompts to generate from")
+        raise UsageError("no prompts to generate from")
     ids = []
     for i, s in enumerate(samples):
         if "input_ids" not in s:
-            raise ValueError(f"prompt {i}: no 'input_ids' (expected a processor output dict)")
+            raise UsageError(f"prompt {i}: no 'input_ids' (expected a processor output dict)")
         t = _tensor(s["input_ids"], torch.int64)
         if t.dim() != 1 or t.numel() == 0:
-            raise ValueError(f"prompt {i}: input_ids must be a non-empty 1-D sequence, got shape "
+            raise UsageError(f"prompt {i}: input_ids must be a non-empty 1-D sequence, got shape "
                              f"{tuple(t.shape)}")
         ids.append(t)
     lengths = [len(t) for t in ids]
@@ -73,13 +75,13 @@ def left_pad_batch(samples: list[dict]) -> Batch:
             continue
         im = _tensor(s["images"], torch.float32)
         if im.dim() != 3 or im.shape[1:] != (P, F):
-            raise ValueError(f"prompt {b}: images has shape {tuple(im.shape)}, expected "
+            raise UsageError(f"prompt {b}: images has shape {tuple(im.shape)}, expected "
                              f"(crops, {P}, {F})")
         if s.get("image_input_idx") is None:
-            raise ValueError(f"prompt {b}: images given without image_input_idx")
+            raise UsageError(f"prompt {b}: images given without image_input_idx")
         ix = _tensor(s["image_input_idx"], torch.int32)
         if ix.shape != (im.shape[0], Q):
-            raise ValueError(f"prompt {b}: image_input_idx has shape {tuple(ix.shape)}, expected "
+            raise UsageError(f"prompt {b}: image_input_idx has shape {tuple(ix.shape)}, expected "
                              f"({im.shape[0]}, {Q})")
         n = im.shape[0]
         images[b, :n] = im

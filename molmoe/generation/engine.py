@@ -18,13 +18,14 @@ from typing import Callable
 
 import torch
 
+from molmoe.errors import MolmoeError, UsageError
 from molmoe.generation.batching import left_pad_batch
 from molmoe.generation.sampling import sample_next
 
 EOS_STRING = "<|endoftext|>"
 
 
-class GenerationLengthError(ValueError):
+class GenerationLengthError(MolmoeError):
     """The prompt plus the requested new tokens do not fit the model's positions."""
 
 
@@ -46,15 +47,15 @@ class GenerationConfig:
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings or ())
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(s == "" for s in self.stop_strings):
-            raise ValueError("stop_strings may not contain the empty string")
+            raise UsageError("stop_strings may not contain the empty string")
 
 
 @dataclass

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from molmoe.errors import UsageError
+
 
 def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits per row (ties at the k-th value are all kept)."""
     if k <= 0:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+        raise UsageError(f"top_k must be >= 1, got {k}")
     if k >= logits_BV.shape[-1]:
         return logits_BV
     kth_B1 = torch.topk(logits_BV, k, dim=-1).values[..., -1:]
@@ -22,7 +24,7 @@ def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to at least p
     (nucleus sampling); the most likely token always survives."""
     if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+        raise UsageError(f"top_p must be in (0, 1], got {p}")
     if p >= 1.0:
         return logits_BV
     sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
@@ -42,7 +44,7 @@ def sample_next(logits_BV: torch.Tensor, *, do_sample: bool, temperature: float 
     if not do_sample:
         return torch.argmax(logits_BV, dim=-1)
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
     # Sampling in fp32: bf16 probabilities are too coarse for the tail the filters keep.
     logits_BV = logits_BV.float() / temperature
     if top_k is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from molmoe.errors import UsageError
+
 
 class KVCache:
     def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
@@ -23,7 +25,7 @@ class KVCache:
         """Claim slots for S new tokens (B, S); returns (start, end) of the slots."""
         start, end = self.length, self.length + attention_mask.shape[1]
         if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens needed, {self.max_len} allocated")
+            raise UsageError(f"KV cache full: {end} tokens needed, {self.max_len} allocated")
         self.key_mask[:, start:end] = attention_mask.to(torch.bool)
         return start, end
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from molmoe.errors import UsageError
 from molmoe.backends import Backend, Ops, ops_for
 from molmoe.config import MolmoConfig
 from molmoe.model.decoder import Decoder
@@ -53,17 +54,17 @@ class Molmo(nn.Module):
         if images is None:
             return h
         if image_input_idx is None:
-            raise ValueError("images were given without image_input_idx")
+            raise UsageError("images were given without image_input_idx")
         B = input_ids.shape[0]
         feats = self.vision(images, image_masks)  # (B, T, 144, D)
         feats = feats.reshape(B, -1, feats.shape[-1])
         idx = image_input_idx.reshape(B, -1).long()
         if feats.shape[1] != idx.shape[1]:
-            raise ValueError(f"image_input_idx has {idx.shape[1]} entries per sample, images give "
+            raise UsageError(f"image_input_idx has {idx.shape[1]} entries per sample, images give "
                              f"{feats.shape[1]} pooled features")
         valid = idx >= 0  # -100 (processor) and -1 (batch padding) are dropped
         if (idx >= input_ids.shape[1]).any():
-            raise ValueError(f"image_input_idx points past the sequence (length "
+            raise UsageError(f"image_input_idx points past the sequence (length "
                              f"{input_ids.shape[1]})")
         batch_idx = torch.arange(B, device=idx.device)[:, None].expand_as(idx)
         h = h.clone()
@@ -99,10 +100,10 @@ class Molmo(nn.Module):
             mask = ~padded if attention_mask is None else attention_mask.bool()
             position_ids = (torch.cumsum(mask.long(), dim=-1) - 1).clamp(min=0)
             if kv_cache is not None and kv_cache.length > 0:
-                raise ValueError("position_ids are required when continuing from a KV cache")
+                raise UsageError("position_ids are required when continuing from a KV cache")
         max_pos = self.config.text.max_position_embeddings
         if int(position_ids.max()) >= max_pos:
-            raise ValueError(f"position {int(position_ids.max())} is beyond the model's "
+            raise UsageError(f"position {int(position_ids.max())} is beyond the model's "
                              f"{max_pos} positions (max_position_embeddings)")
         h = self.embed(input_ids, images, image_masks, image_input_idx)
         cos, sin = rope_tables(position_ids, self.config.text.head_dim, self.config.text.rope_theta)

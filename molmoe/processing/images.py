@@ -21,6 +21,8 @@ from typing import NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from molmoe.errors import MolmoeError
+
 # PIL refuses at 2x its MAX_IMAGE_PIXELS (89,478,485) by default; molmoe's default is that same
 # ~179 Mpx, and callers may raise or lower it.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -30,7 +32,7 @@ _PIL_LIMIT_LOCK = threading.Lock()
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(MolmoeError):
     """An image that cannot be used; the message names the file (or input kind) and the problem."""
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from molmoe.errors import UsageError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -62,7 +64,7 @@ class ImageSettings:
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             problems.append("image_mean and image_std must have 3 values")
         if problems:
-            raise ValueError("unsupported preprocessor settings: " + "; ".join(problems))
+            raise UsageError("unsupported preprocessor settings: " + "; ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ImageSettings":
@@ -261,7 +263,7 @@ def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageT
                      device: torch.device | str | None = None) -> ImageInputs:
     """uint8 RGB [H, W, 3] -> crops, masks, token layout and feature positions of one image."""
     if image_HWC.dtype != np.uint8 or image_HWC.ndim != 3 or image_HWC.shape[2] != 3:
-        raise ValueError(f"expected a uint8 [H, W, 3] array, got {image_HWC.dtype} "
+        raise UsageError(f"expected a uint8 [H, W, 3] array, got {image_HWC.dtype} "
                          f"{list(image_HWC.shape)} (use molmoe.processing.load_image)")
     height, width = image_HWC.shape[:2]
     layout = image_layout(height, width, settings)

@@ -17,13 +17,14 @@ import pathlib
 import numpy as np
 import torch
 
+from molmoe.errors import MolmoeError, UsageError
 from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
                                           n_image_tokens, preprocess_image)
 from molmoe.processing.tokenizer import Tokenizer
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(MolmoeError):
     """The prompt (image tokens included) does not fit the model's context."""
 
     def __init__(self, needed: int, image_tokens: int, allowed: int, note: str | None = None):
@@ -80,7 +81,7 @@ class Processor:
         if isinstance(images, (list, tuple)):
             if len(images) > 1:
                 # The released code maps every later image onto the first one's positions (§4.6).
-                raise ValueError(f"got {len(images)} images; Molmo 0924 supports one image per "
+                raise UsageError(f"got {len(images)} images; Molmo 0924 supports one image per "
                                  "prompt")
             images = images[0] if images else None
         limit = max_length if max_length is not None else self.max_positions
@@ -120,4 +121,4 @@ def _read_json(path: pathlib.Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+        raise UsageError(f"{path}: cannot read JSON ({e})") from None

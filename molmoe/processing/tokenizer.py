@@ -17,6 +17,8 @@ from typing import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from molmoe.errors import MolmoeError
+
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 
 # Qwen2's pre-tokenizer split (Qwen2TokenizerFast / tokenizer.json of Qwen2 models).
@@ -24,7 +26,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MolmoeError):
     """Missing or inconsistent tokenizer files; the message names the file and the token."""
 
 
