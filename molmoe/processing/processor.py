@@ -7,6 +7,13 @@ prepended and every non-negative `image_input_idx` is shifted by one for it.
 Outputs, no batch dimension, as the released processor returns them:
   input_ids [S] int64; with an image also images [T, 576, 588] float32, image_masks [T, 576]
   float32, image_input_idx [T, 144] int32 and original_size (W, H) (after EXIF rotation).
+
+`compat` (COMPAT_MODES): "molmoe", the default, is the corrected behaviour: user text is encoded
+as plain text, so it cannot name a special token (`Tokenizer.encode_text`), and images get EXIF
+rotation and alpha compositing. "released" reproduces the released processor bit for bit, for
+reproducing published numbers: its flaws included, so "<im_patch>" typed in the prompt IS the
+image-patch id there, EXIF is not applied and alpha is dropped by convert("RGB"). The model has the
+matching switch for its crop-validity rule (`Molmo.set_compat`).
 """
 from __future__ import annotations
 
@@ -22,6 +29,15 @@ from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
                                           n_image_tokens, preprocess_image)
 from molmoe.processing.tokenizer import Tokenizer
+
+# "molmoe": corrected behaviour (default); "released": the released processor bit for bit.
+COMPAT_MODES = ("molmoe", "released")
+
+
+def check_compat(compat) -> str:
+    if compat not in COMPAT_MODES:
+        raise UsageError(f"compat={compat!r}: expected one of {', '.join(COMPAT_MODES)}")
+    return compat
 
 
 class PromptTooLongError(MolmoeError):
@@ -41,9 +57,11 @@ def prompt_text(text: str) -> str:
 class Processor:
     def __init__(self, tokenizer: Tokenizer, settings: ImageSettings | None = None, *,
                  max_positions: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, compat: str = "molmoe"):
         """max_positions: the model's position limit (config max_position_embeddings).
-        device: where the resize runs (None = CPU, the reference)."""
+        device: where the resize runs (None = CPU, the reference).
+        compat: "molmoe" (corrected, default) or "released" (module docstring)."""
+        self.compat = check_compat(compat)
         self.tokenizer = tokenizer
         self.settings = settings or ImageSettings()
         self.max_positions = max_positions
@@ -85,14 +103,15 @@ class Processor:
                                  "prompt")
             images = images[0] if images else None
         limit = max_length if max_length is not None else self.max_positions
-        text_ids = np.array(self.tokenizer.encode(prompt_text(text)), dtype=np.int64)
+        encode = self.tokenizer.encode if self.compat == "released" else self.tokenizer.encode_text
+        text_ids = np.array(encode(prompt_text(text)), dtype=np.int64)
         bos = np.array([self.tokenizer.bos_token_id], dtype=np.int64)
 
         if images is None:
             self._check_length(1 + len(text_ids), 0, limit)
             return {"input_ids": torch.from_numpy(np.concatenate([bos, text_ids]))}
 
-        pixels, original_size = load_image(images, max_pixels=self.max_pixels)
+        pixels, original_size = self._load_image(images)
         # Refuse before the pixel work: the token count depends on the size only.
         n_img = self.image_token_count(pixels.shape[1], pixels.shape[0])
         self._check_length(1 + n_img + len(text_ids), n_img, limit)
@@ -110,6 +129,13 @@ class Processor:
             out["image_masks"] = inputs.image_masks
         out["original_size"] = original_size
         return out
+
+    def _load_image(self, image: ImageInput):
+        # load_image(..., compat=) comes with the images.py change of issue 10; the default call
+        # stays the one that exists without it.
+        if self.compat == "molmoe":
+            return load_image(image, max_pixels=self.max_pixels)
+        return load_image(image, max_pixels=self.max_pixels, compat=self.compat)
 
     @staticmethod
     def _check_length(needed: int, n_image: int, limit: int | None) -> None:

@@ -7,9 +7,23 @@ Two file layouts (spec §5.1):
     with the added tokens at their listed ids: the Qwen2 specials, the `|<EXTRA_TOKENS_i>|`
     padding tokens and the five image tokens at 152064..152068.
 The image-token ids are found by encoding the five strings, as the released processor does.
+
+User text is encoded with `encode_text`, never `encode`. Deliberate deviation from the released
+processor: its tokenizer matches added tokens anywhere in the prompt, so a user typing
+"<im_patch>" or "<|endoftext|>" gets the real image or control id (one `<im_patch>` more than
+there are image features, an EOS mid-prompt). `encode_text` encodes such strings as the
+ordinary text they are ("<", "im", "_patch", ">"): it runs a second tokenizer, the same model,
+normalizer and pre-tokenizer with the special added tokens taken out, and with the special ids
+taken out of the BPE vocabulary too (MolmoE's "<|endoftext|>" and "<|padding|>" are also plain
+vocabulary entries, which a merge could otherwise rebuild). Because no special string is matched
+at all, neither NFC normalisation (KELVIN SIGN -> K) nor a special string assembled across
+pieces of the prompt can produce one. Added tokens that are not special stay: they are text
+(NeoX's whitespace runs, OLMo's |||IP_ADDRESS||| placeholders), so text without a special string
+encodes exactly as `encode` does. `encode` keeps the released behaviour for `compat="released"`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import Iterable
@@ -60,7 +74,44 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """The released encoding: special strings in `text` become their special ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as plain text: never a special or image id (see the module docstring)."""
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        injected = self.special_ids.intersection(ids)
+        if injected:  # only a non-BPE tokenizer whose model itself emits a special id gets here
+            tid = min(injected)
+            raise TokenizerError(f"{self.source}: text {text!r} encodes to the special token "
+                                 f"{self._tok.id_to_token(tid)!r} (id {tid}) even with special "
+                                 "tokens disabled")
+        return ids
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids user text must never produce: every special added token, the image tokens and
+        EOS/BOS/pad."""
+        added = self._tok.get_added_tokens_decoder()
+        return frozenset([i for i, t in added.items() if t.special] + [
+            self.image_start_id, self.image_end_id, self.image_patch_id, self.image_col_id,
+            self.image_prompt_id, self.eos_token_id, self.bos_token_id, self.pad_token_id])
+
+    @functools.cached_property
+    def _plain(self) -> HFTokenizer:
+        """The tokenizer with every special id removed, built on first use (about 1 s for
+        Qwen2's 151k merges)."""
+        spec = json.loads(self._tok.to_str())
+        spec["added_tokens"] = [t for t in spec["added_tokens"]
+                                if t["id"] not in self.special_ids]
+        model = spec["model"]
+        if model.get("type") == "BPE":
+            removed = {tok for tok, i in model["vocab"].items() if i in self.special_ids}
+            if removed:
+                model["vocab"] = {t: i for t, i in model["vocab"].items() if t not in removed}
+                model["merges"] = [m for m in model["merges"] if not removed.intersection(
+                    _merge_parts(m))]
+        return HFTokenizer.from_str(json.dumps(spec))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -102,6 +153,12 @@ class Tokenizer:
                                  "special_tokens_map.json that the vocabulary knows")
         return cls(tok, eos_token=eos, bos_token=pick("bos_token"), pad_token=pick("pad_token"),
                    source=source)
+
+
+def _merge_parts(merge) -> tuple[str, str, str]:
+    """A BPE merge (["a", "b"] or the older "a b") -> (a, b, a + b)."""
+    a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return a, b, a + b
 
 
 def _token_str(v) -> str | None:
