@@ -30,6 +30,7 @@ class Batch:
     images_BTPF: torch.Tensor | None = None
     image_masks_BTP: torch.Tensor | None = None
     image_input_idx_BTQ: torch.Tensor | None = None
+    crop_valid_BT: torch.Tensor | None = None  # bool, True = a real crop, False = padding
 
 
 def _tensor(x, dtype=None) -> torch.Tensor:
@@ -70,6 +71,7 @@ def left_pad_batch(samples: list[dict]) -> Batch:
     images = torch.full((B, T, P, F), PAD, dtype=torch.float32)
     masks = torch.full((B, T, P), PAD, dtype=torch.float32)
     idx = torch.full((B, T, Q), PAD, dtype=torch.int32)
+    crop_valid = torch.zeros((B, T), dtype=torch.bool)
     for b, s in enumerate(samples):
         if s.get("images") is None:
             continue
@@ -85,6 +87,7 @@ def left_pad_batch(samples: list[dict]) -> Batch:
                              f"({im.shape[0]}, {Q})")
         n = im.shape[0]
         images[b, :n] = im
+        crop_valid[b, :n] = True
         if s.get("image_masks") is not None:
             masks[b, :n] = _tensor(s["image_masks"], torch.float32)
         else:  # no mask given: the crop is all image (what a 1.0 mask says)
@@ -93,4 +96,5 @@ def left_pad_batch(samples: list[dict]) -> Batch:
         shift = S - lengths[b]
         idx[b, :n] = torch.where(ix >= 0, ix + shift, ix)
     batch.images_BTPF, batch.image_masks_BTP, batch.image_input_idx_BTQ = images, masks, idx
+    batch.crop_valid_BT = crop_valid
     return batch

@@ -184,7 +184,7 @@ class Engine:
         _sync(device)
         t0 = time.perf_counter()
         logits_BV = model(to(batch.input_ids_BS), to(batch.images_BTPF), to(batch.image_masks_BTP),
-                          to(batch.image_input_idx_BTQ),
+                          to(batch.image_input_idx_BTQ), crop_valid=to(batch.crop_valid_BT),
                           attention_mask=to(batch.attention_mask_BS),
                           position_ids=to(batch.position_ids_BS), kv_cache=cache,
                           logits_to_keep=1)[:, -1]

@@ -3,16 +3,18 @@
 Called with the tensors the official processor produces:
 `model(input_ids, images=None, image_masks=None, image_input_idx=None)` -> logits (B, S, V).
 Inputs without a batch dimension (as `process()` returns them) are accepted and batched.
-Batch padding follows the official collator: -1 in `input_ids` (and in the image tensors).
+Batch padding follows the official collator: -1 in `input_ids` (and in the image tensors);
+`crop_valid` (B, T) bool, from the batcher, says which crops are real (spec §3.1 step 7).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from molmoe.errors import UsageError
 from molmoe.backends import Backend, Ops, ops_for
+from molmoe.compat import check_compat
 from molmoe.config import MolmoConfig
+from molmoe.errors import UsageError
 from molmoe.model.decoder import Decoder
 from molmoe.model.kv_cache import KVCache
 from molmoe.model.layers import rope_tables
@@ -20,7 +22,8 @@ from molmoe.model.vision import VisionBackbone
 
 
 class Molmo(nn.Module):
-    def __init__(self, config: MolmoConfig, backend: str | Backend = Backend.REFERENCE):
+    def __init__(self, config: MolmoConfig, backend: str | Backend = Backend.REFERENCE, *,
+                 compat: str = "molmoe"):
         super().__init__()
         self.config = config
         self.vision = VisionBackbone(config)
@@ -28,6 +31,16 @@ class Molmo(nn.Module):
         # bf16 autocast over fp32 weights is Ai2's evaluation setting (spec §5.3, §7.1)
         self.autocast_dtype: torch.dtype | None = None
         self.set_backend(backend)
+        self.set_compat(compat)
+
+    def set_compat(self, compat: str) -> "Molmo":
+        """"molmoe" (default): the training code's crop-validity rule for every variant.
+        "released": the released code's rule, which for MolmoE zeroes a real crop holding any
+        exact -1.0 (spec §3.1 step 7; molmoe.compat)."""
+        released = check_compat(compat) == "released" and self.config.family == "molmoe"
+        self.compat = compat
+        self.vision.crop_rule = "released-molmoe" if released else "training"
+        return self
 
     def set_backend(self, backend: str | Backend) -> "Molmo":
         """Point every hot op at the reference or the Triton implementation (same weights)."""
@@ -48,7 +61,8 @@ class Molmo(nn.Module):
         return KVCache(n_layers=t.n_layers, batch=batch, n_kv_heads=t.n_kv_heads, max_len=max_len,
                        head_dim=t.head_dim, dtype=dtype, device=device or p.device)
 
-    def embed(self, input_ids, images=None, image_masks=None, image_input_idx=None):
+    def embed(self, input_ids, images=None, image_masks=None, image_input_idx=None,
+              crop_valid=None):
         """Token embeddings with the image features added (B, S, D)."""
         h = self.decoder.embed(input_ids.clamp(min=0))  # -1 (batch padding) looks up row 0
         if images is None:
@@ -56,7 +70,12 @@ class Molmo(nn.Module):
         if image_input_idx is None:
             raise UsageError("images were given without image_input_idx")
         B = input_ids.shape[0]
-        feats = self.vision(images, image_masks)  # (B, T, 144, D)
+        if crop_valid is not None and (crop_valid.dtype != torch.bool
+                                       or crop_valid.shape != images.shape[:2]):
+            raise UsageError(f"crop_valid must be a bool tensor of shape (batch, crops) = "
+                             f"{tuple(images.shape[:2])}, got {crop_valid.dtype} "
+                             f"{tuple(crop_valid.shape)}")
+        feats = self.vision(images, image_masks, crop_valid)  # (B, T, 144, D)
         feats = feats.reshape(B, -1, feats.shape[-1])
         idx = image_input_idx.reshape(B, -1).long()
         if feats.shape[1] != idx.shape[1]:
@@ -74,25 +93,23 @@ class Molmo(nn.Module):
 
     def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None, *,
                 attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
-                logits_to_keep: int | None = None, original_size=None):
+                logits_to_keep: int | None = None, original_size=None, crop_valid=None):
         # original_size (W, H) is processor metadata for mapping points back to pixels; it is
         # accepted so that `model(**processor(...))` works, and plays no part in the forward.
         device_type = input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            return self._forward(input_ids, images, image_masks, image_input_idx,
+            return self._forward(input_ids, images, image_masks, image_input_idx, crop_valid,
                                  attention_mask, position_ids, kv_cache, logits_to_keep)
 
-    def _forward(self, input_ids, images, image_masks, image_input_idx, attention_mask,
-                 position_ids, kv_cache, logits_to_keep):
+    def _forward(self, input_ids, images, image_masks, image_input_idx, crop_valid,
+                 attention_mask, position_ids, kv_cache, logits_to_keep):
         if input_ids.dim() == 1:  # unbatched, as the official process() returns
             input_ids = input_ids[None]
-            images = None if images is None else images[None]
-            image_masks = None if image_masks is None else image_masks[None]
-            image_input_idx = None if image_input_idx is None else image_input_idx[None]
-        if images is not None and images.dim() == 3:
+        if images is not None and images.dim() == 3:  # one sample's crops
             images, image_input_idx = images[None], image_input_idx[None]
             image_masks = None if image_masks is None else image_masks[None]
+            crop_valid = None if crop_valid is None else crop_valid[None]
         padded = input_ids == -1
         if attention_mask is None and (kv_cache is not None or bool(padded.any())):
             attention_mask = ~padded
@@ -105,6 +122,6 @@ class Molmo(nn.Module):
         if int(position_ids.max()) >= max_pos:
             raise UsageError(f"position {int(position_ids.max())} is beyond the model's "
                              f"{max_pos} positions (max_position_embeddings)")
-        h = self.embed(input_ids, images, image_masks, image_input_idx)
+        h = self.embed(input_ids, images, image_masks, image_input_idx, crop_valid)
         cos, sin = rope_tables(position_ids, self.config.text.head_dim, self.config.text.rope_theta)
         return self.decoder(h, cos, sin, attention_mask, kv_cache, logits_to_keep)

@@ -120,35 +120,52 @@ class ImageProjector(nn.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
+# Which crops count as padding (spec §3.1 step 7). "training": the batcher's crop-valid mask when
+# given, else a crop is padding only if ALL its values are -1 (the training code's rule, the dense
+# released code's too). "released-molmoe": HF MolmoE's released rule, a crop holding ANY -1 is
+# padding; a real crop with one exact -1.0 after normalisation (about 0.5% of crops of smooth
+# images) loses all its features, so it is only a compatibility option (Molmo.set_compat).
+CROP_RULES = ("training", "released-molmoe")
+
+
+def crop_validity(flat_NPF: torch.Tensor, crop_valid_N: torch.Tensor | None,
+                  rule: str) -> torch.Tensor:
+    """(N,) bool: which of the N crops are real, by `rule` (CROP_RULES)."""
+    if rule == "released-molmoe":
+        valid = torch.all(flat_NPF != -1, dim=(1, 2))
+        return valid if crop_valid_N is None else valid & crop_valid_N
+    if crop_valid_N is not None:
+        return crop_valid_N
+    return ~torch.all(flat_NPF == -1, dim=(1, 2))
+
+
 class VisionBackbone(nn.Module):
     def __init__(self, cfg: MolmoConfig):
         super().__init__()
         v = cfg.vision
         self.cfg = cfg
+        self.crop_rule = "training"  # CROP_RULES; Molmo.set_compat picks it
         self.image_vit = VisionTransformer(v, fp32_pre_ln=cfg.family != "molmoe")
         self.pad_embed = nn.Parameter(torch.zeros(2, v.feature_dim))
         self.image_pooling_2d = AttentionPool2x2(v)
         self.image_projector = ImageProjector(v.emb_dim, cfg.projector_hidden, cfg.text.d_model)
 
-    def encode(self, images):
-        """images (B, T, P, 588) -> features (B, T, P, C), CLS dropped (spec §3.1)."""
+    def encode(self, images, crop_valid=None):
+        """images (B, T, P, 588), crop_valid (B, T) bool or None -> features (B, T, P, C), CLS
+        dropped, padding crops zeroed (spec §3.1)."""
         B, T, P, _ = images.shape
         flat = images.reshape(B * T, P, -1)
-        # Crops filled with -1 are batch padding. The two released codes test this differently
-        # (spec §3.1 step 7, §8): dense zeroes a crop iff all its values are -1, MolmoE iff any.
-        if self.cfg.family == "molmoe":
-            valid = torch.all(flat != -1, dim=(1, 2))
-        else:
-            valid = ~torch.all(flat == -1, dim=(1, 2))
+        valid = crop_validity(flat, None if crop_valid is None else crop_valid.reshape(B * T),
+                              self.crop_rule)
         # Pure bf16 mode feeds bf16 pixels (spec §7.1 c); under autocast the cast is a no-op.
         hidden = self.image_vit(flat.to(self.image_vit.patch_embedding.weight.dtype))
         feats = torch.cat([hidden[i] for i in self.cfg.vision.vit_layers], dim=-1)
         feats = feats * valid[:, None, None].to(feats.dtype)
         return feats[:, 1:].reshape(B, T, P, -1)
 
-    def forward(self, images, image_masks):
+    def forward(self, images, image_masks, crop_valid=None):
         """-> (B, T, 144, D): one vector per pooled cell, in the processor's cell order."""
-        feats = self.encode(images)  # (B, T, P, C)
+        feats = self.encode(images, crop_valid)  # (B, T, P, C)
         B, T, P, C = feats.shape
         masks = None if image_masks is None else image_masks.reshape(B * T, P)
         # MolmoE casts the features back to their pre-add dtype after the pad add (§7.1)

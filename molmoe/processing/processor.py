@@ -8,7 +8,7 @@ Outputs, no batch dimension, as the released processor returns them:
   input_ids [S] int64; with an image also images [T, 576, 588] float32, image_masks [T, 576]
   float32, image_input_idx [T, 144] int32 and original_size (W, H) (after EXIF rotation).
 
-`compat` (COMPAT_MODES): "molmoe", the default, is the corrected behaviour: user text is encoded
+`compat` (molmoe.compat): "molmoe", the default, is the corrected behaviour: user text is encoded
 as plain text, so it cannot name a special token (`Tokenizer.encode_text`), and images get EXIF
 rotation and alpha compositing. "released" reproduces the released processor bit for bit, for
 reproducing published numbers: its flaws included, so "<im_patch>" typed in the prompt IS the
@@ -24,20 +24,12 @@ import pathlib
 import numpy as np
 import torch
 
+from molmoe.compat import check_compat
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
                                           n_image_tokens, preprocess_image)
 from molmoe.processing.tokenizer import Tokenizer
-
-# "molmoe": corrected behaviour (default); "released": the released processor bit for bit.
-COMPAT_MODES = ("molmoe", "released")
-
-
-def check_compat(compat) -> str:
-    if compat not in COMPAT_MODES:
-        raise UsageError(f"compat={compat!r}: expected one of {', '.join(COMPAT_MODES)}")
-    return compat
 
 
 class PromptTooLongError(MolmoeError):
