@@ -6,9 +6,17 @@ import sys
 
 
 def _convert(args) -> int:
-    from molmoe.checkpoint.convert import convert
+    import math
 
-    out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=int(args.shard_gb * (1 << 30)),
+    from molmoe.checkpoint.convert import convert
+    from molmoe.errors import UsageError
+
+    gb = args.shard_gb
+    shard_bytes = int(gb * (1 << 30)) if math.isfinite(gb) else 0  # int(inf) would raise
+    if shard_bytes < 1:
+        raise UsageError(f"--shard-gb {gb}: expected a positive, finite size in GiB "
+                         "(at least one byte)")
+    out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=shard_bytes,
                   overwrite=args.overwrite, progress=True)
     print(f"wrote {out}")
     return 0
