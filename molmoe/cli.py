@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is empty or an unchanged molmoe convert output")
     p.set_defaults(func=_convert)
 
     from molmoe.app import add_app_commands  # an import error must show, not hide commands

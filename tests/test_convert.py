@@ -265,7 +265,8 @@ def _kill_cases(tmp_path, old_template, src_new):
     cases = []
     for scenario, env, steps in [
             ("fresh", {}, conv.WRITE_STEPS + ("renamed_in",)),
-            ("exchange", {}, conv.WRITE_STEPS + conv.EXCHANGE_STEPS),
+            ("exchange", {}, conv.WRITE_STEPS + conv.EXCHANGE_STEPS
+             if conv._libc_renameat2() else ()),  # no renameat2 here: the fallback is the path
             ("fallback", {conv.NO_EXCHANGE_ENV: "1"}, conv.FALLBACK_STEPS)]:
         for step in steps:
             case = tmp_path / f"{scenario}-{step}"
@@ -414,7 +415,12 @@ def _peak_anon_growth(work: str, *args, setup: str = "") -> int:
     """Peak RssAnon growth, in bytes, of a child doing `work` (sampled every ~0.5 ms; anonymous
     memory is what counts: mapped checkpoint pages are file-backed and reclaimable)."""
     script = _MEASURED.format(setup=setup, work=work)
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
+    # glibc serves blocks under its dynamic mmap threshold (up to 32 MiB) from the heap, where
+    # freed ones stay resident a while: with this test's 4 MiB tensors that retention, not the
+    # code, would decide the peak. A fixed threshold maps and unmaps every block of 1 MiB or more,
+    # as happens anyway to the real model's 256 MiB+ stacked experts.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline().split()
     assert first[:1] == ["start"], proc.communicate()[1][-3000:]
@@ -432,12 +438,14 @@ def _peak_anon_growth(work: str, *args, setup: str = "") -> int:
 @pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 @pytest.mark.parametrize("layout", ["molmoe-hf", "molmoe-megablocks"])
 def test_convert_streams_one_tensor_at_a_time(tmp_path, wide, layout):
-    """Peak anonymous memory stays under two layers' experts (the old converter stacked all six
-    before writing), and the output holds exactly the model's tensors."""
+    """Peak anonymous memory stays under one layer's experts (one stacked tensor, a third of a
+    layer's, is held at a time; measured about 5 MB against 12.6 MB a layer), where the old
+    converter held all six layers' stacked experts (77 MB; megablocks: every w_down, 27 MB).
+    The output holds exactly the model's tensors."""
     model, root = wide
     layer = _layer_experts_bytes(model)
     growth = _peak_anon_growth("convert(sys.argv[1], sys.argv[2])", root / layout, tmp_path / "out")
-    assert growth < 2 * layer, (growth, layer)
+    assert growth < layer, (growth, layer)
     assert _same_state(_state(tmp_path / "out"), model.state_dict())
 
 

@@ -9,10 +9,10 @@ Three official layouts map onto the same model (spec §2):
 plus "native", molmoe's own names, which `molmoe convert` writes. The leading `model.` prefix is
 optional everywhere (spec §2.1).
 
-`plan_native` maps a lazily read source onto native names and checks it; its `tensor(name)`
-assembles one native tensor (stacking experts where needed, on the target device); `to_native`
-assembles them all;
-`to_official` is its inverse (tests write official-layout checkpoints with it; the adapter's own
+`plan_native` maps a lazily read source onto native names and checks all of it; its
+`tensor(name)` then assembles ONE native tensor (stacking experts where needed, straight onto the
+target device), so `molmoe convert` streams; `to_native` assembles them all. `to_official` is
+the inverse (tests write official-layout checkpoints with it; the adapter's own
 round trip is tested, and parity against transformers checks that the mapping is right).
 """
 from __future__ import annotations

@@ -93,7 +93,9 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
-    lock = _lock(tmp)
+    lock = _lock(tmp)  # a fresh directory: only a run cleaning up this very instant holds it
+    if lock is None:
+        raise CheckpointError(f"{tmp}: taken by another molmoe convert into {dst}; run again")
     try:
         _step("tmp_created")
         _write_shards(plan, tmp, weights_dtype, int(shard_bytes), progress)
