@@ -147,9 +147,6 @@ class NativePlan(Mapping[str, torch.Size]):
     def __len__(self) -> int:
         return len(self._shapes)
 
-    def origin(self, name: str) -> str:
-        return self._recipes[name].keys[0]
-
     def tensor(self, name: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The native tensor `name` on `device` in `dtype` (default: as stored, on the CPU); a
         memory-mapped tensor stays mapped (no copy) when it is already what was asked for."""
