@@ -6,9 +6,17 @@ import sys
 
 
 def _convert(args) -> int:
-    from molmoe.checkpoint.convert import convert
+    import math
 
-    out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=int(args.shard_gb * (1 << 30)),
+    from molmoe.checkpoint.convert import convert
+    from molmoe.errors import UsageError
+
+    gb = args.shard_gb
+    shard_bytes = int(gb * (1 << 30)) if math.isfinite(gb) else 0  # int(inf) would raise
+    if shard_bytes < 1:
+        raise UsageError(f"--shard-gb {gb}: expected a positive, finite size in GiB "
+                         "(at least one byte)")
+    out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=shard_bytes,
                   overwrite=args.overwrite, progress=True)
     print(f"wrote {out}")
     return 0
@@ -23,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is empty or an unchanged molmoe convert output")
     p.set_defaults(func=_convert)
 
     from molmoe.app import add_app_commands  # an import error must show, not hide commands

@@ -69,46 +69,6 @@ def test_prefix_is_optional(tmp_path):
     assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
 
 
-@pytest.mark.parametrize("name, layout", [("tiny-7b-d", "dense"), ("tiny-molmoe", "molmoe-hf")])
-def test_convert_round_trip(tmp_path, name, layout):
-    model = random_model(name)
-    write_checkpoint(model, tmp_path / "src", layout)
-    out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=200_000)
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1  # really sharded
-    loaded = molmoe.load(out)
-    assert torch.equal(_logits(loaded, model.config), _logits(model, model.config))
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-
-
-def test_convert_is_atomic(tmp_path, monkeypatch):
-    model = random_model("tiny-7b-d")
-    write_checkpoint(model, tmp_path / "src", "dense")
-    import molmoe.checkpoint.convert as conv
-
-    calls = []
-
-    def failing_save(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return real_save(tensors, path, metadata=metadata)
-
-    real_save = conv.save_file
-    monkeypatch.setattr(conv, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        convert(tmp_path / "src", tmp_path / "dst", shard_bytes=200_000)
-    assert not (tmp_path / "dst").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-
-
-def test_convert_refuses_to_overwrite(tmp_path):
-    write_checkpoint(random_model("tiny-7b-d"), tmp_path / "src", "dense")
-    (tmp_path / "dst").mkdir()
-    with pytest.raises(CheckpointError, match="already exists"):
-        convert(tmp_path / "src", tmp_path / "dst")
-
-
 @pytest.mark.parametrize("dtype, wdtype, autocast", [("bfloat16", torch.bfloat16, None),
                                                       ("amp_bf16", torch.float32, torch.bfloat16)])
 def test_precision_modes(tmp_path, dtype, wdtype, autocast):
@@ -293,16 +253,6 @@ def test_dtype_is_checked_against_config_torch_dtype(tmp_path):
         molmoe.load(d)
 
 
-def test_convert_to_bfloat16_loads_as_bfloat16(tmp_path):
-    model = random_model("tiny-molmoe")
-    write_checkpoint(model, tmp_path / "src", "molmoe-hf")
-    out = convert(tmp_path / "src", tmp_path / "dst", dtype="bfloat16")
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    loaded = molmoe.load(out, dtype="bfloat16")
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value.bfloat16()), key
-
-
 def _mapped_file(tensor: torch.Tensor) -> str | None:
     """The file whose mapping holds the tensor's data (Linux /proc/self/maps), else None."""
     ptr = tensor.data_ptr()
@@ -331,40 +281,6 @@ def test_weights_are_memory_mapped_not_copied(tmp_path, layout):
               "vit": model.vision.image_vit.positional_embedding}
     for what, p in params.items():
         assert _mapped_file(p) in files, (what, _mapped_file(p))
-
-
-_KILLED_CONVERT = """
-import os, signal, sys
-import molmoe.checkpoint.convert as conv
-real_save, calls = conv.save_file, []
-def save_then_die(tensors, path, metadata=None):
-    real_save(tensors, path, metadata=metadata)
-    calls.append(path)
-    if len(calls) == 2:  # two shards on disk, more to come: the process dies here
-        os.kill(os.getpid(), signal.SIGKILL)
-conv.save_file = save_then_die
-conv.convert(sys.argv[1], sys.argv[2], shard_bytes=100_000)
-"""
-
-
-def test_convert_killed_midway_leaves_no_dst(tmp_path):
-    """A real crash (SIGKILL, no cleanup runs): DST does not exist, half-written or otherwise,
-    and a rerun writes it completely."""
-    import signal
-    import subprocess
-    import sys
-
-    model = random_model("tiny-7b-d")
-    write_checkpoint(model, tmp_path / "src", "dense")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERT, str(tmp_path / "src"),
-                           str(tmp_path / "dst")], cwd=root, capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert not (tmp_path / "dst").exists()
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
-    assert leftovers and len(list(leftovers[0].glob("*.safetensors"))) == 2  # it did die midway
-    out = convert(tmp_path / "src", tmp_path / "dst", shard_bytes=100_000)
-    assert torch.equal(_logits(molmoe.load(out), model.config), _logits(model, model.config))
 
 
 def test_bin_with_a_short_storage_record_names_file(tmp_path):

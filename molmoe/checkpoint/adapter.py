@@ -9,12 +9,15 @@ Three official layouts map onto the same model (spec §2):
 plus "native", molmoe's own names, which `molmoe convert` writes. The leading `model.` prefix is
 optional everywhere (spec §2.1).
 
-`to_native` maps a lazily read source onto native names, stacking experts where needed;
-`to_official` is its inverse (tests write official-layout checkpoints with it; the adapter's own
+`plan_native` maps a lazily read source onto native names and checks all of it; its
+`tensor(name)` then assembles ONE native tensor (stacking experts where needed, straight onto the
+target device), so `molmoe convert` streams; `to_native` assembles them all. `to_official` is
+the inverse (tests write official-layout checkpoints with it; the adapter's own
 round trip is tested, and parity against transformers checks that the mapping is right).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from typing import Callable, Mapping
@@ -107,33 +110,103 @@ def to_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoCon
     """Read every source tensor (a zero-arg loader per key) and return native-named tensors.
 
     Every key must be used, every expected key filled, every shape equal to `expected`, every
-    dtype `dtype` (when given) and one of STORED_DTYPES.
+    dtype `dtype` (when given) and one of STORED_DTYPES (all checked by `plan_native`).
     """
+    plan = plan_native(source, config, expected, dtype)
+    return {name: plan.tensor(name) for name in plan}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How one native tensor is read: `keys` holds one source key, or one per expert (HF MolmoE,
+    stacked); `fused` names the megablocks target (w_gate/w_up/w_down) of a fused key."""
+    keys: tuple[str, ...]
+    stacked: bool = False
+    fused: str | None = None
+
+
+class NativePlan(Mapping[str, torch.Size]):
+    """native name -> shape, checked against the source before any tensor is assembled.
+
+    `tensor(name)` reads ONE native tensor, so a caller can hold a single layer's experts at a time
+    (`molmoe convert` streams this way), and stacks experts straight into a tensor preallocated on
+    the target device (so loading onto CUDA makes no host copy of every expert).
+    """
+
+    def __init__(self, source, config: MolmoConfig, recipes: dict[str, _Recipe],
+                 expected: Mapping[str, torch.Size]):
+        self._source, self._config, self._recipes = source, config, recipes
+        self._shapes = {name: torch.Size(expected[name]) for name in recipes}
+
+    def __getitem__(self, name: str) -> torch.Size:
+        return self._shapes[name]
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def tensor(self, name: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The native tensor `name` on `device` in `dtype` (default: as stored, on the CPU); a
+        memory-mapped tensor stays mapped (no copy) when it is already what was asked for."""
+        recipe = self._recipes[name]
+        if recipe.stacked:
+            return _assemble([self._source[k]() for k in recipe.keys], self._shapes[name],
+                             device, dtype)
+        t = self._source[recipe.keys[0]]()
+        if recipe.fused is None:
+            return t.to(device=device or t.device, dtype=dtype or t.dtype)
+        moe, D = self._config.text.moe, self._config.text.d_model
+        t = t.view(moe.num_experts, moe.expert_hidden, D)
+        # w2 rows of expert e are its down_proj weight transposed (spec §2.3); made contiguous,
+        # so the math reads the same memory order as every other layout
+        parts = t.transpose(1, 2) if recipe.fused == "w_down" else t
+        if recipe.fused != "w_down" and (device is None or torch.device(device) == t.device) and (
+                dtype in (None, t.dtype)):
+            return t  # a view of the mapped file
+        return _assemble(parts, self._shapes[name], device, dtype)
+
+
+def _assemble(parts, shape: torch.Size, device, dtype) -> torch.Tensor:
+    """Stack per-expert matrices into one tensor allocated where it will live, one expert's copy
+    (and dtype conversion) at a time: no host-side stack of every expert (torch.stack would make
+    one, then `.to(device)` a second)."""
+    out = torch.empty(shape, device=device or "cpu", dtype=dtype or parts[0].dtype)
+    for e, part in enumerate(parts):
+        out[e].copy_(part)
+    return out
+
+
+def plan_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoConfig,
+                expected: Mapping[str, torch.Size], dtype: torch.dtype | None = None) -> NativePlan:
+    """Map source keys onto native names and check everything before assembling any tensor: every
+    key used, once; every expected key filled; every source tensor's shape and dtype."""
     layout = detect_layout(source.keys())
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    experts: dict[tuple[int, str], dict[int, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    recipes: dict[str, _Recipe] = {}
+    experts: dict[str, dict[int, str]] = defaultdict(dict)
     unexpected = []
     E = config.text.moe.num_experts if config.text.moe else 0
 
-    def put(native: str, src_key: str, tensor: torch.Tensor):
-        if native in out:
-            raise CheckpointError(f"keys {origin[native]!r} and {src_key!r} both map to {native!r}")
-        out[native], origin[native] = tensor, src_key
+    def put(native: str, src_key: str, fused: str | None = None):
+        if native in recipes:
+            raise CheckpointError(f"keys {recipes[native].keys[0]!r} and {src_key!r} both map to "
+                                  f"{native!r}")
+        recipes[native] = _Recipe((src_key,), fused=fused)
 
-    for key, load in source.items():
+    for key in source:
         k = strip_prefix(key)
         if layout == "native":
-            put(k, key, load())
+            put(k, key)
             continue
         if k.startswith("vision_backbone."):
-            put("vision." + k[len("vision_backbone."):], key, load())
+            put("vision." + k[len("vision_backbone."):], key)
             continue
         if k in _TOP_NAMES:
-            put(_TOP_NAMES[k], key, load())
+            put(_TOP_NAMES[k], key)
             continue
         if k == _HEAD[layout]:
-            put("decoder.lm_head.weight", key, load())
+            put("decoder.lm_head.weight", key)
             continue
         m = _BLOCK.fullmatch(k)
         if m is None:
@@ -141,58 +214,60 @@ def to_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoCon
             continue
         n, rest = int(m.group(1)), m.group(2)
         if rest in _BLOCK_NAMES[layout]:
-            put(f"decoder.blocks.{n}.{_BLOCK_NAMES[layout][rest]}", key, load())
+            put(f"decoder.blocks.{n}.{_BLOCK_NAMES[layout][rest]}", key)
         elif layout == "molmoe-hf" and (em := _HF_EXPERT.fullmatch(rest)):
             e = int(em.group(1))
             if e >= E:
                 raise CheckpointError(f"key {key!r}: expert {e} but the config has {E} experts")
-            experts[(n, _HF_EXPERT_TARGET[em.group(2)])][e] = (key, load())
+            native = f"decoder.blocks.{n}.ffn.{_HF_EXPERT_TARGET[em.group(2)]}"
+            if e in experts[native]:
+                raise CheckpointError(f"keys {experts[native][e]!r} and {key!r} both map to "
+                                      f"{native!r} (expert {e})")
+            experts[native][e] = key
         elif layout == "molmoe-megablocks" and rest in _MB_EXPERTS:
-            put(f"decoder.blocks.{n}.ffn.{_MB_EXPERTS[rest]}", key,
-                _unfuse_megablocks(key, load(), _MB_EXPERTS[rest], config))
+            put(f"decoder.blocks.{n}.ffn.{_MB_EXPERTS[rest]}", key, fused=_MB_EXPERTS[rest])
         else:
             unexpected.append(key)
 
-    for (n, target), per_expert in experts.items():
-        native = f"decoder.blocks.{n}.ffn.{target}"
+    for native, per_expert in experts.items():
         missing = sorted(set(range(E)) - set(per_expert))
         if missing:
             raise CheckpointError(f"missing expert weights for {native}: experts {missing}")
-        want = tuple(expected.get(native, (E, 0, 0)))[1:]
-        for e, (key, t) in per_expert.items():
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"key {key!r}: expected shape {list(want)}, found "
-                                      f"{list(t.shape)}")
-            check_dtype(key, t, dtype)  # before stacking, which would promote a stray dtype
-        put(native, per_expert[0][0], torch.stack([per_expert[e][1] for e in range(E)]))
+        if native in recipes:
+            raise CheckpointError(f"keys {recipes[native].keys[0]!r} and {per_expert[0]!r} both "
+                                  f"map to {native!r}")
+        recipes[native] = _Recipe(tuple(per_expert[e] for e in range(E)), stacked=True)
 
     if unexpected:
         raise CheckpointError(f"unexpected keys for layout {layout!r}: {unexpected[:10]}"
                               + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
-    missing = [k for k in expected if k not in out]
+    missing = [k for k in expected if k not in recipes]
     if missing:
         raise CheckpointError(f"missing keys (native names; layout {layout!r}): {missing[:10]}"
                               + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
-    for native, tensor in out.items():
+    for native, recipe in recipes.items():
         if native not in expected:
-            raise CheckpointError(f"unexpected key {origin[native]!r} (maps to {native!r}, which "
+            raise CheckpointError(f"unexpected key {recipe.keys[0]!r} (maps to {native!r}, which "
                                   "this config does not have)")
-        if tuple(tensor.shape) != tuple(expected[native]):
-            raise CheckpointError(f"key {origin[native]!r}: expected shape "
-                                  f"{list(expected[native])}, found {list(tensor.shape)}")
-        check_dtype(origin[native], tensor, dtype)
-    return out
+        _check_source(source, recipe, tuple(expected[native]), config, dtype)
+    return NativePlan(source, config, recipes, expected)
 
 
-def _unfuse_megablocks(key: str, t: torch.Tensor, target: str, config: MolmoConfig):
-    moe, D = config.text.moe, config.text.d_model
-    E, F_ = moe.num_experts, moe.expert_hidden
-    if tuple(t.shape) != (E * F_, D):
-        raise CheckpointError(f"key {key!r}: expected shape {[E * F_, D]}, found {list(t.shape)}")
-    t = t.view(E, F_, D)
-    # w2 rows of expert e are its down_proj weight transposed (spec §2.3)
-    # (contiguous, so the math reads the same memory order as every other layout)
-    return t.transpose(1, 2).contiguous() if target == "w_down" else t
+def _check_source(source, recipe: _Recipe, want: tuple, config: MolmoConfig,
+                  dtype: torch.dtype | None) -> None:
+    """Shape and dtype of each source tensor of one native tensor (reading the tensor's header:
+    loaders are memory-mapped, so no data is read)."""
+    if recipe.stacked:
+        want = want[1:]
+    elif recipe.fused:
+        moe, D = config.text.moe, config.text.d_model
+        want = (moe.num_experts * moe.expert_hidden, D)
+    for key in recipe.keys:
+        t = source[key]()
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"key {key!r}: expected shape {list(want)}, found "
+                                  f"{list(t.shape)}")
+        check_dtype(key, t, dtype)
 
 
 def to_official(native: Mapping[str, torch.Tensor], layout: str, *,

@@ -12,7 +12,7 @@ import torch
 
 from molmoe.errors import UsageError
 from molmoe.backends import Backend
-from molmoe.checkpoint.adapter import CheckpointError, to_native
+from molmoe.checkpoint.adapter import CheckpointError, NativePlan, plan_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
 from molmoe.config import ConfigError, MolmoConfig, from_hf_config
 from molmoe.model import Molmo
@@ -57,13 +57,22 @@ def stored_dtype(raw: dict, source: str = "config.json") -> torch.dtype | None:
     return dtype
 
 
-def load_state(directory: pathlib.Path, config: MolmoConfig,
-               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Native-named tensors (memory-mapped where the format allows), checked against config:
-    names, shapes, and dtypes (`dtype`, config.json's torch_dtype, when given)."""
+def plan_state(directory: pathlib.Path, config: MolmoConfig,
+               dtype: torch.dtype | None = None) -> NativePlan:
+    """The checkpoint's native tensors, checked against config (names, shapes, and dtypes:
+    `dtype`, config.json's torch_dtype, when given) and not yet assembled."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
-    return to_native(open_checkpoint(directory), config, expected, dtype)
+    return plan_native(open_checkpoint(directory), config, expected, dtype)
+
+
+def load_state(directory: pathlib.Path, config: MolmoConfig,
+               dtype: torch.dtype | None = None, *, device=None,
+               weights_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Native-named tensors on `device` in `weights_dtype` (default: memory-mapped where the
+    format allows, as stored). Stacked experts are assembled on `device` one expert at a time."""
+    plan = plan_state(directory, config, dtype)
+    return {k: plan.tensor(k, device=device, dtype=weights_dtype) for k in plan}
 
 
 def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
@@ -77,9 +86,10 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     backend = Backend.parse(backend)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
-    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")))
-    # .to() is a no-op (no copy) when the stored dtype and device already match.
-    state = {k: v.to(device=device, dtype=weights_dtype) for k, v in state.items()}
+    # Each tensor goes to `device` as it is assembled, a no-op (no copy) when the stored dtype and
+    # device already match; experts are stacked on the device, with no host copy of them all.
+    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")),
+                       device=device, weights_dtype=weights_dtype)
     with torch.device("meta"):
         model = Molmo(config)
     model.load_state_dict(state, strict=True, assign=True)
