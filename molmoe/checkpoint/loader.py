@@ -14,7 +14,7 @@ from molmoe.errors import UsageError
 from molmoe.backends import Backend
 from molmoe.checkpoint.adapter import CheckpointError, to_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
-from molmoe.config import ConfigError, MolmoConfig, from_hf_config
+from molmoe.config import ConfigError, MolmoConfig, check_memory, from_hf_config
 from molmoe.model import Molmo
 
 # Precision modes (spec §7.1): weights dtype and optional autocast.
@@ -77,6 +77,8 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     backend = Backend.parse(backend)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
+    check_memory(config, directory, dtype=weights_dtype, device=device,  # before any allocation
+                 stored_dtype=stored_dtype(raw, str(directory / "config.json")))
     state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")))
     # .to() is a no-op (no copy) when the stored dtype and device already match.
     state = {k: v.to(device=device, dtype=weights_dtype) for k, v in state.items()}
