@@ -88,12 +88,17 @@ class InsufficientMemoryError(MolmoeError):
 class _FieldError(ConfigError):
     """A bad value of one dataclass field; `from_hf_config` renames the field to its JSON key."""
 
-    def __init__(self, owner: type, name: str, value, problem: str):
+    def __init__(self, owner: type, name: str, value, problem: str, other: str | None = None):
+        """`problem` may name a second field of the same dataclass as "{other}"."""
         self.owner, self.name, self.value, self.problem = owner.__name__, name, value, problem
-        super().__init__(self.describe(f"{self.owner}.{name}"))
+        self.other = other
+        super().__init__(self.describe(lambda field: f"{self.owner}.{field}"))
 
-    def describe(self, key: str) -> str:
-        return f"{key} = {_short(self.value)} {self.problem}"
+    def describe(self, key_of) -> str:
+        """The message with each field named by `key_of(field name)`."""
+        problem = self.problem.replace("{other}", key_of(self.other)) if self.other else \
+            self.problem
+        return f"{key_of(self.name)} = {_short(self.value)} {problem}"
 
 
 def _short(value) -> str:
@@ -141,7 +146,7 @@ def _check_float(obj, name: str, lo: float, hi: float, lo_open: bool = False) ->
 def _check_divides(obj, a: str, b: str) -> None:
     if getattr(obj, a) % getattr(obj, b):
         raise _FieldError(type(obj), a, getattr(obj, a),
-                          f"must be a multiple of {b} = {getattr(obj, b)}")
+                          f"must be a multiple of {{other}} = {getattr(obj, b)}", other=b)
 
 
 # ------------------------------------------------------------------------------- configs
@@ -498,11 +503,10 @@ _BLOCK_PREFIX = {"MolmoConfig": "molmoe.", "TextConfig": "molmoe.text.",
                  "MoEConfig": "molmoe.text.moe.", "VisionConfig": "molmoe.vision."}
 
 
-def _json_key(fmt: str, e: _FieldError) -> str:
+def _json_key(fmt: str, owner: str, name: str) -> str:
     if fmt == "block":
-        return _BLOCK_PREFIX[e.owner] + e.name
-    return _KEYS[fmt].get((e.owner, e.name), e.name if e.owner == "TextConfig" else
-                          f"{e.owner}.{e.name}")
+        return _BLOCK_PREFIX[owner] + name
+    return _KEYS[fmt].get((owner, name), name if owner == "TextConfig" else f"{owner}.{name}")
 
 
 class _Json:
@@ -585,15 +589,17 @@ def from_hf_config(cfg: dict, *, source: str = "config.json") -> MolmoConfig:
         raise ConfigError("neither 'd_model' (MolmoE format) nor 'hidden_size' (dense Molmo "
                           "format) present")
     except ConfigError as e:
-        what = e.describe(_json_key(fmt, e)) if isinstance(e, _FieldError) else str(e)
+        what = e.describe(lambda name: _json_key(fmt, e.owner, name)) \
+            if isinstance(e, _FieldError) else str(e)
         where = "malformed 'molmoe' config block: " if fmt == "block" else ""
         raise ConfigError(f"{source}: {where}{what}") from None
 
 
 def _swiglu_width(fused: int, key: str) -> int:
     """The SwiGLU width from a fused gate+up width, which must be even and positive."""
-    if fused < 2 or fused % 2:
-        raise ConfigError(f"{key} = {fused} must be an even width >= 2 (gate and up halves)")
+    if not 2 <= fused <= 2 * MAX_WIDTH or fused % 2:
+        raise ConfigError(f"{key} = {fused} must be an even width in 2..{2 * MAX_WIDTH} "
+                          "(gate and up halves)")
     return fused // 2
 
 

@@ -79,9 +79,9 @@ class ImageSettings:
             _bad("base_image_input_size", list(self.base_image_input_size),
                  f"must be square and an even multiple of image_patch_size {p} (2x2 pooling), "
                  f"at most {MAX_PATCHES_PER_CROP} patches")
-        if (kh, kw) != (side // 2, side // 2):
-            _bad("image_token_length_h/w", [kh, kw],
-                 f"must both be {side // 2}: 2x2 pooling of {side} patches per side")
+        for key, value in (("image_token_length_h", kh), ("image_token_length_w", kw)):
+            if value != side // 2:
+                _bad(key, value, f"must be {side // 2}: 2x2 pooling of {side} patches per side")
         if left < 0 or right < 0 or left % 2 or right % 2 or left + right >= side:
             _bad("overlap_margins", list(self.overlap_margins),
                  "must be even, >= 0 and leave part of each crop")
