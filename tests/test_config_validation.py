@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from molmoe.config import (MOLMO_72B_PARAMS, PRESETS, ConfigError, MolmoConfig, from_hf_config,
-                           load_config, param_count, preset)
+from molmoe.config import PRESETS, ConfigError, MolmoConfig, from_hf_config, load_config, preset
 from molmoe.errors import MolmoeError
 from molmoe.model import Molmo
 from molmoe.processing.preprocess import ImageSettings, select_tiling
@@ -151,6 +150,8 @@ def test_dataclasses_validate_on_replace():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_param_count_is_closed_form_of_the_model(name):
+    from molmoe.config import param_count
+
     config = preset(name)
     with torch.device("meta"):
         model = Molmo(config)
@@ -158,6 +159,8 @@ def test_param_count_is_closed_form_of_the_model(name):
 
 
 def test_molmo_72b_param_constant_matches_the_preset():
+    from molmoe.config import MOLMO_72B_PARAMS, param_count
+
     assert MOLMO_72B_PARAMS == param_count(preset("molmo-72b"))
 
 
@@ -181,7 +184,7 @@ def test_load_refuses_weights_that_do_not_fit_in_memory(tmp_path):
     """A config whose bf16 copy of fp32 weights cannot fit: refused with both figures, before
     the (absent) weights are opened."""
     import molmoe
-    from molmoe.config import InsufficientMemoryError
+    from molmoe.config import InsufficientMemoryError, param_count
 
     raw = dict(MOLMO_7B_D_CONFIG, hidden_size=16384, num_attention_heads=128,
                num_key_value_heads=8, num_hidden_layers=60, intermediate_size=2 * 53248)
