@@ -18,19 +18,19 @@ model. Float fields (`rope_theta`, eps) take integers too (`"rope_theta": 10000`
 Caps (each a sanity bound far above every released model, so a typo or a hostile file is refused
 with a message instead of hanging or exhausting memory while the model is built):
 
-| cap                    | value              | why                                                   |
-|------------------------|--------------------|-------------------------------------------------------|
-| MAX_LAYERS             | 1024               | 72B has 80 decoder layers, the ViT 23                 |
-| MAX_EXPERTS            | 4096               | MolmoE has 64; the largest public MoEs have 256       |
-| MAX_VOCAB              | 2**22 (4.2M)       | largest released vocab 152k; largest public ~262k     |
-| MAX_WIDTH              | 2**17 (131072)     | widths (d_model, FFN, ViT); 72B's widest is 29568     |
-| MAX_PATCHES_PER_CROP   | 4096 (64x64)       | ViT attention is quadratic in it; released 576        |
-| MIN_POSITIONS          | 64                 | below this not even a short text prompt and answer fit|
-| MAX_POSITIONS          | 2**24              | positions go through float32 RoPE: exact up to 2**24  |
-| MAX_PARAMS             | 4 x Molmo-72B      | ~293e9; env MOLMOE_MAX_PARAMS overrides               |
-| MIN_NORM_EPS           | 1.2e-38            | the smallest normal float32: a smaller eps is 0 in fp32|
-| rope_theta             | 1 .. 3.4e38        | < 1 makes frequencies > 1 rad/position that grow with |
-|                        |                    | 1/theta; above float32's max it becomes inf            |
+| cap                  | value          | why                                                |
+|----------------------|----------------|----------------------------------------------------|
+| MAX_LAYERS           | 1024           | 72B has 80 decoder layers, the ViT 23              |
+| MAX_EXPERTS          | 4096           | MolmoE has 64; the largest public MoEs have 256    |
+| MAX_VOCAB            | 2**22 (4.2M)   | largest released vocab 152k; largest public ~262k  |
+| MAX_WIDTH            | 2**17 (131072) | d_model, FFN, ViT widths; 72B's widest is 29568    |
+| MAX_PATCHES_PER_CROP | 4096 (64x64)   | ViT attention is quadratic in it; released 576     |
+| MIN_POSITIONS        | 64             | fewer cannot hold a short text prompt and answer   |
+| MAX_POSITIONS        | 2**24          | float32 RoPE positions are exact up to 2**24       |
+| MAX_PARAMS           | 4 x Molmo-72B  | ~293e9; $MOLMOE_MAX_PARAMS overrides               |
+| MIN_NORM_EPS         | 1.2e-38        | float32's smallest normal; less rounds to 0 in fp32|
+| rope_theta           | 1 .. 3.4e38    | < 1: frequencies above 1 rad/position, growing as  |
+|                      |                | 1/theta; above float32's max it is inf             |
 
 Values the model does not implement are refused, not ignored: see `_FIXED_MOLMOE` /
 `_FIXED_DENSE` / `_FIXED_VISION` (checked only where the key is present) and the `pool_size` /
@@ -39,6 +39,7 @@ Values the model does not implement are refused, not ignored: see `_FIXED_MOLMOE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -487,7 +488,8 @@ _KEYS = {
         ("MoEConfig", "num_experts"): "moe_num_experts", ("MoEConfig", "top_k"): "moe_top_k",
         ("MoEConfig", "expert_hidden"): "mlp_hidden_size/2",
         **{("VisionConfig", k): f"vision_backbone.{v}" for k, v in _VISION_KEYS.items()},
-        ("VisionConfig", "pool_size"): "image_pooling_h", ("VisionConfig", "vit_layers"): "vit_layers",
+        ("VisionConfig", "pool_size"): "image_pooling_h",
+        ("VisionConfig", "vit_layers"): "vit_layers",
     },
     "dense": {
         **{("TextConfig", k): v for k, v in _TEXT_KEYS.items()},
@@ -589,7 +591,7 @@ def from_hf_config(cfg: dict, *, source: str = "config.json") -> MolmoConfig:
         raise ConfigError("neither 'd_model' (MolmoE format) nor 'hidden_size' (dense Molmo "
                           "format) present")
     except ConfigError as e:
-        what = e.describe(lambda name: _json_key(fmt, e.owner, name)) \
+        what = e.describe(functools.partial(_json_key, fmt, e.owner)) \
             if isinstance(e, _FieldError) else str(e)
         where = "malformed 'molmoe' config block: " if fmt == "block" else ""
         raise ConfigError(f"{source}: {where}{what}") from None
@@ -735,8 +737,8 @@ def check_memory(config: MolmoConfig, directory: pathlib.Path, *, dtype, device,
     Counts the bytes the load will allocate, not the checkpoint's size: weights moved to a CUDA
     device, or converted from a known stored dtype, are a full copy (refused when it does not fit).
     Safetensors memory-mapped on the CPU in their stored dtype stay file-backed pages (no anonymous
-    copy; nothing is checked). Other CPU loads (a `.bin`, whose experts are stacked, an unknown
-    stored dtype) may or may not copy: those only warn. $MOLMOE_MEMORY_CHECK=0 skips the check.
+    copy; nothing is checked). Other CPU loads (a `.bin`, MoE experts that may need stacking, an
+    unknown stored dtype) may or may not copy: those only warn. $MOLMOE_MEMORY_CHECK=0 skips the check.
     """
     import torch
 
@@ -748,8 +750,8 @@ def check_memory(config: MolmoConfig, directory: pathlib.Path, *, dtype, device,
         return  # an invalid device is reported by the load itself
     mapped = any(directory.glob("*.safetensors"))
     certain = device.type != "cpu" or (stored_dtype is not None and stored_dtype != dtype)
-    if not certain and mapped and stored_dtype is not None:
-        return  # pure memory map
+    if not certain and mapped and stored_dtype is not None and not config.is_moe:
+        return  # a pure memory map (MoE: unconverted experts may be stacked, a copy)
     measured = available_memory(device)
     if measured is None:
         return

@@ -75,7 +75,8 @@ def test_wrong_types_are_refused(molmoe_raw, key, value, why):
 @pytest.mark.parametrize("key, value, why", [
     ("n_heads", 15, "multiple of n_heads"), ("n_kv_heads", 5, "multiple of n_kv_heads"),
     ("n_heads", 2048, "odd head dim"), ("n_layers", 0, "1..1024"), ("n_kv_heads", 0, "1..16"),
-    ("d_model", -2048, "mlp_ratio * d_model"), ("vocab_size", 0, "1.."), ("embedding_size", 50000, "50280.."),
+    ("d_model", -2048, "mlp_ratio * d_model"), ("vocab_size", 0, "1.."),
+    ("embedding_size", 50000, "50280.."),
     ("vision_backbone__image_num_heads", 5, "multiple of vision_backbone.image_num_heads = 5"),
     ("vision_backbone__image_patch_size", 15, "multiple of vision_backbone.image_patch_size"),
     ("vision_backbone__image_default_input_size", [350, 350], "25 patches per side"),

@@ -217,8 +217,8 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
     scales, which the rules below handle just as the released code does.
     """
     # All (i, j) with i * j <= max_crops: O(max_crops log max_crops) pairs, not max_crops**2.
-    tilings = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops // i + 1)),
-                     key=lambda t: (t[0] * t[1], t[0]))
+    pairs = ((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops // i + 1))
+    tilings = sorted(pairs, key=lambda t: (t[0] * t[1], t[0]))
     cand_N2 = np.array(tilings, dtype=np.int32) * window
     with np.errstate(divide="ignore", invalid="ignore"):
         scale_N2 = cand_N2.astype(np.float32) / np.array([h, w], dtype=np.float32)
