@@ -62,7 +62,8 @@ def _load(model_id, *, dtype="float32", backend="reference", device=None):
     from tqdm import tqdm
 
     import molmoe
-    from molmoe.checkpoint.files import read_json, resolve
+    from molmoe.checkpoint.files import resolve
+    from molmoe.generation import check_vocabulary, resolve_eos
     from molmoe.processing import Processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,13 +77,8 @@ def _load(model_id, *, dtype="float32", backend="reference", device=None):
         bar.set_postfix_str("weights")
         model = molmoe.load(directory, dtype=dtype, backend=backend, device=device)
         bar.update()
-    eos = proc.tokenizer.eos_token_id
-    gen_cfg = directory / "generation_config.json"
-    if gen_cfg.exists():  # MolmoE's names the EOS id (spec §5.3); the dense ones do not
-        eos = read_json(gen_cfg).get("eos_token_id", eos)
-        if isinstance(eos, list):
-            eos = eos[0]
-    return proc, model, eos
+    check_vocabulary(proc.tokenizer, model.config)
+    return proc, model, resolve_eos(directory, proc.tokenizer, model.config)
 
 
 def _max_pixels(args):

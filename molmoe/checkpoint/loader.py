@@ -14,7 +14,7 @@ from molmoe.errors import UsageError
 from molmoe.backends import Backend
 from molmoe.checkpoint.adapter import CheckpointError, NativePlan, plan_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
-from molmoe.config import ConfigError, MolmoConfig, from_hf_config
+from molmoe.config import ConfigError, MolmoConfig, check_memory, from_hf_config
 from molmoe.model import Molmo
 
 # Precision modes (spec §7.1): weights dtype and optional autocast.
@@ -86,10 +86,12 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     backend = Backend.parse(backend)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
+    stored = stored_dtype(raw, str(directory / "config.json"))
+    check_memory(config, directory, dtype=weights_dtype, device=device,  # before any allocation
+                 stored_dtype=stored)
     # Each tensor goes to `device` as it is assembled, a no-op (no copy) when the stored dtype and
     # device already match; experts are stacked on the device, with no host copy of them all.
-    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")),
-                       device=device, weights_dtype=weights_dtype)
+    state = load_state(directory, config, stored, device=device, weights_dtype=weights_dtype)
     with torch.device("meta"):
         model = Molmo(config)
     model.load_state_dict(state, strict=True, assign=True)

@@ -2,7 +2,9 @@
 from molmoe.generation.batching import Batch, left_pad_batch
 from molmoe.generation.engine import (Engine, GenerationConfig, GenerationLengthError,
                                       GenerationResult, Timings)
+from molmoe.generation.eos import check_vocabulary, resolve_eos
 from molmoe.generation.sampling import sample_next, top_k_filter, top_p_filter
 
 __all__ = ["Batch", "Engine", "GenerationConfig", "GenerationLengthError", "GenerationResult",
-           "Timings", "left_pad_batch", "sample_next", "top_k_filter", "top_p_filter"]
+           "Timings", "check_vocabulary", "left_pad_batch", "resolve_eos", "sample_next",
+           "top_k_filter", "top_p_filter"]

@@ -17,19 +17,33 @@ Dp pixels per patch (14*14*3 = 588); K pooled tokens per crop (12*12 = 144); C c
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from molmoe.config import MAX_PATCHES_PER_CROP, ConfigError, VisionConfig
 from molmoe.errors import UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Caps on preprocessor_config.json values (the released files have max_crops 12).
+# 256 crops take 256 * 144 = 36864 image tokens, more than the largest released position limit
+# (32768, MolmoE), so a larger max_crops can never yield a prompt the model accepts; the crops of
+# 256 tiles are 256 * 576 * 588 float32 = 0.35 GB.
+MAX_CROPS = 256
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageSettings:
-    """The values of `preprocessor_config.json` (identical for all four 0924 models)."""
+    """The values of `preprocessor_config.json` (identical for all four 0924 models).
+
+    Validated on construction (ConfigError naming the key and value); `from_config` adds the file
+    name, `check_against` checks the settings against the model's ViT.
+    """
 
     base_image_input_size: tuple[int, int] = (336, 336)
     image_patch_size: int = 14
@@ -43,38 +57,66 @@ class ImageSettings:
     image_padding_mask: bool = True
 
     def __post_init__(self):
-        crop_h, crop_w = self.base_image_input_size
-        p = self.image_patch_size
-        left, right = self.overlap_margins
-        problems = []
-        if crop_h != crop_w or crop_h % p:
-            problems.append(f"base_image_input_size {list(self.base_image_input_size)} must be "
-                            f"square and a multiple of image_patch_size {p}")
-        # The layout assumes 2x2 pooling of a crop's patch grid into the token grid.
-        elif (crop_h // p + 1) // 2 != self.image_token_length_h or \
-                self.image_token_length_h != self.image_token_length_w:
-            problems.append(f"image_token_length_h/w {self.image_token_length_h}/"
-                            f"{self.image_token_length_w} do not match 2x2 pooling of "
-                            f"{crop_h // p} patches per side")
-        if left % 2 or right % 2 or left + right >= (crop_h // p if p else 0):
-            problems.append(f"overlap_margins {list(self.overlap_margins)} must be even and "
-                            "leave part of each crop")
-        if self.max_crops < 1:
-            problems.append(f"max_crops {self.max_crops} must be >= 1")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            problems.append("image_mean and image_std must have 3 values")
-        if problems:
-            raise UsageError("unsupported preprocessor settings: " + "; ".join(problems))
+        self.validate()
+
+    def validate(self) -> None:
+        ints = lambda name, n: _int_tuple(getattr(self, name), name, n)  # noqa: E731
+        crop_h, crop_w = ints("base_image_input_size", 2)
+        (p,) = ints("image_patch_size", 1)
+        (kh,), (kw,) = ints("image_token_length_h", 1), ints("image_token_length_w", 1)
+        (max_crops,) = ints("max_crops", 1)
+        left, right = ints("overlap_margins", 2)
+        for name in ("image_mean", "image_std"):
+            _float_tuple(getattr(self, name), name)
+        for name in ("do_normalize", "image_padding_mask"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "must be true or false")
+        if p < 1:
+            _bad("image_patch_size", p, "must be >= 1")
+        side = crop_h // p
+        if crop_h != crop_w or crop_h < 1 or crop_h % p or side % 2 or \
+                side * side > MAX_PATCHES_PER_CROP:
+            _bad("base_image_input_size", list(self.base_image_input_size),
+                 f"must be square and an even multiple of image_patch_size {p} (2x2 pooling), "
+                 f"at most {MAX_PATCHES_PER_CROP} patches")
+        for key, value in (("image_token_length_h", kh), ("image_token_length_w", kw)):
+            if value != side // 2:
+                _bad(key, value, f"must be {side // 2}: 2x2 pooling of {side} patches per side")
+        if left < 0 or right < 0 or left % 2 or right % 2 or left + right >= side:
+            _bad("overlap_margins", list(self.overlap_margins),
+                 "must be even, >= 0 and leave part of each crop")
+        if not 1 <= max_crops <= MAX_CROPS:
+            _bad("max_crops", max_crops, f"must be in 1..{MAX_CROPS} (MAX_CROPS)")
+        if not all(s > 0 for s in self.image_std):
+            _bad("image_std", list(self.image_std), "must be > 0 (normalisation divides by it)")
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ImageSettings":
+    def from_config(cls, cfg: dict, *,
+                    source: str = "preprocessor_config.json") -> "ImageSettings":
         """From a parsed preprocessor_config.json; unknown keys (auto_map, class names) ignored."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: must be a JSON object, got {type(cfg).__name__}")
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in cfg and cfg[f.name] is not None:
                 v = cfg[f.name]
                 kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def check_against(self, vision: VisionConfig, *,
+                      source: str = "preprocessor_config.json") -> None:
+        """Refuse settings whose crops the model's ViT cannot take (config.json's vision)."""
+        pairs = (("base_image_input_size", self.crop_size, "image_size", vision.image_size),
+                 ("image_patch_size", self.image_patch_size, "patch_size", vision.patch_size),
+                 ("image_token_length_h * _w", self.tokens_per_crop, "tokens per crop",
+                  vision.tokens_per_crop))
+        for key, ours, theirs, value in pairs:
+            if ours != value:
+                raise ConfigError(f"{source}: {key} gives {ours}, but the model's ViT has "
+                                  f"{theirs} {value} (config.json)")
 
     # Derived constants (spec §4.1).
     @property
@@ -100,6 +142,26 @@ class ImageSettings:
     @property
     def tokens_per_crop(self) -> int:           # 144
         return self.image_token_length_h * self.image_token_length_w
+
+
+def _bad(key: str, value, problem: str):
+    raise ConfigError(f"{key} = {value!r} {problem}")
+
+
+def _int_tuple(value, key: str, n: int) -> tuple[int, ...]:
+    """`value` as n ints (n == 1: a bare int), else ConfigError naming the key."""
+    items = (value,) if n == 1 else value
+    if not isinstance(items, tuple) or len(items) != n or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        _bad(key, value, "must be an integer" if n == 1 else f"must be {n} integers")
+    return items
+
+
+def _float_tuple(value, key: str) -> None:
+    if not isinstance(value, tuple) or len(value) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        _bad(key, value, "must be 3 finite numbers (R, G, B)")
 
 
 def _f32(x) -> np.float32:
@@ -154,8 +216,9 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
     h and w may be <= 0 for images under 112 px: float32 division then yields inf or negative
     scales, which the rules below handle just as the released code does.
     """
-    tilings = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1)
-                      if i * j <= max_crops), key=lambda t: (t[0] * t[1], t[0]))
+    # All (i, j) with i * j <= max_crops: O(max_crops log max_crops) pairs, not max_crops**2.
+    pairs = ((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops // i + 1))
+    tilings = sorted(pairs, key=lambda t: (t[0] * t[1], t[0]))
     cand_N2 = np.array(tilings, dtype=np.int32) * window
     with np.errstate(divide="ignore", invalid="ignore"):
         scale_N2 = cand_N2.astype(np.float32) / np.array([h, w], dtype=np.float32)

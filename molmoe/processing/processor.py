@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from molmoe.compat import check_compat
+from molmoe.config import load_config
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
@@ -71,10 +72,12 @@ class Processor:
         settings = ImageSettings()
         pre = d / "preprocessor_config.json"
         if pre.exists():
-            settings = ImageSettings.from_config(_read_json(pre))
+            settings = ImageSettings.from_config(_read_json(pre), source=str(pre))
         max_positions = None
-        if (d / "config.json").exists():
-            max_positions = _read_json(d / "config.json").get("max_position_embeddings")
+        if (d / "config.json").exists():  # where the processor meets the model's config
+            config = load_config(d / "config.json")
+            settings.check_against(config.vision, source=str(pre))
+            max_positions = config.text.max_position_embeddings
         kwargs.setdefault("max_positions", max_positions)
         return cls(Tokenizer.from_dir(d), settings, **kwargs)
 
