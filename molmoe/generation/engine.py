@@ -20,13 +20,32 @@ import torch
 
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.generation.batching import left_pad_batch
-from molmoe.generation.sampling import sample_next
+from molmoe.generation.sampling import check_temperature, sample_next
 
 EOS_STRING = "<|endoftext|>"
+SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class GenerationLengthError(MolmoeError):
     """The prompt plus the requested new tokens do not fit the model's positions."""
+
+
+class GenerationError(MolmoeError):
+    """Generation cannot give a meaningful answer (the model produced NaN/Inf logits)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def prompt_allowance(max_positions: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside `max_new_tokens` in the model's positions (>= 1)."""
+    allowed = max_positions - max_new_tokens
+    if allowed < 1:
+        raise GenerationLengthError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt (the model has "
+            f"max_position_embeddings={max_positions})")
+    return allowed
 
 
 @dataclass(kw_only=True)
@@ -46,14 +65,16 @@ class GenerationConfig:
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings or ())
-        if self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise UsageError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        check_temperature(self.temperature, self.do_sample)
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise UsageError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(
+                self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0):  # refuses NaN too
+            raise UsageError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise UsageError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(s == "" for s in self.stop_strings):
             raise UsageError("stop_strings may not contain the empty string")
 
@@ -188,7 +209,7 @@ class Engine:
                           attention_mask=to(batch.attention_mask_BS),
                           position_ids=to(batch.position_ids_BS), kv_cache=cache,
                           logits_to_keep=1)[:, -1]
-        next_B = self._sample(logits_BV, config, generator)
+        step_2B = self._sample(logits_BV, config, generator)
         _sync(device)
         t_prefill = time.perf_counter()
         position_B1 = to(batch.position_ids_BS[:, -1:])
@@ -196,15 +217,21 @@ class Engine:
 
         for step in range(config.max_new_tokens):
             now = time.perf_counter()
-            for b, tok in enumerate(next_B.tolist()):
+            tokens, finite = step_2B.tolist()  # the loop's one host sync per step
+            for b, (tok, ok) in enumerate(zip(tokens, finite)):
                 if seqs[b].finish_reason is None:
+                    if not ok:
+                        raise GenerationError(
+                            f"sequence {b}: the logits for new token {step + 1} are NaN or "
+                            f"infinite; the model's weights or config produce NaN/Inf (check "
+                            f"the checkpoint for non-finite values and the config's numbers)")
                     self._advance(b, seqs[b], tok, eos, stops, config, on_text, now)
             if all(s.finish_reason is not None for s in seqs) or step + 1 == config.max_new_tokens:
                 break
             position_B1 = position_B1 + 1
-            logits_BV = model(next_B[:, None], attention_mask=ones_B1, position_ids=position_B1,
-                              kv_cache=cache, logits_to_keep=1)[:, -1]
-            next_B = self._sample(logits_BV, config, generator)
+            logits_BV = model(step_2B[0, :, None], attention_mask=ones_B1,
+                              position_ids=position_B1, kv_cache=cache, logits_to_keep=1)[:, -1]
+            step_2B = self._sample(logits_BV, config, generator)
             _sync(device)
 
         prefill_s = t_prefill - t0
@@ -215,9 +242,16 @@ class Engine:
         return results[0] if single else results
 
     @staticmethod
-    def _sample(logits_BV, config: GenerationConfig, generator):
-        return sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
-                           top_k=config.top_k, top_p=config.top_p, generator=generator)
+    def _sample(logits_BV, config: GenerationConfig, generator) -> torch.Tensor:
+        """(2, B) int64 on the device: the next tokens and a 0/1 flag saying whether each row's
+        logits were all finite. Stacked so that the loop's one `.tolist()` brings both to the
+        host: the NaN check adds no synchronisation."""
+        finite_B = torch.isfinite(logits_BV).all(dim=-1)
+        if config.do_sample:  # multinomial fails on NaN probabilities; the loop reports the row
+            logits_BV = logits_BV.masked_fill(~finite_B[:, None], 0.0)
+        next_B = sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
+                             top_k=config.top_k, top_p=config.top_p, generator=generator)
+        return torch.stack([next_B, finite_B.to(next_B.dtype)])
 
     def _advance(self, b: int, seq: _Sequence, tok: int, eos: int | None,
                  stops: tuple[str, ...], config: GenerationConfig, on_text, now: float) -> None:
