@@ -240,7 +240,8 @@ def check_image_output(path, *, inputs=(), name: str = "output") -> str:
 
     Refused (UsageError naming `name` and the path): an empty path, one of the input files
     (also through a symbolic or hard link), an extension PIL cannot write, a directory or other
-    non-regular file at the path, a parent that is missing, not a directory or not writable.
+    non-regular file at the path, a parent that is missing, not a directory or where no file
+    can be created (tried for real, with a temporary file that is removed again).
     """
     path = os.fspath(path)
     if not path:
@@ -265,9 +266,19 @@ def check_image_output(path, *, inputs=(), name: str = "output") -> str:
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise UsageError(f"{name} {path}: the directory {parent} {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{name} {path}: the directory {parent} is not writable")
+    probe = _temp_name(real)  # really create a file: access() says yes to root on /proc too
+    try:
+        open(probe, "xb").close()
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{name} {path}: cannot write in {parent} ({e.strerror or e})") from None
     return formats[ext]
+
+
+def _temp_name(real: str) -> str:
+    """A fresh hidden name beside `real`, for writing before the atomic rename."""
+    return os.path.join(os.path.dirname(real),
+                        f".{os.path.basename(real)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def save_image(image, path, fmt: str, *, name: str = "output") -> None:
@@ -278,8 +289,7 @@ def save_image(image, path, fmt: str, *, name: str = "output") -> None:
     real = os.path.realpath(path)
     if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
         image = image.convert("RGB")  # JPEG holds no alpha or palette
-    tmp = os.path.join(os.path.dirname(real),
-                       f".{os.path.basename(real)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = _temp_name(real)
     try:
         with open(tmp, "xb") as f:
             image.save(f, format=fmt)

@@ -99,6 +99,8 @@ def test_points_out_unwritable_places_fail_before_loading(photo, tmp_path, capsy
              tmp_path / "file" / "out.png": "not a directory",
              tmp_path / "a_dir.png": "is a directory",
              "": "empty path"}
+    if os.path.isdir("/proc/self"):  # no file can be created there, not even by root
+        cases["/proc/self/out.png"] = "cannot write in"
     for out, why in cases.items():
         one_line_error(capsys, _generate(NO_MODEL, photo, out), "--points-out", why)
 
@@ -109,7 +111,7 @@ def test_points_out_read_only_directory(photo, tmp_path, capsys):
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        one_line_error(capsys, _generate(NO_MODEL, photo, ro / "out.png"), "not writable")
+        one_line_error(capsys, _generate(NO_MODEL, photo, ro / "out.png"), "cannot write in")
     finally:
         ro.chmod(stat.S_IRWXU)
 
@@ -343,3 +345,12 @@ def test_point_labels_are_escaped_on_stderr(capsys):
 
 def test_errors_are_molmoe_errors():
     assert issubclass(GenerationError, MolmoeError)
+
+
+def test_demo_cache_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = main(["demo", "--out", str(tmp_path / "d.png"), "--cache-dir", str(tmp_path / "file"),
+               "--max-new-tokens", "2"])
+    out = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in out.err
+    assert "demo cache directory" in out.err and len(out.err.strip().splitlines()) == 1
