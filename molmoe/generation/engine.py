@@ -7,11 +7,14 @@ Positions follow the released code (spec §3.5): prompt positions are cumsum(mas
 token gets the previous position + 1, so a prompt's positions do not depend on its left padding.
 Stopping (spec §5.3): at the EOS id (the README's `stop_strings="<|endoftext|>"`), at any other
 stop string found in the decoded text (the text is cut before it), or after `max_new_tokens`.
+Non-finite logits (NaN/Inf from bad weights or config numbers) stop the request with
+`GenerationError` instead of decoding noise; the check rides on the loop's one host transfer.
 
 Legend: B batch, S padded prompt length, V vocabulary rows.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +38,7 @@ class GenerationError(MolmoeError):
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def prompt_allowance(max_positions: int, max_new_tokens: int) -> int:
@@ -71,7 +74,7 @@ class GenerationConfig:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise UsageError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(
-                self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0):  # refuses NaN too
+                self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0):  # refuses NaN too
             raise UsageError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise UsageError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")

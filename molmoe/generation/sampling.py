@@ -6,6 +6,7 @@ so they compose (top-k first, then top-p, as transformers' warpers apply them).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -20,7 +21,7 @@ MIN_TEMPERATURE = 1e-4
 def check_temperature(temperature, do_sample: bool) -> None:
     """A finite temperature >= MIN_TEMPERATURE; 0 is accepted only without sampling (greedy
     ignores the temperature, and 0 is the usual way of asking for greedy)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise UsageError(f"temperature must be a number, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise UsageError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g}, "
