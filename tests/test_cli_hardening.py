@@ -354,3 +354,19 @@ def test_demo_cache_dir_that_is_a_file(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 2 and "Traceback" not in out.err
     assert "demo cache directory" in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_closed_stdout_ends_quietly(checkpoint):  # noqa: F811
+    """`molmoe generate ... | head -c1`: the reader is gone before the answer streams."""
+    import subprocess
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "molmoe.cli", "generate", "--model",
+                               str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2"],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "BrokenPipe" not in proc.stderr
