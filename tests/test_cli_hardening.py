@@ -370,3 +370,22 @@ def test_closed_stdout_ends_quietly(checkpoint):  # noqa: F811
         os.close(w)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("prompt_ids,eos,match", [
+    ([5, 10 ** 6], None, "prompt 0: token id 1000000 is not in the model's vocabulary"),
+    ([5, -7], None, "prompt 0: token id -7"),
+    ([5, 6], 10 ** 9, "eos_token_id 1000000000 is not an id the model can generate"),
+])
+def test_engine_refuses_ids_outside_the_model(proc, prompt_ids, eos, match):
+    model = random_model("tiny-molmoe", seed=2)
+    engine = Engine(model, proc.tokenizer, eos_token_id=eos)
+    with pytest.raises(UsageError, match=match):
+        engine.generate({"input_ids": torch.tensor(prompt_ids)}, GenerationConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("field,value", [("eos_token_id", -1), ("eos_token_id", "abc"),
+                                         ("stop_strings", 5), ("stop_strings", ["a", 3])])
+def test_generation_config_refuses_stops(field, value):
+    with pytest.raises(UsageError, match=field):
+        GenerationConfig(**{field: value})

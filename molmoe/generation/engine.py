@@ -67,7 +67,16 @@ class GenerationConfig:
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
+        if self.stop_strings is not None and not isinstance(self.stop_strings, (tuple, list)):
+            raise UsageError(f"stop_strings must be a string or a list of strings, got "
+                             f"{self.stop_strings!r}")
         self.stop_strings = tuple(self.stop_strings or ())
+        if not all(isinstance(s, str) for s in self.stop_strings):
+            raise UsageError(f"stop_strings must all be strings, got {self.stop_strings!r}")
+        if self.eos_token_id is not None and (not _is_int(self.eos_token_id)
+                                              or self.eos_token_id < 0):
+            raise UsageError(f"eos_token_id must be a token id (an integer >= 0), got "
+                             f"{self.eos_token_id!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         check_temperature(self.temperature, self.do_sample)
@@ -190,6 +199,7 @@ class Engine:
         max_pos = model.config.text.max_position_embeddings
 
         batch = left_pad_batch(samples)
+        self._check_ids(batch, eos, model.config.text)
         for i, n in enumerate(batch.lengths_B):
             if n + config.max_new_tokens > max_pos:
                 raise GenerationLengthError(
@@ -243,6 +253,23 @@ class Engine:
                                             s.new_tokens))
                    for s in seqs]
         return results[0] if single else results
+
+    @staticmethod
+    def _check_ids(batch, eos, text_config) -> None:
+        """Prompt ids must be rows of the embedding, and the EOS id one the LM head can produce
+        (else generation never stops): a tokenizer that does not match the model fails here,
+        not as an IndexError inside the forward."""
+        rows = text_config.embedding_size + text_config.additional_vocab_size
+        ids_BS = batch.input_ids_BS
+        bad_BS = batch.attention_mask_BS & ((ids_BS < 0) | (ids_BS >= rows))
+        if bad_BS.any():
+            b, s = (int(i) for i in bad_BS.nonzero()[0])
+            raise UsageError(f"prompt {b}: token id {int(ids_BS[b, s])} is not in the model's "
+                             f"vocabulary (0..{rows - 1}); does the tokenizer match the model?")
+        outputs = text_config.embedding_size  # the LM head's rows
+        if eos is not None and (not _is_int(eos) or not 0 <= eos < outputs):
+            raise UsageError(f"eos_token_id {eos!r} is not an id the model can generate "
+                             f"(0..{outputs - 1}); generation would never stop at it")
 
     @staticmethod
     def _sample(logits_BV, config: GenerationConfig, generator) -> torch.Tensor:
