@@ -6,7 +6,6 @@ pixels of the original image and draw them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys

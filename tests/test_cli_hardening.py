@@ -189,7 +189,8 @@ def test_huge_max_new_tokens_is_bounded_by_the_model(checkpoint, capsys):  # noq
     one_line_error(capsys, rc, "max_new_tokens", "max_position_embeddings=4096")
 
 
-def test_triton_backend_on_the_cpu_needs_the_interpreter(monkeypatch, capsys, checkpoint):  # noqa: F811
+def test_triton_backend_on_the_cpu_needs_the_interpreter(monkeypatch, capsys,
+                                                       checkpoint):  # noqa: F811
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
         select_backend("triton", "cpu")
