@@ -6,7 +6,6 @@ pixels of the original image and draw them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -26,7 +25,9 @@ def add_app_commands(sub) -> None:
                    help="float32 (default), amp_bf16 (Ai2's eval setting), bfloat16, float16")
     p.add_argument("--backend", default="reference", choices=["reference", "triton"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--points-out", metavar="PNG", help="write the image with the points drawn")
+    p.add_argument("--points-out", metavar="IMAGE",
+                   help="write the image with the points drawn, in the format its extension names "
+                        "(.png, .jpg, ...); never the input image")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images with more pixels (default: the decompression-bomb limit "
                         "of ~179 Mpx; 0 = no limit, for trusted files only)")
@@ -36,7 +37,7 @@ def add_app_commands(sub) -> None:
 
     d = sub.add_parser("demo", help="run the whole path on the built-in tiny checkpoint "
                                     "(RANDOM weights: the answer is noise)")
-    d.add_argument("--out", default=DEMO_OUT, help=f"annotated PNG (default ./{DEMO_OUT})")
+    d.add_argument("--out", default=DEMO_OUT, help=f"annotated image (default ./{DEMO_OUT})")
     d.add_argument("--cache-dir", help="where the demo checkpoint is built (default "
                                        "$MOLMOE_CACHE or ~/.cache/molmoe)")
     _add_generation_args(d, max_new_tokens=48)
@@ -94,33 +95,53 @@ def _max_pixels(args):
 
 
 def _visible(text: str) -> str:
-    """Control characters escaped (random weights emit bytes such as BEL)."""
-    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+    """Control and other invisible characters escaped (random weights emit bytes such as BEL; a
+    model's answer may hold terminal escape sequences such as ESC [2J)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
-def _run(proc, model, eos, *, prompt, image, args, stream: bool, escape: bool = False):
+def _check_prompt(prompt: str) -> str:
+    """The prompt as valid Unicode text: argv bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80..U+DCFF, the byte + 0xDC00), which no tokenizer can encode."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = prompt[e.start]
+        offset = len(prompt[: e.start].encode("utf-8"))
+        what = (f"the byte 0x{ord(ch) - 0xDC00:02x}, not UTF-8" if 0xDC80 <= ord(ch) <= 0xDCFF
+                else f"a lone surrogate U+{ord(ch):04X}")
+        raise UsageError(f"--prompt: {what}, at byte offset {offset}; pass UTF-8 text") from None
+    return prompt
+
+
+def _generation_config(args):
+    """GenerationConfig from the flags (it validates them: one line per bad value)."""
+    from molmoe.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed)
+
+
+def _run(proc, model, eos, *, prompt, image, config, max_pixels, stream: bool,
+         escape: bool = False):
     """-> (GenerationResult, PointingAnswer, original PIL image or None)."""
     from PIL import Image
 
-    from molmoe.generation import Engine, GenerationConfig
+    from molmoe.generation import Engine, prompt_allowance
     from molmoe.points import parse_points
     from molmoe.processing import PromptTooLongError, load_image
 
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed)
     pil = None
     pixels = None
     if image is not None:
-        pixels, _size = load_image(image, max_pixels=_max_pixels(args))  # EXIF applied:
+        pixels, _size = load_image(image, max_pixels=max_pixels)  # EXIF applied:
         # points refer to this picture
         pil = Image.fromarray(pixels)
-    limit = model.config.text.max_position_embeddings - config.max_new_tokens
-    if limit < 1:
-        raise UsageError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt "
-                         f"(max_position_embeddings={model.config.text.max_position_embeddings})")
+    limit = prompt_allowance(model.config.text.max_position_embeddings, config.max_new_tokens)
     try:
-        proc.max_pixels = _max_pixels(args)  # the array is checked again there
+        proc.max_pixels = max_pixels  # the array is checked again there
         inputs = proc(prompt, images=pixels, max_length=limit)
     except PromptTooLongError as e:  # say where the allowance comes from
         raise PromptTooLongError(e.needed, e.image_tokens, e.allowed, note=(
@@ -151,7 +172,9 @@ def _points_json(answer, size):
 
 def _report(result, answer, size, *, as_json: bool, extra: dict | None = None,
             err=None) -> None:
-    """Print the JSON document, or (after a streamed answer) points and timings to `err`."""
+    """Print the JSON document, or (after a streamed answer) points and timings to `err`.
+    Labels come from the model's answer: printed with repr(), their control characters show as
+    escapes on any stream."""
     t = result.timings
     if as_json:
         doc = {"answer": result.text, "finish_reason": result.finish_reason,
@@ -179,21 +202,33 @@ def _report(result, answer, size, *, as_json: bool, extra: dict | None = None,
 
 
 def _generate(args) -> int:
-    from molmoe.points import draw_points
+    from molmoe.backends import select_backend
+    from molmoe.points import check_image_output, draw_points, save_image
     from molmoe.processing import load_image
 
-    if args.points_out and not args.image:
+    # Every argument is checked before the (slow) model load, so a mistake costs no waiting.
+    prompt = _check_prompt(args.prompt)
+    config = _generation_config(args)
+    max_pixels = _max_pixels(args)
+    _backend, device = select_backend(args.backend, args.device)
+    if args.points_out is not None and not args.image:
         raise UsageError("--points-out needs --image")
-    if args.image:  # a missing or broken image fails before the (slow) model load
-        load_image(args.image, max_pixels=_max_pixels(args))
+    if args.image:  # a missing or broken image fails here too
+        load_image(args.image, max_pixels=max_pixels)
+    out_format = None
+    if args.points_out is not None:
+        out_format = check_image_output(args.points_out, inputs=[args.image],
+                                        name="--points-out")
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
-                             device=args.device)
-    result, answer, pil = _run(proc, model, eos, prompt=args.prompt, image=args.image, args=args,
-                               stream=not args.json)
+                             device=str(device))
+    tty = sys.stdout.isatty()  # a terminal gets escapes shown, a pipe the exact answer
+    result, answer, pil = _run(proc, model, eos, prompt=prompt, image=args.image, config=config,
+                               max_pixels=max_pixels, stream=not args.json, escape=tty)
     size = pil.size if pil is not None else None
     extra = {}
-    if args.points_out:
-        draw_points(pil, answer.groups).save(args.points_out, format="PNG")
+    if out_format is not None:
+        save_image(draw_points(pil, answer.groups), args.points_out, out_format,
+                   name="--points-out")
         extra["points_image"] = str(args.points_out)
         if not args.json:
             what = "drawn" if answer.points else "none in the answer, image copied unmarked"
@@ -234,26 +269,29 @@ def _demo(args) -> int:
 
 def _demo_single_thread(args) -> int:
     from molmoe.demo import DEMO_IMAGE, DEMO_PROMPT, demo_checkpoint
-    from molmoe.points import draw_points, parse_points
+    from molmoe.points import check_image_output, draw_points, parse_points, save_image
 
     say = sys.stderr if args.json else sys.stdout
     print("molmoe demo: tiny MolmoE with RANDOM weights. The whole path runs for real (preprocess, "
           "ViT, pooling, decoder, generation, pointing, drawing), but the answer is NOISE.",
           file=say)
+    config = _generation_config(args)
+    out_format = check_image_output(args.out, inputs=[DEMO_IMAGE], name="--out")
     checkpoint = demo_checkpoint(args.cache_dir)
     proc, model, eos = _load(checkpoint, device="cpu")
     print(f"image: {DEMO_IMAGE}\nprompt: {DEMO_PROMPT}\nanswer (random weights, control "
           f"characters escaped):", file=say)
     say.flush()
-    result, answer, pil = _run(proc, model, eos, prompt=DEMO_PROMPT, image=DEMO_IMAGE, args=args,
-                               stream=not args.json, escape=True)
+    result, answer, pil = _run(proc, model, eos, prompt=DEMO_PROMPT, image=DEMO_IMAGE,
+                               config=config, max_pixels=_max_pixels(args), stream=not args.json,
+                               escape=True)
     example = _red_pixels_example(pil)
     groups = list(answer.groups)
     ex_groups = list(parse_points(example).groups)
     print("Drawn: the answer's points (if any) and an EXAMPLE answer computed from the image's "
           f"red pixels, NOT model output:\n  {example}", file=say)
     out = pathlib.Path(args.out)
-    draw_points(pil, groups + ex_groups).save(out, format="PNG")
+    save_image(draw_points(pil, groups + ex_groups), out, out_format, name="--out")
     _report(result, answer, pil.size, as_json=args.json, extra={
         "weights": "random", "example_answer": example, "annotated_image": str(out.resolve())},
         err=say)

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -83,6 +84,47 @@ class Backend(str, enum.Enum):
         except ValueError:
             names = ", ".join(repr(b.value) for b in cls)
             raise UsageError(f"unknown backend {value!r}; supported: {names}") from None
+
+
+def resolve_device(device: "str | torch.device | None" = None) -> torch.device:
+    """The device to run on, checked against this machine: None -> CUDA when available, else the
+    CPU. Only the CPU and existing CUDA devices are accepted (the ops are written for them)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UsageError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU found"
+        raise UsageError(f"device {device!r}: CUDA is not available ({why}); use device 'cpu'")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise UsageError(f"device {device!r}: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+    return dev
+
+
+def select_backend(backend: "str | Backend", device: "str | torch.device | None"
+                   ) -> tuple[Backend, torch.device]:
+    """(backend, device) after checking that the backend can run there: Triton kernels launch on
+    CUDA devices, or anywhere under its CPU interpreter (TRITON_INTERPRET=1, slow, for tests)."""
+    from molmoe.kernels._common import interpreter_enabled  # plain Python, no Triton import
+
+    backend, dev = Backend.parse(backend), resolve_device(device)
+    if backend is Backend.TRITON:
+        if importlib.util.find_spec("triton") is None:
+            raise UsageError("backend 'triton' needs the triton package (pip install triton); "
+                             "or use backend 'reference'")
+        if dev.type != "cuda" and not interpreter_enabled():
+            raise UsageError(f"backend 'triton' needs a CUDA device, not {str(dev)!r}; use backend "
+                             f"'reference', or set TRITON_INTERPRET=1 for Triton's (slow) CPU "
+                             f"interpreter")
+    return backend, dev
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except MolmoeError as e:  # the user's input; anything else is a bug and keeps its traceback
         print(f"molmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`molmoe generate ... | head`): stop quietly
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from molmoe.errors import UsageError
+
 DEMO_VERSION = "demo-v1"
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 DEMO_IMAGE = ASSETS / "demo.png"
@@ -104,8 +106,13 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, seed: int = 0) -
     target = root / f"{DEMO_VERSION}-seed{seed}"
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    except OSError as e:
+        raise UsageError(f"demo cache directory {root}: cannot create the checkpoint there "
+                         f"({e.strerror or e}); choose another (--cache-dir or MOLMOE_CACHE)"
+                         ) from None
     try:
         _write(tmp, seed)
         try:

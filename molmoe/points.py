@@ -14,7 +14,9 @@ a coordinate above 100 are dropped, as the eval code drops them.
 """
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from dataclasses import dataclass
 
 from molmoe.errors import UsageError
@@ -208,3 +210,92 @@ def draw_points(image, groups, *, radius: int | None = None):
             draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
             draw.text(at, group.label, fill=(255, 255, 255), font=font)
     return out
+
+
+# ----------------------------------------------------------------------------- writing the image
+
+
+def _save_formats() -> dict[str, str]:
+    """{".jpg": "JPEG", ...}: the extensions PIL knows and can write."""
+    from PIL import Image
+
+    Image.init()  # registers every plugin, not only the few imported on demand
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when a and b name one file: the same resolved path (symbolic links followed), or
+    the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def check_image_output(path, *, inputs=(), name: str = "output") -> str:
+    """Check, before any slow work, that an image can be written to `path` without touching
+    `inputs`, and return the PIL format its extension names ("PNG", "JPEG", ...).
+
+    Refused (UsageError naming `name` and the path): an empty path, one of the input files
+    (also through a symbolic or hard link), an extension PIL cannot write, a directory or other
+    non-regular file at the path, a parent that is missing, not a directory or where no file
+    can be created (tried for real, with a temporary file that is removed again).
+    """
+    path = os.fspath(path)
+    if not path:
+        raise UsageError(f"{name}: empty path")
+    for source in inputs:
+        if source is not None and _same_file(path, os.fspath(source)):
+            raise UsageError(f"{name} {path} is the input image {source}; refusing to "
+                             f"overwrite it (choose another file name)")
+    ext = os.path.splitext(path)[1].lower()
+    formats = _save_formats()
+    if ext not in formats:
+        some = ", ".join(e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff")
+                         if e in formats)
+        raise UsageError(f"{name} {path}: unknown image extension {ext or '(none)'!r}; "
+                         f"use one of {some}")
+    real = os.path.realpath(path)  # a symbolic link is kept; the file it names is replaced
+    if os.path.isdir(real):
+        raise UsageError(f"{name} {path} is a directory")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise UsageError(f"{name} {path} exists and is not a regular file")
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise UsageError(f"{name} {path}: the directory {parent} {what}")
+    probe = _temp_name(real)  # really create a file: access() says yes to root on /proc too
+    try:
+        open(probe, "xb").close()
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{name} {path}: cannot write in {parent} ({e.strerror or e})") from None
+    return formats[ext]
+
+
+def _temp_name(real: str) -> str:
+    """A fresh hidden name beside `real`, for writing before the atomic rename."""
+    return os.path.join(os.path.dirname(real),
+                        f".{os.path.basename(real)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def save_image(image, path, fmt: str, *, name: str = "output") -> None:
+    """Write `image` (PIL) to `path` in format `fmt`, atomically: the bytes go to a temporary
+    file in the same directory that then replaces `path`, so a failed save leaves the old file
+    (or none), never half an image. The new file's mode follows the umask, as a plain open()."""
+    path = os.fspath(path)
+    real = os.path.realpath(path)
+    if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")  # JPEG holds no alpha or palette
+    tmp = _temp_name(real)
+    try:
+        with open(tmp, "xb") as f:
+            image.save(f, format=fmt)
+        os.replace(tmp, real)
+    except OSError as e:
+        raise UsageError(f"{name} {path}: cannot write it ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

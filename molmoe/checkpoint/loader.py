@@ -11,7 +11,7 @@ import pathlib
 import torch
 
 from molmoe.errors import UsageError
-from molmoe.backends import Backend
+from molmoe.backends import Backend, select_backend
 from molmoe.checkpoint.adapter import CheckpointError, NativePlan, plan_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
 from molmoe.config import ConfigError, MolmoConfig, check_memory, from_hf_config
@@ -83,7 +83,7 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
     """
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
-    backend = Backend.parse(backend)
+    backend, device = select_backend(backend, device)  # refuses what cannot run here
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
     stored = stored_dtype(raw, str(directory / "config.json"))

@@ -7,11 +7,14 @@ Positions follow the released code (spec §3.5): prompt positions are cumsum(mas
 token gets the previous position + 1, so a prompt's positions do not depend on its left padding.
 Stopping (spec §5.3): at the EOS id (the README's `stop_strings="<|endoftext|>"`), at any other
 stop string found in the decoded text (the text is cut before it), or after `max_new_tokens`.
+Non-finite logits (NaN/Inf from bad weights or config numbers) stop the request with
+`GenerationError` instead of decoding noise; the check rides on the loop's one host transfer.
 
 Legend: B batch, S padded prompt length, V vocabulary rows.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,13 +23,32 @@ import torch
 
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.generation.batching import left_pad_batch
-from molmoe.generation.sampling import sample_next
+from molmoe.generation.sampling import check_temperature, sample_next
 
 EOS_STRING = "<|endoftext|>"
+SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class GenerationLengthError(MolmoeError):
     """The prompt plus the requested new tokens do not fit the model's positions."""
+
+
+class GenerationError(MolmoeError):
+    """Generation cannot give a meaningful answer (the model produced NaN/Inf logits)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def prompt_allowance(max_positions: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside `max_new_tokens` in the model's positions (>= 1)."""
+    allowed = max_positions - max_new_tokens
+    if allowed < 1:
+        raise GenerationLengthError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt (the model has "
+            f"max_position_embeddings={max_positions})")
+    return allowed
 
 
 @dataclass(kw_only=True)
@@ -45,15 +67,26 @@ class GenerationConfig:
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
+        if self.stop_strings is not None and not isinstance(self.stop_strings, (tuple, list)):
+            raise UsageError(f"stop_strings must be a string or a list of strings, got "
+                             f"{self.stop_strings!r}")
         self.stop_strings = tuple(self.stop_strings or ())
-        if self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise UsageError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not all(isinstance(s, str) for s in self.stop_strings):
+            raise UsageError(f"stop_strings must all be strings, got {self.stop_strings!r}")
+        if self.eos_token_id is not None and (not _is_int(self.eos_token_id)
+                                              or self.eos_token_id < 0):
+            raise UsageError(f"eos_token_id must be a token id (an integer >= 0), got "
+                             f"{self.eos_token_id!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        check_temperature(self.temperature, self.do_sample)
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise UsageError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(
+                self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0):  # refuses NaN too
+            raise UsageError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise UsageError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(s == "" for s in self.stop_strings):
             raise UsageError("stop_strings may not contain the empty string")
 
@@ -166,6 +199,7 @@ class Engine:
         max_pos = model.config.text.max_position_embeddings
 
         batch = left_pad_batch(samples)
+        self._check_ids(batch, eos, model.config.text)
         for i, n in enumerate(batch.lengths_B):
             if n + config.max_new_tokens > max_pos:
                 raise GenerationLengthError(
@@ -188,7 +222,7 @@ class Engine:
                           attention_mask=to(batch.attention_mask_BS),
                           position_ids=to(batch.position_ids_BS), kv_cache=cache,
                           logits_to_keep=1)[:, -1]
-        next_B = self._sample(logits_BV, config, generator)
+        step_2B = self._sample(logits_BV, config, generator)
         _sync(device)
         t_prefill = time.perf_counter()
         position_B1 = to(batch.position_ids_BS[:, -1:])
@@ -196,15 +230,21 @@ class Engine:
 
         for step in range(config.max_new_tokens):
             now = time.perf_counter()
-            for b, tok in enumerate(next_B.tolist()):
+            tokens, finite = step_2B.tolist()  # the loop's one host sync per step
+            for b, (tok, ok) in enumerate(zip(tokens, finite)):
                 if seqs[b].finish_reason is None:
+                    if not ok:
+                        raise GenerationError(
+                            f"sequence {b}: the logits for new token {step + 1} are NaN or "
+                            f"infinite; the model's weights or config produce NaN/Inf (check "
+                            f"the checkpoint for non-finite values and the config's numbers)")
                     self._advance(b, seqs[b], tok, eos, stops, config, on_text, now)
             if all(s.finish_reason is not None for s in seqs) or step + 1 == config.max_new_tokens:
                 break
             position_B1 = position_B1 + 1
-            logits_BV = model(next_B[:, None], attention_mask=ones_B1, position_ids=position_B1,
-                              kv_cache=cache, logits_to_keep=1)[:, -1]
-            next_B = self._sample(logits_BV, config, generator)
+            logits_BV = model(step_2B[0, :, None], attention_mask=ones_B1,
+                              position_ids=position_B1, kv_cache=cache, logits_to_keep=1)[:, -1]
+            step_2B = self._sample(logits_BV, config, generator)
             _sync(device)
 
         prefill_s = t_prefill - t0
@@ -215,9 +255,33 @@ class Engine:
         return results[0] if single else results
 
     @staticmethod
-    def _sample(logits_BV, config: GenerationConfig, generator):
-        return sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
-                           top_k=config.top_k, top_p=config.top_p, generator=generator)
+    def _check_ids(batch, eos, text_config) -> None:
+        """Prompt ids must be rows of the embedding, and the EOS id one the LM head can produce
+        (else generation never stops): a tokenizer that does not match the model fails here,
+        not as an IndexError inside the forward."""
+        rows = text_config.embedding_size + text_config.additional_vocab_size
+        ids_BS = batch.input_ids_BS
+        bad_BS = batch.attention_mask_BS & ((ids_BS < 0) | (ids_BS >= rows))
+        if bad_BS.any():
+            b, s = (int(i) for i in bad_BS.nonzero()[0])
+            raise UsageError(f"prompt {b}: token id {int(ids_BS[b, s])} is not in the model's "
+                             f"vocabulary (0..{rows - 1}); does the tokenizer match the model?")
+        outputs = text_config.embedding_size  # the LM head's rows
+        if eos is not None and (not _is_int(eos) or not 0 <= eos < outputs):
+            raise UsageError(f"eos_token_id {eos!r} is not an id the model can generate "
+                             f"(0..{outputs - 1}); generation would never stop at it")
+
+    @staticmethod
+    def _sample(logits_BV, config: GenerationConfig, generator) -> torch.Tensor:
+        """(2, B) int64 on the device: the next tokens and a 0/1 flag saying whether each row's
+        logits were all finite. Stacked so that the loop's one `.tolist()` brings both to the
+        host: the NaN check adds no synchronisation."""
+        finite_B = torch.isfinite(logits_BV).all(dim=-1)
+        if config.do_sample:  # multinomial fails on NaN probabilities; the loop reports the row
+            logits_BV = logits_BV.masked_fill(~finite_B[:, None], 0.0)
+        next_B = sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
+                             top_k=config.top_k, top_p=config.top_p, generator=generator)
+        return torch.stack([next_B, finite_B.to(next_B.dtype)])
 
     def _advance(self, b: int, seq: _Sequence, tok: int, eos: int | None,
                  stops: tuple[str, ...], config: GenerationConfig, on_text, now: float) -> None:

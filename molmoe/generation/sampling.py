@@ -5,9 +5,30 @@ so they compose (top-k first, then top-p, as transformers' warpers apply them).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from molmoe.errors import UsageError
+
+# The smallest sampling temperature. At 1e-4 a logit gap of 0.01 is already a factor e^-100
+# between the two tokens: sampling is greedy decoding to float32 precision, so anything lower
+# only invites overflow; temperature 0 means greedy (do_sample=False).
+MIN_TEMPERATURE = 1e-4
+
+
+def check_temperature(temperature, do_sample: bool) -> None:
+    """A finite temperature >= MIN_TEMPERATURE; 0 is accepted only without sampling (greedy
+    ignores the temperature, and 0 is the usual way of asking for greedy)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise UsageError(f"temperature must be a number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {temperature}")
+    if temperature < MIN_TEMPERATURE and (do_sample or temperature != 0):
+        raise UsageError(f"temperature must be >= {MIN_TEMPERATURE:g} (got {temperature:g}); "
+                         f"for temperature 0 use greedy decoding (no sampling)")
 
 
 def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
@@ -23,7 +44,7 @@ def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to at least p
     (nucleus sampling); the most likely token always survives."""
-    if not 0.0 < p <= 1.0:
+    if not 0.0 < p <= 1.0:  # also refuses NaN
         raise UsageError(f"top_p must be in (0, 1], got {p}")
     if p >= 1.0:
         return logits_BV
@@ -43,10 +64,12 @@ def sample_next(logits_BV: torch.Tensor, *, do_sample: bool, temperature: float 
     """Next token ids (B,) int64 from the last position's logits (B, V)."""
     if not do_sample:
         return torch.argmax(logits_BV, dim=-1)
-    if temperature <= 0:
-        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
-    # Sampling in fp32: bf16 probabilities are too coarse for the tail the filters keep.
-    logits_BV = logits_BV.float() / temperature
+    check_temperature(temperature, do_sample=True)
+    # Sampling in fp32: bf16 probabilities are too coarse for the tail the filters keep. The
+    # row maximum is subtracted before dividing, so every scaled logit is <= 0 and no small
+    # temperature can overflow it to inf (inf - inf would make the probabilities NaN).
+    logits_BV = logits_BV.float()
+    logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits_BV = top_k_filter(logits_BV, top_k)
     if top_p is not None:
