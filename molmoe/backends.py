@@ -86,16 +86,18 @@ class Backend(str, enum.Enum):
             raise UsageError(f"unknown backend {value!r}; supported: {names}") from None
 
 
-def resolve_device(device: "str | torch.device | None" = None) -> torch.device:
+def resolve_device(device: "str | torch.device | None" = None, *,
+                   allow_meta: bool = False) -> torch.device:
     """The device to run on, checked against this machine: None -> CUDA when available, else the
-    CPU. Only the CPU and existing CUDA devices are accepted (the ops are written for them)."""
+    CPU. Only the CPU and existing CUDA devices run (the ops are written for them); "meta" only
+    with `allow_meta` (`molmoe.load(device="meta")`: shapes without data, nothing runs)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise UsageError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
+    if dev.type == "cpu" or (allow_meta and dev.type == "meta"):
         return dev
     if dev.type != "cuda":
         raise UsageError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
@@ -109,13 +111,13 @@ def resolve_device(device: "str | torch.device | None" = None) -> torch.device:
     return dev
 
 
-def select_backend(backend: "str | Backend", device: "str | torch.device | None"
-                   ) -> tuple[Backend, torch.device]:
+def select_backend(backend: "str | Backend", device: "str | torch.device | None", *,
+                   allow_meta: bool = False) -> tuple[Backend, torch.device]:
     """(backend, device) after checking that the backend can run there: Triton kernels launch on
     CUDA devices, or anywhere under its CPU interpreter (TRITON_INTERPRET=1, slow, for tests)."""
     from molmoe.kernels._common import interpreter_enabled  # plain Python, no Triton import
 
-    backend, dev = Backend.parse(backend), resolve_device(device)
+    backend, dev = Backend.parse(backend), resolve_device(device, allow_meta=allow_meta)
     if backend is Backend.TRITON:
         if importlib.util.find_spec("triton") is None:
             raise UsageError("backend 'triton' needs the triton package (pip install triton); "

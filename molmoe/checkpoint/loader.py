@@ -83,7 +83,8 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
     """
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
-    backend, device = select_backend(backend, device)  # refuses what cannot run here
+    # refuses what cannot run here; "meta" loads shapes only (no data)
+    backend, device = select_backend(backend, device, allow_meta=True)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
     stored = stored_dtype(raw, str(directory / "config.json"))
