@@ -20,14 +20,19 @@ Limits, checked from the file's header before anything is decoded:
   * pixels: `max_pixels` (default DEFAULT_MAX_PIXELS, ~179 Mpx, PIL's own bomb threshold);
   * bytes: `max_decode_bytes` (default DEFAULT_MAX_DECODE_BYTES, ~1.25 GB; the environment
     variable MOLMOE_MAX_DECODE_BYTES overrides the default, 0 = no budget). The figure compared
-    is what decoding holds at its peak: PIL's decoded image plus the RGB result (see
-    `_decode_bytes`); every other step works in bands of rows, so memory stays within the budget.
+    is what decoding holds at its peak: PIL's decoded image, the RGB result and the decoder's own
+    buffers (`_decode_bytes`). Every other step (conversion, compositing, 16-bit scaling, EXIF
+    rotation) works in bands of rows written in place into the result. Measured peak growth per
+    pixel: gray PNG 4.0, RGB/RGBA PNG 7.2/8.0, 16-bit PNG 5.2 (before: 11, 10, 60, 26).
 Only regular files are opened (a FIFO would block forever, /dev/zero never ends). PIL's
-process-wide `Image.MAX_IMAGE_PIXELS` is never changed: files are identified without PIL's bomb
-check and molmoe's limits apply instead, so other threads' `Image.open` keeps PIL's protection.
+process-wide `Image.MAX_IMAGE_PIXELS` is never changed, not even briefly (other threads'
+`Image.open` would lose their protection): files are identified without PIL's bomb check and
+molmoe's limits apply instead. A few PIL plugins (e.g. WebP, TIFF tiles) check sizes themselves;
+above PIL's limit those need PIL.Image.MAX_IMAGE_PIXELS raised by the program, and say so.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import pathlib
 import stat
@@ -55,11 +60,14 @@ DECODE_BYTES_ENV = "MOLMOE_MAX_DECODE_BYTES"
 _BAND_PIXELS = 1 << 18
 COMPAT_MODES = ("molmoe", "released")
 _EXIF_ORIENTATION = 0x0112
-# What PIL raises on corrupt or hostile image data while identifying, decoding, reading EXIF or
-# converting (found by tests/test_fuzz_images.py; struct.error for short headers,
-# DecompressionBombError from format plugins that check sizes themselves, e.g. GIF and TIFF).
-_PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
+# What PIL's format plugins raise on corrupt or hostile data while identifying, decoding or
+# reading EXIF (found by tests/test_fuzz_images.py: struct.error for short headers, TypeError for
+# a TIFF tag of the wrong type; DecompressionBombError from plugins that check sizes themselves,
+# e.g. GIF and TIFF). Caught around those PIL calls only, never around molmoe's own code.
+_PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError,
                     Image.DecompressionBombError)
+# What PIL's convert raises for a mode it cannot turn into RGB/RGBA (e.g. LAB).
+_PIL_CONVERT_ERRORS = (OSError, ValueError)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -101,7 +109,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 def _decode_budget(value) -> int | None:
     """max_decode_bytes -> bytes, or None for no budget."""
-    if value == "default":
+    if isinstance(value, str) and value == "default":
         env = os.environ.get(DECODE_BYTES_ENV, "").strip()
         if not env:
             return DEFAULT_MAX_DECODE_BYTES
@@ -115,10 +123,10 @@ def _decode_budget(value) -> int | None:
         return value or None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise UsageError(f"max_decode_bytes must be a positive number of bytes or None, got "
                          f"{value!r}")
-    return value
+    return int(value)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
@@ -249,7 +257,8 @@ def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, Image.DecompressionBombError):
-        return f"PIL's own size check, Image.MAX_IMAGE_PIXELS, refused it: {e}"
+        return (f"PIL's own size limit refused it; raise PIL.Image.MAX_IMAGE_PIXELS in the "
+                f"program if the file is trusted: {e}")
     return f"{type(e).__name__}: {e}"
 
 
@@ -264,7 +273,7 @@ def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int |
     orientation = _orientation(img) if compat == "molmoe" else 1
     try:
         pixels = _to_rgb(img, orientation, compat)
-    except _PIL_DATA_ERRORS as e:
+    except _PIL_CONVERT_ERRORS as e:
         raise ImageError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB "
                          f"({_describe(e)})") from None
     h, w = pixels.shape[:2]
