@@ -76,7 +76,7 @@ def test_gray_png_decode_peak_memory_is_bounded(tmp_path):
     Image.fromarray(ramp[None, :] + 3 * ramp[:, None], "L").save(tmp_path / "g.png",
                                                                  compress_level=1)
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "g.png")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     per_pixel = int(out.stdout) / (n * n)
     assert per_pixel <= GRAY_PNG_BYTES_PER_PIXEL, f"{per_pixel:.2f} bytes per pixel"
@@ -288,3 +288,13 @@ def test_compat_must_be_known(tmp_path):
     for bad in ("hf", "", None, "Released"):
         with pytest.raises(UsageError, match=r"compat.*'molmoe', 'released'"):
             load_image(tmp_path / "a.png", compat=bad)
+
+
+def test_eps_is_refused_before_ghostscript_runs(tmp_path):
+    """PIL decodes EPS by running Ghostscript on the file; molmoe refuses it from the header
+    (whether or not Ghostscript is installed)."""
+    eps = tmp_path / "figure.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    assert Image.open(eps).format == "EPS"
+    with pytest.raises(ImageError, match=r"figure\.eps: EPS files are not decoded"):
+        load_image(eps)

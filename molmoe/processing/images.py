@@ -24,11 +24,12 @@ Limits, checked from the file's header before anything is decoded:
     buffers (`_decode_bytes`). Every other step (conversion, compositing, 16-bit scaling, EXIF
     rotation) works in bands of rows written in place into the result. Measured peak growth per
     pixel: gray PNG 4.0, RGB/RGBA PNG 7.2/8.0, 16-bit PNG 5.2 (before: 11, 10, 60, 26).
-Only regular files are opened (a FIFO would block forever, /dev/zero never ends). PIL's
-process-wide `Image.MAX_IMAGE_PIXELS` is never changed, not even briefly (other threads'
-`Image.open` would lose their protection): files are identified without PIL's bomb check and
-molmoe's limits apply instead. A few PIL plugins (e.g. WebP, TIFF tiles) check sizes themselves;
-above PIL's limit those need PIL.Image.MAX_IMAGE_PIXELS raised by the program, and say so.
+Only regular files are opened (a FIFO would block forever, /dev/zero never ends), and no format
+that PIL decodes by running an external program (EPS: Ghostscript). PIL's process-wide
+`Image.MAX_IMAGE_PIXELS` is never changed, not even briefly (other threads' `Image.open` would
+lose their protection): files are identified without PIL's bomb check and molmoe's limits apply
+instead. A few PIL plugins (e.g. WebP, TIFF tiles) check sizes themselves; above PIL's limit
+those need PIL.Image.MAX_IMAGE_PIXELS raised by the program, and the error says so.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ import os
 import pathlib
 import stat
 import struct
-from typing import BinaryIO, Iterator, Literal, NamedTuple, Union
+from collections.abc import Iterator
+from typing import BinaryIO, Literal, NamedTuple, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageMode
@@ -68,6 +70,10 @@ _PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Ty
                     Image.DecompressionBombError)
 # What PIL's convert raises for a mode it cannot turn into RGB/RGBA (e.g. LAB).
 _PIL_CONVERT_ERRORS = (OSError, ValueError)
+
+# Formats PIL decodes by running an external program on the file (EPS: Ghostscript, which has a
+# record of exploits on untrusted input). Refused before decoding; convert such files first.
+_EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -217,8 +223,9 @@ def _file_kind(path: pathlib.Path) -> str | None:
 
 
 def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
-    """PIL's `Image.open(f)` (None where it raises UnidentifiedImageError) without its decompression-bomb check, which reads the process-wide
-    Image.MAX_IMAGE_PIXELS: molmoe's own limits apply right after, from the header.
+    """PIL's `Image.open(f)` (None where that raises UnidentifiedImageError) without its
+    decompression-bomb check, which reads the process-wide Image.MAX_IMAGE_PIXELS: molmoe's own
+    limits apply right after, from the header.
 
     The plugin search is Image.open's: each registered format whose prefix test accepts the
     file, the common plugins first, then all of them; a plugin that raises SyntaxError,
@@ -264,6 +271,9 @@ def _describe(e: BaseException) -> str:
 
 def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int | None,
               compat: str) -> LoadedImage:
+    if img.format in _EXTERNAL_DECODER_FORMATS:
+        raise ImageError(f"{name}: {img.format} files are not decoded (PIL would run an external "
+                         "program on the file); convert it to PNG first")
     _check_size(img, name, max_pixels, budget)
     try:
         img.load()
@@ -330,8 +340,9 @@ def _bands(img: Image.Image) -> Iterator[tuple[int, Image.Image]]:
 
 
 def _band_converter(img: Image.Image, compat: str):
-    """band (PIL image) -> RGB uint8 [rows, W, 3] or gray [rows, W]; whole-image statistics (the background of a
-    transparent image, the range of 32-bit gray) are gathered here in a first pass of bands."""
+    """band (PIL image) -> RGB uint8 [rows, W, 3] or gray [rows, W]; whole-image statistics
+    (the background of a transparent image, the range of 32-bit gray) are gathered here in a
+    first pass of bands."""
     mode = img.mode
     if compat == "molmoe":
         if mode.startswith("I;16") or mode in ("I", "F"):
