@@ -196,7 +196,7 @@ def test_pixel_limit_is_configurable(tmp_path):
     path = tmp_path / "big.png"
     path.write_bytes(_png_header_only(20_000, 10_000))
     with pytest.raises(ImageError, match=r"big\.png: cannot decode"):
-        load_image(path, max_pixels=None)
+        load_image(path, max_pixels=None, max_decode_bytes=None)
 
 
 def test_unreadable_files(tmp_path):

@@ -1,33 +1,79 @@
 """Every image a user has -> RGB uint8 [H, W, 3], the input the released processor expects.
 
-The released processor does `PIL.Image.convert("RGB")` and nothing else (spec §4.0). molmoe does
-the same for plain RGB/L/P/1/CMYK images, so those stay bit-exact, and differs on purpose where
-`convert("RGB")` gives a bad picture:
-  * EXIF orientation is applied (spec §7.16, molmoe's decision): points then land on the picture
-    the user sees. An image without an orientation tag is untouched.
-  * Transparency is composited onto a plain background instead of exposing whatever RGB values
-    hide under alpha = 0 (spec §7.15; the model card's recipe is unconfirmed, see `_composite`).
-  * 16-bit and 32-bit grayscale are scaled to 8 bit (PIL's convert clips them to 255).
-Huge images are refused before decoding (decompression bombs): the pixel limit is configurable.
+Two modes (`compat=`):
+  * "released": the released processor's pixels, bit for bit, for reproducing published numbers.
+    It does `PIL.Image.convert("RGB")` and nothing else (spec §4.0): EXIF orientation is not
+    applied (the size returned is the stored, un-rotated one), alpha is dropped (whatever RGB
+    hides under alpha = 0 shows), 16/32-bit gray is clipped to 255 by PIL.
+  * "molmoe" (the default): the same for plain RGB/L/P/1/CMYK images, so those stay bit-exact,
+    and on purpose different where `convert("RGB")` gives a bad picture:
+      - EXIF orientation is applied (spec §7.16, molmoe's decision): points then land on the
+        picture the user sees. An image without an orientation tag is untouched.
+      - Transparency is composited onto a plain background instead of exposing whatever RGB
+        values hide under alpha = 0 (spec §7.15; the model card's recipe is unconfirmed, see
+        `_background`).
+      - 16-bit and 32-bit grayscale are scaled to 8 bit (PIL's convert clips them to 255).
+numpy input is validated the same way in both modes (the released code casts with astype(uint8),
+which wraps out-of-range values; molmoe refuses them).
+
+Limits, checked from the file's header before anything is decoded:
+  * pixels: `max_pixels` (default DEFAULT_MAX_PIXELS, ~179 Mpx, PIL's own bomb threshold);
+  * bytes: `max_decode_bytes` (default DEFAULT_MAX_DECODE_BYTES, ~1.25 GB; the environment
+    variable MOLMOE_MAX_DECODE_BYTES overrides the default, 0 = no budget). The figure compared
+    is what decoding holds at its peak: PIL's decoded image, the RGB result and the decoder's own
+    buffers (`_decode_bytes`). Every other step (conversion, compositing, 16-bit scaling, EXIF
+    rotation) works in bands of rows written in place into the result. Measured peak growth per
+    pixel: gray PNG 4.0, RGB/RGBA PNG 7.2/8.0, 16-bit PNG 5.2 (before: 11, 10, 60, 26).
+Only regular files are opened (a FIFO would block forever, /dev/zero never ends), and no format
+that PIL decodes by running an external program (EPS: Ghostscript). PIL's process-wide
+`Image.MAX_IMAGE_PIXELS` is never changed, not even briefly (other threads' `Image.open` would
+lose their protection): files are identified without PIL's bomb check and molmoe's limits apply
+instead. A few PIL plugins (e.g. WebP, TIFF tiles) check sizes themselves; above PIL's limit
+those need PIL.Image.MAX_IMAGE_PIXELS raised by the program, and the error says so.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import pathlib
-import threading
-import warnings
-from typing import NamedTuple, Union
+import stat
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO, Literal, NamedTuple, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageMode
 
-from molmoe.errors import MolmoeError
+from molmoe.errors import MolmoeError, UsageError
 
 # PIL refuses at 2x its MAX_IMAGE_PIXELS (89,478,485) by default; molmoe's default is that same
 # ~179 Mpx, and callers may raise or lower it.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Decoding holds two full-size buffers at its peak: PIL's decoded image (at most 4 bytes a pixel:
+# PIL stores every multi-band 8-bit mode, RGB included, and 32-bit gray in 4 bytes) and the RGB
+# result (3 bytes); see `_decode_bytes`. The default is those 7 bytes a pixel at the default pixel
+# limit, ~1.25 GB: it admits every PNG/JPEG/TIFF/GIF/BMP the pixel limit admits, and fewer pixels
+# of formats whose decoders hold more (WebP, progressive JPEG: `_decoder_bytes_per_pixel`).
+# Lower it on machines with less memory to spare (argument or MOLMOE_MAX_DECODE_BYTES).
+DEFAULT_MAX_DECODE_BYTES = DEFAULT_MAX_PIXELS * (4 + 3)
+DECODE_BYTES_ENV = "MOLMOE_MAX_DECODE_BYTES"
+# Conversions run on bands of about this many pixels (1 MB as RGBA; compositing one takes ~15 MB
+# of temporaries): small next to a large image, large enough that the per-band cost is noise.
+_BAND_PIXELS = 1 << 18
+COMPAT_MODES = ("molmoe", "released")
 _EXIF_ORIENTATION = 0x0112
-_PIL_LIMIT_LOCK = threading.Lock()
+# What PIL's format plugins raise on corrupt or hostile data while identifying, decoding or
+# reading EXIF (found by tests/test_fuzz_images.py: struct.error for short headers, TypeError for
+# a TIFF tag of the wrong type; DecompressionBombError from plugins that check sizes themselves,
+# e.g. GIF and TIFF). Caught around those PIL calls only, never around molmoe's own code.
+_PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError,
+                    Image.DecompressionBombError)
+# What PIL's convert raises for a mode it cannot turn into RGB/RGBA (e.g. LAB).
+_PIL_CONVERT_ERRORS = (OSError, ValueError)
+
+# Formats PIL decodes by running an external program on the file (EPS: Ghostscript, which has a
+# record of exploits on untrusted input). Refused before decoding; convert such files first.
+_EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -37,26 +83,56 @@ class ImageError(MolmoeError):
 
 
 class LoadedImage(NamedTuple):
-    pixels: np.ndarray            # uint8 [H, W, 3]
-    size: tuple[int, int]         # (W, H) after EXIF rotation: what points are relative to
+    pixels: np.ndarray            # uint8 [H, W, 3], C-contiguous
+    size: tuple[int, int]         # (W, H) as returned (after EXIF rotation in "molmoe" mode):
+    #                               what points are relative to
 
 
-def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_decode_bytes: int | None | Literal["default"] = "default",
+               compat: str = "molmoe") -> LoadedImage:
     """A path, PIL image or numpy array -> (RGB uint8 [H, W, 3], (W, H)).
 
     numpy input must be [H, W, 3] or [H, W] (gray) with integer values in 0..255.
-    `max_pixels=None` disables the size limit (only for trusted files).
+    `max_pixels=None` disables the pixel limit, `max_decode_bytes=None` the byte budget (only for
+    trusted files); "default" is MOLMOE_MAX_DECODE_BYTES when set, else DEFAULT_MAX_DECODE_BYTES.
+    compat: "molmoe" (default) or "released" (the released processor's pixels; module docstring).
     """
+    if compat not in COMPAT_MODES:
+        raise UsageError(f"compat must be one of {', '.join(map(repr, COMPAT_MODES))}, "
+                         f"got {compat!r}")
+    budget = _decode_budget(max_decode_bytes)
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
     if isinstance(image, Image.Image):
         name = f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
-        _check_pixels(image.size, max_pixels, name)
-        return _from_pil(image, name)
+        return _from_pil(image, name, max_pixels, budget, compat)
     if isinstance(image, (str, os.PathLike)):
-        return _from_path(pathlib.Path(image), max_pixels)
+        return _from_path(pathlib.Path(image), max_pixels, budget, compat)
     raise ImageError(f"unsupported image input of type {type(image).__name__}; pass a file path, "
                      "a PIL.Image.Image or a numpy uint8 array [H, W, 3]")
+
+
+def _decode_budget(value) -> int | None:
+    """max_decode_bytes -> bytes, or None for no budget."""
+    if isinstance(value, str) and value == "default":
+        env = os.environ.get(DECODE_BYTES_ENV, "").strip()
+        if not env:
+            return DEFAULT_MAX_DECODE_BYTES
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise UsageError(f"{DECODE_BYTES_ENV}={env!r}: expected a whole number of bytes "
+                             "(0 = no budget)") from None
+        return value or None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise UsageError(f"max_decode_bytes must be a positive number of bytes or None, got "
+                         f"{value!r}")
+    return int(value)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
@@ -69,104 +145,280 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> N
                          "max_pixels if the file is trusted")
 
 
-def _from_path(path: pathlib.Path, max_pixels: int | None) -> LoadedImage:
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image file")
-    try:
-        # Image.open reads only the header, so the size check below runs before any decoding.
-        # PIL's own bomb check is lifted for the open so that molmoe's limit (which the caller
-        # sets) is the one that applies, with one clear message.
-        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = pil_limit
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file PIL can read") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot open image ({e})") from None
-    with img:
-        _check_pixels(img.size, max_pixels, str(path))
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-            raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-        return _from_pil(img, str(path))
+def _decode_bytes(img: Image.Image) -> int:
+    """Peak bytes of decoding `img`: PIL's image, the RGB uint8 result (3 bytes a pixel) and what
+    the decoder itself holds (`_decoder_bytes_per_pixel`).
 
-
-def _from_pil(img: Image.Image, name: str) -> LoadedImage:
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # unparsable EXIF: treat as untagged rather than refuse the picture
-        orientation = 1
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        img = ImageOps.exif_transpose(img)
-    try:
-        pixels = _to_rgb(img)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB ({e})") from None
-    h, w = pixels.shape[:2]
-    return LoadedImage(np.ascontiguousarray(pixels), (w, h))
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    mode = img.mode
-    if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return np.repeat(_gray_to_8bit(img)[:, :, None], 3, axis=2)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
-        return _composite(rgba)
-    # L, P, 1, CMYK, YCbCr, RGBX, ...: PIL's conversion, exactly as the released processor.
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _gray_to_8bit(img: Image.Image) -> np.ndarray:
-    """16/32-bit integer or float gray -> uint8 by scaling (not clipping) to the full range.
-
-    I;16*: 0..65535 -> 0..255. Mode I (32-bit int, how older PIL opens 16-bit PNG/TIFF): values
-    inside 0..65535 are taken as 16-bit; anything else is stretched from its min..max. Mode F:
-    values in [0, 1] are taken as intensities, anything else is stretched from its min..max.
+    PIL stores 1/L/P in 1 byte a pixel, 16-bit gray in 2, and everything else (I, F, and every
+    multi-band mode: RGB is stored as RGBX) in 4. Everything else (conversion, compositing,
+    scaling, rotation) works in bands of _BAND_PIXELS, written into the result in place.
     """
-    a = np.asarray(img)
+    try:
+        m = ImageMode.getmode(img.mode)
+        stored = np.dtype(m.typestr).itemsize if len(m.bands) == 1 else 4
+    except KeyError:  # a mode PIL cannot decode into anyway; count the widest
+        stored = 4
+    w, h = img.size
+    return w * h * (stored + 3 + _decoder_bytes_per_pixel(img))
+
+
+def _decoder_bytes_per_pixel(img: Image.Image) -> int:
+    """Full-size buffers some decoders hold besides the image (measured with Pillow 13): libwebp's
+    canvas, its frame buffer and the bytes PIL copies the frame into (~9.3 bytes a pixel
+    measured, 10 counted); a progressive JPEG's coefficients (2 bytes a sample; every component
+    counted at full size)."""
+    if img.format == "WEBP":
+        return 10
+    if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+        return 2 * len(img.getbands())
+    return 0
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int | None, budget: int | None) -> None:
+    """The header-only checks: run before decoding (and again after: some formats settle their
+    size only when loaded)."""
+    _check_pixels(img.size, max_pixels, name)
+    need = _decode_bytes(img)
+    if budget is not None and need > budget:
+        w, h = img.size
+        raise ImageError(f"{name}: decoding this {w}x{h} {img.mode} image needs about {need:,} "
+                         f"bytes, over the decode budget of {budget:,} bytes; raise "
+                         f"max_decode_bytes or {DECODE_BYTES_ENV} if the file is trusted")
+
+
+def _open_regular(path: pathlib.Path) -> BinaryIO:
+    """The file, opened for reading, if it is a regular file (following links).
+
+    Opened non-blocking and checked with fstat (no race between the check and the open): a FIFO
+    without a writer would otherwise block the open forever, and /dev/zero never ends.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        kind = _file_kind(path)
+        if kind:
+            raise ImageError(f"{path}: is a {kind}, not a regular file") from None
+        raise ImageError(f"{path}: cannot open ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(f"{path}: is a {_KINDS.get(stat.S_IFMT(mode), 'special file')}, "
+                         "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}
+
+
+def _file_kind(path: pathlib.Path) -> str | None:
+    """'socket', 'FIFO', ... for a non-regular file that exists (sockets cannot be opened)."""
+    try:
+        return _KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
+    except OSError:
+        return None
+
+
+def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
+    """PIL's `Image.open(f)` (None where that raises UnidentifiedImageError) without its
+    decompression-bomb check, which reads the process-wide Image.MAX_IMAGE_PIXELS: molmoe's own
+    limits apply right after, from the header.
+
+    The plugin search is Image.open's: each registered format whose prefix test accepts the
+    file, the common plugins first, then all of them; a plugin that raises SyntaxError,
+    IndexError, TypeError or struct.error means "not this format" (Image.open's rule).
+    """
+    prefix = f.read(16)
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in [fmt for fmt in Image.ID if fmt not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            verdict = accept(prefix) if accept else True
+            if not verdict or isinstance(verdict, str):  # a str: recognised but unsupported
+                continue
+            f.seek(0)
+            try:
+                return factory(f, None)   # no file name: PIL never reopens the path itself
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    return None
+
+
+def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
+               compat: str) -> LoadedImage:
+    with _open_regular(path) as f:
+        try:
+            img = _identify(f)
+        except _PIL_DATA_ERRORS as e:
+            raise ImageError(f"{path}: cannot open image ({_describe(e)})") from None
+        if img is None:
+            raise ImageError(f"{path}: not an image file PIL can read")
+        with img:
+            return _from_pil(img, str(path), max_pixels, budget, compat)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return (f"PIL's own size limit refused it; raise PIL.Image.MAX_IMAGE_PIXELS in the "
+                f"program if the file is trusted: {e}")
+    return f"{type(e).__name__}: {e}"
+
+
+def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int | None,
+              compat: str) -> LoadedImage:
+    if img.format in _EXTERNAL_DECODER_FORMATS:
+        raise ImageError(f"{name}: {img.format} files are not decoded (PIL would run an external "
+                         "program on the file); convert it to PNG first")
+    _check_size(img, name, max_pixels, budget)
+    try:
+        img.load()
+    except _PIL_DATA_ERRORS as e:  # truncated or corrupt data
+        raise ImageError(f"{name}: cannot decode image ({_describe(e)})") from None
+    _check_size(img, name, max_pixels, budget)
+    orientation = _orientation(img) if compat == "molmoe" else 1
+    try:
+        pixels = _to_rgb(img, orientation, compat)
+    except _PIL_CONVERT_ERRORS as e:
+        raise ImageError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB "
+                         f"({_describe(e)})") from None
+    h, w = pixels.shape[:2]
+    return LoadedImage(pixels, (w, h))
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, 1..8; 1 (as stored) when absent, invalid or unparsable (a broken
+    EXIF block is no reason to refuse the picture)."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except _PIL_DATA_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb(img: Image.Image, orientation: int, compat: str) -> np.ndarray:
+    """The RGB result, written band by band into one array, rotated as it is written."""
+    w, h = img.size
+    out = np.empty((w, h, 3) if orientation >= 5 else (h, w, 3), dtype=np.uint8)
+    stored = _stored_view(out, orientation)
+    convert = _band_converter(img, compat)
+    for y0, band in _bands(img):
+        pixels, target = convert(band), stored[y0:y0 + band.size[1]]
+        if pixels.ndim == 2:  # gray: the value in every channel, one channel at a time (fast)
+            for c in range(3):
+                target[..., c] = pixels
+        else:
+            target[...] = pixels
+    return out
+
+
+def _stored_view(out: np.ndarray, orientation: int) -> np.ndarray:
+    """The view of `out` (the picture as displayed) indexed like the stored image: the pixel
+    stored at (y, x) lands where EXIF `orientation` shows it (ImageOps.exif_transpose's map:
+    2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 CW, 7 transverse, 8 rotate 90 CCW).
+    """
+    views = {1: lambda o: o, 2: lambda o: o[:, ::-1], 3: lambda o: o[::-1, ::-1],
+             4: lambda o: o[::-1], 5: lambda o: o.transpose(1, 0, 2),
+             6: lambda o: np.rot90(o, 1), 7: lambda o: o[::-1, ::-1].transpose(1, 0, 2),
+             8: lambda o: np.rot90(o, -1)}
+    return views[orientation](out)
+
+
+def _bands(img: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """(first row, band of rows) covering the image; the image itself when it is one band."""
+    w, h = img.size
+    rows = max(1, _BAND_PIXELS // w)
+    if rows >= h:
+        yield 0, img
+        return
+    for y0 in range(0, h, rows):
+        yield y0, img.crop((0, y0, w, min(h, y0 + rows)))
+
+
+def _band_converter(img: Image.Image, compat: str):
+    """band (PIL image) -> RGB uint8 [rows, W, 3] or gray [rows, W]; whole-image statistics
+    (the background of a transparent image, the range of 32-bit gray) are gathered here in a
+    first pass of bands."""
+    mode = img.mode
+    if compat == "molmoe":
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            scale = _gray_scale(img)
+            return lambda band: _gray_to_8bit(np.asarray(band), scale)
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            background = _background(img)
+            return lambda band: _composite(np.asarray(band.convert("RGBA")), background)
+    # Everything else, and every mode in "released" compat: PIL's convert("RGB"), exactly as the
+    # released processor. It is per pixel, so converting in bands changes nothing. RGB and L skip
+    # PIL's copy (L -> RGB repeats the value, which `_to_rgb` does for gray bands).
+    if mode in ("RGB", "L"):
+        return np.asarray
+    return lambda band: np.asarray(band.convert("RGB"))
+
+
+def _gray_scale(img: Image.Image) -> tuple[str, float, float]:
+    """How 16/32-bit integer or float gray becomes uint8: ("u16", ...) 0..65535 -> 0..255,
+    ("unit", ...) 0..1 -> 0..255, or ("stretch", lo, hi) lo..hi -> 0..255.
+
+    I;16*: 16-bit. Mode I (32-bit int, how older PIL opens 16-bit PNG/TIFF): values inside
+    0..65535 are taken as 16-bit; anything else is stretched from its min..max. Mode F: values
+    in [0, 1] are taken as intensities, anything else is stretched from its finite min..max.
+    """
     if img.mode.startswith("I;16"):
-        a = a.astype(np.float64) / 65535.0
-    elif img.mode == "I" and a.min() >= 0 and a.max() <= 65535:
-        a = a.astype(np.float64) / 65535.0
-    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
-        a = a.astype(np.float64)
-    else:
-        lo, hi = float(a.min()), float(a.max())
-        a = (a.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(a.shape)
-    return np.round(a * 255.0).astype(np.uint8)
+        return ("u16", 0.0, 0.0)
+    lo, hi = np.inf, -np.inf
+    for _, band in _bands(img):
+        a = np.asarray(band)
+        a = a[np.isfinite(a)] if img.mode == "F" else a
+        if a.size:
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    if img.mode == "I" and lo >= 0 and hi <= 65535:
+        return ("u16", 0.0, 0.0)
+    if img.mode == "F" and lo >= 0 and hi <= 1:
+        return ("unit", 0.0, 1.0)
+    return ("stretch", lo, hi)
 
 
-def _composite(rgba_HW4: np.ndarray) -> np.ndarray:
-    """Alpha-composite onto white or black, whichever contrasts with the visible content.
+def _gray_to_8bit(a: np.ndarray, scale: tuple[str, float, float]) -> np.ndarray:
+    """One band of gray [rows, W] -> uint8 by scaling (not clipping), see `_gray_scale`.
+    Non-finite floats: NaN -> 0, -inf -> 0, +inf -> 255."""
+    kind, lo, hi = scale
+    if kind == "u16":  # round(v * 255 / 65535) = round(v / 257), exactly (no ties: 257 is odd)
+        return ((a.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
+    f = a.astype(np.float64)
+    if kind == "stretch":
+        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
+    return np.round(np.nan_to_num(np.clip(f, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
+
+
+def _background(img: Image.Image) -> int:
+    """White (255) or black (0), whichever contrasts with the visible content.
 
     The model card advises a plain background chosen by the image's brightness; its exact recipe
     is unconfirmed (spec §7.15), so molmoe's rule is: alpha-weighted mean luma (BT.601) of the
     content < 128 (dark content) -> white background, otherwise (light content) -> black.
-    A fully transparent image gets white. Fully opaque pixels keep their RGB exactly.
+    A fully transparent image gets white. Integer sums (luma x 1000), so the decision does not
+    depend on the order of the bands.
     """
+    weighted = weight = 0
+    for _, band in _bands(img):
+        rgba = np.asarray(band.convert("RGBA"))
+        alpha = rgba[..., 3].astype(np.int64)
+        luma1000 = rgba[..., :3].astype(np.int64) @ np.array([299, 587, 114])
+        weighted += int((luma1000 * alpha).sum())
+        weight += int(alpha.sum())
+    return 255 if weight == 0 or weighted < 128 * 1000 * weight else 0
+
+
+def _composite(rgba_HW4: np.ndarray, background: int) -> np.ndarray:
+    """Alpha-composite onto `background`; fully opaque pixels keep their RGB exactly.
+    Integer blend with rounding: (c*a + bg*(255-a) + 127) // 255."""
     rgb = rgba_HW4[..., :3].astype(np.int32)
     alpha = rgba_HW4[..., 3:].astype(np.int32)
-    weight = float(alpha.sum())
-    if weight == 0:
-        background = 255
-    else:
-        luma = rgb @ np.array([0.299, 0.587, 0.114])
-        brightness = float((luma * alpha[..., 0]).sum() / weight)
-        background = 255 if brightness < 128 else 0
-    # Integer blend with rounding: (c*a + bg*(255-a) + 127) // 255.
-    out = (rgb * alpha + background * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def _from_array(a: np.ndarray, max_pixels: int | None) -> LoadedImage:
