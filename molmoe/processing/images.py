@@ -44,6 +44,7 @@ from typing import BinaryIO, Literal, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageMode
 
+from molmoe.compat import check_compat
 from molmoe.errors import MolmoeError, UsageError
 
 # PIL refuses at 2x its MAX_IMAGE_PIXELS (89,478,485) by default; molmoe's default is that same
@@ -60,7 +61,6 @@ DECODE_BYTES_ENV = "MOLMOE_MAX_DECODE_BYTES"
 # Conversions run on bands of about this many pixels (1 MB as RGBA; compositing one takes ~15 MB
 # of temporaries): small next to a large image, large enough that the per-band cost is noise.
 _BAND_PIXELS = 1 << 18
-COMPAT_MODES = ("molmoe", "released")
 _EXIF_ORIENTATION = 0x0112
 # What PIL's format plugins raise on corrupt or hostile data while identifying, decoding or
 # reading EXIF (found by tests/test_fuzz_images.py: struct.error for short headers, TypeError for
@@ -98,9 +98,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     trusted files); "default" is MOLMOE_MAX_DECODE_BYTES when set, else DEFAULT_MAX_DECODE_BYTES.
     compat: "molmoe" (default) or "released" (the released processor's pixels; module docstring).
     """
-    if compat not in COMPAT_MODES:
-        raise UsageError(f"compat must be one of {', '.join(map(repr, COMPAT_MODES))}, "
-                         f"got {compat!r}")
+    check_compat(compat)
     budget = _decode_budget(max_decode_bytes)
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)

@@ -106,7 +106,7 @@ class Processor:
             self._check_length(1 + len(text_ids), 0, limit)
             return {"input_ids": torch.from_numpy(np.concatenate([bos, text_ids]))}
 
-        pixels, original_size = self._load_image(images)
+        pixels, original_size = load_image(images, max_pixels=self.max_pixels, compat=self.compat)
         # Refuse before the pixel work: the token count depends on the size only.
         n_img = self.image_token_count(pixels.shape[1], pixels.shape[0])
         self._check_length(1 + n_img + len(text_ids), n_img, limit)
@@ -125,12 +125,6 @@ class Processor:
         out["original_size"] = original_size
         return out
 
-    def _load_image(self, image: ImageInput):
-        # load_image(..., compat=) comes with the images.py change of issue 10; the default call
-        # stays the one that exists without it.
-        if self.compat == "molmoe":
-            return load_image(image, max_pixels=self.max_pixels)
-        return load_image(image, max_pixels=self.max_pixels, compat=self.compat)
 
     @staticmethod
     def _check_length(needed: int, n_image: int, limit: int | None) -> None:
