@@ -16,5 +16,5 @@ COMPAT_MODES = ("molmoe", "released")
 def check_compat(compat) -> str:
     """`compat` if it is one of COMPAT_MODES, else UsageError."""
     if compat not in COMPAT_MODES:
-        raise UsageError(f"compat={compat!r}: expected one of {', '.join(COMPAT_MODES)}")
+        raise UsageError(f"compat={compat!r}: expected one of {', '.join(map(repr, COMPAT_MODES))}")
     return compat
