@@ -62,8 +62,17 @@ _MEASURE = textwrap.dedent("""
         pass
     pixels, size = load_image(sys.argv[1])
     assert pixels.shape == (size[1], size[0], 3)
+    if sys.argv[2:] == ["preprocess"]:  # the whole image path: crops, masks, tokens
+        from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
+        preprocess_image(pixels, ImageSettings(), ImageTokenIds(1, 2, 3, 4))
     print(status("VmHWM") - base)
 """)
+
+# The same for the whole image path, decode + preprocess (resize to the tiling canvas and the
+# global view, crops): the uint8 RGB image (3 bytes) + one channel in float32 (4) + slack. The
+# code before issue 10 resized all three channels at once in float32, plus the division's
+# temporary and a uint8 copy: about 30 bytes per pixel, 2 GB for an 8000x8000 gray PNG.
+PREPROCESS_BYTES_PER_PIXEL = 9.0
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
@@ -71,15 +80,26 @@ def test_gray_png_decode_peak_memory_is_bounded(tmp_path):
     """A 6000x6000 gray PNG (36 Mpx, ~1 MB on disk) decodes in a fresh process whose peak RSS
     grows by at most GRAY_PNG_BYTES_PER_PIXEL bytes per pixel (PIL's C allocations included,
     which tracemalloc would not see)."""
+    per_pixel = _gray_png_peak_per_pixel(tmp_path)
+    assert per_pixel <= GRAY_PNG_BYTES_PER_PIXEL, f"{per_pixel:.2f} bytes per pixel"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_gray_png_preprocess_peak_memory_is_bounded(tmp_path):
+    """Decode + preprocessing of the same 6000x6000 gray PNG: the resize is the peak."""
+    per_pixel = _gray_png_peak_per_pixel(tmp_path, "preprocess")
+    assert per_pixel <= PREPROCESS_BYTES_PER_PIXEL, f"{per_pixel:.2f} bytes per pixel"
+
+
+def _gray_png_peak_per_pixel(tmp_path, *what: str) -> float:
     n = 6000
     ramp = np.arange(n).astype(np.uint8)                       # (x + 3y) mod 256: compresses well
     Image.fromarray(ramp[None, :] + 3 * ramp[:, None], "L").save(tmp_path / "g.png",
                                                                  compress_level=1)
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "g.png")],
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "g.png"), *what],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    per_pixel = int(out.stdout) / (n * n)
-    assert per_pixel <= GRAY_PNG_BYTES_PER_PIXEL, f"{per_pixel:.2f} bytes per pixel"
+    return int(out.stdout) / (n * n)
 
 
 def test_header_over_byte_budget_is_refused_before_decoding(tmp_path):
@@ -298,3 +318,25 @@ def test_eps_is_refused_before_ghostscript_runs(tmp_path):
     assert Image.open(eps).format == "EPS"
     with pytest.raises(ImageError, match=r"figure\.eps: EPS files are not decoded"):
         load_image(eps)
+
+
+@pytest.mark.parametrize("h, w, new_h, new_w", [(100, 130, 336, 336), (37, 500, 336, 120),
+                                                (2000, 1500, 336, 252), (7, 9, 3, 4),
+                                                (336, 336, 336, 336), (1000, 700, 1008, 705)])
+def test_channel_at_a_time_resize_is_bit_identical(h, w, new_h, new_w):
+    """The memory-saving resize (one channel at a time) equals torchvision's float resize of all
+    three channels at once, bit for bit, on read-only (PIL) arrays too."""
+    import torch
+    import torch.nn.functional as F
+
+    from molmoe.processing.preprocess import _resize_channels
+
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = torch.tensor(img).permute(2, 0, 1).float() / 255.0
+    if (new_h, new_w) != (h, w):
+        want = F.interpolate(want[None], size=(new_h, new_w), mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+    want = want.clamp(0.0, 1.0)
+    assert torch.equal(_resize_channels(img, new_h, new_w, None), want)
+    img.flags.writeable = False
+    assert torch.equal(_resize_channels(img, new_h, new_w, None), want)
