@@ -24,6 +24,9 @@ PRECISIONS = {
     "bfloat16": (torch.bfloat16, None),
     "float16": (torch.float16, None),
 }
+# Elements per step of the non-finite check: its temporary (one bool per element) stays at 16 MiB
+# however large the tensor, instead of a quarter of an fp32 tensor's size.
+FINITE_CHECK_CHUNK = 1 << 24
 _ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
             "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "amp": "amp_bf16"}
 
@@ -57,27 +60,51 @@ def stored_dtype(raw: dict, source: str = "config.json") -> torch.dtype | None:
     return dtype
 
 
-def load_state(directory: pathlib.Path, config: MolmoConfig,
-               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` as is, or CheckpointError naming `name` and how many NaN/Inf values it holds.
+
+    One pass over the (memory-mapped) tensor in chunks of FINITE_CHECK_CHUNK elements, so the
+    check costs no copy of the weights; the count is only taken for a tensor that fails.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return t
+    flat = t.reshape(-1)  # a view: tensors read from a checkpoint are contiguous
+    chunks = [flat[i:i + FINITE_CHECK_CHUNK] for i in range(0, flat.numel(), FINITE_CHECK_CHUNK)]
+    if all(bool(torch.isfinite(c).all()) for c in chunks):
+        return t
+    bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+    raise CheckpointError(f"{name}: {bad} non-finite values (NaN/Inf) of {t.numel()}; the "
+                          "checkpoint is corrupt (check_finite=False loads it anyway)")
+
+
+def load_state(directory: pathlib.Path, config: MolmoConfig, dtype: torch.dtype | None = None,
+               check_finite_weights: bool = True) -> dict[str, torch.Tensor]:
     """Native-named tensors (memory-mapped where the format allows), checked against config:
-    names, shapes, and dtypes (`dtype`, config.json's torch_dtype, when given)."""
+    names, shapes, and dtypes (`dtype`, config.json's torch_dtype, when given), and, with
+    `check_finite_weights`, for NaN/Inf values as each tensor is read."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
-    return to_native(open_checkpoint(directory), config, expected, dtype)
+    source = open_checkpoint(directory)
+    if check_finite_weights:
+        source = {key: (lambda key=key, read=read: check_finite(f"{directory}: {key}", read()))
+                  for key, read in source.items()}
+    return to_native(source, config, expected, dtype)
 
 
 def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
-         backend: str | Backend = "reference") -> Molmo:
+         backend: str | Backend = "reference", check_finite: bool = True) -> Molmo:
     """Load an official Molmo checkpoint (hub id or local directory) in eval mode.
 
     dtype: "float32", "amp_bf16" (fp32 weights run under bf16 autocast, as Ai2 evaluated),
     "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
+    check_finite: refuse weights holding NaN/Inf (they answer garbage); False skips the pass.
     """
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
     backend = Backend.parse(backend)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
-    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")))
+    state = load_state(directory, config, stored_dtype(raw, str(directory / "config.json")),
+                       check_finite)
     # .to() is a no-op (no copy) when the stored dtype and device already match.
     state = {k: v.to(device=device, dtype=weights_dtype) for k, v in state.items()}
     with torch.device("meta"):
