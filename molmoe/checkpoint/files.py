@@ -287,13 +287,17 @@ def _check_entries(header: dict, data_size: int) -> None:
         if not isinstance(info, dict):
             raise _HeaderError(f"entry {key!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
             raise _HeaderError(f"tensor {key!r}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(map(_is_count, shape)):
             raise _HeaderError(f"tensor {key!r}: shape {shape!r} is not a list of counts")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
                 or offsets[0] > offsets[1]):
             raise _HeaderError(f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end]")
+        # torch computes strides as products of the dims (a 0 counted as 1): they must fit in
+        # int64 even for a tensor with no elements ([0, 2**62, 4] is valid JSON, not a tensor).
+        if math.prod(max(d, 1) for d in shape) * SAFETENSORS_ITEMSIZE[dtype] >= 2 ** 63:
+            raise _HeaderError(f"tensor {key!r}: shape {shape} is too large for a tensor")
         nbytes = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise _HeaderError(f"tensor {key!r}: {dtype} {shape} needs {nbytes} bytes, its "
