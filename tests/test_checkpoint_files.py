@@ -337,6 +337,10 @@ def test_finite_check_counts_across_chunks(monkeypatch):
     t = torch.zeros(5, 11)
     t.view(-1)[[0, 13, 54]] = torch.tensor([float("nan"), float("inf"), float("nan")])
     with pytest.raises(CheckpointError, match=r"w: 3 non-finite values \(NaN/Inf\) of 55"):
-        loader.check_finite("w", t)
-    loader.check_finite("w", torch.zeros(5, 11))
-    loader.check_finite("i", torch.arange(3))  # integers are always finite
+        loader.refuse_non_finite("w", t)
+    with pytest.raises(CheckpointError, match=r"w\.T: 3 non-finite values \(NaN/Inf\) of 55"):
+        loader.refuse_non_finite("w.T", t.T)  # not contiguous: sliced as it is, not copied
+    with pytest.raises(CheckpointError, match=r"s: 1 non-finite"):
+        loader.refuse_non_finite("s", torch.tensor(float("inf")))
+    loader.refuse_non_finite("w", torch.zeros(5, 11))
+    loader.refuse_non_finite("i", torch.arange(3))  # integers are always finite

@@ -69,7 +69,7 @@ def resolve(model_id_or_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def _looks_local(name: str) -> bool:
-    return (os.sep in name or (os.altsep or os.sep) in name or name.startswith((".", "~")))
+    return any(sep in name for sep in (os.sep, os.altsep) if sep) or name.startswith((".", "~"))
 
 
 def _could_be_hub_id(name: str) -> bool:
@@ -89,7 +89,7 @@ def regular_file(path: pathlib.Path) -> pathlib.Path:
         raise CheckpointError(f"{path}: no such file"
                               f"{' (a dangling symlink)' if os.path.islink(path) else ''}") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
                 "a socket" if stat.S_ISSOCK(mode) else "a device" if
@@ -110,7 +110,7 @@ def read_json(path: pathlib.Path) -> dict:
     except RecursionError:
         raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found "
                               f"{_json_type(value)}")

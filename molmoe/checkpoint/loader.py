@@ -60,16 +60,16 @@ def stored_dtype(raw: dict, source: str = "config.json") -> torch.dtype | None:
     return dtype
 
 
-def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+def refuse_non_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """`t` as is, or CheckpointError naming `name` and how many NaN/Inf values it holds.
 
-    One pass over the (memory-mapped) tensor in chunks of FINITE_CHECK_CHUNK elements, so the
-    check costs no copy of the weights; the count is only taken for a tensor that fails.
+    One pass over the (memory-mapped) tensor in slices along its first dim of about
+    FINITE_CHECK_CHUNK elements (views, so the check copies no weights, contiguous or not); the
+    count is only taken for a tensor that fails.
     """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return t
-    flat = t.reshape(-1)  # a view: tensors read from a checkpoint are contiguous
-    chunks = [flat[i:i + FINITE_CHECK_CHUNK] for i in range(0, flat.numel(), FINITE_CHECK_CHUNK)]
+    chunks = [t] if t.dim() == 0 else t.split(max(1, FINITE_CHECK_CHUNK * t.shape[0] // t.numel()))
     if all(bool(torch.isfinite(c).all()) for c in chunks):
         return t
     bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
@@ -86,7 +86,7 @@ def load_state(directory: pathlib.Path, config: MolmoConfig, dtype: torch.dtype 
         expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
     source = open_checkpoint(directory)
     if check_finite_weights:
-        source = {key: (lambda key=key, read=read: check_finite(f"{directory}: {key}", read()))
+        source = {key: (lambda key=key, read=read: refuse_non_finite(f"{directory}: {key}", read()))
                   for key, read in source.items()}
     return to_native(source, config, expected, dtype)
 
