@@ -24,6 +24,11 @@ def add_app_commands(sub) -> None:
     p.add_argument("--dtype", default="float32",
                    help="float32 (default), amp_bf16 (Ai2's eval setting), bfloat16, float16")
     p.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    p.add_argument("--compat", default="molmoe", choices=["molmoe", "released"],
+                   help="released: the released processor and crop rule bit for bit (no EXIF, "
+                        "special strings in the prompt become special tokens), for reproducing "
+                        "published numbers; molmoe (default): the corrected behaviour")
+    add_check_finite_arg(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--points-out", metavar="IMAGE",
                    help="write the image with the points drawn, in the format its extension names "
@@ -45,6 +50,11 @@ def add_app_commands(sub) -> None:
     d.set_defaults(func=_demo)
 
 
+def add_check_finite_arg(p) -> None:
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="skip the NaN/Inf check of the weights (trusted checkpoints only)")
+
+
 def _add_generation_args(p, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -57,7 +67,8 @@ def _add_generation_args(p, max_new_tokens: int) -> None:
 # ----------------------------------------------------------------------------- the shared path
 
 
-def _load(model_id, *, dtype="float32", backend="reference", device=None):
+def _load(model_id, *, dtype="float32", backend="reference", device=None, check_finite=True,
+          compat="molmoe"):
     """Processor, model, EOS id, with a progress bar on stderr (loading is the slow part)."""
     import torch
     from tqdm import tqdm
@@ -73,10 +84,11 @@ def _load(model_id, *, dtype="float32", backend="reference", device=None):
         directory = resolve(model_id)
         bar.update()
         bar.set_postfix_str("tokenizer and processor")
-        proc = Processor.from_pretrained(directory)
+        proc = Processor.from_pretrained(directory, compat=compat)
         bar.update()
         bar.set_postfix_str("weights")
-        model = molmoe.load(directory, dtype=dtype, backend=backend, device=device)
+        model = molmoe.load(directory, dtype=dtype, backend=backend, device=device,
+                            check_finite=check_finite, compat=compat)
         bar.update()
     check_vocabulary(proc.tokenizer, model.config)
     return proc, model, resolve_eos(directory, proc.tokenizer, model.config)
@@ -220,7 +232,8 @@ def _generate(args) -> int:
         out_format = check_image_output(args.points_out, inputs=[args.image],
                                         name="--points-out")
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
-                             device=str(device))
+                             device=str(device), check_finite=args.check_finite,
+                             compat=args.compat)
     tty = sys.stdout.isatty()  # a terminal gets escapes shown, a pipe the exact answer
     result, answer, pil = _run(proc, model, eos, prompt=prompt, image=args.image, config=config,
                                max_pixels=max_pixels, stream=not args.json, escape=tty)

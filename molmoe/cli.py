@@ -18,7 +18,7 @@ def _convert(args) -> int:
         raise UsageError(f"--shard-gb {gb}: expected a positive, finite size in GiB "
                          "(at least one byte)")
     out = convert(args.src, args.dst, dtype=args.dtype, shard_bytes=shard_bytes,
-                  overwrite=args.overwrite, progress=True)
+                  overwrite=args.overwrite, progress=True, check_finite=args.check_finite)
     print(f"wrote {out}")
     return 0
 
@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if it is empty or an unchanged molmoe convert output")
-    p.set_defaults(func=_convert)
+    from molmoe.app import add_app_commands, add_check_finite_arg  # an import error must show
 
-    from molmoe.app import add_app_commands  # an import error must show, not hide commands
+    add_check_finite_arg(p)
+    p.set_defaults(func=_convert)
 
     add_app_commands(sub)
     return parser

@@ -185,7 +185,7 @@ def test_no_weights_lists_directory(tmp_path):
 
 
 def test_not_a_dir_nor_hub_id(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
+    with pytest.raises(CheckpointError, match="no such local directory"):
         molmoe.load(tmp_path / "does" / "not" / "exist")
 
 

@@ -17,5 +17,5 @@ def test_convert_command(tmp_path, capsys):
 
 def test_convert_command_reports_bad_input(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "dst")]) == 2
-    assert "neither a local directory nor a hub id" in capsys.readouterr().err
+    assert "no such local directory" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()

@@ -134,9 +134,11 @@ class NativePlan(Mapping[str, torch.Size]):
     """
 
     def __init__(self, source, config: MolmoConfig, recipes: dict[str, _Recipe],
-                 expected: Mapping[str, torch.Size]):
+                 expected: Mapping[str, torch.Size],
+                 check: Callable[[str, torch.Tensor], None] | None = None):
         self._source, self._config, self._recipes = source, config, recipes
         self._shapes = {name: torch.Size(expected[name]) for name in recipes}
+        self._check = check  # called on every assembled tensor (loader: the NaN/Inf check)
 
     def __getitem__(self, name: str) -> torch.Size:
         return self._shapes[name]
@@ -150,6 +152,14 @@ class NativePlan(Mapping[str, torch.Size]):
     def tensor(self, name: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The native tensor `name` on `device` in `dtype` (default: as stored, on the CPU); a
         memory-mapped tensor stays mapped (no copy) when it is already what was asked for."""
+        t = self._assembled(name, device, dtype)
+        if self._check is not None:
+            keys = self._recipes[name].keys
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            self._check(f"key {keys[0]!r}{more} (native {name!r})", t)
+        return t
+
+    def _assembled(self, name: str, device, dtype: torch.dtype | None) -> torch.Tensor:
         recipe = self._recipes[name]
         if recipe.stacked:
             return _assemble([self._source[k]() for k in recipe.keys], self._shapes[name],
@@ -179,9 +189,11 @@ def _assemble(parts, shape: torch.Size, device, dtype) -> torch.Tensor:
 
 
 def plan_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoConfig,
-                expected: Mapping[str, torch.Size], dtype: torch.dtype | None = None) -> NativePlan:
+                expected: Mapping[str, torch.Size], dtype: torch.dtype | None = None, *,
+                check: Callable[[str, torch.Tensor], None] | None = None) -> NativePlan:
     """Map source keys onto native names and check everything before assembling any tensor: every
-    key used, once; every expected key filled; every source tensor's shape and dtype."""
+    key used, once; every expected key filled; every source tensor's shape and dtype. `check`
+    (native name, tensor) runs on each tensor the plan assembles."""
     layout = detect_layout(source.keys())
     recipes: dict[str, _Recipe] = {}
     experts: dict[str, dict[int, str]] = defaultdict(dict)
@@ -250,7 +262,7 @@ def plan_native(source: Mapping[str, Callable[[], torch.Tensor]], config: MolmoC
             raise CheckpointError(f"unexpected key {recipe.keys[0]!r} (maps to {native!r}, which "
                                   "this config does not have)")
         _check_source(source, recipe, tuple(expected[native]), config, dtype)
-    return NativePlan(source, config, recipes, expected)
+    return NativePlan(source, config, recipes, expected, check)
 
 
 def _check_source(source, recipe: _Recipe, want: tuple, config: MolmoConfig,

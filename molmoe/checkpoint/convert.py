@@ -75,9 +75,10 @@ _MARKER_MAX_BYTES = 1 << 20  # a marker lists a few hundred file names; anything
 
 
 def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite: bool = False,
-            progress: bool = False) -> pathlib.Path:
+            progress: bool = False, check_finite: bool = True) -> pathlib.Path:
     """Write SRC (hub id or directory, any supported layout) to DST as sharded safetensors in
     `dtype`, shards of at most `shard_bytes` (a tensor bigger than that gets a shard of its own).
+    `check_finite`: refuse NaN/Inf in the weights (after the cast to `dtype`), as `molmoe.load`.
     See the module docstring for what is refused, and how DST is replaced atomically."""
     weights_dtype = PRECISIONS[parse_precision(dtype)][0]
     if (isinstance(shard_bytes, bool) or not isinstance(shard_bytes, numbers.Integral)
@@ -89,7 +90,8 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
     _recover(dst)
     _check_replaceable(dst, overwrite)
     config, raw = load_config_from_dir(src_dir)
-    plan = plan_state(src_dir, config, stored_dtype(raw, str(src_dir / "config.json")))
+    plan = plan_state(src_dir, config, stored_dtype(raw, str(src_dir / "config.json")),
+                      check_finite=check_finite)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))

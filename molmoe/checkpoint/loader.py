@@ -10,11 +10,12 @@ import pathlib
 
 import torch
 
-from molmoe.errors import UsageError
 from molmoe.backends import Backend, select_backend
 from molmoe.checkpoint.adapter import CheckpointError, NativePlan, plan_native
 from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
+from molmoe.compat import check_compat
 from molmoe.config import ConfigError, MolmoConfig, check_memory, from_hf_config
+from molmoe.errors import UsageError
 from molmoe.model import Molmo
 
 # Precision modes (spec §7.1): weights dtype and optional autocast.
@@ -24,6 +25,9 @@ PRECISIONS = {
     "bfloat16": (torch.bfloat16, None),
     "float16": (torch.float16, None),
 }
+# Elements per step of the non-finite check: its temporary (one bool per element) stays at 16 MiB
+# however large the tensor, instead of a quarter of an fp32 tensor's size.
+FINITE_CHECK_CHUNK = 1 << 24
 _ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
             "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "amp": "amp_bf16"}
 
@@ -57,32 +61,58 @@ def stored_dtype(raw: dict, source: str = "config.json") -> torch.dtype | None:
     return dtype
 
 
+def refuse_non_finite(name: str, t: torch.Tensor) -> None:
+    """CheckpointError naming `name` and how many NaN/Inf values `t` holds, if it holds any.
+
+    One pass over the (memory-mapped) tensor in slices along its first dim of about
+    FINITE_CHECK_CHUNK elements (views, so the check copies no weights, contiguous or not); the
+    count is only taken for a tensor that fails. Tensors without data (device "meta") pass.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.is_meta:
+        return
+    chunks = [t] if t.dim() == 0 else t.split(max(1, FINITE_CHECK_CHUNK * t.shape[0] // t.numel()))
+    if all(bool(torch.isfinite(c).all()) for c in chunks):
+        return
+    bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+    raise CheckpointError(f"{name}: {bad} non-finite values (NaN/Inf) of {t.numel()}; the "
+                          "checkpoint is corrupt (check_finite=False loads it anyway)")
+
+
 def plan_state(directory: pathlib.Path, config: MolmoConfig,
-               dtype: torch.dtype | None = None) -> NativePlan:
+               dtype: torch.dtype | None = None, *, check_finite: bool = True) -> NativePlan:
     """The checkpoint's native tensors, checked against config (names, shapes, and dtypes:
-    `dtype`, config.json's torch_dtype, when given) and not yet assembled."""
+    `dtype`, config.json's torch_dtype, when given) and not yet assembled; with `check_finite`,
+    every tensor the plan assembles is checked for NaN/Inf (after any cast, so a float16 overflow
+    counts too)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Molmo(config).state_dict().items()}
-    return plan_native(open_checkpoint(directory), config, expected, dtype)
+    check = (lambda name, t: refuse_non_finite(f"{directory}: {name}", t)) if check_finite \
+        else None
+    return plan_native(open_checkpoint(directory), config, expected, dtype, check=check)
 
 
 def load_state(directory: pathlib.Path, config: MolmoConfig,
                dtype: torch.dtype | None = None, *, device=None,
-               weights_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+               weights_dtype: torch.dtype | None = None,
+               check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Native-named tensors on `device` in `weights_dtype` (default: memory-mapped where the
     format allows, as stored). Stacked experts are assembled on `device` one expert at a time."""
-    plan = plan_state(directory, config, dtype)
+    plan = plan_state(directory, config, dtype, check_finite=check_finite)
     return {k: plan.tensor(k, device=device, dtype=weights_dtype) for k in plan}
 
 
 def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
-         backend: str | Backend = "reference") -> Molmo:
+         backend: str | Backend = "reference", check_finite: bool = True,
+         compat: str = "molmoe") -> Molmo:
     """Load an official Molmo checkpoint (hub id or local directory) in eval mode.
 
     dtype: "float32", "amp_bf16" (fp32 weights run under bf16 autocast, as Ai2 evaluated),
     "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
+    check_finite: refuse weights holding NaN/Inf (they answer garbage); False skips the pass.
+    compat: "molmoe" (default) or "released" (the released crop-validity rule; molmoe.compat).
     """
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
+    check_compat(compat)
     # refuses what cannot run here; "meta" loads shapes only (no data)
     backend, device = select_backend(backend, device, allow_meta=True)
     directory = resolve(model_id_or_dir)
@@ -92,11 +122,13 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
                  stored_dtype=stored)
     # Each tensor goes to `device` as it is assembled, a no-op (no copy) when the stored dtype and
     # device already match; experts are stacked on the device, with no host copy of them all.
-    state = load_state(directory, config, stored, device=device, weights_dtype=weights_dtype)
+    state = load_state(directory, config, stored, device=device, weights_dtype=weights_dtype,
+                       check_finite=check_finite)
     with torch.device("meta"):
         model = Molmo(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.set_backend(backend)
+    model.set_compat(compat)
     model.autocast_dtype = autocast_dtype
     model.source = str(directory)
     return model.eval().requires_grad_(False)
