@@ -390,3 +390,61 @@ def test_engine_refuses_ids_outside_the_model(proc, prompt_ids, eos, match):
 def test_generation_config_refuses_stops(field, value):
     with pytest.raises(UsageError, match=field):
         GenerationConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------- NaN weights, compat
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(checkpoint, tmp_path_factory):  # noqa: F811
+    """tiny-molmoe with one NaN in its LM head, in the released layout, with tokenizer files."""
+    model = random_model("tiny-molmoe", seed=2)
+    with torch.no_grad():
+        model.decoder.lm_head.weight[5, 0] = math.nan
+    d = write_checkpoint(model, tmp_path_factory.mktemp("nan"), "molmoe-hf")
+    for name in _TOKENIZER_FILES:
+        shutil.copy(checkpoint / name, d / name)
+    return d
+
+
+def test_generate_refuses_nan_weights_and_the_opt_out_reaches_the_nan_logits(nan_checkpoint,
+                                                                              capsys):
+    """Checked at load, naming the key; --no-check-finite loads them and the answer's NaN logits
+    stop generation instead of answering noise with exit 0."""
+    args = ["generate", "--model", str(nan_checkpoint), "--prompt", "hi", "--max-new-tokens", "3"]
+    one_line_error(capsys, main(args), "lm_head.weight", "1 non-finite", "check_finite")
+    one_line_error(capsys, main(args + ["--no-check-finite"]), "NaN")
+
+
+def test_convert_refuses_nan_weights_unless_told(nan_checkpoint, tmp_path, capsys):
+    one_line_error(capsys, main(["convert", str(nan_checkpoint), str(tmp_path / "out")]),
+                   "lm_head.weight", "non-finite")
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(nan_checkpoint), str(tmp_path / "out"),
+                 "--no-check-finite"]) == 0
+
+
+def test_convert_to_float16_refuses_an_overflow(checkpoint, tmp_path, capsys):  # noqa: F811
+    """A finite float32 weight beyond float16's range would become Inf in the output: the check
+    runs after the cast."""
+    model = random_model("tiny-molmoe", seed=2)
+    with torch.no_grad():
+        model.decoder.lm_head.weight[3, 1] = 1e6  # float16 max is 65504
+    d = write_checkpoint(model, tmp_path / "big", "molmoe-hf")
+    shutil.copy(checkpoint / "tokenizer.json", d / "tokenizer.json")
+    one_line_error(capsys, main(["convert", str(d), str(tmp_path / "f16"), "--dtype",
+                                 "float16"]), "lm_head.weight", "1 non-finite")
+    assert main(["convert", str(d), str(tmp_path / "f32")]) == 0
+
+
+def test_generate_compat_reaches_processor_and_model(checkpoint, monkeypatch):  # noqa: F811
+    from molmoe import app
+
+    proc_r, model_r, _ = app._load(checkpoint, device="cpu", compat="released")
+    assert proc_r.compat == "released" and model_r.compat == "released"
+    assert model_r.vision.crop_rule == "released-molmoe"
+    ids = proc_r("<|endoftext|>")["input_ids"].tolist()
+    assert ids.count(proc_r.tokenizer.eos_token_id) == 2  # BOS + the typed string, as released
+    proc_m, model_m, _ = app._load(checkpoint, device="cpu")
+    assert model_m.vision.crop_rule == "training"
+    assert proc_m("<|endoftext|>")["input_ids"].tolist().count(proc_m.tokenizer.eos_token_id) == 1

@@ -213,20 +213,18 @@ def _write_shards(plan: NativePlan, out: pathlib.Path, dtype: torch.dtype, shard
         size += nbytes
     n = len(shards)
     weight_map, total = {}, 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=n, desc="writing shards", unit="shard")
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{n:05d}.safetensors"
-        total += _write_safetensors(out / file, plan, names, dtype)
-        weight_map.update(dict.fromkeys(names, file))
-        _step("shard_written")
-        if bar:
+    # leave=False: the bar is erased when it closes, also when a tensor is refused midway, so an
+    # error stays the one line the CLI prints
+    with tqdm(total=n, desc="writing shards", unit="shard", disable=not progress,
+              leave=False) as bar:
+        for i, names in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{n:05d}.safetensors"
+            total += _write_safetensors(out / file, plan, names, dtype)
+            weight_map.update(dict.fromkeys(names, file))
+            _step("shard_written")
             bar.update()
-    if bar:
-        bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _step("index_written")

@@ -75,7 +75,7 @@ def refuse_non_finite(name: str, t: torch.Tensor) -> None:
         return
     bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
     raise CheckpointError(f"{name}: {bad} non-finite values (NaN/Inf) of {t.numel()}; the "
-                          "checkpoint is corrupt (check_finite=False loads it anyway)")
+                          "checkpoint is corrupt (check_finite=False, or --no-check-finite, loads it anyway)")
 
 
 def plan_state(directory: pathlib.Path, config: MolmoConfig,
