@@ -682,19 +682,10 @@ def _from_dense_format(j: _Json) -> MolmoConfig:
 
 def load_config(path: str | os.PathLike) -> MolmoConfig:
     """config.json -> MolmoConfig; an unreadable or invalid file is a ConfigError naming it."""
+    from molmoe.fileio import read_json
+
     path = pathlib.Path(path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config.json file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, ConfigError)
     return from_hf_config(cfg, source=str(path))
 
 

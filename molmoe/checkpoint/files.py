@@ -5,7 +5,6 @@ function that returns the tensor, so the adapter pulls one tensor at a time.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import mmap
@@ -13,12 +12,12 @@ import os
 import pathlib
 import pickle
 import re
-import stat
 import zipfile
 from typing import Callable
 
 import torch
 
+from molmoe import fileio
 from molmoe.checkpoint.adapter import CheckpointError
 
 CHECKPOINT_FILES = ("model.safetensors.index.json", "model.safetensors",
@@ -78,48 +77,13 @@ def _could_be_hub_id(name: str) -> bool:
 
 
 def regular_file(path: pathlib.Path) -> pathlib.Path:
-    """`path` if it is (a symlink to) a regular file, else CheckpointError.
-
-    Checked before opening: a FIFO blocks its reader until a writer comes (forever), and a device
-    such as /dev/zero never ends.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file"
-                              f"{' (a dangling symlink)' if os.path.islink(path) else ''}") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-                "a socket" if stat.S_ISSOCK(mode) else "a device" if
-                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-        via = f" {os.path.realpath(path)}" if os.path.islink(path) else ""
-        raise CheckpointError(f"{path}: not a regular file ({kind}{via}); refusing to read it")
-    return path
+    """`path` if it is (a symlink to) a regular file, else CheckpointError (molmoe.fileio)."""
+    return fileio.regular_file(path, CheckpointError)
 
 
 def read_json(path: pathlib.Path) -> dict:
-    """A JSON file that must hold an object (config, index, tokenizer and generation files)."""
-    try:
-        value = json.loads(regular_file(path).read_bytes())
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except ValueError as e:  # JSONDecodeError, or an integer beyond Python's digit limit
-        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found "
-                              f"{_json_type(value)}")
-    return value
-
-
-def _json_type(value) -> str:
-    return {list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    """A JSON object file (config, index, tokenizer and generation files), else CheckpointError."""
+    return fileio.read_json(path, CheckpointError)
 
 
 def open_checkpoint(directory: pathlib.Path) -> dict[str, Callable[[], torch.Tensor]]:
@@ -163,8 +127,8 @@ def _weight_map(index: dict, path: pathlib.Path, suffix: str) -> dict[str, str]:
     if weight_map is None:
         raise CheckpointError(f"{path}: no 'weight_map' in the index")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{path}: 'weight_map' in the index is {_json_type(weight_map)}, "
-                              "not an object")
+        raise CheckpointError(f"{path}: 'weight_map' in the index is "
+                              f"{fileio.json_type(weight_map)}, not an object")
     if not weight_map:
         raise CheckpointError(f"{path}: 'weight_map' in the index is empty")
     for key, shard in weight_map.items():

@@ -11,12 +11,12 @@ rows plus `additional_vocab_size` rows of `new_embedding`, which ids >= embeddin
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import TYPE_CHECKING
 
 from molmoe.config import ConfigError, MolmoConfig
+from molmoe.fileio import read_json
 
 if TYPE_CHECKING:
     from molmoe.processing.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ def resolve_eos(directory: str | os.PathLike, tokenizer: Tokenizer, config: Molm
     path = pathlib.Path(directory) / GENERATION_CONFIG
     if not path.exists():
         return _checked_eos(tokenizer.eos_token_id, tokenizer, config, tokenizer.source)
-    raw = _read_object(path)
+    raw = read_json(path, ConfigError)
     value = raw.get("eos_token_id")
     if value is None:
         return _checked_eos(tokenizer.eos_token_id, tokenizer, config, tokenizer.source)
@@ -77,13 +77,3 @@ def _id_to_token(tokenizer: Tokenizer, token_id: int) -> str | None:
 
 def _vocabulary(tokenizer: Tokenizer) -> dict[str, int]:
     return tokenizer._tok.get_vocab(with_added_tokens=True)
-
-
-def _read_object(path: pathlib.Path) -> dict:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a JSON object, got {type(raw).__name__}")
-    return raw

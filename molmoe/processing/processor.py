@@ -17,16 +17,15 @@ matching switch for its crop-validity rule (`Molmo.set_compat`).
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 
 import numpy as np
 import torch
 
 from molmoe.compat import check_compat
-from molmoe.config import load_config
+from molmoe.config import ConfigError, load_config
 from molmoe.errors import MolmoeError, UsageError
+from molmoe.fileio import read_json
 from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
                                           n_image_tokens, preprocess_image)
@@ -72,7 +71,7 @@ class Processor:
         settings = ImageSettings()
         pre = d / "preprocessor_config.json"
         if pre.exists():
-            settings = ImageSettings.from_config(_read_json(pre), source=str(pre))
+            settings = ImageSettings.from_config(read_json(pre, ConfigError), source=str(pre))
         max_positions = None
         if (d / "config.json").exists():  # where the processor meets the model's config
             config = load_config(d / "config.json")
@@ -130,10 +129,3 @@ class Processor:
     def _check_length(needed: int, n_image: int, limit: int | None) -> None:
         if limit is not None and needed > limit:
             raise PromptTooLongError(needed, n_image, limit)
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read JSON ({e})") from None

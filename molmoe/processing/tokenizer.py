@@ -32,6 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from molmoe.errors import MolmoeError
+from molmoe.fileio import read_json, read_text, regular_file
 
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 
@@ -122,13 +123,14 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, directory: str | pathlib.Path) -> "Tokenizer":
         d = pathlib.Path(directory)
-        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() \
-            else {}
-        smap = _read_json(d / "special_tokens_map.json") \
+        cfg = read_json(d / "tokenizer_config.json", TokenizerError) \
+            if (d / "tokenizer_config.json").exists() else {}
+        smap = read_json(d / "special_tokens_map.json", TokenizerError) \
             if (d / "special_tokens_map.json").exists() else {}
         if (d / "tokenizer.json").exists():
+            path = regular_file(d / "tokenizer.json", TokenizerError)  # a FIFO would hang
             try:
-                tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+                tok = HFTokenizer.from_file(str(path))
             except Exception as e:
                 raise TokenizerError(f"{d / 'tokenizer.json'}: cannot load ({e})") from None
             source = str(d / "tokenizer.json")
@@ -167,13 +169,6 @@ def _token_str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read JSON ({e})") from None
-
-
 def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
     """Byte-level BPE from slow-tokenizer files, laid out as Qwen2TokenizerFast builds it."""
     cls = cfg.get("tokenizer_class", "Qwen2Tokenizer")
@@ -181,9 +176,9 @@ def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
         raise TokenizerError(f"{d / 'tokenizer_config.json'}: tokenizer_class {cls!r} ships no "
                              "tokenizer.json and only Qwen2's vocab.json+merges.txt layout is "
                              "supported")
-    vocab = _read_json(d / "vocab.json")
+    vocab = read_json(d / "vocab.json", TokenizerError)
     merges = []
-    for n, line in enumerate((d / "merges.txt").read_text(encoding="utf-8").splitlines()):
+    for n, line in enumerate(read_text(d / "merges.txt", TokenizerError).splitlines()):
         if not line or (n == 0 and line.startswith("#version")):
             continue
         parts = line.split(" ")
@@ -204,7 +199,7 @@ def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
     # vocabulary, so they are added in id order and every id is checked afterwards.
     added: dict[str, int] = {}
     if (d / "added_tokens.json").exists():
-        added.update(_read_json(d / "added_tokens.json"))
+        added.update(read_json(d / "added_tokens.json", TokenizerError))
     decoder_cfg = cfg.get("added_tokens_decoder", {})
     for tid, spec in decoder_cfg.items():
         added.setdefault(spec["content"], int(tid))
