@@ -14,6 +14,8 @@ a coordinate above 100 are dropped, as the eval code drops them.
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 import re
 import secrets
@@ -215,12 +217,29 @@ def draw_points(image, groups, *, radius: int | None = None):
 # ----------------------------------------------------------------------------- writing the image
 
 
+@functools.lru_cache(maxsize=None)
 def _save_formats() -> dict[str, str]:
-    """{".jpg": "JPEG", ...}: the extensions PIL knows and can write."""
+    """{".jpg": "JPEG", ...}: the extensions whose PIL format really writes an RGB picture.
+
+    PIL registers writers that cannot hold one (BLP, XBM, MSP: other modes only; GRIB, BUFR,
+    HDF5, WMF: stubs that need a handler), and those would fail only after generation: each
+    format is tried once on a small RGB image, in memory.
+    """
     from PIL import Image
 
     Image.init()  # registers every plugin, not only the few imported on demand
-    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    probe = Image.new("RGB", (16, 16), (200, 30, 30))
+
+    def writes_rgb(fmt: str) -> bool:
+        try:
+            probe.save(io.BytesIO(), format=fmt)
+            return True
+        except Exception:  # noqa: BLE001 -- whatever a plugin raises, it cannot write this
+            return False
+
+    writable = {fmt: writes_rgb(fmt) for fmt in set(Image.SAVE)}
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items()
+            if writable.get(fmt, False)}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -294,8 +313,9 @@ def save_image(image, path, fmt: str, *, name: str = "output") -> None:
         with open(tmp, "xb") as f:
             image.save(f, format=fmt)
         os.replace(tmp, real)
-    except OSError as e:
-        raise UsageError(f"{name} {path}: cannot write it ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # PIL's encoders raise both for what they cannot hold
+        raise UsageError(f"{name} {path}: cannot write it ({getattr(e, 'strerror', None) or e})"
+                         ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -86,7 +86,11 @@ def test_points_out_format_follows_the_extension(checkpoint, photo, tmp_path, ca
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-@pytest.mark.parametrize("name", ["annotated.xyz", "annotated", "annotated.txt"])
+@pytest.mark.parametrize("name", ["annotated.xyz", "annotated", "annotated.txt",
+                                  # PIL registers writers for these that cannot write an RGB
+                                  # picture: refused before the model loads, not after
+                                  "annotated.blp", "annotated.xbm", "annotated.msp",
+                                  "annotated.h5", "annotated.wmf", "annotated.grib"])
 def test_points_out_unknown_extension(photo, tmp_path, capsys, name):
     rc = _generate(NO_MODEL, photo, tmp_path / name)
     one_line_error(capsys, rc, "--points-out", "extension", ".png", ".jpg")
