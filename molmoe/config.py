@@ -83,7 +83,7 @@ class ConfigError(MolmoeError):
 
 
 class InsufficientMemoryError(MolmoeError):
-    """The weights would not fit on the device the load would put them on."""
+    """An allocation (the weights, a KV cache) would not fit on its device."""
 
 
 class _FieldError(ConfigError):
@@ -743,16 +743,24 @@ def check_memory(config: MolmoConfig, directory: pathlib.Path, *, dtype, device,
     certain = device.type != "cpu" or (stored_dtype is not None and stored_dtype != dtype)
     if not certain and mapped and stored_dtype is not None and not config.is_moe:
         return  # a pure memory map (MoE: unconverted experts may be stacked, a copy)
-    measured = available_memory(device)
-    if measured is None:
+    check_allocation(weights_bytes(config, dtype), device, dtype, f"{directory}: the weights",
+                     certain=certain)
+
+
+def check_allocation(need: int, device, dtype, what: str, *, certain: bool = True) -> None:
+    """Refuse (`certain`) or warn about an allocation of `need` bytes on `device` that exceeds
+    what the device has free; the message names `what` and both figures. Devices that cannot be
+    measured pass. $MOLMOE_MEMORY_CHECK=0 skips the check."""
+    import torch
+
+    if os.environ.get(MEMORY_CHECK_ENV, "1") == "0":
         return
-    have, what = measured
-    need = weights_bytes(config, dtype)
-    if need <= have:
+    measured = available_memory(torch.device(device))
+    if measured is None or need <= measured[0]:
         return
-    message = (f"{directory}: the weights need {need / 2**30:.1f} GiB at "
-               f"{str(dtype).removeprefix('torch.')} on {device}, but there are only "
-               f"{have / 2**30:.1f} GiB {what}")
+    have, where = measured
+    message = (f"{what} need {need / 2**30:.1f} GiB at {str(dtype).removeprefix('torch.')} "
+               f"on {device}, but there are only {have / 2**30:.1f} GiB {where}")
     if certain:
         raise InsufficientMemoryError(f"{message}; ${MEMORY_CHECK_ENV}=0 skips this check")
-    warnings.warn(f"{message}; the load may run out of memory", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{message}; it may run out of memory", RuntimeWarning, stacklevel=3)

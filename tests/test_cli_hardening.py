@@ -452,3 +452,29 @@ def test_generate_compat_reaches_processor_and_model(checkpoint, monkeypatch):  
     proc_m, model_m, _ = app._load(checkpoint, device="cpu")
     assert model_m.vision.crop_rule == "training"
     assert proc_m("<|endoftext|>")["input_ids"].tolist().count(proc_m.tokenizer.eos_token_id) == 1
+
+
+def test_kv_cache_that_cannot_fit_is_refused_before_allocating(checkpoint, tmp_path):  # noqa: F811
+    """A config allowing 2**24 positions and a batch asking for nearly all of them: the cache
+    (tiny-molmoe: K and V, 2 layers x 4 heads x 16 x 4 bytes = 1 KiB per position and prompt)
+    would need twice the memory this machine has: refused with the figures before allocating,
+    not allocated until the machine swaps or the OOM killer comes."""
+    import json
+
+    import molmoe
+    from molmoe.config import InsufficientMemoryError, available_memory
+
+    d = tmp_path / "long"
+    shutil.copytree(checkpoint, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 2**24
+    (d / "config.json").write_text(json.dumps(cfg))
+    positions = 2**24 - 64
+    batch = max(1, int(2 * available_memory(torch.device("cpu"))[0] / (1024 * positions)))
+    proc = Processor.from_pretrained(d)
+    engine = Engine(molmoe.load(d), proc.tokenizer)
+    with pytest.raises(InsufficientMemoryError,
+                       match=rf"a KV cache of {batch} x \d+ positions \(2 layers\) need "
+                             r"\d+\.\d GiB at float32 on cpu, but there are only"):
+        engine.generate([_text(proc, "hi")] * batch,
+                        GenerationConfig(max_new_tokens=positions - 8))

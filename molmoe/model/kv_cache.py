@@ -6,8 +6,11 @@ Keys are stored after RoPE (spec §3.5 step 7).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from molmoe.config import check_allocation
 from molmoe.errors import UsageError
 
 
@@ -15,6 +18,11 @@ class KVCache:
     def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, Hkv, Smax, Dh)
+        # Refused before allocating when it cannot fit: max_len comes from the request
+        # (prompt + max_new_tokens), bounded only by the model's positions (up to 2**24).
+        need = 2 * math.prod(shape) * dtype.itemsize + batch * max_len
+        check_allocation(need, device, dtype,
+                         f"a KV cache of {batch} x {max_len} positions ({n_layers} layers)")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
