@@ -263,7 +263,10 @@ def pre_raw(shared_data) -> dict:
 @pytest.mark.parametrize("key, value, why", [
     ("max_crops", 100000, "1..256"), ("max_crops", 0, "1..256"), ("max_crops", "12", "integer"),
     ("max_crops", 12.0, "integer"), ("max_crops", True, "integer"),
-    ("image_std", [0.0, 0.26, 0.27], "> 0"), ("image_std", [-1, 1, 1], "> 0"),
+    ("image_std", [0.0, 0.26, 0.27], "divides by zero"), ("image_std", [-1, 1, 1], "in 0.0001"),
+    # finite as float64, but 1e308 flattens every pixel to 0.0 in float32 (a silent blank image)
+    ("image_std", [1e308, 1, 1], "flattens"), ("image_std", [1e-45, 1, 1], "in 0.0001"),
+    ("image_mean", [1e308, 0, 0], "within"),
     ("image_std", [math.nan, 1, 1], "finite"), ("image_mean", [math.inf, 0, 0], "finite"),
     ("image_mean", [0.5, 0.5], "3 finite"), ("image_mean", "grey", "3 finite"),
     ("overlap_margins", [-2, 4], ">= 0"), ("overlap_margins", [4], "2 integers"),

@@ -35,6 +35,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # (32768, MolmoE), so a larger max_crops can never yield a prompt the model accepts; the crops of
 # 256 tiles are 256 * 576 * 588 float32 = 0.35 GB.
 MAX_CROPS = 256
+# image_mean / image_std sanity range. Pixels are scaled to [0, 1] before normalisation (CLIP's
+# mean ~0.45, std ~0.27): a std below 1e-4 or above 1e4, or a mean beyond +-1e4, is a file meant
+# for another pixel scale or a corrupt one, and answers with a blown-up or flattened image
+# (image_std 1e308 turned every pixel into exactly 0.0 in float32).
+NORM_MIN_STD, NORM_MAX = 1e-4, 1e4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,8 +92,13 @@ class ImageSettings:
                  "must be even, >= 0 and leave part of each crop")
         if not 1 <= max_crops <= MAX_CROPS:
             _bad("max_crops", max_crops, f"must be in 1..{MAX_CROPS} (MAX_CROPS)")
-        if not all(s > 0 for s in self.image_std):
-            _bad("image_std", list(self.image_std), "must be > 0 (normalisation divides by it)")
+        if not all(NORM_MIN_STD <= s <= NORM_MAX for s in self.image_std):
+            _bad("image_std", list(self.image_std),
+                 f"must be in {NORM_MIN_STD}..{NORM_MAX:g} (normalisation divides [0, 1] pixels "
+                 "by it: 0 divides by zero, a huge std flattens the image to 0 in float32)")
+        if not all(abs(m) <= NORM_MAX for m in self.image_mean):
+            _bad("image_mean", list(self.image_mean), f"must be within +-{NORM_MAX:g} (pixels are "
+                 "in [0, 1] before it is subtracted)")
 
     @classmethod
     def from_config(cls, cfg: dict, *,
