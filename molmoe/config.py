@@ -73,9 +73,13 @@ def max_params() -> int:
     if value is None:
         return 4 * MOLMO_72B_PARAMS
     try:
-        return int(float(value))
+        bound = float(value)
     except ValueError:
-        raise ConfigError(f"${MAX_PARAMS_ENV}={value!r} is not a number") from None
+        bound = math.nan
+    if not (math.isfinite(bound) and bound >= 1):
+        raise ConfigError(f"${MAX_PARAMS_ENV}={value!r}: expected a finite number of parameters "
+                          ">= 1") from None
+    return int(bound)
 
 
 class ConfigError(MolmoeError):

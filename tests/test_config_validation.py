@@ -447,3 +447,12 @@ def test_app_load_uses_the_checks(tmp_path):
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "abc"}))
     with pytest.raises(ConfigError, match="generation_config.json: eos_token_id 'abc'"):
         _load(str(d), device="cpu")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-5", "0", "lots"])
+def test_max_params_environment_value_is_checked(monkeypatch, value):
+    from molmoe.config import max_params
+
+    monkeypatch.setenv("MOLMOE_MAX_PARAMS", value)
+    with pytest.raises(ConfigError, match="MOLMOE_MAX_PARAMS"):
+        max_params()

@@ -100,3 +100,50 @@ def test_missing_or_broken_files(tmp_path, shared_data):
     (d / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 5}))
     with pytest.raises(TokenizerError, match="should have id 5"):
         Tokenizer.from_dir(d)
+
+
+# ------------------------------------------------------------------ malformed files (issue 10)
+
+def _qwen2_copy(shared_data, tmp_path):
+    import shutil
+
+    d = tmp_path / "tok"
+    shutil.copytree(shared_data / "molmo-7b-d-0924", d)
+    return d
+
+
+@pytest.mark.parametrize("entry", [{}, {"content": 5}, {"content": "<x>", "special": "yes"}, 7])
+def test_bad_added_tokens_decoder_entry_is_a_tokenizer_error(shared_data, tmp_path, entry):
+    import json
+
+    from molmoe.processing import TokenizerError
+
+    d = _qwen2_copy(shared_data, tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"]["151643"] = entry
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match=r"added_tokens_decoder\['151643'\] must be"):
+        Tokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("tid", [-1, "x", 1.5, True, None])
+def test_bad_added_token_id_is_a_tokenizer_error(shared_data, tmp_path, tid):
+    import json
+
+    from molmoe.processing import TokenizerError
+
+    d = _qwen2_copy(shared_data, tmp_path)
+    added = json.loads((d / "added_tokens.json").read_text())
+    added["<im_patch>"] = tid
+    (d / "added_tokens.json").write_text(json.dumps(added))
+    with pytest.raises(TokenizerError, match=r"added_tokens.json: token '<im_patch>': id"):
+        Tokenizer.from_dir(d)
+
+
+def test_lone_surrogate_in_text_is_a_usage_error(shared_data):
+    from molmoe.errors import UsageError
+
+    tok = Tokenizer.from_dir(shared_data / "molmoe-1b-0924")
+    for encode in (tok.encode, tok.encode_text):
+        with pytest.raises(UsageError, match=r"lone surrogate U\+D800 at character 3"):
+            encode("abc\ud800def")

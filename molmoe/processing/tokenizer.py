@@ -31,7 +31,7 @@ from typing import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from molmoe.errors import MolmoeError
+from molmoe.errors import MolmoeError, UsageError
 from molmoe.fileio import read_json, read_text, regular_file
 
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
@@ -76,11 +76,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The released encoding: special strings in `text` become their special ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(_valid_text(text), add_special_tokens=False).ids
 
     def encode_text(self, text: str) -> list[int]:
         """`text` as plain text: never a special or image id (see the module docstring)."""
-        ids = self._plain.encode(text, add_special_tokens=False).ids
+        ids = self._plain.encode(_valid_text(text), add_special_tokens=False).ids
         injected = self.special_ids.intersection(ids)
         if injected:  # only a non-BPE tokenizer whose model itself emits a special id gets here
             tid = min(injected)
@@ -163,10 +163,34 @@ def _merge_parts(merge) -> tuple[str, str, str]:
     return a, b, a + b
 
 
+def _valid_text(text: str) -> str:
+    """`text` if it is valid Unicode; a lone surrogate (not encodable as UTF-8, so no tokenizer
+    can take it) is a UsageError naming its offset."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"text holds a lone surrogate U+{ord(text[e.start]):04X} at character "
+                         f"{e.start}, which is not valid Unicode text") from None
+    return text
+
+
 def _token_str(v) -> str | None:
     if isinstance(v, dict):
         v = v.get("content")
     return v if isinstance(v, str) else None
+
+
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+_MAX_TOKEN_ID = 1 << 24  # far above any Molmo vocabulary (152k), so the checks below stay cheap
+
+
+def _token_id(value, where: str) -> int:
+    """A token id from a tokenizer file: a non-negative integer (or its decimal string)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_TOKEN_ID:
+        raise TokenizerError(f"{where}: id {value!r} is not an integer in 0..{_MAX_TOKEN_ID - 1}")
+    return value
 
 
 def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
@@ -177,6 +201,8 @@ def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
                              "tokenizer.json and only Qwen2's vocab.json+merges.txt layout is "
                              "supported")
     vocab = read_json(d / "vocab.json", TokenizerError)
+    for token, tid in vocab.items():
+        _token_id(tid, f"{d / 'vocab.json'}: token {token!r}")
     merges = []
     for n, line in enumerate(read_text(d / "merges.txt", TokenizerError).splitlines()):
         if not line or (n == 0 and line.startswith("#version")):
@@ -185,8 +211,12 @@ def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
         if len(parts) != 2:
             raise TokenizerError(f"{d / 'merges.txt'}: line {n + 1} is not a pair: {line!r}")
         merges.append((parts[0], parts[1]))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
-                                 byte_fallback=False))
+    try:
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                     byte_fallback=False))
+    except Exception as e:  # the Rust side names what it refuses (e.g. a merge of unknown tokens)
+        raise TokenizerError(f"{d / 'vocab.json'} + merges.txt: not a BPE vocabulary ({e})"
+                             ) from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
@@ -199,10 +229,20 @@ def _build_bpe(d: pathlib.Path, cfg: dict) -> HFTokenizer:
     # vocabulary, so they are added in id order and every id is checked afterwards.
     added: dict[str, int] = {}
     if (d / "added_tokens.json").exists():
-        added.update(read_json(d / "added_tokens.json", TokenizerError))
+        path = d / "added_tokens.json"
+        for content, tid in read_json(path, TokenizerError).items():
+            added[content] = _token_id(tid, f"{path}: token {content!r}")
     decoder_cfg = cfg.get("added_tokens_decoder", {})
+    where = f"{d / 'tokenizer_config.json'}: added_tokens_decoder"
+    if not isinstance(decoder_cfg, dict):
+        raise TokenizerError(f"{where} must be an object of id -> token")
     for tid, spec in decoder_cfg.items():
-        added.setdefault(spec["content"], int(tid))
+        if not (isinstance(spec, dict) and isinstance(spec.get("content"), str) and all(
+                isinstance(spec.get(flag, False), bool) for flag in _ADDED_TOKEN_FLAGS)):
+            raise TokenizerError(f"{where}[{tid!r}] must be an object with a string 'content' "
+                                 f"and true/false {', '.join(_ADDED_TOKEN_FLAGS)}; got {spec!r}"
+                                 [:300])
+        added.setdefault(spec["content"], _token_id(tid, f"{where}[{tid!r}]"))
     for content, tid in sorted(added.items(), key=lambda kv: kv[1]):
         spec = decoder_cfg.get(str(tid), {})
         token = AddedToken(content, single_word=spec.get("single_word", False),
