@@ -407,8 +407,8 @@ def test_container_holding_a_huge_png_is_refused_before_decoding(tmp_path, conta
 
 def test_container_embedded_size_is_the_size_and_pil_warnings_stay_inside(tmp_path):
     """An ICO whose directory says 16x16 around a 40x30 PNG is a 40x30 picture; PIL's
-    'not the expected size' warning does not escape load_image (which leaves the process's
-    warning filters as it found them)."""
+    'not the expected size' warning does not escape load_image, which leaves the process's
+    warning filters as it found them, also when threads' calls overlap."""
     import warnings
 
     buf = io.BytesIO()
@@ -427,6 +427,13 @@ def test_container_embedded_size_is_the_size_and_pil_warnings_stay_inside(tmp_pa
     assert [str(w.message) for w in caught] == []
     assert warnings.filters == filters
     assert size == (40, 30) and np.array_equal(pixels, rgb(30, 40))
+    threads = [threading.Thread(target=lambda: [load_image(tmp_path / "a.ico") for _ in range(30)])
+               for _ in range(4)]                       # overlapping calls: filters restored too
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == filters
 
 
 def test_formats_that_embed_an_unsized_image_are_refused(tmp_path):
