@@ -1,13 +1,16 @@
-"""Property-based fuzzing of load_image (issue 10): random sizes, modes, formats and EXIF tags,
-truncated, bit-flipped and size-inflated files give either an RGB uint8 [H, W, 3] picture or
-ImageError, never another exception, within a time bound. Where the file is intact the pixels are
+"""Property-based fuzzing of load_image (issue 10): random sizes, modes, formats (containers:
+ICO with PNG or BMP entries, ICNS; multi-frame GIF, APNG, TIFF, WebP) and EXIF tags, truncated,
+bit-flipped and size-inflated files (an embedded PNG's header too) give either an RGB uint8
+[H, W, 3] picture or ImageError, never another exception, within a time bound. Where the file is intact the pixels are
 checked against PIL: compat="released" is exactly `convert("RGB")`, and in the default mode the
 size is the EXIF-rotated one (and, for modes molmoe does not treat specially, so are the pixels).
+No warning escapes load_image.
 """
 import io
 import signal
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -20,7 +23,9 @@ from molmoe.processing import ImageError, load_image
 from tests.fuzz import FUZZ, seeded
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]
-FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "GIF", "BMP"]
+FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "GIF", "BMP", "ICO", "ICNS"]
+# Formats PIL writes with several frames (save_all): load_image decodes the first.
+MULTI_FRAME = {"PNG", "TIFF", "WEBP", "GIF"}
 # Small enough that a header inflated past it is refused cheaply, large enough for every real
 # image drawn here (300 x 300 x 15 bytes).
 DECODE_BUDGET = 64 << 20
@@ -46,7 +51,8 @@ def _pixels(mode, w, h, rng):
                                                          n, np.int32).tobytes())
     if mode == "F":
         a = rng.choice([1.0, 1e6], 1)[0] * rng.random(n, np.float32)
-        a[rng.random(n) < 0.01] = rng.choice([np.nan, np.inf, -np.inf])
+        if rng.random() < 0.5:               # NaN/inf: refused (half the examples are finite)
+            a[rng.random(n) < 0.01] = rng.choice([np.nan, np.inf, -np.inf])
         return Image.frombytes("F", (w, h), a.astype(np.float32).tobytes())
     bands = Image.getmodebands(mode)
     img = Image.frombytes(mode, (w, h), rng.integers(0, 256, n * bands, np.uint8).tobytes())
@@ -65,26 +71,47 @@ def _exif(kind, orientation, garbage):
     return None
 
 
-def _save(img, fmt, exif):
-    """File bytes in `fmt`, else PNG, else TIFF (PIL cannot write every mode in every format)."""
+def _save(img, fmt, exif, more=None):
+    """File bytes in `fmt`, else PNG, else TIFF (PIL cannot write every mode in every format).
+    `more`: save options (the other frames, an ICO's entry format)."""
     for f in (fmt, "PNG", "TIFF"):
         buf = io.BytesIO()
+        opts = dict(more or {}) if f == fmt else {}
+        if exif is not None:
+            opts["exif"] = exif
         try:
-            img.save(buf, f, **({"exif": exif} if exif is not None else {}))
+            img.save(buf, f, **opts)
             return buf.getvalue()
         except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
             if exif is not None:           # garbage EXIF a writer refuses: drop it, same format
-                return _save(img, fmt, None)
+                return _save(img, fmt, None, more)
     raise AssertionError(f"cannot write mode {img.mode}")
+
+
+def _save_options(img, fmt, frames, rng):
+    """More frames (random pixels, random sizes) for multi-frame formats; PNG or BMP entries and
+    every size up to the image's for ICO."""
+    if fmt == "ICO":
+        side = max(1, min(img.size))
+        return {"bitmap_format": str(rng.choice(["png", "bmp"])),
+                "sizes": [(side, side), (max(1, side // 2),) * 2]}
+    if fmt in MULTI_FRAME and frames > 1:       # TIFF pages may differ in size, WebP's may not
+        sizes = [(int(rng.integers(1, 64)), int(rng.integers(1, 64))) if fmt == "TIFF"
+                 else img.size for _ in range(frames - 1)]
+        return {"save_all": True, "append_images": [_pixels(img.mode, *wh, rng) for wh in sizes]}
+    return None
 
 
 def _inflate(data, w, h):
     """Rewrite the header's size fields to w x h (the decompression-bomb shape), where the format
-    has one we know: PNG IHDR (CRC fixed), JPEG SOF, BMP, GIF logical screen."""
+    has one we know: PNG IHDR (CRC fixed; the first PNG inside an ICO or ICNS too), JPEG SOF,
+    BMP, GIF logical screen."""
     b = bytearray(data)
-    if b[:8] == b"\x89PNG\r\n\x1a\n":
-        b[16:24] = struct.pack(">II", w, h)
-        b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])) & 0xFFFFFFFF)
+    png = b.find(b"\x89PNG\r\n\x1a\n")
+    if png >= 0 and b[png + 12:png + 16] == b"IHDR":
+        b[png + 16:png + 24] = struct.pack(">II", w, h)
+        crc = zlib.crc32(bytes(b[png + 12:png + 29])) & 0xFFFFFFFF
+        b[png + 29:png + 33] = struct.pack(">I", crc)
     elif b[:2] == b"\xff\xd8":
         for sof in (b"\xff\xc0", b"\xff\xc2"):
             i = b.find(sof)
@@ -118,9 +145,14 @@ def _call(src, **kw):
     signal.setitimer(signal.ITIMER_REAL, SECONDS_PER_CALL)
     start = time.monotonic()
     try:
-        return load_image(src, max_decode_bytes=DECODE_BUDGET, **kw)
-    except ImageError:
-        return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return load_image(src, max_decode_bytes=DECODE_BUDGET, **kw)
+            except ImageError:
+                return None
+            finally:
+                assert [str(w.message) for w in caught] == []
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -156,14 +188,14 @@ def _oracle(data, exif_transpose):
        how=st.sampled_from(["none", "none", "truncate", "flip", "inflate"]),
        where=st.floats(0, 1), bits=st.integers(1, 16),
        big=st.tuples(st.integers(1, 100_000), st.integers(1, 100_000)),
-       as_pil=st.booleans())
+       as_pil=st.booleans(), frames=st.integers(1, 3))
 # Failures the fuzzing found once (with more examples or other seeds), kept as fixed examples.
 @example(mode="L", fmt="TIFF", w=1, h=264, seed=0, transparency=None, exif_kind="orientation",
          orientation=0, garbage=b"", how="flip", where=0.11039033213165153, bits=1, big=(1, 1),
-         as_pil=False)                     # TIFF tag of the wrong type: TypeError in PIL's load
+         as_pil=False, frames=1)           # TIFF tag of the wrong type: TypeError in PIL's load
 def test_load_image_gives_rgb_or_image_error(tmp_path_factory, mode, fmt, w, h, seed,
                                              transparency, exif_kind, orientation, garbage,
-                                             how, where, bits, big, as_pil):
+                                             how, where, bits, big, as_pil, frames):
     rng = np.random.default_rng(seed)
     img = _pixels(mode, w, h, rng)
     if mode == "P" and transparency == "index":
@@ -172,7 +204,9 @@ def test_load_image_gives_rgb_or_image_error(tmp_path_factory, mode, fmt, w, h, 
         img.info["transparency"] = rng.integers(0, 256, 256, np.uint8).tobytes()
     if exif_kind == "garbage" and rng.random() < 0.5:
         garbage = b"Exif\x00\x00" + garbage
-    data = _mutate(_save(img, fmt, _exif(exif_kind, orientation, garbage)), how, where, bits, big)
+    more = _save_options(img, fmt, frames, rng)
+    data = _mutate(_save(img, fmt, _exif(exif_kind, orientation, garbage), more),
+                   how, where, bits, big)
     path = tmp_path_factory.mktemp("fuzz") / f"x.{fmt.lower()}"
     path.write_bytes(data)
 

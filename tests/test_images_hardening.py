@@ -1,6 +1,7 @@
 """load_image under hostile input (issue 10): decode memory bounded in bytes, PIL's process-wide
 bomb limit never touched, non-regular files refused without hanging, and the compat="released"
 mode that reproduces the released processor's pixels bit for bit."""
+import io
 import os
 import signal
 import socket
@@ -340,3 +341,122 @@ def test_channel_at_a_time_resize_is_bit_identical(h, w, new_h, new_w):
     assert torch.equal(_resize_channels(img, new_h, new_w, None), want)
     img.flags.writeable = False
     assert torch.equal(_resize_channels(img, new_h, new_w, None), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Containers: the size decoded is the embedded image's, not the container header's
+
+def _png_1bit(side):
+    """A real 1-bit PNG side x side (all black), compressed to ~1.2 KB per 1000 rows."""
+    co = zlib.compressobj(9)
+    row = b"\0" * (1 + (side + 7) // 8)
+    idat = b"".join(co.compress(row) for _ in range(side)) + co.flush()
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0,
+                                                                0, 0))
+            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+
+
+def ico_holding(png):
+    """An ICO whose one directory entry says 256x256 (the most it can say) around `png`."""
+    return (struct.pack("<HHH", 0, 1, 1)
+            + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png)
+
+
+def icns_holding(png):
+    """An ICNS whose 128x128 entry (ic07) holds `png`."""
+    block = b"ic07" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(block)) + block
+
+
+_MEASURE_REFUSAL = textwrap.dedent("""
+    import sys
+    from molmoe.processing import ImageError, load_image
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    try:
+        load_image(sys.argv[1], max_pixels=1_000_000, max_decode_bytes=10_000_000)
+        print("decoded")
+    except ImageError as e:
+        print(e)
+    print(status("VmHWM") - base)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("container", [ico_holding, icns_holding])
+def test_container_holding_a_huge_png_is_refused_before_decoding(tmp_path, container):
+    """The adversarial tester's ICO: the directory says 256x256, the embedded PNG is 13000x13000
+    (169 Mpx of 1-bit gray, 20 KB on disk). Decoding it took 0.4 GB (and printed PIL's warnings)
+    before the pixel limit saw the true size; it is now refused from the PNG's header, with
+    the true size in the message, in a few MB and without a word on stderr."""
+    path = tmp_path / "bomb.icon"
+    path.write_bytes(container(_png_1bit(13_000)))
+    out = subprocess.run([sys.executable, "-c", _MEASURE_REFUSAL, str(path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    message, grown = out.stdout.splitlines()
+    assert str(path) in message and "13000x13000" in message and "over the limit" in message
+    assert int(grown) < 30_000_000, f"{int(grown):,} bytes"
+
+
+def test_container_embedded_size_is_the_size_and_pil_warnings_stay_inside(tmp_path):
+    """An ICO whose directory says 16x16 around a 40x30 PNG is a 40x30 picture; PIL's
+    'not the expected size' warning does not escape load_image, which leaves the process's
+    warning filters as it found them, also when threads' calls overlap."""
+    import warnings
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb(30, 40)).save(buf, "PNG")
+    png = buf.getvalue()
+    ico = bytearray(ico_holding(png))
+    ico[6:8] = bytes([16, 16])
+    (tmp_path / "a.ico").write_bytes(bytes(ico))
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels, size = load_image(tmp_path / "a.ico")
+        assert load_image(tmp_path / "a.ico", max_decode_bytes=30 * 40 * 7).size == (40, 30)
+        with pytest.raises(ImageError, match=r"a\.ico: .*40x30 .*budget of 8,399 bytes"):
+            load_image(tmp_path / "a.ico", max_decode_bytes=30 * 40 * 7 - 1)
+    assert [str(w.message) for w in caught] == []
+    assert warnings.filters == filters
+    assert size == (40, 30) and np.array_equal(pixels, rgb(30, 40))
+    threads = [threading.Thread(target=lambda: [load_image(tmp_path / "a.ico") for _ in range(30)])
+               for _ in range(4)]                       # overlapping calls: filters restored too
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == filters
+
+
+def test_formats_that_embed_an_unsized_image_are_refused(tmp_path):
+    """BLP (JPEG textures) and IPTC hold another image file whose size PIL learns only by
+    decoding it: refused from the header."""
+    Image.new("P", (4, 4)).save(tmp_path / "t.blp")
+    with pytest.raises(ImageError, match=r"t\.blp: BLP files are not decoded"):
+        load_image(tmp_path / "t.blp")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Float images: non-finite values are refused, as they are in numpy input
+
+@pytest.mark.parametrize("compat", ["molmoe", "released"])
+def test_float_tiff_with_nan_or_inf_is_refused(tmp_path, compat):
+    nan = np.full((20, 30), np.nan, np.float32)
+    Image.fromarray(nan).save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageError, match=r"nan\.tiff: .*600 of 600 values are NaN or infinite"):
+        load_image(tmp_path / "nan.tiff", compat=compat)
+    inf = np.array([[np.inf, -np.inf], [1e38, -1e38]], np.float32)
+    Image.fromarray(inf).save(tmp_path / "inf.tiff")
+    with pytest.raises(ImageError, match=r"inf\.tiff: .*2 of 4 values are NaN or infinite"):
+        load_image(tmp_path / "inf.tiff", compat=compat)
+    finite = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)
+    Image.fromarray(finite).save(tmp_path / "ok.tiff")
+    assert load_image(tmp_path / "ok.tiff", compat=compat).size == (2, 2)

@@ -30,19 +30,37 @@ that PIL decodes by running an external program (EPS: Ghostscript). PIL's proces
 lose their protection): files are identified without PIL's bomb check and molmoe's limits apply
 instead. A few PIL plugins (e.g. WebP, TIFF tiles) check sizes themselves; above PIL's limit
 those need PIL.Image.MAX_IMAGE_PIXELS raised by the program, and the error says so.
+
+Containers: an ICO or ICNS holds another image file (PNG, or a BMP for ICO) whose size its
+directory does not give (an ICO entry cannot say more than 256x256). The limits are checked on
+the embedded image's own header before anything is decoded (PIL decodes an ICO while opening it,
+so that check runs before PIL's open). Formats whose embedded image's size PIL learns only by
+decoding it (BLP: a JPEG; IPTC: any image file) are refused, and so is an ICNS entry in JPEG 2000.
+Other multi-frame files (GIF, APNG, TIFF, MPO, WebP, PSD, DDS) decode their first frame only,
+at the size of their header. A PIL image passed in is checked the same way, except an ICO, which
+PIL has decoded already when it was opened.
+
+PIL's warnings (decompression bomb, corrupt metadata, an ICO entry not of its directory's size)
+are silenced while load_image runs: the sizes they warn about are molmoe's limits' business, and
+float images with NaN/inf are refused (`_check_finite`). See `_pil_warnings_silenced` for how
+that stays thread-safe.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import pathlib
 import stat
 import struct
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import BinaryIO, Literal, NamedTuple, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageMode
+from PIL import (BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Image, ImageFile, ImageMode,
+                 PngImagePlugin)
 
 from molmoe.compat import check_compat
 from molmoe.errors import MolmoeError, UsageError
@@ -74,6 +92,14 @@ _PIL_CONVERT_ERRORS = (OSError, ValueError)
 # Formats PIL decodes by running an external program on the file (EPS: Ghostscript, which has a
 # record of exploits on untrusted input). Refused before decoding; convert such files first.
 _EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
+# Formats that hold another image file whose size PIL learns only by decoding it (BLP1 textures
+# are JPEG files; IPTC can hold any image), so no limit could be checked first. Refused.
+_UNSIZED_FORMATS = frozenset({"BLP", "IPTC"})
+# An ICO entry stored as a BMP: PIL holds the BMP (4 bytes a pixel), its AND mask (1) and the
+# 32-bit alpha bytes it reads (4) besides the RGBA image it makes (counted as the image).
+_ICO_BMP_DECODER_BYTES = 4 + 1 + 4
+# What the PIL warning filter matches: warnings raised in PIL's own modules.
+_PIL_WARNING_MODULES = r"PIL\."
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -143,21 +169,21 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> N
                          "max_pixels if the file is trusted")
 
 
-def _decode_bytes(img: Image.Image) -> int:
-    """Peak bytes of decoding `img`: PIL's image, the RGB uint8 result (3 bytes a pixel) and what
-    the decoder itself holds (`_decoder_bytes_per_pixel`).
+def _decode_bytes(size: tuple[int, int], mode: str, decoder_bytes_per_pixel: int) -> int:
+    """Peak bytes of decoding a `size` image of PIL `mode`: PIL's image, the RGB uint8 result
+    (3 bytes a pixel) and what the decoder itself holds (`_decoder_bytes_per_pixel`).
 
     PIL stores 1/L/P in 1 byte a pixel, 16-bit gray in 2, and everything else (I, F, and every
     multi-band mode: RGB is stored as RGBX) in 4. Everything else (conversion, compositing,
     scaling, rotation) works in bands of _BAND_PIXELS, written into the result in place.
     """
     try:
-        m = ImageMode.getmode(img.mode)
+        m = ImageMode.getmode(mode)
         stored = np.dtype(m.typestr).itemsize if len(m.bands) == 1 else 4
     except KeyError:  # a mode PIL cannot decode into anyway; count the widest
         stored = 4
-    w, h = img.size
-    return w * h * (stored + 3 + _decoder_bytes_per_pixel(img))
+    w, h = size
+    return w * h * (stored + 3 + decoder_bytes_per_pixel)
 
 
 def _decoder_bytes_per_pixel(img: Image.Image) -> int:
@@ -175,11 +201,17 @@ def _decoder_bytes_per_pixel(img: Image.Image) -> int:
 def _check_size(img: Image.Image, name: str, max_pixels: int | None, budget: int | None) -> None:
     """The header-only checks: run before decoding (and again after: some formats settle their
     size only when loaded)."""
-    _check_pixels(img.size, max_pixels, name)
-    need = _decode_bytes(img)
+    _check_header(img.size, img.mode, _decoder_bytes_per_pixel(img), name, max_pixels, budget)
+
+
+def _check_header(size: tuple[int, int], mode: str, decoder_bytes_per_pixel: int, name: str,
+                  max_pixels: int | None, budget: int | None) -> None:
+    """The pixel limit and the byte budget for a `size` image of PIL `mode`."""
+    _check_pixels(size, max_pixels, name)
+    need = _decode_bytes(size, mode, decoder_bytes_per_pixel)
     if budget is not None and need > budget:
-        w, h = img.size
-        raise ImageError(f"{name}: decoding this {w}x{h} {img.mode} image needs about {need:,} "
+        w, h = size
+        raise ImageError(f"{name}: decoding this {w}x{h} {mode} image needs about {need:,} "
                          f"bytes, over the decode budget of {budget:,} bytes; raise "
                          f"max_decode_bytes or {DECODE_BYTES_ENV} if the file is trusted")
 
@@ -220,7 +252,7 @@ def _file_kind(path: pathlib.Path) -> str | None:
         return None
 
 
-def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
+def _identify(f: BinaryIO, before_open) -> ImageFile.ImageFile | None:
     """PIL's `Image.open(f)` (None where that raises UnidentifiedImageError) without its
     decompression-bomb check, which reads the process-wide Image.MAX_IMAGE_PIXELS: molmoe's own
     limits apply right after, from the header.
@@ -228,6 +260,7 @@ def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
     The plugin search is Image.open's: each registered format whose prefix test accepts the
     file, the common plugins first, then all of them; a plugin that raises SyntaxError,
     IndexError, TypeError or struct.error means "not this format" (Image.open's rule).
+    `before_open(format)` runs before each plugin opens the file (ICO plugins decode there).
     """
     prefix = f.read(16)
     tried: set[str] = set()
@@ -241,6 +274,8 @@ def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
                 continue
             f.seek(0)
             try:
+                before_open(fmt)
+                f.seek(0)
                 return factory(f, None)   # no file name: PIL never reopens the path itself
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue
@@ -249,15 +284,87 @@ def _identify(f: BinaryIO) -> ImageFile.ImageFile | None:
 
 def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
                compat: str) -> LoadedImage:
-    with _open_regular(path) as f:
+    def before_open(fmt: str) -> None:
+        if fmt == "ICO":
+            size, mode, decoder = _ico_frame_header(f)
+            _check_header(size, mode, decoder, str(path), max_pixels, budget)
+
+    with _open_regular(path) as f, _pil_warnings_silenced():
         try:
-            img = _identify(f)
+            img = _identify(f, before_open)
+        except ImageError:
+            raise
         except _PIL_DATA_ERRORS as e:
             raise ImageError(f"{path}: cannot open image ({_describe(e)})") from None
         if img is None:
             raise ImageError(f"{path}: not an image file PIL can read")
         with img:
             return _from_pil(img, str(path), max_pixels, budget, compat)
+
+
+def _ico_frame_header(f: BinaryIO) -> tuple[tuple[int, int], str, int]:
+    """(size, mode, decoder bytes a pixel) of the entry PIL's IcoImageFile decodes (its first
+    after sorting by directory size, `IcoFile.entry[0]`), from the embedded image's own header:
+    a PNG's, or a BMP's (whose height counts the AND mask too, and which PIL makes RGBA)."""
+    entry = IcoImagePlugin.IcoFile(f).entry[0]
+    f.seek(entry.offset)
+    if f.read(8) == PngImagePlugin._MAGIC:
+        f.seek(entry.offset)
+        png = PngImagePlugin.PngImageFile(f)
+        return png.size, png.mode, 0
+    f.seek(entry.offset)
+    bmp = BmpImagePlugin.DibImageFile(f)
+    return (bmp.size[0], bmp.size[1] // 2), "RGBA", _ICO_BMP_DECODER_BYTES
+
+
+def _icns_frame_header(img: Image.Image, name: str) -> tuple[tuple[int, int], str] | None:
+    """(size, mode) of the PNG that an ICNS's chosen entry holds, from the PNG's header; None
+    when the entry is raw pixels (whose size the header gives). JPEG 2000 entries are refused:
+    molmoe does not read their headers."""
+    icns = img.icns
+    for code, reader in icns.SIZES[img.best_size]:
+        if code not in icns.dct or reader is not IcnsImagePlugin.read_png_or_jpeg2000:
+            continue
+        start, _ = icns.dct[code]
+        icns.fobj.seek(start)
+        if icns.fobj.read(8) != PngImagePlugin._MAGIC:
+            raise ImageError(f"{name}: ICNS icons stored as JPEG 2000 are not decoded (their "
+                             "size is not checked first); convert it to PNG first")
+        icns.fobj.seek(start)
+        png = PngImagePlugin.PngImageFile(icns.fobj)
+        return png.size, png.mode
+    return None
+
+
+_silenced_lock = threading.Lock()
+_silenced_users = 0
+
+
+@contextlib.contextmanager
+def _pil_warnings_silenced() -> Iterator[None]:
+    """PIL's warnings are ignored while any load_image runs.
+
+    warnings.catch_warnings is not thread-safe (it saves and restores the whole filter list, so
+    two threads interleaving can restore each other's filters and leave one in place forever).
+    Instead the first load_image to start inserts ONE filter (PIL's modules only) and the last to
+    finish removes that same entry, under a lock; no other filter is touched. The cost: while any
+    thread is inside load_image, PIL's warnings in other threads are ignored too.
+    """
+    global _silenced_users
+    with _silenced_lock:
+        if _silenced_users == 0:
+            warnings.filterwarnings("ignore", module=_PIL_WARNING_MODULES)
+        _silenced_users += 1
+    try:
+        yield
+    finally:
+        with _silenced_lock:
+            _silenced_users -= 1
+            if _silenced_users == 0:
+                entry = next((e for e in warnings.filters if e[0] == "ignore" and e[3] is not None
+                              and e[3].pattern == _PIL_WARNING_MODULES), None)
+                if entry is not None:   # someone's catch_warnings may have dropped it already
+                    warnings.filters.remove(entry)
 
 
 def _describe(e: BaseException) -> str:
@@ -269,15 +376,50 @@ def _describe(e: BaseException) -> str:
 
 def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int | None,
               compat: str) -> LoadedImage:
+    with _pil_warnings_silenced():
+        _check_before_load(img, name, max_pixels, budget)
+        try:
+            img.load()
+        except _PIL_DATA_ERRORS as e:  # truncated or corrupt data
+            raise ImageError(f"{name}: cannot decode image ({_describe(e)})") from None
+        _check_size(img, name, max_pixels, budget)
+        _check_finite(img, name)
+        return _converted(img, name, compat)
+
+
+def _check_before_load(img: Image.Image, name: str, max_pixels: int | None,
+                       budget: int | None) -> None:
     if img.format in _EXTERNAL_DECODER_FORMATS:
         raise ImageError(f"{name}: {img.format} files are not decoded (PIL would run an external "
                          "program on the file); convert it to PNG first")
+    if img.format in _UNSIZED_FORMATS:
+        raise ImageError(f"{name}: {img.format} files are not decoded (they hold another image "
+                         "whose size is known only by decoding it); convert it to PNG first")
     _check_size(img, name, max_pixels, budget)
-    try:
-        img.load()
-    except _PIL_DATA_ERRORS as e:  # truncated or corrupt data
-        raise ImageError(f"{name}: cannot decode image ({_describe(e)})") from None
-    _check_size(img, name, max_pixels, budget)
+    if img.format == "ICNS" and getattr(img, "_im", None) is None:
+        try:
+            embedded = _icns_frame_header(img, name)
+        except ImageError:
+            raise
+        except _PIL_DATA_ERRORS as e:
+            raise ImageError(f"{name}: cannot open image ({_describe(e)})") from None
+        if embedded is not None:
+            _check_header(*embedded, 0, name, max_pixels, budget)
+
+
+def _check_finite(img: Image.Image, name: str) -> None:
+    """Float images (mode F) must hold finite values: NaN and inf have no pixel value (PIL
+    would make them black or clip them), and numpy input with them is refused too."""
+    if img.mode != "F":
+        return
+    bad = sum(int(np.count_nonzero(~np.isfinite(np.asarray(band)))) for _, band in _bands(img))
+    if bad:
+        w, h = img.size
+        raise ImageError(f"{name}: {bad:,} of {w * h:,} values are NaN or infinite in this "
+                         "float image")
+
+
+def _converted(img: Image.Image, name: str, compat: str) -> LoadedImage:
     orientation = _orientation(img) if compat == "molmoe" else 1
     try:
         pixels = _to_rgb(img, orientation, compat)
@@ -363,14 +505,14 @@ def _gray_scale(img: Image.Image) -> tuple[str, float, float]:
 
     I;16*: 16-bit. Mode I (32-bit int, how older PIL opens 16-bit PNG/TIFF): values inside
     0..65535 are taken as 16-bit; anything else is stretched from its min..max. Mode F: values
-    in [0, 1] are taken as intensities, anything else is stretched from its finite min..max.
+    in [0, 1] are taken as intensities, anything else is stretched from its min..max
+    (`_check_finite` refused NaN and inf).
     """
     if img.mode.startswith("I;16"):
         return ("u16", 0.0, 0.0)
     lo, hi = np.inf, -np.inf
     for _, band in _bands(img):
         a = np.asarray(band)
-        a = a[np.isfinite(a)] if img.mode == "F" else a
         if a.size:
             lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
     if img.mode == "I" and lo >= 0 and hi <= 65535:
@@ -381,15 +523,14 @@ def _gray_scale(img: Image.Image) -> tuple[str, float, float]:
 
 
 def _gray_to_8bit(a: np.ndarray, scale: tuple[str, float, float]) -> np.ndarray:
-    """One band of gray [rows, W] -> uint8 by scaling (not clipping), see `_gray_scale`.
-    Non-finite floats: NaN -> 0, -inf -> 0, +inf -> 255."""
+    """One band of gray [rows, W] -> uint8 by scaling (not clipping), see `_gray_scale`."""
     kind, lo, hi = scale
     if kind == "u16":  # round(v * 255 / 65535) = round(v / 257), exactly (no ties: 257 is odd)
         return ((a.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
     f = a.astype(np.float64)
     if kind == "stretch":
         f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
-    return np.round(np.nan_to_num(np.clip(f, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
+    return np.round(np.clip(f, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _background(img: Image.Image) -> int:
