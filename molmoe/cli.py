@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except MolmoeError as e:  # the user's input; anything else is a bug and keeps its traceback
         print(f"molmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what a command was writing is already cleaned up
+        print(f"molmoe {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except BrokenPipeError:  # the reader went away (`molmoe generate ... | head`): stop quietly
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

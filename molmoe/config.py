@@ -582,23 +582,50 @@ def from_hf_config(cfg: dict, *, source: str = "config.json") -> MolmoConfig:
     fmt = "block" if "molmoe" in cfg else "molmoe" if "d_model" in cfg else "dense"
     try:
         if fmt == "block":  # written by `molmoe convert`: our own config beside the original
-            return MolmoConfig.from_dict(cfg["molmoe"])
-        model_type = cfg.get("model_type")
-        if not any(_same(model_type, t) for t in SUPPORTED_MODEL_TYPES):
-            raise ConfigError(f"unsupported model_type {_short(model_type)}; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (Molmo 0924: MolmoE-1B, "
-                              "Molmo-7B-D, Molmo-7B-O, Molmo-72B)")
-        if fmt == "molmoe":  # MolmoE format (training field names)
+            block = MolmoConfig.from_dict(cfg["molmoe"])
+        elif not any(_same(cfg.get("model_type"), t) for t in SUPPORTED_MODEL_TYPES):
+            raise ConfigError(f"unsupported model_type {_short(cfg.get('model_type'))}; "
+                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Molmo 0924: "
+                              "MolmoE-1B, Molmo-7B-D, Molmo-7B-O, Molmo-72B)")
+        elif fmt == "molmoe":  # MolmoE format (training field names)
             return _from_molmoe_format(_Json(cfg))
-        if "hidden_size" in cfg:
+        elif "hidden_size" in cfg:
             return _from_dense_format(_Json(cfg))
-        raise ConfigError("neither 'd_model' (MolmoE format) nor 'hidden_size' (dense Molmo "
-                          "format) present")
+        else:
+            raise ConfigError("neither 'd_model' (MolmoE format) nor 'hidden_size' (dense Molmo "
+                              "format) present")
     except ConfigError as e:
         what = e.describe(functools.partial(_json_key, fmt, e.owner)) \
             if isinstance(e, _FieldError) else str(e)
         where = "malformed 'molmoe' config block: " if fmt == "block" else ""
         raise ConfigError(f"{source}: {where}{what}") from None
+    # The original fields beside the block (what other tools read) are parsed, so validated, too,
+    # and must describe the same model: an edit of one of them is refused, never silently ignored.
+    rest = {k: v for k, v in cfg.items() if k != "molmoe"}
+    if "d_model" in rest or "hidden_size" in rest:  # a block alone (tests' tiny models) is whole
+        diff = _first_difference(from_hf_config(rest, source=source), block)
+        if diff:
+            owner, name, top, ours = diff
+            raise ConfigError(
+                f"{source}: {_json_key('molmoe' if 'd_model' in rest else 'dense', owner, name)}"
+                f" = {_short(top)} disagrees with the 'molmoe' block's "
+                f"{_json_key('block', owner, name)} = {_short(ours)}; make them agree")
+    return block
+
+
+def _first_difference(a, b) -> tuple[str, str, object, object] | None:
+    """(dataclass, field, a's value, b's value) of the first field where two configs differ;
+    `name` is a label, not the model, and a tuple equals the list JSON gives."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and type(x) is type(y):
+            diff = _first_difference(x, y)
+            if diff:
+                return diff
+        elif f.name != "name" and (list(x) if isinstance(x, tuple) else x) != (
+                list(y) if isinstance(y, tuple) else y):
+            return type(a).__name__, f.name, x, y
+    return None
 
 
 def _swiglu_width(fused: int, key: str) -> int:

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import stat
@@ -39,6 +40,17 @@ def _snapshot(root: pathlib.Path) -> dict:
             out[rel] = (("link", os.readlink(p)) if p.is_symlink() else
                         ("dir",) if p.is_dir() else ("file", p.read_bytes()))
     return out
+
+
+def _output(root: pathlib.Path) -> dict:
+    """`_snapshot` of a convert output, its marker without the mtimes (they differ per run)."""
+    snap = _snapshot(root)
+    if conv.MARKER in snap:
+        marker = json.loads(snap[conv.MARKER][1])
+        for rec in marker["files"].values():
+            del rec["mtime_ns"]
+        snap[conv.MARKER] = ("marker", marker)
+    return snap
 
 
 def _src(tmp_path, name="src", seed=0) -> pathlib.Path:
@@ -209,7 +221,8 @@ def test_overwrite_replaces_molmoe_output_and_an_empty_directory(tmp_path):
     src_a, src_b = _src(tmp_path, "a", seed=0), _src(tmp_path, "b", seed=1)
     dst = convert(src_a, tmp_path / "dst")
     marker = json.loads((dst / conv.MARKER).read_text())
-    assert marker["source"] == str(src_a.resolve()) and conv.MARKER in marker["files"]
+    assert marker["source"] == str(src_a.resolve())
+    assert set(marker["files"]) == {p.name for p in dst.iterdir()} - {conv.MARKER}
     with pytest.raises(CheckpointError, match="already exists"):
         convert(src_b, dst)
     convert(src_b, dst, overwrite=True)
@@ -225,10 +238,12 @@ def test_overwrite_replaces_molmoe_output_and_an_empty_directory(tmp_path):
 
 def test_stale_temp_dirs_are_removed_and_a_live_runs_are_kept(tmp_path):
     src = _src(tmp_path)
-    stale = tmp_path / ".dst.tmp-999999-abc"  # its run was killed: nobody holds its lock
+    stale = tmp_path / ".dst.tmp-999999-abcd_123"  # its run was killed: nobody holds its lock
     stale.mkdir()
+    (stale / conv.MARKER).write_text(json.dumps({"written_by": "molmoe convert",
+                                                  "state": "writing"}))
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
-    live = tmp_path / ".dst.tmp-1-xyz"  # a run in progress holds its lock
+    live = tmp_path / ".dst.tmp-1-xyz_0123"  # a run in progress holds its lock
     live.mkdir()
     fd = os.open(live, os.O_RDONLY)
     try:
@@ -240,6 +255,7 @@ def test_stale_temp_dirs_are_removed_and_a_live_runs_are_kept(tmp_path):
     unrelated = tmp_path / ".dst.tmp-notours"  # not a name convert makes: left alone
     unrelated.mkdir()
     convert(src, tmp_path / "dst", overwrite=True)
+    # the live run's directory, empty and no longer held, goes too (an rmdir loses nothing)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dst.tmp-notours", "dst", "src"]
 
 
@@ -288,7 +304,7 @@ def test_convert_killed_at_every_step_leaves_old_or_new(tmp_path):
     old = convert(src_old, tmp_path / "old", shard_bytes=100_000)
     new = convert(src_new, tmp_path / "new", shard_bytes=100_000)
     assert len(list(new.glob("*.safetensors"))) > 2  # the kill at the first shard is midway
-    snap_old, snap_new = _snapshot(old), _snapshot(new)
+    snap_old, snap_new = _output(old), _output(new)
     assert _same_state(_state(old), _state(src_old)) and _same_state(_state(new), _state(src_new))
     work = tmp_path / "cases"
     work.mkdir()
@@ -303,19 +319,19 @@ def test_convert_killed_at_every_step_leaves_old_or_new(tmp_path):
         assert os.WIFSIGNALED(code) and os.WTERMSIG(code) == signal.SIGKILL, (what, code)
         dst = pathlib.Path(case["dst"])
         if dst.exists():
-            assert _snapshot(dst) in (snap_old, snap_new), what
+            assert _output(dst) in (snap_old, snap_new), what
         else:
             aside = [p for p in dst.parent.iterdir() if p.name.startswith(".dst.old-")]
-            assert (case["scenario"] == "fresh" or aside and _snapshot(aside[0]) == snap_old), what
+            assert (case["scenario"] == "fresh" or aside and _output(aside[0]) == snap_old), what
         # The next run (no --overwrite) cleans up, restoring an old copy left aside.
         try:
             convert(src_new, dst, shard_bytes=100_000)
         except CheckpointError as e:
             assert "already exists" in str(e), what
         assert sorted(os.listdir(dst.parent)) == ["dst"], what
-        assert _snapshot(dst) in (snap_old, snap_new), what
+        assert _output(dst) in (snap_old, snap_new), what
         if case["scenario"] == "fallback" and case["step"] == "old_moved_aside":
-            assert _snapshot(dst) == snap_old, what
+            assert _output(dst) == snap_old, what
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -490,3 +506,253 @@ def test_load_bin_onto_cuda_makes_no_host_copy_of_the_experts(wide):
         "w = m.decoder.blocks[0].ffn.w_down\n"
         "assert w.is_cuda and w.dtype == torch.bfloat16, w", root / "molmoe-hf", setup=warm_up)
     assert growth < layer, (growth, layer)
+
+
+# -------------------------------------------------- what DST holds is checked, again, at the swap
+
+
+def _add_file_while_writing(monkeypatch, path: pathlib.Path):
+    """The user saves `path` while the shards are being written (long after the first check)."""
+    real = conv._write_shards
+
+    def writing(*args):
+        path.write_text("saved while converting")
+        return real(*args)
+
+    monkeypatch.setattr(conv, "_write_shards", writing)
+
+
+def test_a_file_saved_into_dst_while_converting_is_kept(tmp_path, monkeypatch):
+    src = _src(tmp_path)
+    dst = convert(src, tmp_path / "dst")
+    before = _snapshot(dst)
+    _add_file_while_writing(monkeypatch, dst / "my_notes.txt")
+    with pytest.raises(CheckpointError, match=r"my_notes\.txt"):
+        convert(src, dst, overwrite=True)
+    assert _snapshot(dst) == {**before, "my_notes.txt": ("file", b"saved while converting")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_file_appearing_at_the_swap_itself_is_kept(tmp_path, monkeypatch, exchange):
+    """A file that lands in DST after the last check, just before the swap, is found in the old
+    copy: the swap is undone (or the old copy renamed back) and DST is left as it was."""
+    if exchange and not conv._libc_renameat2():
+        pytest.skip("no renameat2 here")
+    if not exchange:
+        monkeypatch.setenv(conv.NO_EXCHANGE_ENV, "1")
+    src = _src(tmp_path)
+    dst = convert(src, tmp_path / "dst")
+    before = _snapshot(dst)
+    real, calls = conv._renameat2, []
+
+    def late_write(a, b, flags):
+        if b == dst and not calls:  # the swap, not its undoing
+            (dst / "late.txt").write_text("late")
+        calls.append(flags)
+        return real(a, b, flags)
+
+    monkeypatch.setattr(conv, "_renameat2", late_write)
+    with pytest.raises(CheckpointError, match=r"late\.txt"):
+        convert(src, dst, overwrite=True)
+    assert _snapshot(dst) == {**before, "late.txt": ("file", b"late")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+def test_a_file_appearing_in_the_old_copy_while_it_is_removed_is_kept_aside(tmp_path,
+                                                                             monkeypatch):
+    """The old copy is removed file by file (what its marker lists), never with rmtree: a file
+    written into it meanwhile (through a handle on the old directory) survives, in a visible
+    sibling the error names."""
+    if not conv._libc_renameat2():
+        pytest.skip("no renameat2 here")
+    src = _src(tmp_path)
+    dst = convert(src, tmp_path / "dst")
+    real = conv._fsync_dir
+
+    def late_write(directory):  # called between the check of the old copy and its removal
+        for old in tmp_path.glob(".dst.tmp-*"):
+            (old / "late.txt").write_text("late")
+        return real(directory)
+
+    monkeypatch.setattr(conv, "_fsync_dir", late_write)
+    with pytest.raises(CheckpointError, match="kept in .*dst.kept-by-molmoe-convert-"):
+        convert(src, dst, overwrite=True)
+    (kept,) = tmp_path.glob("dst.kept-by-molmoe-convert-*")
+    assert _snapshot(kept) == {"late.txt": ("file", b"late")}
+    assert _same_state(_state(dst), _state(src))
+
+
+@pytest.mark.parametrize("edit", ["side file", "config", "shard, same size and mtime"])
+def test_overwrite_refuses_an_edited_output(tmp_path, edit):
+    """The marker records each file's size and sha256: an edit is named, never silently lost."""
+    src = _src(tmp_path)
+    (src / "generation_config.json").write_text('{"max_new_tokens": 10}')
+    dst = convert(src, tmp_path / "dst")
+    name = {"side file": "generation_config.json", "config": "config.json",
+            "shard, same size and mtime": "model-00001-of-00001.safetensors"}[edit]
+    path = dst / name
+    data = bytearray(path.read_bytes())
+    st = path.stat()
+    data[-1] ^= 1  # same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}.*changed"):
+        convert(src, dst, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    # the CLI keeps its promise too: "an unchanged molmoe convert output"
+    assert main(["convert", str(src), str(dst), "--overwrite"]) == 2
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_big_file_is_hashed_only_when_its_mtime_changed(tmp_path, monkeypatch):
+    """Above HASH_ALWAYS_BYTES a file with its recorded size and mtime is taken as unchanged (no
+    read of gigabytes of shards); a copied one (new mtime) is hashed, and passes when equal."""
+    monkeypatch.setattr(conv, "HASH_ALWAYS_BYTES", 0)
+    src = _src(tmp_path)
+    dst = convert(src, tmp_path / "dst")
+    shard = dst / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes())  # same bytes, new mtime
+    convert(src, dst, overwrite=True)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model-00001-of-00001.safetensors.*changed"):
+        convert(src, dst, overwrite=True)
+
+
+# ------------------------------------------------------- only molmoe's own debris is touched
+
+
+def test_user_directories_named_like_debris_are_left_alone(tmp_path, monkeypatch):
+    src = _src(tmp_path)
+    rb = tmp_path / "rb"
+    mine = {".out.old-2024-backup": "thesis.tex", ".out.tmp-1-mine": "notes.txt",
+            # exactly the names molmoe makes, but without molmoe's marker inside
+            ".out.tmp-999999-abcd_123": "a.txt", ".out.old-999999-0123abcd": "b.txt"}
+    for d, f in mine.items():
+        (rb / d).mkdir(parents=True)
+        (rb / d / f).write_text("years of work")
+    before = _snapshot(rb)
+    monkeypatch.chdir(rb)
+    convert(src, "out")  # no DST: an "old copy" would have been renamed to it
+    convert(src, "out", overwrite=True)
+    after = _snapshot(rb)
+    assert {k: v for k, v in after.items() if not k.startswith("out")} == before
+
+
+def test_molmoe_debris_is_recognised_by_its_marker(tmp_path):
+    """A temporary directory of a killed run carries molmoe's marker from its creation on."""
+    src = _src(tmp_path)
+    script = "import sys, molmoe.checkpoint.convert as c; c.convert(sys.argv[1], sys.argv[2])"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(src), str(tmp_path / "dst")],
+        cwd=ROOT, env={**os.environ, conv.KILL_ENV: "tmp_created"}, capture_output=True,
+        check=False, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (debris,) = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
+    assert json.loads((debris / conv.MARKER).read_text())["written_by"] == "molmoe convert"
+    convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+# --------------------------------------------------------- every file read is checked, not DST's
+
+
+def test_a_nested_source_link_into_dst_is_refused(tmp_path):
+    """A hub-cache snapshot whose index names `shards/w.safetensors`, a link into DST (which lies
+    in the same repo folder, where files.py allows links): replacing DST would destroy SRC."""
+    repo = tmp_path / "models--org--name"
+    blobs = repo / "blobs"
+    blobs.mkdir(parents=True)
+    dst = convert(_src(tmp_path), blobs / "dst")
+    snap = repo / "snapshots" / "rev"
+    (snap / "shards").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors.index.json"):
+        shutil.copyfile(dst / f, snap / f)
+    index = json.loads((snap / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], "shards/w.safetensors")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    (snap / "shards" / "w.safetensors").symlink_to(dst / "model-00001-of-00001.safetensors")
+    assert _same_state(_state(snap), _state(dst))
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"shards/w\.safetensors.*into DST"):
+        convert(snap, dst, overwrite=True, shard_bytes=100_000)
+    assert _snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------ the config.json convert writes, edited
+
+
+@pytest.mark.parametrize("key, value", [("rope_theta", 500000.0), ("n_layers", 1),
+                                        ("layer_norm_eps", 1e-3), ("layer_norm_eps", -1.0)])
+def test_converted_config_refuses_a_top_level_field_the_block_contradicts(tmp_path, key, value):
+    """convert writes the original fields and the `molmoe` block; an edit of a top-level field
+    used to be ignored (the block won) and never validated."""
+    model = random_model("tiny-molmoe")
+    write_checkpoint(model, tmp_path / "src", "molmoe-hf")
+    out = convert(tmp_path / "src", tmp_path / "dst")
+    raw = json.loads((out / "config.json").read_text())
+    assert key in raw
+    raw[key] = value
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(MolmoeError, match=key):
+        molmoe.load(out)
+
+
+# ------------------------------------------------------------- user errors, one line each
+
+
+def _one_line(capsys, rc, *words, code=2):
+    err = capsys.readouterr().err
+    assert rc == code and "Traceback" not in err and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("marker", ["[]", '"x"', "{", '{"written_by": "molmoe convert"}'])
+def test_a_malformed_marker_is_a_one_line_error(tmp_path, capsys, marker):
+    src = _src(tmp_path)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / conv.MARKER).write_text(marker)
+    before = _snapshot(tmp_path)
+    _one_line(capsys, main(["convert", str(src), str(dst), "--overwrite"]), conv.MARKER)
+    assert _snapshot(tmp_path) == before
+
+
+def test_unusable_dst_parents_are_one_line_errors(tmp_path, capsys):
+    src = _src(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loopdir").symlink_to("loopdir")
+    before = _snapshot(tmp_path)
+    cases = [(tmp_path / "afile" / "sub", "not a directory"),
+             (tmp_path / "missing" / "sub", "no such directory"),
+             (tmp_path / "loopdir" / "sub", "loopdir")]
+    if pathlib.Path("/proc/self").is_dir():
+        cases.append((pathlib.Path("/proc/molmoe-test"), "/proc"))
+    for dst, words in cases:
+        _one_line(capsys, main(["convert", str(src), str(dst)]), words)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_symlink_loop_in_the_source_does_not_matter(tmp_path, capsys):
+    src = _src(tmp_path)
+    (src / "loop").symlink_to("loop")
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 0
+    assert _same_state(_state(tmp_path / "dst"), _state(src))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    src = _src(tmp_path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_write_safetensors", interrupted)
+    rc = main(["convert", str(src), str(tmp_path / "dst")])
+    err = capsys.readouterr().err  # after the progress bar's frames, erased by "\r"
+    assert rc == 130 and "Traceback" not in err
+    assert err.rsplit("\r", 1)[-1].strip() == "molmoe convert: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
