@@ -86,6 +86,20 @@ _EXIF_ORIENTATION = 0x0112
 # e.g. GIF and TIFF). Caught around those PIL calls only, never around molmoe's own code.
 _PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError,
                     Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def _pil_errors(name: str, what: str):
+    """PIL's exceptions for bad data -> ImageError("{name}: {what} (...)"); molmoe's own
+    ImageErrors (a ValueError too) pass through unchanged."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except _PIL_DATA_ERRORS as e:
+        raise ImageError(f"{name}: {what} ({_describe(e)})") from None
+
+
 # What PIL's convert raises for a mode it cannot turn into RGB/RGBA (e.g. LAB).
 _PIL_CONVERT_ERRORS = (OSError, ValueError)
 
@@ -290,12 +304,8 @@ def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
             _check_header(size, mode, decoder, str(path), max_pixels, budget)
 
     with _open_regular(path) as f, _pil_warnings_silenced():
-        try:
+        with _pil_errors(str(path), "cannot open image"):
             img = _identify(f, before_open)
-        except ImageError:
-            raise
-        except _PIL_DATA_ERRORS as e:
-            raise ImageError(f"{path}: cannot open image ({_describe(e)})") from None
         if img is None:
             raise ImageError(f"{path}: not an image file PIL can read")
         with img:
@@ -378,10 +388,8 @@ def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int |
               compat: str) -> LoadedImage:
     with _pil_warnings_silenced():
         _check_before_load(img, name, max_pixels, budget)
-        try:
+        with _pil_errors(name, "cannot decode image"):  # truncated or corrupt data
             img.load()
-        except _PIL_DATA_ERRORS as e:  # truncated or corrupt data
-            raise ImageError(f"{name}: cannot decode image ({_describe(e)})") from None
         _check_size(img, name, max_pixels, budget)
         _check_finite(img, name)
         return _converted(img, name, compat)
@@ -397,12 +405,8 @@ def _check_before_load(img: Image.Image, name: str, max_pixels: int | None,
                          "whose size is known only by decoding it); convert it to PNG first")
     _check_size(img, name, max_pixels, budget)
     if img.format == "ICNS" and getattr(img, "_im", None) is None:
-        try:
+        with _pil_errors(name, "cannot open image"):
             embedded = _icns_frame_header(img, name)
-        except ImageError:
-            raise
-        except _PIL_DATA_ERRORS as e:
-            raise ImageError(f"{name}: cannot open image ({_describe(e)})") from None
         if embedded is not None:
             _check_header(*embedded, 0, name, max_pixels, budget)
 
