@@ -26,6 +26,22 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def qwen2(shared_data):
+    """Molmo-7B-D's tokenizer (Qwen2's vocab.json + merges.txt layout), from the released files."""
+    from molmoe.processing import Tokenizer
+
+    return Tokenizer.from_dir(shared_data / "molmo-7b-d-0924")
+
+
+@pytest.fixture(scope="session")
+def olmoe(shared_data):
+    """MolmoE-1B's tokenizer (OLMoE's tokenizer.json), from the released files."""
+    from molmoe.processing import Tokenizer
+
+    return Tokenizer.from_dir(shared_data / "molmoe-1b-0924")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

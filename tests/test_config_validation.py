@@ -365,27 +365,13 @@ def test_checkpoint_dir_with_list_config_is_a_user_error(tmp_path):
 
 # ---------------------------------------------------------------- item 6: EOS and vocabulary
 
-@pytest.fixture(scope="module")
-def molmoe_tokenizer(shared_data):
-    from molmoe.processing.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(shared_data / "molmoe-1b-0924")
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer(shared_data):
-    from molmoe.processing.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(shared_data / "molmo-7b-d-0924")
-
-
-def test_resolve_eos_from_the_released_files(shared_data, molmoe_tokenizer, qwen_tokenizer):
+def test_resolve_eos_from_the_released_files(shared_data, olmoe, qwen2):
     from molmoe.generation import resolve_eos
 
-    assert resolve_eos(shared_data / "molmoe-1b-0924", molmoe_tokenizer,
+    assert resolve_eos(shared_data / "molmoe-1b-0924", olmoe,
                        preset("molmoe-1b")) == 50279
     # 7B-D ships no generation_config.json: the tokenizer's <|endoftext|> (spec §5.1)
-    assert resolve_eos(shared_data / "molmo-7b-d-0924", qwen_tokenizer,
+    assert resolve_eos(shared_data / "molmo-7b-d-0924", qwen2,
                        preset("molmo-7b-d")) == 151643
 
 
@@ -395,43 +381,43 @@ def test_resolve_eos_from_the_released_files(shared_data, molmoe_tokenizer, qwen
     (10**9, "outside"), (50304, "outside"), (50300, "not in the tokenizer's vocabulary"),
     ([], "empty list"), (["x"], "not an integer"), ([50279, -1], "outside"), ({"id": 1}, "not an"),
 ])
-def test_bad_eos_token_id_is_refused(tmp_path, molmoe_tokenizer, value, why):
+def test_bad_eos_token_id_is_refused(tmp_path, olmoe, value, why):
     from molmoe.generation import resolve_eos
 
     path = tmp_path / "generation_config.json"
     path.write_text(json.dumps({"eos_token_id": value}))
     with pytest.raises(ConfigError, match=f"{path}: .*{why}"):
-        resolve_eos(tmp_path, molmoe_tokenizer, preset("molmoe-1b"))
+        resolve_eos(tmp_path, olmoe, preset("molmoe-1b"))
 
 
-def test_eos_list_null_and_unreadable(tmp_path, molmoe_tokenizer):
+def test_eos_list_null_and_unreadable(tmp_path, olmoe):
     from molmoe.generation import resolve_eos
 
     config, path = preset("molmoe-1b"), tmp_path / "generation_config.json"
     path.write_text(json.dumps({"eos_token_id": [50279, 1]}))
-    assert resolve_eos(tmp_path, molmoe_tokenizer, config) == 50279
+    assert resolve_eos(tmp_path, olmoe, config) == 50279
     path.write_text(json.dumps({"eos_token_id": None, "pad_token_id": 1}))
-    assert resolve_eos(tmp_path, molmoe_tokenizer, config) == molmoe_tokenizer.eos_token_id
+    assert resolve_eos(tmp_path, olmoe, config) == olmoe.eos_token_id
     for text in ("[]", "{", "null"):
         path.write_text(text)
         with pytest.raises(ConfigError, match=str(path)):
-            resolve_eos(tmp_path, molmoe_tokenizer, config)
+            resolve_eos(tmp_path, olmoe, config)
 
 
-def test_check_vocabulary(molmoe_tokenizer, qwen_tokenizer):
+def test_check_vocabulary(olmoe, qwen2):
     import dataclasses
 
     from molmoe.generation import check_vocabulary
 
-    check_vocabulary(molmoe_tokenizer, preset("molmoe-1b"))
+    check_vocabulary(olmoe, preset("molmoe-1b"))
     d = preset("molmo-7b-d")
-    check_vocabulary(qwen_tokenizer, d)  # image ids 152064.. sit in new_embedding rows 0..4
+    check_vocabulary(qwen2, d)  # image ids 152064.. sit in new_embedding rows 0..4
     small = d.replace(text=dataclasses.replace(d.text, additional_vocab_size=4))
     with pytest.raises(ConfigError, match=r"id 152068 \('<\|image\|>'\), but the model has 152068 "
                                           r"embedding rows"):
-        check_vocabulary(qwen_tokenizer, small)
+        check_vocabulary(qwen2, small)
     with pytest.raises(ConfigError, match="vocab.json: the tokenizer has id 152068"):
-        check_vocabulary(qwen_tokenizer, preset("molmoe-1b"))
+        check_vocabulary(qwen2, preset("molmoe-1b"))
 
 
 def test_app_load_uses_the_checks(tmp_path):

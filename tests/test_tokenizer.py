@@ -17,16 +17,6 @@ SAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def qwen2(shared_data):
-    return Tokenizer.from_dir(shared_data / "molmo-7b-d-0924")
-
-
-@pytest.fixture(scope="module")
-def olmoe(shared_data):
-    return Tokenizer.from_dir(shared_data / "molmoe-1b-0924")
-
-
 def test_qwen2_prompt_ids_and_specials(qwen2):
     assert qwen2.encode(PROMPT) == [2657, 25, 60785, 419, 2168, 13, 21388, 25]
     assert (qwen2.image_start_id, qwen2.image_end_id, qwen2.image_patch_id, qwen2.image_col_id,
