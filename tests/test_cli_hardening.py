@@ -478,3 +478,18 @@ def test_kv_cache_that_cannot_fit_is_refused_before_allocating(checkpoint, tmp_p
                              r"\d+\.\d GiB at float32 on cpu, but there are only"):
         engine.generate([_text(proc, "hi")] * batch,
                         GenerationConfig(max_new_tokens=positions - 8))
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_all_equal_logits_stop_generation(proc, do_sample):
+    """Finite but degenerate weights (here: a zero LM head; in the adversarial probe, 3e38 in
+    attn_out) give the same logit for every token: greedy would answer token 0 forever, exit 0.
+    Refused instead, naming the sequence and the step."""
+    model = random_model("tiny-molmoe", seed=2)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.zero_()
+    engine = Engine(model, proc.tokenizer)
+    with pytest.raises(GenerationError, match=r"sequence 0: the logits for new token 1 are all "
+                                              r"equal across the vocabulary"):
+        engine.generate(_text(proc, "hi"), GenerationConfig(max_new_tokens=3,
+                                                            do_sample=do_sample, seed=0))

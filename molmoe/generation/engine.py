@@ -33,6 +33,19 @@ class GenerationLengthError(MolmoeError):
     """The prompt plus the requested new tokens do not fit the model's positions."""
 
 
+# Row status of the logits (Engine._sample): decodable, or why not. All-equal logits across the
+# whole vocabulary carry no answer (finite but extreme weights can drive every logit to exactly
+# 0); greedy decoding would silently answer token 0 forever.
+_LOGITS_OK, _LOGITS_NON_FINITE, _LOGITS_FLAT = 1, 0, 2
+_LOGITS_PROBLEM = {
+    _LOGITS_NON_FINITE: "are NaN or infinite; the model's weights or config produce NaN/Inf "
+                        "(check the checkpoint for non-finite values and the config's numbers)",
+    _LOGITS_FLAT: "are all equal across the vocabulary, so they name no token; the model's "
+                  "weights or config are degenerate (e.g. extreme weights that overflow or "
+                  "saturate a layer)",
+}
+
+
 class GenerationError(MolmoeError):
     """Generation cannot give a meaningful answer (the model produced NaN/Inf logits)."""
 
@@ -230,14 +243,12 @@ class Engine:
 
         for step in range(config.max_new_tokens):
             now = time.perf_counter()
-            tokens, finite = step_2B.tolist()  # the loop's one host sync per step
-            for b, (tok, ok) in enumerate(zip(tokens, finite)):
+            tokens, status = step_2B.tolist()  # the loop's one host sync per step
+            for b, (tok, st) in enumerate(zip(tokens, status)):
                 if seqs[b].finish_reason is None:
-                    if not ok:
-                        raise GenerationError(
-                            f"sequence {b}: the logits for new token {step + 1} are NaN or "
-                            f"infinite; the model's weights or config produce NaN/Inf (check "
-                            f"the checkpoint for non-finite values and the config's numbers)")
+                    if st != _LOGITS_OK:
+                        raise GenerationError(f"sequence {b}: the logits for new token "
+                                              f"{step + 1} {_LOGITS_PROBLEM[st]}")
                     self._advance(b, seqs[b], tok, eos, stops, config, on_text, now)
             if all(s.finish_reason is not None for s in seqs) or step + 1 == config.max_new_tokens:
                 break
@@ -273,15 +284,18 @@ class Engine:
 
     @staticmethod
     def _sample(logits_BV, config: GenerationConfig, generator) -> torch.Tensor:
-        """(2, B) int64 on the device: the next tokens and a 0/1 flag saying whether each row's
-        logits were all finite. Stacked so that the loop's one `.tolist()` brings both to the
-        host: the NaN check adds no synchronisation."""
+        """(2, B) int64 on the device: the next tokens and each row's status (_LOGITS_OK, or
+        why its logits cannot be decoded: NaN/Inf, or all equal). Stacked so that the loop's one
+        `.tolist()` brings both to the host: the check adds no synchronisation."""
         finite_B = torch.isfinite(logits_BV).all(dim=-1)
+        flat_B = logits_BV.amax(dim=-1) == logits_BV.amin(dim=-1)
+        status_B = torch.where(finite_B, torch.where(flat_B, _LOGITS_FLAT, _LOGITS_OK),
+                               _LOGITS_NON_FINITE)
         if config.do_sample:  # multinomial fails on NaN probabilities; the loop reports the row
             logits_BV = logits_BV.masked_fill(~finite_B[:, None], 0.0)
         next_B = sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
                              top_k=config.top_k, top_p=config.top_p, generator=generator)
-        return torch.stack([next_B, finite_B.to(next_B.dtype)])
+        return torch.stack([next_B, status_B.to(next_B.dtype)])
 
     def _advance(self, b: int, seq: _Sequence, tok: int, eos: int | None,
                  stops: tuple[str, ...], config: GenerationConfig, on_text, now: float) -> None:
