@@ -225,11 +225,12 @@ def _generate(args) -> int:
     _backend, device = select_backend(args.backend, args.device)
     if args.points_out is not None and not args.image:
         raise UsageError("--points-out needs --image")
+    size = None
     if args.image:  # a missing or broken image fails here too
-        load_image(args.image, max_pixels=max_pixels)
+        size = load_image(args.image, max_pixels=max_pixels, compat=args.compat).size
     out_format = None
     if args.points_out is not None:
-        out_format = check_image_output(args.points_out, inputs=[args.image],
+        out_format = check_image_output(args.points_out, inputs=[args.image], size=size,
                                         name="--points-out")
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
                              device=str(device), check_finite=args.check_finite,

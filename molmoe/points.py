@@ -217,6 +217,15 @@ def draw_points(image, groups, *, radius: int | None = None):
 # ----------------------------------------------------------------------------- writing the image
 
 
+# Icon formats: PIL's writers shrink the picture to an icon size (ICO: at most 256 x 256)
+# without a word, so the points would be drawn on something else than the user asked for.
+_RESIZING_FORMATS = frozenset({"ICO", "ICNS"})
+# The largest side a format can store, where that is below what the pixel limit admits (a
+# 100000 x 1000 image passes it): WebP's 14-bit sizes, the 16-bit sizes of JPEG, GIF, PCX and
+# TGA. PIL fails on these only when saving, after the whole generation.
+_MAX_SIDE = {"WEBP": 16383, "JPEG": 65535, "GIF": 65535, "PCX": 65535, "TGA": 65535}
+
+
 @functools.lru_cache(maxsize=None)
 def _save_formats() -> dict[str, str]:
     """{".jpg": "JPEG", ...}: the extensions whose PIL format really writes an RGB picture.
@@ -237,7 +246,7 @@ def _save_formats() -> dict[str, str]:
         except Exception:  # noqa: BLE001 -- whatever a plugin raises, it cannot write this
             return False
 
-    writable = {fmt: writes_rgb(fmt) for fmt in set(Image.SAVE)}
+    writable = {fmt: writes_rgb(fmt) and fmt not in _RESIZING_FORMATS for fmt in set(Image.SAVE)}
     return {ext: fmt for ext, fmt in Image.registered_extensions().items()
             if writable.get(fmt, False)}
 
@@ -253,14 +262,16 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_image_output(path, *, inputs=(), name: str = "output") -> str:
+def check_image_output(path, *, inputs=(), size: tuple[int, int] | None = None,
+                       name: str = "output") -> str:
     """Check, before any slow work, that an image can be written to `path` without touching
     `inputs`, and return the PIL format its extension names ("PNG", "JPEG", ...).
 
     Refused (UsageError naming `name` and the path): an empty path, one of the input files
     (also through a symbolic or hard link), an extension PIL cannot write, a directory or other
     non-regular file at the path, a parent that is missing, not a directory or where no file
-    can be created (tried for real, with a temporary file that is removed again).
+    can be created (tried for real, with a temporary file that is removed again), and an image
+    `size` (W, H) with a side larger than the format stores.
     """
     path = os.fspath(path)
     if not path:
@@ -276,6 +287,10 @@ def check_image_output(path, *, inputs=(), name: str = "output") -> str:
                          if e in formats)
         raise UsageError(f"{name} {path}: unknown image extension {ext or '(none)'!r}; "
                          f"use one of {some}")
+    limit = _MAX_SIDE.get(formats[ext])
+    if size is not None and limit is not None and max(size) > limit:
+        raise UsageError(f"{name} {path}: {formats[ext]} stores at most {limit} pixels per side, "
+                         f"the image is {size[0]}x{size[1]}; use .png")
     real = os.path.realpath(path)  # a symbolic link is kept; the file it names is replaced
     if os.path.isdir(real):
         raise UsageError(f"{name} {path} is a directory")

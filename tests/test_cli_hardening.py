@@ -90,7 +90,9 @@ def test_points_out_format_follows_the_extension(checkpoint, photo, tmp_path, ca
                                   # PIL registers writers for these that cannot write an RGB
                                   # picture: refused before the model loads, not after
                                   "annotated.blp", "annotated.xbm", "annotated.msp",
-                                  "annotated.h5", "annotated.wmf", "annotated.grib"])
+                                  "annotated.h5", "annotated.wmf", "annotated.grib",
+                                  # icon writers shrink the picture to 256 x 256 without a word
+                                  "annotated.ico", "annotated.icns"])
 def test_points_out_unknown_extension(photo, tmp_path, capsys, name):
     rc = _generate(NO_MODEL, photo, tmp_path / name)
     one_line_error(capsys, rc, "--points-out", "extension", ".png", ".jpg")
@@ -437,7 +439,8 @@ def test_convert_to_float16_refuses_an_overflow(checkpoint, tmp_path, capsys):  
     d = write_checkpoint(model, tmp_path / "big", "molmoe-hf")
     shutil.copy(checkpoint / "tokenizer.json", d / "tokenizer.json")
     one_line_error(capsys, main(["convert", str(d), str(tmp_path / "f16"), "--dtype",
-                                 "float16"]), "lm_head.weight", "1 non-finite")
+                                 "float16"]), "lm_head.weight", "1 non-finite",
+                   "overflow float16", "bfloat16 or float32")
     assert main(["convert", str(d), str(tmp_path / "f32")]) == 0
 
 
@@ -493,3 +496,13 @@ def test_all_equal_logits_stop_generation(proc, do_sample):
                                               r"equal across the vocabulary"):
         engine.generate(_text(proc, "hi"), GenerationConfig(max_new_tokens=3,
                                                             do_sample=do_sample, seed=0))
+
+
+def test_points_out_side_beyond_the_format_is_refused_before_loading(tmp_path, capsys):
+    """WebP stores at most 16383 pixels per side: a wider input is refused before the model is
+    even looked for, not after generating (PIL fails only when saving)."""
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (20000, 2), "white").save(wide)
+    rc = _generate(NO_MODEL, wide, tmp_path / "out.webp")
+    one_line_error(capsys, rc, "--points-out", "WEBP stores at most 16383", "20000x2")
+    assert check_image_output(tmp_path / "out.png", size=(20000, 2)) == "PNG"

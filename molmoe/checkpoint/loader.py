@@ -74,8 +74,11 @@ def refuse_non_finite(name: str, t: torch.Tensor) -> None:
     if all(bool(torch.isfinite(c).all()) for c in chunks):
         return
     bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
-    raise CheckpointError(f"{name}: {bad} non-finite values (NaN/Inf) of {t.numel()}; the "
-                          "checkpoint is corrupt (check_finite=False, or --no-check-finite, loads it anyway)")
+    why = ("the checkpoint is corrupt, or (when its values are finite) they overflow float16, "
+           "whose largest value is 65504: load as bfloat16 or float32 instead"
+           if t.dtype == torch.float16 else "the checkpoint is corrupt")
+    raise CheckpointError(f"{name}: {bad} non-finite values (NaN/Inf) of {t.numel()}; {why} "
+                          "(check_finite=False, or --no-check-finite, loads it anyway)")
 
 
 def plan_state(directory: pathlib.Path, config: MolmoConfig,
