@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -756,3 +757,196 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert rc == 130 and "Traceback" not in err
     assert err.rsplit("\r", 1)[-1].strip() == "molmoe convert: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ------------------------------------------- races and interruptions around the swap (issue 10)
+
+
+def _link_dst_to(dst: pathlib.Path, target: pathlib.Path) -> None:
+    shutil.rmtree(dst)
+    dst.symlink_to(target)
+
+
+@pytest.mark.parametrize("when", ["while converting", "at the swap (exchange)",
+                                  "at the swap (fallback)"])
+def test_a_dst_replaced_by_a_link_is_refused_and_its_target_untouched(tmp_path, monkeypatch,
+                                                                        when):
+    """DST, a molmoe output, is replaced by a link to another molmoe output while converting, or
+    right after its last check: nothing is ever removed through the link."""
+    if when == "at the swap (exchange)" and not conv._libc_renameat2():
+        pytest.skip("no renameat2 here")
+    if when == "at the swap (fallback)":
+        monkeypatch.setenv(conv.NO_EXCHANGE_ENV, "1")
+    src = _src(tmp_path)
+    victim, dst = convert(src, tmp_path / "victim"), convert(src, tmp_path / "dst")
+    before = _snapshot(victim)
+    if when == "while converting":
+        real_write = conv._write_shards
+
+        def writing(*args):
+            _link_dst_to(dst, victim)
+            return real_write(*args)
+
+        monkeypatch.setattr(conv, "_write_shards", writing)
+    else:
+        real, calls = conv._renameat2, []
+
+        def relink(a, b, flags):  # after the check under the lock, before the swap
+            if b == dst and not calls:
+                _link_dst_to(dst, victim)
+            calls.append(flags)
+            return real(a, b, flags)
+
+        monkeypatch.setattr(conv, "_renameat2", relink)
+    with pytest.raises(CheckpointError, match="dst"):
+        convert(src, dst, overwrite=True)
+    assert _snapshot(victim) == before
+    assert dst.is_symlink() and os.readlink(dst) == str(victim)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src", "victim"]
+
+
+def test_an_old_copy_replaced_by_a_link_while_it_is_removed_is_not_followed(tmp_path,
+                                                                            monkeypatch):
+    """The old copy's files are unlinked through a descriptor of the directory itself (opened
+    with O_NOFOLLOW), never through a path: a link put in its place is kept, its target intact."""
+    if not conv._libc_renameat2():
+        pytest.skip("no renameat2 here")
+    src = _src(tmp_path)
+    victim, dst = convert(src, tmp_path / "victim"), convert(src, tmp_path / "dst")
+    before = _snapshot(victim)
+    real = conv._fsync_dir
+
+    def relink(directory):  # called between the check of the old copy and its removal
+        for old in tmp_path.glob(".dst.tmp-*"):
+            _link_dst_to(old, victim)
+        return real(directory)
+
+    monkeypatch.setattr(conv, "_fsync_dir", relink)
+    with pytest.raises(CheckpointError, match="kept in .*dst.kept-by-molmoe-convert-"):
+        convert(src, dst, overwrite=True)
+    assert _snapshot(victim) == before
+    (kept,) = tmp_path.glob("dst.kept-by-molmoe-convert-*")
+    assert os.readlink(kept) == str(victim)
+    assert _same_state(_state(dst), _state(src))
+
+
+def test_a_dst_name_over_name_max_is_a_one_line_error(tmp_path, capsys):
+    src = _src(tmp_path)
+    _one_line(capsys, main(["convert", str(src), str(tmp_path / ("d" * 256))]), "256 bytes",
+              str(conv.NAME_MAX))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("times", [1, 100])
+def test_a_temp_dir_removed_before_it_is_locked(tmp_path, monkeypatch, capsys, times):
+    """Another run's recovery removes our fresh, still empty and unlocked temporary directory
+    before we lock it: one retry with a fresh one, then a one-line error (never an OSError)."""
+    src = _src(tmp_path)
+    real, made = tempfile.mkdtemp, []
+
+    def mkdtemp(*args, **kwargs):
+        path = real(*args, **kwargs)
+        made.append(path)
+        if len(made) <= times:
+            os.rmdir(path)  # what _recover of the other run does to an empty one nobody holds
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    rc = main(["convert", str(src), str(tmp_path / "dst")])
+    if times == 1:
+        assert rc == 0 and _same_state(_state(tmp_path / "dst"), _state(src))
+    else:
+        _one_line(capsys, rc, str(tmp_path), "run again")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_debris_removed_by_another_run_before_it_is_locked(tmp_path, monkeypatch):
+    src = _src(tmp_path)
+    stale = tmp_path / ".dst.tmp-999999-abcd_123"
+    stale.mkdir()
+    real = conv._lock
+
+    def lock(directory, *args):
+        if directory == stale and stale.exists():
+            stale.rmdir()  # the other run, an instant before us
+        return real(directory, *args)
+
+    monkeypatch.setattr(conv, "_lock", lock)
+    convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling link", "directory"])
+def test_a_side_file_that_is_not_a_regular_file_is_refused(tmp_path, capsys, kind):
+    """A side file convert would silently have left out: the output would lack it."""
+    src = _src(tmp_path)
+    side = src / "tokenizer.json"
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "dangling link":
+        side.symlink_to(src / "missing.json")
+    else:
+        side.mkdir()
+    _one_line(capsys, main(["convert", str(src), str(tmp_path / "dst")]), str(side))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+_REPLACE_STEPS = [("exchange", s) for s in conv.EXCHANGE_STEPS] + [
+    ("fallback", s) for s in conv.FALLBACK_STEPS]
+
+
+@pytest.mark.parametrize("path, step", _REPLACE_STEPS)
+def test_ctrl_c_while_replacing_leaves_old_or_new_and_no_debris(tmp_path, monkeypatch, path,
+                                                                 step):
+    """KeyboardInterrupt right after each step of the swap: DST is the complete old copy (when the
+    new one was not in place yet) or the new one, and nothing is left beside it."""
+    if path == "exchange" and not conv._libc_renameat2():
+        pytest.skip("no renameat2 here")
+    if path == "fallback":
+        monkeypatch.setenv(conv.NO_EXCHANGE_ENV, "1")
+    src_old, src_new = _src(tmp_path, "a", seed=0), _src(tmp_path, "b", seed=1)
+    dst = convert(src_old, tmp_path / "dst")
+    snap_old = _output(dst)
+
+    def interrupt(name):
+        if name == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src_new, dst, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dst"]
+    state = _state(dst)
+    if step == "old_moved_aside":
+        assert _output(dst) == snap_old
+    else:
+        assert _same_state(state, _state(src_new))
+
+
+@pytest.mark.parametrize("name", ["d" * 240, "é" * 120])  # 240 bytes: fits NAME_MAX (255)
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_long_dst_name_is_converted_replaced_and_recovered(tmp_path, monkeypatch, name,
+                                                             exchange):
+    """The temporary and old-copy names, DST's name plus a suffix, stay within NAME_MAX; debris
+    under those names is still recognised."""
+    if not exchange:
+        monkeypatch.setenv(conv.NO_EXCHANGE_ENV, "1")
+    src = _src(tmp_path)
+    dst = convert(src, tmp_path / name)
+    convert(src, dst, overwrite=True)
+    # a run that died after writing its copy (its cleanup never ran) leaves a temporary directory
+    def die(step):
+        if step == "synced":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_step", die)
+    monkeypatch.setattr(conv, "_remove_debris", lambda *args: None)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst, overwrite=True)
+    assert len(list(tmp_path.iterdir())) == 3
+    monkeypatch.undo()
+    if not exchange:
+        monkeypatch.setenv(conv.NO_EXCHANGE_ENV, "1")
+    convert(src, dst, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "src"])
+    assert _same_state(_state(dst), _state(src))

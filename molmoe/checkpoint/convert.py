@@ -8,17 +8,21 @@ and written into its shard by `_write_safetensors`, a writer of the safetensors 
 tensors one by one (safetensors' own `save_file` needs a whole shard in memory at once). Peak
 anonymous memory is about one stacked expert tensor, whatever the model's depth or shard size.
 
-Paths. DST may not be SRC, lie inside SRC or contain it (compared after resolving symlinks), and
-no file of SRC's top level nor any file convert reads (config, index, every shard the index
-names, side files: at any depth, resolved) may lie in DST; an empty DST (""), a file and a
-symbolic link are refused, and so is a DST whose parent is missing, not a directory or not
+Paths. DST may not be SRC, lie inside SRC or contain it (compared after resolving symlinks), and no
+file of SRC's top level nor any file convert reads (config, index, every shard the index names,
+side files: at any depth, resolved) may lie in DST; a side file that is not a regular file (a FIFO,
+a dangling link) is refused, not left out; an empty DST (""), a name over NAME_MAX bytes, a file
+and a symbolic link are refused, and so is a DST whose parent is missing, not a directory or not
 writable (checked, and the temporary directory made, before the long read). An existing DST is
 replaced only with `overwrite`, and only when it is empty or is an unchanged molmoe convert output
-holding nothing else: every output carries MARKER (`molmoe-convert.json`, naming molmoe's
-version, the source directory, the dtype, and every other file convert wrote with its size, mtime
-and sha256, hashed as it was written). A file that is extra, or changed (`_unchanged_output`), is
+holding nothing else: every output carries MARKER (`molmoe-convert.json`, naming molmoe's version,
+the source directory, the dtype, and every other file convert wrote with its size, mtime and
+sha256, hashed as it was written). A file that is extra, or changed (`_unchanged_output`), is
 named and the run refused. DST is checked before the conversion and again, under its lock, right
-before the swap; the old copy once more right after it.
+before the swap (a symbolic link or another directory in its place is refused); the old copy once
+more right after it (still the very directory locked, not a link). Nothing is ever deleted
+through a path: the old copy's files are unlinked through a descriptor of the directory opened
+with O_NOFOLLOW and checked to be the locked one (`_unlink_all`), and locks are taken likewise.
 
 Atomicity. Everything is written into a temporary sibling `.DST.tmp-<pid>-<random>` (made by
 mkdtemp, holding a "writing" MARKER from its first moment) and made durable (fsync) before it is
@@ -30,14 +34,17 @@ put in place:
     swap (or, failing that, leaves the old copy in a visible `DST.kept-by-molmoe-convert-*`);
   * where the exchange is unavailable (another OS, a filesystem without it): DST is renamed aside
     to `.DST.old-<pid>-<random>`, checked, the new copy renamed in, the old one removed as above.
-So DST is at every instant the complete old or the complete new copy; only in the fallback,
-between its two renames, is the old copy complete under `.DST.old-*` instead. A run holds an
-exclusive flock on its temporary directory and on the DST it replaces; the next run into the same
-DST cleans up after runs that died (`_recover`): it restores an orphaned old copy when DST is
-missing and removes the others, touching only directories molmoe provably made (the exact name
-it makes, nobody holding the lock, and empty or carrying its marker: see `_debris_names`); a
-user's `.DST.old-backup` is never touched. The output's modes honour the umask (mkdtemp makes
-0700): directory 0o777 & ~umask, files 0o666 & ~umask.
+So DST is at every instant the complete old or the complete new copy; only in the fallback, between
+its two renames, is the old copy complete under `.DST.old-*` instead. Interrupted there (Ctrl-C,
+any exception), the old copy is put back, or removed once the new one is in place (`_settle`); a
+SIGKILL leaves that to the next run. For a DST name so long that these names would pass NAME_MAX,
+DST's name in them is shortened (`_stem`). A run holds an exclusive flock on its temporary
+directory and on the DST it replaces; the next run into the same DST cleans up after runs that died
+(`_recover`): it restores an orphaned old copy when DST is missing and removes the others, touching
+only directories molmoe provably made (the exact name it makes, nobody holding the lock, and empty
+or carrying its marker: see `_debris_names`); a user's `.DST.old-backup` is never touched. The
+output's modes honour the umask (mkdtemp makes 0700): directory 0o777 & ~umask, files 0o666 &
+~umask.
 
 Test hooks (environment variables, for the kill test; not for use): MOLMOE_CONVERT_KILL_AT=<step>
 makes convert SIGKILL itself right after that step (WRITE_STEPS, then "renamed_in" for a new DST,
@@ -58,7 +65,6 @@ import os
 import pathlib
 import re
 import secrets
-import shutil
 import signal
 import stat
 import struct
@@ -130,9 +136,9 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
         _step("marker_written")
         _make_durable(tmp)
         _step("synced")
-        _replace(tmp, dst, overwrite)
+        _replace(tmp, dst, overwrite, lock)
     except BaseException:
-        _remove_debris(tmp)  # our copy; after a swap undone or cut short, the old copy's rest
+        _remove_debris(tmp, lock)  # our copy; never an old copy swapped in there (_settle's)
         raise
     finally:
         os.close(lock)
@@ -148,6 +154,10 @@ def _check_paths(src_dir: pathlib.Path, dst) -> pathlib.Path:
     if os.fspath(dst) == "":
         raise CheckpointError("DST is empty; name the output directory")
     given = pathlib.Path(dst).expanduser()
+    for part in given.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise CheckpointError(f"DST {part[:40]}...: a name of {len(os.fsencode(part))} "
+                                  f"bytes; a file name has at most {NAME_MAX}")
     if given.is_symlink():
         raise CheckpointError(f"{given} is a symbolic link; refusing to replace it (name a "
                               "directory instead)")
@@ -196,28 +206,42 @@ def _refuse_links_into(files, dst: pathlib.Path) -> None:
 
 
 def _side_files(src_dir: pathlib.Path) -> list[pathlib.Path]:
-    """SRC's non-weight files carried over: regular files (or links to them) only."""
-    return [f for pattern in _SIDE_FILES for f in sorted(src_dir.glob(pattern))
-            if f.name not in _SKIP and f.is_file()]
+    """SRC's non-weight files carried over, each checked to be a regular file (or a link to one):
+    a FIFO, a directory or a dangling link is refused, not left out of the output unsaid."""
+    return [regular_file(f) for pattern in _SIDE_FILES for f in sorted(src_dir.glob(pattern))
+            if f.name not in _SKIP]
 
 
 def _make_tmp(dst: pathlib.Path) -> tuple[pathlib.Path, int]:
     """A new locked `.DST.tmp-<pid>-<random>` carrying molmoe's marker from its first moment on
-    (so that recovery can tell it from a user's directory of a similar name)."""
-    try:
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-",
-                                            dir=dst.parent))
-    except OSError as e:
-        raise CheckpointError(f"{dst.parent}: cannot create a directory there "
-                              f"({e.strerror or e})") from None
-    lock = _lock(tmp)  # a fresh directory: only a run cleaning up this very instant holds it
-    if lock is None:
-        raise CheckpointError(f"{tmp}: taken by another molmoe convert into {dst}; run again")
+    (so that recovery can tell it from a user's directory of a similar name). Until it is locked,
+    another run's recovery may take it for debris (empty, nobody holding it) and remove it: then
+    once more with a fresh one."""
+    stem, sep = _stem(dst.name)
+    for _ in range(2):
+        try:
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{stem}.tmp{sep}{os.getpid()}-",
+                                                dir=dst.parent))
+        except OSError as e:
+            raise CheckpointError(f"{dst.parent}: cannot create a directory there "
+                                  f"({e.strerror or e})") from None
+        try:
+            lock = _lock(tmp)
+        except OSError:  # removed (or replaced) by another run cleaning up this very instant
+            continue
+        if lock is not None and _is_locked_dir(tmp, lock):
+            break
+        if lock is not None:
+            os.close(lock)
+    else:
+        raise CheckpointError(f"{dst.parent}: another molmoe convert into {dst.name} removed "
+                              "this run's temporary directories as soon as they were made; "
+                              "run again")
     try:
         _write_json(tmp / MARKER, {"written_by": WRITTEN_BY, "state": "writing"})
     except BaseException:
+        _unlink_all(tmp, {MARKER, MARKER + ".part"}, lock)  # all we wrote there
         os.close(lock)
-        shutil.rmtree(tmp, ignore_errors=True)  # holds nothing but what we just wrote
         raise
     return tmp, lock
 
@@ -451,10 +475,13 @@ def _make_durable(out: pathlib.Path) -> None:
 # ------------------------------------------------------------------------ replacing, debris
 
 
-def _replace(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> None:
-    """Put the complete `tmp` at `dst` (see the module docstring). An existing DST is checked
-    again under its lock right before the swap (a file saved into it while converting is not
-    lost), and its old copy again right after: holding anything new, the swap is undone."""
+def _replace(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, lock: int) -> None:
+    """Put the complete `tmp` (the directory `lock` holds) at `dst` (see the module docstring).
+    An existing DST is checked again under its lock right before the swap (a file saved into it
+    while converting is not lost; a link or another directory put in its place is refused), and
+    its old copy again right after: holding anything new, or not the directory checked, the swap
+    is undone. Interrupted (Ctrl-C, any exception) in between, the old copy is put back while
+    the new one is not in place, else removed (`_settle`)."""
     if not os.path.lexists(dst):
         try:
             if not _renameat2(tmp, dst, _RENAME_NOREPLACE):
@@ -465,85 +492,167 @@ def _replace(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> None:
         _step("renamed_in")
         _fsync_dir(dst.parent)
         return
-    try:
-        old_lock = _lock(dst)
-    except OSError as e:
-        raise CheckpointError(f"{dst} changed while converting ({e.strerror}); left as it is") \
-            from None
-    if old_lock is None:
-        raise CheckpointError(f"{dst} is being replaced by another molmoe convert")
+    old_lock = _lock_dst(dst)
+    old = tmp  # where the old copy goes by the exchange; _settle tells by the inode where it is
     try:
         _check_replaceable(dst, overwrite)  # under the lock, the last thing before the swap
+        if not _is_locked_dir(dst, old_lock):
+            raise CheckpointError(f"{dst} was replaced by a symbolic link or another directory "
+                                  "while converting; left as it is")
         if _renameat2(tmp, dst, _RENAME_EXCHANGE):
             _step("exchanged")
-            _remove_old(tmp, dst, undo=lambda: _renameat2(tmp, dst, _RENAME_EXCHANGE))
+            _remove_old(tmp, dst, old_lock, undo=lambda: _renameat2(tmp, dst, _RENAME_EXCHANGE))
             return
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        stem, sep = _stem(dst.name)
+        old = dst.with_name(f".{stem}.old{sep}{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(dst, old)
         _step("old_moved_aside")
-        _check_old(old, dst, undo=lambda: os.rename(old, dst) is None)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
+        _check_old(old, dst, old_lock, undo=lambda: os.rename(old, dst) is None)
+        os.rename(tmp, dst)
         _step("renamed_in")
-        _remove_old(old, dst, undo=lambda: False)
+        _remove_old(old, dst, old_lock, undo=lambda: False)
+    except BaseException:
+        _settle(old, dst, old_lock, lock)
+        raise
     finally:
         os.close(old_lock)
 
 
-def _check_old(old: pathlib.Path, dst: pathlib.Path, undo) -> set[str]:
-    """The names the old copy, just moved away from DST, holds when it is still an unchanged
-    molmoe output (`_unchanged_output`); else the move is undone (`undo()`, True when done) or
-    the old copy kept aside, and CheckpointError."""
+def _lock_dst(dst: pathlib.Path) -> int:
+    """The lock on the existing DST (its own directory, never one a link points to)."""
     try:
-        return _unchanged_output(old, shown=dst)
-    except CheckpointError as e:
-        problem = str(e)
+        fd = _lock(dst)
+    except OSError as e:
+        now = "now a symbolic link" if os.path.islink(dst) else e.strerror
+        raise CheckpointError(f"{dst} changed while converting ({now}); left as it is") from None
+    if fd is None:
+        raise CheckpointError(f"{dst} is being replaced by another molmoe convert")
+    return fd
+
+
+def _is_locked_dir(path: pathlib.Path, lock: int) -> bool:
+    """Whether `path` itself (not a link's target) is the directory `lock` holds."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and os.path.samestat(st, os.fstat(lock))
+
+
+def _check_old(old: pathlib.Path, dst: pathlib.Path, old_lock: int, undo) -> set[str]:
+    """The names the old copy, just moved away from DST, holds when it is still the directory
+    checked and locked (`old_lock`) and an unchanged molmoe output (`_unchanged_output`); else
+    the move is undone (`undo()`, True when done) or the old copy kept aside, and
+    CheckpointError."""
+    if not _is_locked_dir(old, old_lock):
+        problem = (f"{dst} was replaced by a symbolic link or another directory at the very "
+                   "moment of the swap")
+    else:
+        try:
+            return _unchanged_output(old, shown=dst)
+        except CheckpointError as e:
+            problem = f"{e} (at the very end of the conversion)"
     try:
         undone = undo()
     except OSError:
         undone = False
-    where = "left as it was" if undone else f"its old copy is kept in {_keep(old, dst)}"
-    raise CheckpointError(f"{problem} (at the very end of the conversion); {where}")
+    where = "left as it was" if undone else f"what was there is kept in {_keep(old, dst)}"
+    raise CheckpointError(f"{problem}; {where}")
 
 
-def _remove_old(old: pathlib.Path, dst: pathlib.Path, undo) -> None:
+def _remove_old(old: pathlib.Path, dst: pathlib.Path, old_lock: int, undo) -> None:
     """Remove the replaced copy file by file, exactly the files its marker lists, checked
     unchanged; never a file that appeared in it (kept aside under a name that says so)."""
-    names = _check_old(old, dst, undo)
+    names = _check_old(old, dst, old_lock, undo)
     _fsync_dir(dst.parent)
-    if not _unlink_all(old, names):
+    if not _unlink_all(old, names, old_lock):
         kept = _keep(old, dst)
-        raise CheckpointError(f"{dst} was replaced, but files appeared in its old copy while it "
-                              f"was being removed; they are kept in {kept}")
+        raise CheckpointError(f"{dst} was replaced, but its old copy changed while it was being "
+                              f"removed (files appeared, or a link took its place); what is left "
+                              f"is kept in {kept}")
     _step("old_removed")
 
 
-def _unlink_all(directory: pathlib.Path, names) -> bool:
-    """Unlink `names` (MARKER last: what is left is still recognisably ours), then the directory;
-    False when it holds anything else."""
-    for name in sorted(set(names) - {MARKER}) + [MARKER] * (MARKER in names):
+def _settle(old: pathlib.Path, dst: pathlib.Path, old_lock: int, new_lock: int) -> None:
+    """After an interruption while replacing DST, when the old copy (`old_lock`'s directory) is
+    still at `old`: put it back if DST is missing, remove it if the new copy (`new_lock`'s) is in
+    place, else (or when it changed) keep it in sight. A SIGKILL leaves this to the next run."""
+    if not _is_locked_dir(old, old_lock):
+        return  # never moved, back at DST, or kept aside already
+    if _is_locked_dir(dst, new_lock):
+        names = _debris_names(old, writing=False)
+        if names is not None and _unlink_all(old, names, old_lock):
+            return
+    elif not os.path.lexists(dst):
         try:
-            os.unlink(directory / name)
-        except FileNotFoundError:
+            os.rename(old, dst)
+            return
+        except OSError:
             pass
+    _keep(old, dst)
+
+
+def _unlink_all(directory: pathlib.Path, names, lock: int) -> bool:
+    """Unlink `names` (MARKER last: what is left is still recognisably ours), then the directory;
+    False when it holds anything else. Everything goes through descriptors: `directory` opened
+    with O_NOFOLLOW and checked to be the one `lock` holds, so nothing is ever removed through a
+    link, nor from a directory put in its place."""
+    parent = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.rmdir(directory)
-    except OSError:
-        return False
-    return True
+        try:
+            fd = os.open(directory.name, _DIR_NOFOLLOW, dir_fd=parent)
+        except OSError:  # gone, or a link now (ELOOP, ENOTDIR)
+            return False
+        try:
+            if not os.path.samestat(os.fstat(fd), os.fstat(lock)):
+                return False
+            for name in sorted(set(names) - {MARKER}) + [MARKER] * (MARKER in names):
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(directory.name, dir_fd=parent)  # an empty directory: nothing lost
+        except OSError:
+            return False
+        return True
+    finally:
+        os.close(parent)
 
 
 def _keep(old: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     """Rename an old copy holding a user's files to a visible sibling no run will touch."""
-    kept = dst.with_name(f"{dst.name}.kept-by-molmoe-convert-{secrets.token_hex(4)}")
+    kept = dst.with_name(f"{_stem(dst.name)[0]}.kept-by-molmoe-convert-{secrets.token_hex(4)}")
     try:
         os.rename(old, kept)
     except OSError:
         return old
     return kept
+
+
+# A file name has at most NAME_MAX bytes (255 on Linux's and macOS's filesystems). The longest
+# name convert derives from DST's adds _SUFFIX_MAX bytes: ".kept-by-molmoe-convert-<8 hex>" (a
+# temporary or old copy adds at most 22: ".", ".tmp-", a pid of at most 7 digits, "-", 8).
+NAME_MAX = 255
+_SUFFIX_MAX = len(".kept-by-molmoe-convert-") + 8
+_STEM_HEAD = 100  # bytes of a long DST name kept in its siblings' names, for the eye
+
+
+def _stem(name: str) -> tuple[str, str]:
+    """How DST's name appears in its siblings' names (`.<stem>.tmp<sep><pid>-<random>`,
+    `.<stem>.old<sep>...`, `<stem>.kept-by-molmoe-convert-...`), and `sep`: the name itself and
+    "-" while those fit in NAME_MAX; else its first _STEM_HEAD bytes, a hash of all of it, and
+    "~". The separator keeps recognition exact: a stem is itself a valid name, but no sibling of
+    a DST whose name fits ends like one of a DST whose name was shortened."""
+    raw = os.fsencode(name)
+    if len(raw) + _SUFFIX_MAX <= NAME_MAX:
+        return name, "-"
+    head = name
+    while len(os.fsencode(head)) > _STEM_HEAD:
+        head = head[:-1]
+    return f"{head}-{hashlib.sha256(raw).hexdigest()[:16]}", "~"
 
 
 def _debris_names(p: pathlib.Path, *, writing: bool) -> set[str] | None:
@@ -562,47 +671,64 @@ def _debris_names(p: pathlib.Path, *, writing: bool) -> set[str] | None:
         return None
 
 
-def _remove_debris(p: pathlib.Path) -> None:
+def _remove_debris(p: pathlib.Path, lock: int) -> None:
     names = _debris_names(p, writing=True)
     if names is not None:
-        _unlink_all(p, names)
+        _unlink_all(p, names, lock)
 
 
 def _recover(dst: pathlib.Path) -> None:
     """Clean up after runs into `dst` that were killed: restore an old copy the fallback had moved
     aside when DST is missing, and remove the temporary and old directories nobody holds. Only
-    directories molmoe provably made are touched: named exactly as it names them (mkdtemp's
-    8-character suffix, token_hex(4)) and carrying its marker (or empty); see _debris_names."""
+    directories molmoe provably made are touched: named exactly as it names them (`_stem`,
+    mkdtemp's 8-character suffix, token_hex(4)) and carrying its marker (or empty); see
+    _debris_names. One removed by another run meanwhile is skipped."""
     if not dst.parent.is_dir():
         return
-    name = re.escape(dst.name)
-    debris = re.compile(rf"\.{name}\.(?:(tmp)-\d+-[a-z0-9_]{{8}}|(old)-\d+-[0-9a-f]{{8}})")
+    stem, sep = (re.escape(part) for part in _stem(dst.name))
+    debris = re.compile(rf"\.{stem}\.(?:(tmp){sep}\d+-[a-z0-9_]{{8}}|(old){sep}\d+-[0-9a-f]{{8}})")
     locks = []
     try:
         found = []
         for p in dst.parent.iterdir():
             m = debris.fullmatch(p.name)
-            if m and p.is_dir() and not p.is_symlink() and (fd := _lock(p)) is not None:
-                locks.append(fd)
-                names = _debris_names(p, writing=bool(m[1]))
-                if names is not None:
-                    found.append((p, bool(m[2]), names))
-        olds = sorted((x for x in found if x[1]), key=lambda x: x[0].stat().st_mtime)
+            if not (m and p.is_dir() and not p.is_symlink()):
+                continue
+            try:
+                fd = _lock(p)
+            except OSError:  # removed, or replaced by a link, an instant ago
+                continue
+            if fd is None:
+                continue
+            locks.append(fd)
+            names = _debris_names(p, writing=bool(m[1]))
+            if names is not None:
+                found.append((p, bool(m[2]), names, fd))
+        olds = sorted((x for x in found if x[1]), key=lambda x: os.fstat(x[3]).st_mtime)
         if olds and not os.path.lexists(dst):
-            os.rename(olds[-1][0], dst)
-            _fsync_dir(dst.parent)
+            old, _, _, fd = olds[-1]
             found.remove(olds[-1])
-        for p, _, names in found:
-            _unlink_all(p, names)
+            if _is_locked_dir(old, fd):
+                try:
+                    os.rename(old, dst)
+                    _fsync_dir(dst.parent)
+                except OSError:  # DST appeared meanwhile: left for a later run
+                    pass
+        for p, _, names, fd in found:
+            _unlink_all(p, names, fd)
     finally:
         for fd in locks:
             os.close(fd)
 
 
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
 def _lock(directory: pathlib.Path) -> int | None:
-    """An exclusive flock on `directory`, held by the returned descriptor until it is closed (or
-    its process dies); None when another live run holds it."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    """An exclusive flock on `directory` itself (O_NOFOLLOW: never a link's target), held by the
+    returned descriptor until it is closed (or its process dies); None when another live run
+    holds it. OSError when it is gone or not a directory."""
+    fd = os.open(directory, _DIR_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
