@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from molmoe.backends import REFERENCE_OPS, Ops
 from molmoe.config import MolmoConfig, VisionConfig
