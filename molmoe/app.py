@@ -148,8 +148,9 @@ def _run(proc, model, eos, *, prompt, image, config, max_pixels, stream: bool,
     pil = None
     pixels = None
     if image is not None:
-        pixels, _size = load_image(image, max_pixels=max_pixels)  # EXIF applied:
-        # points refer to this picture
+        # As the processor sees it (EXIF applied, unless compat="released"): points refer to
+        # this picture
+        pixels, _size = load_image(image, max_pixels=max_pixels, compat=proc.compat)
         pil = Image.fromarray(pixels)
     limit = prompt_allowance(model.config.text.max_position_embeddings, config.max_new_tokens)
     try:

@@ -506,3 +506,22 @@ def test_points_out_side_beyond_the_format_is_refused_before_loading(tmp_path, c
     rc = _generate(NO_MODEL, wide, tmp_path / "out.webp")
     one_line_error(capsys, rc, "--points-out", "WEBP stores at most 16383", "20000x2")
     assert check_image_output(tmp_path / "out.png", size=(20000, 2)) == "PNG"
+
+
+def test_generate_compat_released_sees_the_unrotated_picture(checkpoint, tmp_path,  # noqa: F811
+                                                             capsys):
+    """An EXIF-rotated JPEG (orientation 6: stored 130x90, shown 90x130): the default rotates it,
+    --compat released feeds the stored pixels as the released processor does, and the reported
+    image size (what points refer to) follows."""
+    import json
+
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (130, 90), (90, 140, 200)).save(path, exif=exif)
+    sizes = {}
+    for compat in ("molmoe", "released"):
+        assert main(["generate", "--model", str(checkpoint), "--image", str(path), "--prompt",
+                     "hi", "--max-new-tokens", "2", "--json", "--compat", compat]) == 0
+        sizes[compat] = json.loads(capsys.readouterr().out)["image_size"]
+    assert sizes == {"molmoe": [90, 130], "released": [130, 90]}
