@@ -47,7 +47,7 @@ import pathlib
 import warnings
 from dataclasses import dataclass, field
 
-from molmoe.errors import MolmoeError
+from molmoe.errors import MolmoeError, is_int
 
 SUPPORTED_MODEL_TYPES = ("molmo",)
 FAMILIES = ("molmoe", "dense")
@@ -113,13 +113,9 @@ def _short(value) -> str:
 
 # ------------------------------------------------------------------------- field checks
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_int(obj, name: str, lo: int, hi: int) -> int:
     v = getattr(obj, name)
-    if not _is_int(v):
+    if not is_int(v):
         raise _FieldError(type(obj), name, v, f"must be an integer, not {type(v).__name__}")
     if not lo <= v <= hi:
         problem = f"must be in {lo}..{hi}" if lo < hi else f"is not implemented (only {lo} is)"
@@ -136,7 +132,7 @@ def _check_bool(obj, name: str) -> None:
 def _check_float(obj, name: str, lo: float, hi: float, lo_open: bool = False) -> None:
     """A finite number in [lo, hi) (or (lo, hi) with lo_open); stored as a float."""
     v = getattr(obj, name)
-    if not (isinstance(v, float) or _is_int(v)):
+    if not (isinstance(v, float) or is_int(v)):
         raise _FieldError(type(obj), name, v, f"must be a number, not {type(v).__name__}")
     try:
         f = float(v)
@@ -199,7 +195,7 @@ class VisionConfig:
             object.__setattr__(self, "vit_layers", layers)
         n = self.num_layers
         if not isinstance(layers, tuple) or not 1 <= len(layers) <= n or \
-                not all(_is_int(i) and -n <= i < n for i in layers):
+                not all(is_int(i) and -n <= i < n for i in layers):
             raise _FieldError(VisionConfig, "vit_layers", layers,
                               f"must list 1..{n} block indices in {-n}..{n - 1}")
 
@@ -532,7 +528,7 @@ class _Json:
 
     def int(self, key: str, default=dataclasses.MISSING) -> int:
         value = self.get(key, default)
-        if not _is_int(value):
+        if not is_int(value):
             raise ConfigError(f"{self.prefix}{key} = {_short(value)} must be an integer, not "
                               f"{type(value).__name__}")
         return value

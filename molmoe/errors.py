@@ -12,6 +12,8 @@ Subclasses, each defined beside the code that raises it: `CheckpointError` (chec
 """
 from __future__ import annotations
 
+import numbers
+
 
 class MolmoeError(ValueError):
     """Bad input the user can fix; the message names the input and the problem."""
@@ -19,3 +21,14 @@ class MolmoeError(ValueError):
 
 class UsageError(MolmoeError):
     """An argument value the library cannot honour (a NaN temperature, an unknown device, ...)."""
+
+
+# The integer tests the input checks share: `True` is an int in Python, never a count here.
+def is_int(x) -> bool:
+    """A Python int, not a bool: what a JSON integer parses to (config and checkpoint files)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_integral(x) -> bool:
+    """Any integer type (numpy's too), not a bool: for arguments passed from Python."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -60,7 +60,6 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import numbers
 import os
 import pathlib
 import re
@@ -76,7 +75,7 @@ from molmoe.checkpoint.adapter import CheckpointError, NativePlan
 from molmoe.checkpoint.files import CHECKPOINT_FILES, read_json, regular_file, resolve
 from molmoe.checkpoint.loader import (PRECISIONS, load_config_from_dir, parse_precision,
                                       plan_state, stored_dtype)
-from molmoe.errors import UsageError
+from molmoe.errors import UsageError, is_int, is_integral
 from molmoe.fileio import json_type
 
 MARKER = "molmoe-convert.json"
@@ -107,8 +106,7 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
     `check_finite`: refuse NaN/Inf in the weights (after the cast to `dtype`), as `molmoe.load`.
     See the module docstring for what is refused, and how DST is replaced atomically."""
     weights_dtype = PRECISIONS[parse_precision(dtype)][0]
-    if (isinstance(shard_bytes, bool) or not isinstance(shard_bytes, numbers.Integral)
-            or shard_bytes <= 0):
+    if not is_integral(shard_bytes) or shard_bytes <= 0:
         raise UsageError(f"shard_bytes must be a positive integer number of bytes, "
                          f"got {shard_bytes!r}")
     src_dir = resolve(src)
@@ -323,7 +321,7 @@ def _listed(directory: pathlib.Path, marker: dict) -> dict[str, dict]:
 
 
 def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return is_int(x) and x >= 0
 
 
 def _unchanged_output(directory: pathlib.Path, shown: pathlib.Path | None = None) -> set[str]:

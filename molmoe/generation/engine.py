@@ -7,8 +7,8 @@ Positions follow the released code (spec §3.5): prompt positions are cumsum(mas
 token gets the previous position + 1, so a prompt's positions do not depend on its left padding.
 Stopping (spec §5.3): at the EOS id (the README's `stop_strings="<|endoftext|>"`), at any other
 stop string found in the decoded text (the text is cut before it), or after `max_new_tokens`.
-Non-finite logits (NaN/Inf from bad weights or config numbers) stop the request with
-`GenerationError` instead of decoding noise; the check rides on the loop's one host transfer.
+Logits that name no token (NaN/Inf, or all equal: bad weights or config numbers) stop the request
+with `GenerationError` instead of decoding noise; the check rides on the loop's one host transfer.
 
 Legend: B batch, S padded prompt length, V vocabulary rows.
 """
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from molmoe.errors import MolmoeError, UsageError
+from molmoe.errors import MolmoeError, UsageError, is_integral
 from molmoe.generation.batching import left_pad_batch
 from molmoe.generation.sampling import check_temperature, sample_next
 
@@ -47,11 +47,7 @@ _LOGITS_PROBLEM = {
 
 
 class GenerationError(MolmoeError):
-    """Generation cannot give a meaningful answer (the model produced NaN/Inf logits)."""
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    """Generation cannot give a meaningful answer (the model's logits are NaN/Inf or all equal)."""
 
 
 def prompt_allowance(max_positions: int, max_new_tokens: int) -> int:
@@ -86,19 +82,19 @@ class GenerationConfig:
         self.stop_strings = tuple(self.stop_strings or ())
         if not all(isinstance(s, str) for s in self.stop_strings):
             raise UsageError(f"stop_strings must all be strings, got {self.stop_strings!r}")
-        if self.eos_token_id is not None and (not _is_int(self.eos_token_id)
+        if self.eos_token_id is not None and (not is_integral(self.eos_token_id)
                                               or self.eos_token_id < 0):
             raise UsageError(f"eos_token_id must be a token id (an integer >= 0), got "
                              f"{self.eos_token_id!r}")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_integral(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         check_temperature(self.temperature, self.do_sample)
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_integral(self.top_k) or self.top_k < 1):
             raise UsageError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(
                 self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0):  # refuses NaN too
             raise UsageError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (not is_integral(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise UsageError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(s == "" for s in self.stop_strings):
             raise UsageError("stop_strings may not contain the empty string")
@@ -278,7 +274,7 @@ class Engine:
             raise UsageError(f"prompt {b}: token id {int(ids_BS[b, s])} is not in the model's "
                              f"vocabulary (0..{rows - 1}); does the tokenizer match the model?")
         outputs = text_config.embedding_size  # the LM head's rows
-        if eos is not None and (not _is_int(eos) or not 0 <= eos < outputs):
+        if eos is not None and (not is_integral(eos) or not 0 <= eos < outputs):
             raise UsageError(f"eos_token_id {eos!r} is not an id the model can generate "
                              f"(0..{outputs - 1}); generation would never stop at it")
 

@@ -16,6 +16,7 @@ import pathlib
 from typing import TYPE_CHECKING
 
 from molmoe.config import ConfigError, MolmoConfig
+from molmoe.errors import is_int
 from molmoe.fileio import read_json
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def resolve_eos(directory: str | os.PathLike, tokenizer: Tokenizer, config: Molm
 
 def _checked_eos(token_id, tokenizer: Tokenizer, config: MolmoConfig, source: str) -> int:
     rows = config.text.embedding_size
-    if not isinstance(token_id, int) or isinstance(token_id, bool):
+    if not is_int(token_id):
         raise ConfigError(f"{source}: eos_token_id {token_id!r} is not an integer token id")
     if not 0 <= token_id < rows:
         raise ConfigError(f"{source}: eos_token_id {token_id} is outside the model's output ids "

@@ -48,7 +48,6 @@ that stays thread-safe.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import pathlib
 import stat
@@ -63,7 +62,7 @@ from PIL import (BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Image, ImageFi
                  PngImagePlugin)
 
 from molmoe.compat import check_compat
-from molmoe.errors import MolmoeError, UsageError
+from molmoe.errors import MolmoeError, UsageError, is_integral
 
 # PIL refuses at 2x its MAX_IMAGE_PIXELS (89,478,485) by default; molmoe's default is that same
 # ~179 Mpx, and callers may raise or lower it.
@@ -167,7 +166,7 @@ def _decode_budget(value) -> int | None:
         return value or None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    if not is_integral(value) or value <= 0:
         raise UsageError(f"max_decode_bytes must be a positive number of bytes or None, got "
                          f"{value!r}")
     return int(value)

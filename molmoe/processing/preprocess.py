@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from molmoe.config import MAX_PATCHES_PER_CROP, ConfigError, VisionConfig
-from molmoe.errors import UsageError
+from molmoe.errors import UsageError, is_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -162,7 +162,7 @@ def _int_tuple(value, key: str, n: int) -> tuple[int, ...]:
     """`value` as n ints (n == 1: a bare int), else ConfigError naming the key."""
     items = (value,) if n == 1 else value
     if not isinstance(items, tuple) or len(items) != n or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            not all(map(is_int, items)):
         _bad(key, value, "must be an integer" if n == 1 else f"must be {n} integers")
     return items
 

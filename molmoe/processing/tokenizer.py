@@ -31,7 +31,7 @@ from typing import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from molmoe.errors import MolmoeError, UsageError
+from molmoe.errors import MolmoeError, UsageError, is_int
 from molmoe.fileio import read_json, read_text, regular_file
 
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
@@ -188,7 +188,7 @@ def _token_id(value, where: str) -> int:
     """A token id from a tokenizer file: a non-negative integer (or its decimal string)."""
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_TOKEN_ID:
+    if not is_int(value) or not 0 <= value < _MAX_TOKEN_ID:
         raise TokenizerError(f"{where}: id {value!r} is not an integer in 0..{_MAX_TOKEN_ID - 1}")
     return value
 
