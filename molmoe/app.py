@@ -226,18 +226,19 @@ def _generate(args) -> int:
     _backend, device = select_backend(args.backend, args.device)
     if args.points_out is not None and not args.image:
         raise UsageError("--points-out needs --image")
-    size = None
-    if args.image:  # a missing or broken image fails here too
-        size = load_image(args.image, max_pixels=max_pixels, compat=args.compat).size
+    image = None
+    if args.image:  # a missing or broken image fails before the (slow) model load, decoded once
+        image = load_image(args.image, max_pixels=max_pixels, compat=args.compat)
     out_format = None
     if args.points_out is not None:
-        out_format = check_image_output(args.points_out, inputs=[args.image], size=size,
+        out_format = check_image_output(args.points_out, inputs=[args.image], size=image.size,
                                         name="--points-out")
     proc, model, eos = _load(args.model, dtype=args.dtype, backend=args.backend,
                              device=str(device), check_finite=args.check_finite,
                              compat=args.compat)
     tty = sys.stdout.isatty()  # a terminal gets escapes shown, a pipe the exact answer
-    result, answer, pil = _run(proc, model, eos, prompt=prompt, image=args.image, config=config,
+    result, answer, pil = _run(proc, model, eos, prompt=prompt,
+                               image=None if image is None else image.pixels, config=config,
                                max_pixels=max_pixels, stream=not args.json, escape=tty)
     size = pil.size if pil is not None else None
     extra = {}
