@@ -208,16 +208,28 @@ def reference_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_p
     out_dtype = q.dtype
     if upcast:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-    group = Hq // k_cache.shape[1]
-    k = k_cache.repeat_interleave(group, dim=1)  # GQA, as in reference_attention
-    v = v_cache.repeat_interleave(group, dim=1)
+    # GQA without copying K/V: SDPA maps query head h to kv head h // (Hq / Hkv).
     empty_row = ~allowed.any(dim=-1, keepdim=True)  # no key to attend (padding query): zeros
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
+    o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed | empty_row,
+                                       scale=scale, enable_gqa=Hq != k_cache.shape[1])
     return o.masked_fill(empty_row, 0.0).to(out_dtype)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=False):
-    """MolmoE's MoE exactly as the released code computes it (spec §3.5 steps 13'-16')."""
+    """MolmoE's MoE (spec §3.5 steps 13'-16') in plain PyTorch, with two expert paths:
+
+    * inference (no gradient needed): every assignment sorted by expert and run through
+      `F.grouped_mm` -- one grouped GEMM per projection, static shapes, no host sync, so a
+      decode step holding it can be compiled or captured; each selected expert's weights are
+      read in place (no gather copy). The rows are summed per token in increasing expert order,
+      as the released loop does; only the GEMMs' blocking (hence rounding) can differ.
+    * training (a gradient is needed): the released per-expert loop (`torch.where` per expert:
+      data-dependent, host-synchronising), plus the two router losses.
+    """
     T, D = x.shape
     E = router_w.shape[0]
     router_logits = F.linear(x, router_w)  # (T, E), model dtype
@@ -226,24 +238,73 @@ def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=Fals
     if renormalize:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
     topk_w = topk_w.to(x.dtype)
+    # Assignments per expert without bincount (whose output size is data-dependent: a sync).
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
+        0, topk_idx.reshape(-1), torch.ones_like(topk_idx.reshape(-1)))
+    aux = {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx,
+           "topk_weights": topk_w, "lb_loss": None, "z_loss": None}
+    training = _needs_grad(x, router_w, w_gate, w_up, w_down)
+    if training or not _grouped_mm_ok(x):
+        y = _experts_loop(x, w_gate, w_up, w_down, topk_w, topk_idx)
+    else:
+        y = _experts_grouped(x, w_gate, w_up, w_down, topk_w, topk_idx, counts)
+    if not training:
+        return y, aux
+    # Training losses as Switch Transformer / OLMoE / megablocks define them: load balancing
+    # E * sum_e f_e P_e (f_e = share of the T*K assignments on e, no gradient; P_e = mean router
+    # probability) and the ST-MoE z-loss mean_t logsumexp(logits_t)^2. Both 0 when T = 0.
+    f = counts.to(torch.float32) / max(T * top_k, 1)
+    aux["lb_loss"] = E * (f * probs.sum(0) / max(T, 1)).sum()
+    aux["z_loss"] = torch.logsumexp(router_logits.float(), dim=-1).square().sum() / max(T, 1)
+    return y, aux
+
+
+def _grouped_mm_ok(x) -> bool:
+    """`F.grouped_mm` runs on the CPU in any float dtype; on CUDA its kernels take bf16 only."""
+    return x.shape[0] > 0 and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+def _experts_loop(x, w_gate, w_up, w_down, topk_w, topk_idx):
+    """The released code's loop: experts in increasing index order, index_add_ per expert."""
     y = torch.zeros_like(x)
-    # Experts in increasing index order, accumulated with index_add_, as the reference does.
-    for e in range(E):
+    for e in range(w_gate.shape[0]):
         token_idx, slot = torch.where(topk_idx == e)
         if token_idx.numel() == 0:
             continue
         h = x[token_idx]
         h = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
         y.index_add_(0, token_idx, (h * topk_w[token_idx, slot, None]).to(x.dtype))
-    counts = torch.bincount(topk_idx.flatten(), minlength=E)
-    # Training losses as Switch Transformer / OLMoE / megablocks define them: load balancing
-    # E * sum_e f_e P_e (f_e = share of the T*K assignments on e, no gradient; P_e = mean router
-    # probability) and the ST-MoE z-loss mean_t logsumexp(logits_t)^2. Both 0 when T = 0.
-    f = counts.to(torch.float32) / max(T * top_k, 1)
-    lb_loss = E * (f * probs.sum(0) / max(T, 1)).sum()
-    z_loss = torch.logsumexp(router_logits.float(), dim=-1).square().sum() / max(T, 1)
-    return y, {"counts": counts, "router_logits": router_logits, "topk_idx": topk_idx,
-               "topk_weights": topk_w, "lb_loss": lb_loss, "z_loss": z_loss}
+    return y
+
+
+def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                     w_down: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
+    """Sync-free experts: assignments a = t*K + k sorted (stably) by expert, one grouped GEMM
+    per projection over the N = T*K sorted rows (group e = rows of expert e).
+
+    A custom op, opaque to torch.compile: `F.grouped_mm`'s compile-time shape rules are those
+    of its CUDA kernels (bf16 only), while its CPU kernel runs any float dtype."""
+    K = topk_idx.shape[1]
+    order_N = torch.argsort(topk_idx.reshape(-1), stable=True)
+    token_N = order_N // K
+    offs_E = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
+    x_N = x[token_N]
+    gate = F.grouped_mm(x_N, w_gate.transpose(1, 2), offs=offs_E)
+    up = F.grouped_mm(x_N, w_up.transpose(1, 2), offs=offs_E)
+    h = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs_E)
+    h = (h * topk_w.reshape(-1)[order_N, None]).to(x.dtype)
+    # index_add_ in row order: each token's experts are added in increasing index order.
+    return torch.zeros_like(x).index_add_(0, token_N, h)
+
+
+_experts_grouped = torch.library.custom_op("molmoe::grouped_experts", mutates_args=())(
+    grouped_experts)
+
+
+@_experts_grouped.register_fake
+def _(x, w_gate, w_up, w_down, topk_w, topk_idx, counts):
+    return torch.empty_like(x)
 
 
 def rotate_half(x):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from molmoe.backends import REFERENCE_OPS, Ops
 from molmoe.config import TextConfig
-from molmoe.model.kv_cache import KVCache
+from molmoe.model.kv_cache import CacheStep, KVCache, LayerKV
 from molmoe.model.layers import RMSNorm, swiglu
 
 # With a KV cache, up to this many new tokens per step use the decode kernel (split along the
@@ -49,9 +49,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.kv_dim, cfg.norm_eps)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.ops: Ops = REFERENCE_OPS
+        self.kv: LayerKV | None = None  # this layer's view of the bound KV cache
 
-    def forward(self, x, cos, sin, key_padding_mask, cache: KVCache | None, layer: int,
-                slots: tuple[int, int] | None):
+    def forward(self, x, cos, sin, key_padding_mask, step: CacheStep | None):
         cfg = self.cfg
         B, S, _ = x.shape
         q, k, v = self.qkv(x).split([cfg.d_model, cfg.kv_dim, cfg.kv_dim], dim=-1)
@@ -62,12 +62,17 @@ class Attention(nn.Module):
         k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
         v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = self.ops.apply_rope(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, *slots, k, v)  # (B, Hkv, Sk, Dh)
-        if cache is not None and S <= DECODE_MAX_NEW_TOKENS:
-            o = self.ops.decode_attention(q, k, v, key_padding_mask=key_padding_mask)
-        else:
+        if step is not None:
+            k_cache, v_cache = self.kv.write(step, k, v)  # this forward's rows (B, Hkv, Smax, Dh)
+        if step is None or step.attend == "local":  # no cache, or a prompt from slot 0
             o = self.ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        elif S <= DECODE_MAX_NEW_TOKENS:  # the whole cache, masked by lengths: static shapes
+            o = self.ops.decode_attention(q, k_cache, v_cache, cache_seqlens=step.seqlens_B,
+                                          key_padding_mask=step.key_mask_BSk)
+        else:  # a long chunk continuing a shared-index cache (eager only: slices to `end`)
+            end = step.end
+            o = self.ops.attention(q, k_cache[:, :, :end], v_cache[:, :, :end], causal=True,
+                                   key_padding_mask=step.key_mask_BSk[:, :end])
         return self.out(o.transpose(1, 2).reshape(B, S, cfg.d_model))
 
 
@@ -115,11 +120,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFFN(cfg) if cfg.moe is not None else DenseFFN(cfg)
 
-    def forward(self, h, cos, sin, key_padding_mask, cache, layer, slots):
+    def forward(self, h, cos, sin, key_padding_mask, step):
         if self.norm_after:  # 7B-O: normalise the sublayer outputs instead of their inputs
-            h = h + self.attn_norm(self.attn(h, cos, sin, key_padding_mask, cache, layer, slots))
+            h = h + self.attn_norm(self.attn(h, cos, sin, key_padding_mask, step))
             return h + self.ffn_norm(self.ffn(h))
-        h = h + self.attn(self.attn_norm(h), cos, sin, key_padding_mask, cache, layer, slots)
+        h = h + self.attn(self.attn_norm(h), cos, sin, key_padding_mask, step)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -131,20 +136,20 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+        self.cache: KVCache | None = None
 
-    def forward(self, h, cos, sin, attention_mask, cache: KVCache | None = None,
-                logits_to_keep: int | None = None):
-        """h (B, S, D) input embeddings -> logits (B, S or logits_to_keep, V)."""
-        slots = None
-        if cache is not None:
-            slots = cache.reserve(attention_mask)
-            key_padding_mask = cache.key_mask[:, : slots[1]]
-        else:
-            key_padding_mask = attention_mask
+    def bind_cache(self, cache: KVCache | None) -> None:
+        """Give every layer its view of `cache` (None: unbind)."""
+        self.cache = cache
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, key_padding_mask, cache, i, slots)
-        if cache is not None:
-            cache.commit(slots[1])
+            block.attn.kv = None if cache is None else cache.layer(i)
+
+    def forward(self, h, cos, sin, attention_mask, step: CacheStep | None = None,
+                logits_to_keep: int | None = None):
+        """h (B, S, D) input embeddings -> logits (B, S or logits_to_keep, V). With `step`, the
+        new keys/values go into the bound cache as it says (molmoe.model.kv_cache)."""
+        for block in self.blocks:
+            h = block(h, cos, sin, attention_mask, step)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.norm(h))

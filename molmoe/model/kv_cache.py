@@ -1,17 +1,65 @@
-"""A static KV cache: preallocated per-layer buffers, filled left to right.
+"""A static KV cache: preallocated buffers, one view per layer, written in place (gpt-fast).
 
-All sequences of a batch share the slot index (the engine left-pads prompts), so one integer
-`length` says how many slots are written; `key_mask` marks which written slots are real tokens.
+`KVCache` holds k and v as (L, B, Hkv, Smax, Dh) buffers, allocated once; `cache.layer(i)` is
+layer i's (B, Hkv, Smax, Dh) view, which the decoder hands to that layer's `Attention` (the layer
+owns its view; nothing threads a layer index through the calls). A forward that uses the cache
+describes ONCE where its new tokens go, in a `CacheStep`, and every layer follows it:
+
+    rows        which cache rows (sequences) the forward's B inputs are: a slice of the buffers
+    index_BS    the cache slot of each new token (k/v are scattered there, any slot per row)
+    attend      "cache": queries read the cache (decode, chunked prefill), masked by
+                seqlens_B (keys [0, seqlens_B[b]) are valid, the new tokens' causal order
+                bottom-right aligned) and key_mask_BSk (left padding); "local": a prompt that
+                starts at slot 0 attends to its own new keys only (no cache read).
+
+Two ways of using it:
+  * slot mode (molmoe.generation.step, the engine): every cache row is one sequence, stored from
+    slot 0 without padding, so a token's slot IS its position. Sequences of any lengths share the
+    buffers; the decode step writes token b at slot positions_B[b] and reads keys <= that slot.
+    Shapes never change from step to step: the step can be compiled or captured in a CUDA graph.
+  * shared-index mode (`model(ids, kv_cache=cache)`, left-padded batches): all rows append at
+    the same slot `cache.length`; `key_mask` marks which written slots are real tokens.
+
 Keys are stored after RoPE (spec §3.5 step 7).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from molmoe.config import check_allocation
 from molmoe.errors import UsageError
+
+
+@dataclass
+class CacheStep:
+    """Where one forward's new tokens go in the cache, and what its queries attend (see above).
+    Built once per forward, read by every layer."""
+    rows: slice
+    index_BS: torch.Tensor  # int64 cache slot of each new token
+    attend: str  # "cache" | "local"
+    seqlens_B: torch.Tensor | None = None  # int32, valid keys per row after the write
+    key_mask_BSk: torch.Tensor | None = None  # bool (B, Smax), True = a real token (left padding)
+    end: int | None = None  # shared-index mode: slots written after this forward
+
+
+class LayerKV:
+    """One layer's view of the cache: k, v (B, Hkv, Smax, Dh)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def write(self, step: CacheStep, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor):
+        """Scatter the new keys/values into their slots; return this forward's rows of the
+        cache (views, no copy)."""
+        k_rows, v_rows = self.k[step.rows], self.v[step.rows]
+        B, H, S, Dh = k_BHSD.shape
+        index = step.index_BS[:, None, :, None].expand(B, H, S, Dh)
+        k_rows.scatter_(2, index, k_BHSD.to(k_rows.dtype))
+        v_rows.scatter_(2, index, v_BHSD.to(v_rows.dtype))
+        return k_rows, v_rows
 
 
 class KVCache:
@@ -26,22 +74,31 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-        self.max_len = max_len
+        self.length = 0  # shared-index mode: slots written so far
+        self.batch, self.max_len = batch, max_len
+        self.layers = [LayerKV(self.k[i], self.v[i]) for i in range(n_layers)]
 
-    def reserve(self, attention_mask: torch.Tensor) -> tuple[int, int]:
-        """Claim slots for S new tokens (B, S); returns (start, end) of the slots."""
-        start, end = self.length, self.length + attention_mask.shape[1]
+    def layer(self, i: int) -> LayerKV:
+        return self.layers[i]
+
+    # ------------------------------------------------------------- shared-index mode
+
+    def shared_step(self, attention_mask_BS: torch.Tensor) -> CacheStep:
+        """The step of a forward that appends S tokens (B, S) to every row at `length`."""
+        B, S = attention_mask_BS.shape
+        start, end = self.length, self.length + S
         if end > self.max_len:
             raise UsageError(f"KV cache full: {end} tokens needed, {self.max_len} allocated")
-        self.key_mask[:, start:end] = attention_mask.to(torch.bool)
-        return start, end
+        if B > self.batch:
+            raise UsageError(f"KV cache has {self.batch} rows, the batch has {B}")
+        self.key_mask[:B, start:end] = attention_mask_BS.to(torch.bool)
+        device = self.k.device
+        index_BS = torch.arange(start, end, device=device).expand(B, S)
+        seqlens_B = torch.full((B,), end, dtype=torch.int32, device=device)
+        attend = "local" if start == 0 else "cache"
+        return CacheStep(rows=slice(0, B), index_BS=index_BS, attend=attend, seqlens_B=seqlens_B,
+                         key_mask_BSk=self.key_mask[:B], end=end)
 
-    def commit(self, end: int) -> None:
-        self.length = end
-
-    def update(self, layer: int, start: int, end: int, k, v):
-        """Write k, v (B, Hkv, S, Dh) into the slots; return all keys/values so far."""
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def commit(self, step: CacheStep) -> None:
+        if step.end is not None:
+            self.length = step.end

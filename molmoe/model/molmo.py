@@ -55,11 +55,16 @@ class Molmo(nn.Module):
         return self
 
     def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        """A KV cache of `batch` rows x `max_len` slots, bound to the layers (each takes its
+        view); it replaces any cache bound before."""
         t = self.config.text
         p = self.decoder.lm_head.weight
         dtype = dtype or self.autocast_dtype or p.dtype
-        return KVCache(n_layers=t.n_layers, batch=batch, n_kv_heads=t.n_kv_heads, max_len=max_len,
-                       head_dim=t.head_dim, dtype=dtype, device=device or p.device)
+        cache = KVCache(n_layers=t.n_layers, batch=batch, n_kv_heads=t.n_kv_heads,
+                        max_len=max_len, head_dim=t.head_dim, dtype=dtype,
+                        device=device or p.device)
+        self.decoder.bind_cache(cache)
+        return cache
 
     def embed(self, input_ids, images=None, image_masks=None, image_input_idx=None,
               crop_valid=None):
@@ -124,4 +129,12 @@ class Molmo(nn.Module):
                              f"{max_pos} positions (max_position_embeddings)")
         h = self.embed(input_ids, images, image_masks, image_input_idx, crop_valid)
         cos, sin = rope_tables(position_ids, self.config.text.head_dim, self.config.text.rope_theta)
-        return self.decoder(h, cos, sin, attention_mask, kv_cache, logits_to_keep)
+        step = None
+        if kv_cache is not None:
+            if self.decoder.cache is not kv_cache:
+                self.decoder.bind_cache(kv_cache)
+            step = kv_cache.shared_step(attention_mask)
+        logits = self.decoder(h, cos, sin, attention_mask, step, logits_to_keep)
+        if step is not None:
+            kv_cache.commit(step)
+        return logits
