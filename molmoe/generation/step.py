@@ -6,6 +6,7 @@ without padding, so a token's cache slot is its position:
 
     prefill(model, inputs, row) -> logits_V        eager: vision encoder, connector, prompt; writes
                                                    the prompt's keys/values to slots [0, S) of row
+                                                   (`prefill_embeds`: the decoder part alone)
     decode_step(model, tokens_B, positions_B)      one new token for each of rows 0..B-1, written
         -> logits_BV                               at slot positions_B[b]; attention reads the
                                                    whole row, masked by its length positions_B+1
@@ -58,28 +59,39 @@ def prefill(model, inputs: dict, row: int) -> torch.Tensor:
     """Run one processed prompt (unbatched processor output: input_ids (S,), optional images,
     image_masks, image_input_idx on the model's device) into cache row `row`; logits (V,) of
     its next token."""
+    ids_S = inputs["input_ids"]
+    images = inputs.get("images")
+    masks = inputs.get("image_masks")
+    with _autocast(model, ids_S.device):
+        h_1SD = model.embed(ids_S[None], None if images is None else images[None],
+                            None if masks is None else masks[None],
+                            None if images is None else inputs["image_input_idx"][None],
+                            # every crop given is a real one (batch padding is what is not)
+                            None if images is None else torch.ones(
+                                1, images.shape[0], dtype=torch.bool, device=images.device))
+    return prefill_embeds(model, h_1SD, row)
+
+
+def prefill_embeds(model, h_1SD: torch.Tensor, row: int) -> torch.Tensor:
+    """The decoder part of `prefill`: input embeddings (1, S, D), image features already added
+    (`model.embed`), into cache row `row`; logits (V,) of the next token."""
     cache = model.decoder.cache
     if cache is None:
         raise UsageError("no KV cache is bound: call model.new_kv_cache(rows, slots) first")
-    ids_S = inputs["input_ids"]
-    S = ids_S.shape[-1]
+    S = h_1SD.shape[1]
     if not 0 <= row < cache.batch:
         raise UsageError(f"cache row {row} does not exist (the cache has {cache.batch} rows)")
     if S > cache.max_len:
         raise UsageError(f"a prompt of {S} tokens does not fit the cache's {cache.max_len} slots")
-    if S > model.config.text.max_position_embeddings:
+    text = model.config.text
+    if S > text.max_position_embeddings:
         raise UsageError(f"a prompt of {S} tokens is beyond the model's "
-                         f"{model.config.text.max_position_embeddings} positions")
-    images = inputs.get("images")
-    with _autocast(model, ids_S.device):
-        h = model.embed(ids_S[None], None if images is None else images[None],
-                        None if inputs.get("image_masks") is None else inputs["image_masks"][None],
-                        None if images is None else inputs["image_input_idx"][None])
-        positions_1S = torch.arange(S, device=ids_S.device)[None]
-        text = model.config.text
+                         f"{text.max_position_embeddings} positions")
+    with _autocast(model, h_1SD.device):
+        positions_1S = torch.arange(S, device=h_1SD.device)[None]
         cos, sin = rope_tables(positions_1S, text.head_dim, text.rope_theta)
         step = CacheStep(rows=slice(row, row + 1), index_BS=positions_1S, attend="local")
-        return model.decoder(h, cos, sin, None, step, logits_to_keep=1)[0, -1]
+        return model.decoder(h_1SD, cos, sin, None, step, logits_to_keep=1)[0, -1]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
