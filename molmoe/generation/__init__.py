@@ -1,5 +1,6 @@
 """Generation: batching, sampling and the cached decode loop (outside the model)."""
 from molmoe.generation.batching import Batch, left_pad_batch
+from molmoe.generation.detok import TextStream, text_stops
 from molmoe.generation.engine import (Engine, GenerationConfig, GenerationError,
                                       GenerationLengthError, GenerationResult, Timings,
                                       prompt_allowance)
@@ -8,4 +9,5 @@ from molmoe.generation.sampling import MIN_TEMPERATURE, sample_next, top_k_filte
 
 __all__ = ["Batch", "Engine", "GenerationConfig", "GenerationError", "GenerationLengthError",
            "GenerationResult", "MIN_TEMPERATURE", "Timings", "check_vocabulary", "left_pad_batch",
-           "prompt_allowance", "resolve_eos", "sample_next", "top_k_filter", "top_p_filter"]
+           "prompt_allowance", "resolve_eos", "sample_next", "text_stops", "TextStream",
+           "top_k_filter", "top_p_filter"]
