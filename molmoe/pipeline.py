@@ -5,7 +5,7 @@ generating at the same id.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 # The steps `progress` is told about, in order.
 LOAD_STEPS = ("locating checkpoint", "tokenizer and processor", "weights")

@@ -145,7 +145,7 @@ def test_matches_quadratic_reference(name, request):
 def test_hand_picked_cases(name, request):
     tok = request.getfixturevalue(name)
     byte_ids = _byte_ids(tok)
-    emoji = [byte_ids[b] for b in "😀".encode("utf-8")]
+    emoji = [byte_ids[b] for b in "😀".encode()]
     check(tok, emoji, ())  # complete only at the last byte
     check(tok, emoji[:3], ())  # never completed: finish flushes U+FFFD
     check(tok, emoji[:2] + tok.encode_text("a"), ())  # cut short by ASCII
@@ -158,8 +158,8 @@ def test_hand_picked_cases(name, request):
     check(tok, ids, ("her", "The"))  # the earliest stop wins even if listed last
     check(tok, ids, ("😀",))
     check(tok, tok.encode_text("ab😀cd"), ("😀",))
-    check(tok, [byte_ids[b] for b in "ab😀cd".encode("utf-8")], ("b😀c",))
-    check(tok, [byte_ids[b] for b in "ab😀cd".encode("utf-8")], ("\ufffd",))  # matches early
+    check(tok, [byte_ids[b] for b in "ab😀cd".encode()], ("b😀c",))
+    check(tok, [byte_ids[b] for b in "ab😀cd".encode()], ("\ufffd",))  # matches early
 
 
 @pytest.mark.parametrize("name", ["qwen2", "olmoe"])
@@ -168,9 +168,9 @@ def test_streaming_holds_only_what_may_change(name, request):
     byte_ids = _byte_ids(tok)
     stream = TextStream(tok, ("STOP",))
     assert stream.push(tok.encode_text("go")[0]) == "go"
-    for b in "😀".encode("utf-8")[:3]:  # an incomplete character is held
+    for b in "😀".encode()[:3]:  # an incomplete character is held
         assert stream.push(byte_ids[b]) == ""
-    assert stream.push(byte_ids["😀".encode("utf-8")[3]]) == "😀"
+    assert stream.push(byte_ids["😀".encode()[3]]) == "😀"
     assert "".join(stream.push(t) for t in tok.encode_text(" ST")) == " "  # "ST" may start STOP
     assert stream.push(tok.encode_text("x")[0]) == "STx"
     assert "".join(stream.push(t) for t in tok.encode_text(" STO")) == " "
@@ -247,7 +247,8 @@ def test_refuses_empty_stop(olmoe):
 def test_fuzz_against_reference(name, request):
     """Hypothesis draws the ids: byte tokens (any UTF-8 state), text tokens, special ids, and a
     stop string cut from the decoded text."""
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 
     from tests.fuzz import FUZZ, seeded
 

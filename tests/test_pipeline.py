@@ -26,7 +26,8 @@ from tests.tiny import random_model, write_checkpoint
 def test_processor_at_the_top_level():
     assert molmoe.Processor is Processor
     assert {"Processor", "load_pipeline"} <= set(molmoe.__all__)
-    from molmoe import load_pipeline, Processor as P  # noqa: F401
+    from molmoe import Processor as P
+    from molmoe import load_pipeline  # noqa: F401
 
     assert P is Processor
     with pytest.raises(AttributeError):
@@ -57,9 +58,9 @@ def _script() -> pathlib.Path:
                                   ["convert", "/nonexistent/src", "/nonexistent/dst"]])
 def test_python_m_molmoe_is_the_script(argv):
     as_module = subprocess.run([sys.executable, "-m", "molmoe", *argv], capture_output=True,
-                               text=True, timeout=300)
+                               text=True, timeout=300, check=False)
     as_script = subprocess.run([str(_script()), *argv], capture_output=True, text=True,
-                               timeout=300)
+                               timeout=300, check=False)
     assert as_module.returncode == as_script.returncode
     assert as_module.stdout == as_script.stdout
     last = [p.rsplit("\r", 1)[-1].strip() for p in as_module.stderr.splitlines()]
@@ -164,7 +165,7 @@ def test_generation_config_eos_is_the_same_from_python_and_the_cli(scripted, pro
 
 
 def test_without_generation_config_the_tokenizer_eos(scripted, proc, capsys):
-    directory, stop = scripted
+    directory, _stop = scripted
     model = molmoe.load(directory)
     assert model.generation_eos_token_id is None and model.generation_eos_token_ids is None
     assert engine_eos(model, proc.tokenizer) == proc.tokenizer.eos_token_id
@@ -190,7 +191,7 @@ def test_bad_generation_config_fails_at_load(scripted, capsys, value, words):
 
 
 def test_engine_eos_checks(scripted, proc):
-    directory, stop = scripted
+    directory, _stop = scripted
     model = molmoe.load(directory)
     rows = model.config.text.embedding_size
     for bad in (-1, rows, 1.5, True):

@@ -5,9 +5,9 @@ and so does searching the stop strings in the whole text. `TextStream` keeps the
 bounded by the length of the last few tokens, with the window vLLM and TGI use
 (`detokenize_incrementally`, prefix_offset/read_offset): the ids from a boundary a few tokens
 back (the prefix) are decoded up to the last committed token (once, at the commit) and up to
-the new one (every token); the difference is the new text. It is committed only when it does not end in U+FFFD: a byte-level
-token can end in the middle of a UTF-8 character, which decodes as U+FFFD until the rest of its
-bytes arrive. Decoding from a context token (not from the new token alone) keeps decoders
+the new one (every token); the difference is the new text. It is committed only when it does
+not end in U+FFFD: a byte-level token can end in the middle of a UTF-8 character, which decodes
+as U+FFFD until the rest of its bytes arrive. Decoding from a context token (not from the new token alone) keeps decoders
 that treat the first token specially (SentencePiece's leading space) right.
 
 The semantics are those of decoding every id at every step (the reference the tests compare
@@ -46,7 +46,7 @@ def text_stops(tokenizer, stop_strings, eos_id: int | None) -> tuple[str, ...]:
     if eos_id is not None:
         try:
             name = tokenizer.decode([eos_id], skip_special_tokens=False)
-        except Exception:  # a tokenizer without that option: the usual name stands for it
+        except Exception:  # noqa: BLE001  any tokenizer failure: the usual name stands for it
             name = None
         if name:
             special.add(name)
@@ -61,8 +61,8 @@ class TextStream:
     (an incomplete character, a possible stop-string start) and returns that last delta.
     `text` is the text so far (the full decode, cut before a stop string), `stopped` says a stop
     string ended it, `finished` that `finish` was called, `ids` holds every pushed id (up to
-    and including the one that completed a stop string). After a stop string, or after `finish`, `push`
-    raises UsageError. `tokenizer` needs `decode(ids, skip_special_tokens=...)`.
+    and including the one that completed a stop string). After a stop string, or after
+    `finish`, `push` raises UsageError. `tokenizer` needs `decode(ids, skip_special_tokens=...)`.
     """
 
     def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
@@ -154,7 +154,7 @@ class TextStream:
             try:
                 skipped = (self._decode([token_id]) == ""
                            and self.tokenizer.decode([token_id], skip_special_tokens=False) != "")
-            except Exception:  # an id the tokenizer cannot decode alone: keep it in the window
+            except Exception:  # noqa: BLE001  cannot decode it alone: keep it in the window
                 skipped = False
             self._skipped[token_id] = skipped
         return skipped

@@ -68,8 +68,8 @@ def engine_eos(model, tokenizer, explicit: int | None = None) -> int | None:
     """The EOS id an Engine stops at, the same one `molmoe generate` uses: `explicit` when given,
     else the checkpoint's generation_config.json id that `molmoe.load` recorded on the model
     (`model.generation_eos_token_id`; it and the other listed ids are checked against the
-    tokenizer as `resolve_eos` does), else `tokenizer.eos_token_id` (None if it has none: generation then stops at stop
-    strings or the token limit only). An id the model cannot generate is refused (UsageError for
+    tokenizer as `resolve_eos` does), else `tokenizer.eos_token_id` (None if it has none:
+    generation then stops at stop strings or the token limit only). An id the model cannot generate is refused (UsageError for
     `explicit`, ConfigError for the files')."""
     config = getattr(model, "config", None)
     rows = config.text.embedding_size if config is not None else None
