@@ -69,29 +69,20 @@ def _add_generation_args(p, max_new_tokens: int) -> None:
 
 def _load(model_id, *, dtype="float32", backend="reference", device=None, check_finite=True,
           compat="molmoe"):
-    """Processor, model, EOS id, with a progress bar on stderr (loading is the slow part)."""
-    import torch
+    """`molmoe.load_pipeline` (processor, model, EOS id) with a progress bar on stderr (loading
+    is the slow part)."""
     from tqdm import tqdm
 
-    import molmoe
-    from molmoe.checkpoint.files import resolve
-    from molmoe.generation import check_vocabulary, resolve_eos
-    from molmoe.processing import Processor
+    from molmoe.pipeline import LOAD_STEPS, load_pipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with tqdm(total=3, desc="loading", unit="step", file=sys.stderr, leave=False) as bar:
-        bar.set_postfix_str("locating checkpoint")
-        directory = resolve(model_id)
-        bar.update()
-        bar.set_postfix_str("tokenizer and processor")
-        proc = Processor.from_pretrained(directory, compat=compat)
-        bar.update()
-        bar.set_postfix_str("weights")
-        model = molmoe.load(directory, dtype=dtype, backend=backend, device=device,
-                            check_finite=check_finite, compat=compat)
-        bar.update()
-    check_vocabulary(proc.tokenizer, model.config)
-    return proc, model, resolve_eos(directory, proc.tokenizer, model.config)
+    with tqdm(total=len(LOAD_STEPS), desc="loading", unit="step", file=sys.stderr,
+              leave=False) as bar:
+        def progress(done, _total, step):
+            bar.update(done - bar.n)
+            bar.set_postfix_str(step)
+
+        return load_pipeline(model_id, dtype=dtype, backend=backend, device=device,
+                             check_finite=check_finite, compat=compat, progress=progress)
 
 
 def _max_pixels(args):

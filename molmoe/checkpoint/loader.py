@@ -16,6 +16,7 @@ from molmoe.checkpoint.files import open_checkpoint, read_json, resolve
 from molmoe.compat import check_compat
 from molmoe.config import ConfigError, MolmoConfig, check_memory, from_hf_config
 from molmoe.errors import UsageError
+from molmoe.generation.eos import generation_eos_ids
 from molmoe.model import Molmo
 
 # Precision modes (spec §7.1): weights dtype and optional autocast.
@@ -113,6 +114,11 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     "bfloat16" (half the memory; outputs within bf16 tolerance), or "float16".
     check_finite: refuse weights holding NaN/Inf (they answer garbage); False skips the pass.
     compat: "molmoe" (default) or "released" (the released crop-validity rule; molmoe.compat).
+
+    The checkpoint's generation_config.json EOS ids (checked to be rows of the LM head) are
+    recorded as `model.generation_eos_token_ids` (a tuple, or None without one) and
+    `model.generation_eos_token_id` (the first, or None); `molmoe.generation.engine_eos` reads
+    them so an Engine stops where `molmoe generate` does.
     """
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(dtype)]
     check_compat(compat)
@@ -120,6 +126,7 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     backend, device = select_backend(backend, device, allow_meta=True)
     directory = resolve(model_id_or_dir)
     config, raw = load_config_from_dir(directory)
+    eos_ids = generation_eos_ids(directory, config)  # a bad file fails before the slow part
     stored = stored_dtype(raw, str(directory / "config.json"))
     check_memory(config, directory, dtype=weights_dtype, device=device,  # before any allocation
                  stored_dtype=stored)
@@ -134,4 +141,6 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     model.set_compat(compat)
     model.autocast_dtype = autocast_dtype
     model.source = str(directory)
+    model.generation_eos_token_ids = eos_ids
+    model.generation_eos_token_id = eos_ids[0] if eos_ids else None
     return model.eval().requires_grad_(False)
