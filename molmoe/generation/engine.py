@@ -1,39 +1,62 @@
-"""The decode loop: prefill a left-padded batch into a static KV cache, then one token at a time.
+"""The decode loop with continuous batching over a slot KV cache (nanochat `engine.py` style).
 
-Lives outside the model (nanochat `engine.py` style): the model only maps (ids, images, cache) to
-logits; this module owns the cache, positions, sampling, stopping and streaming.
+The model only maps inputs to logits; this module owns the cache, the rows, positions, sampling,
+stopping and streaming. One sequence per cache row, stored from slot 0 without padding
+(molmoe.model.kv_cache, slot mode), so prompts of any lengths share the cache:
 
-Positions follow the released code (spec §3.5): prompt positions are cumsum(mask) - 1, each new
-token gets the previous position + 1, so a prompt's positions do not depend on its left padding.
-Stopping (spec §5.3): at the EOS id (the README's `stop_strings="<|endoftext|>"`), at any other
-stop string found in the decoded text (the text is cut before it), or after `max_new_tokens`.
-Logits that name no token (NaN/Inf, or all equal: bad weights or config numbers) stop the request
-with `GenerationError` instead of decoding noise; the check rides on the loop's one host transfer.
+    submit(prompt, config) -> Request      checked at once (a bad request is refused alone)
+    step()                                 admit waiting requests into free rows (each prompt is
+                                           prefilled alone, eagerly: vision, connector, prompt),
+                                           then ONE decode step for every running row (the
+                                           captured / compiled `decode_step` over the first
+                                           `bucket` rows), sample, stop, stream
+    cancel(request)                        frees its row at once
+    generate(prompts, config)              submit all, step until done (the batch API)
 
-Legend: B batch, S padded prompt length, V vocabulary rows.
+A finished or cancelled request frees its row at once; the next waiting request takes it before
+the next step. Rows are handed out lowest first, so the step covers the fewest rows.
+
+Why slots, not pages: a slot cache keeps every sequence contiguous, which is what the decode
+kernel (`cache_seqlens` over contiguous rows) and the CUDA-graph step read without an indirection;
+its cost is memory reserved up to `max_len` per row. For MolmoE (128 KiB of bf16 K/V per token)
+8 rows x 4,096 slots are 4 GiB, small beside the weights on one GPU; a paged cache pays a
+page-table gather in every layer of every step to save memory this runtime does not need.
+
+Positions follow the released code (spec §3.5): a prompt's tokens have positions 0..S-1 and each
+new token the next one. Stopping (spec §5.3): at the EOS id (the README's
+`stop_strings="<|endoftext|>"`), at any other stop string found in the decoded text (the text is
+cut before it), or after `max_new_tokens`. Logits that name no token (NaN/Inf, or all equal: bad
+weights or config numbers) end that request with `GenerationError`; the check rides on the step's
+one host transfer. Seeded sampling draws from the request's own generator, so a request samples
+the same tokens whatever else is in the batch.
+
+Legend: B batch rows of the step, V vocabulary rows.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from molmoe.errors import MolmoeError, UsageError, is_integral
-from molmoe.generation.batching import left_pad_batch
+from molmoe.generation.detok import EOS_STRING, TextStream, text_stops
+from molmoe.generation.eos import engine_eos
 from molmoe.generation.sampling import check_temperature, sample_next
+from molmoe.generation.step import MODES, DecodeRunner, prefill
 
-EOS_STRING = "<|endoftext|>"
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class GenerationLengthError(MolmoeError):
-    """The prompt plus the requested new tokens do not fit the model's positions."""
+    """The prompt plus the requested new tokens do not fit the model's positions or the cache."""
 
 
-# Row status of the logits (Engine._sample): decodable, or why not. All-equal logits across the
+# Row status of the logits (Engine._choose): decodable, or why not. All-equal logits across the
 # whole vocabulary carry no answer (finite but extreme weights can drive every logit to exactly
 # 0); greedy decoding would silently answer token 0 forever.
 _LOGITS_OK, _LOGITS_NON_FINITE, _LOGITS_FLAT = 1, 0, 2
@@ -67,11 +90,11 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None  # seeds a torch.Generator: the same seed gives the same samples
+    seed: int | None = None  # seeds the request's torch.Generator: same seed, same samples
     # The EOS id always stops; the EOS string here only stands for it (decoded text skips special
     # tokens, so it could never match as text). Other strings are matched on the decoded text.
     stop_strings: tuple[str, ...] = (EOS_STRING,)
-    eos_token_id: int | None = None  # None: the tokenizer's / generation_config's EOS
+    eos_token_id: int | None = None  # None: the engine's (generation_config's / tokenizer's)
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -102,9 +125,9 @@ class GenerationConfig:
 
 @dataclass
 class Timings:
-    prefill_s: float  # batch prefill (vision + prompt), shared by the batch
-    decode_s: float  # from the end of prefill until this sequence finished
-    new_tokens: int  # tokens this sequence produced (the stopping EOS included)
+    prefill_s: float  # this request's prefill (vision + prompt) up to its first token
+    decode_s: float  # from its first token until it finished
+    new_tokens: int  # tokens it produced (the stopping EOS included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -120,199 +143,331 @@ class Timings:
 class GenerationResult:
     text: str  # decoded without special tokens, cut before a stop string
     token_ids: list[int]  # generated ids, the stopping EOS not included
-    finish_reason: str  # "eos" | "stop_string" | "length"
+    finish_reason: str  # "eos" | "stop_string" | "length" | "cancelled" | "error"
     timings: Timings
 
 
-@dataclass
-class _Sequence:
-    """Per-sequence decode state."""
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    streamed: str = ""  # text already passed to on_text
-    finish_reason: str | None = None
-    new_tokens: int = 0
-    finished_at: float = 0.0
+class Request:
+    """One prompt in the engine: from `submit` until finished (then `result` is set)."""
 
+    def __init__(self, rid: int, inputs: dict, config: GenerationConfig, eos: int | None,
+                 stream: TextStream, on_text, device: torch.device):
+        self.id = rid
+        self.inputs, self.config, self.eos, self.stream, self.on_text = (inputs, config, eos,
+                                                                          stream, on_text)
+        self.generator = None
+        if config.do_sample and config.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.prompt_len = int(inputs["input_ids"].shape[0])
+        self.row: int | None = None
+        self.position = 0  # the cache slot (= position) of the next token fed back
+        self.token = 0  # the last sampled token (fed back at the next step)
+        self.new_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.result: GenerationResult | None = None
+        self.t_start = self.t_first = self.t_done = 0.0
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # timings must not stop at an asynchronous launch
-        torch.cuda.synchronize(device)
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def slots_needed(self) -> int:
+        # The last sampled token is never fed back: prompt + max_new_tokens - 1 slots.
+        return self.prompt_len + self.config.max_new_tokens - 1
 
 
 class Engine:
-    """`Engine(model, tokenizer).generate(processed, GenerationConfig(...), on_text=...)`.
+    """`Engine(model, tokenizer).generate(processed, GenerationConfig(...), on_text=...)`, or
+    `submit` / `step` / `cancel` for requests that come and go (continuous batching).
 
-    `tokenizer` needs `decode(ids, skip_special_tokens=...)` and, unless the config or
-    `eos_token_id` names it, an `eos_token_id` attribute.
+    max_batch: cache rows (default: the number of prompts of the `generate` call, at most 64).
+    max_len: slots per row; None sizes the cache to the requests at hand whenever the engine
+    is idle, an int fixes it (requests that do not fit are refused at `submit`).
+    mode: how the decode step runs, "eager", "compile" (torch.compile, fullgraph) or "graph"
+    (CUDA graphs); None = "graph" on CUDA, "eager" on the CPU.
+    `tokenizer` needs `decode(ids, skip_special_tokens=...)` and, unless `eos_token_id` or the
+    model's generation_config names it, an `eos_token_id` attribute.
     """
 
-    def __init__(self, model, tokenizer, *, eos_token_id: int | None = None):
+    DEFAULT_MAX_BATCH = 64
+
+    def __init__(self, model, tokenizer, *, eos_token_id: int | None = None,
+                 max_batch: int | None = None, max_len: int | None = None,
+                 mode: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(
-            tokenizer, "eos_token_id", None)
+        self.eos_token_id = engine_eos(model, tokenizer, eos_token_id)
+        self.device = next(model.parameters()).device
+        if mode is None:
+            mode = "graph" if self.device.type == "cuda" else "eager"
+        if mode not in MODES:
+            raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
+        for name, value in (("max_batch", max_batch), ("max_len", max_len)):
+            if value is not None and (not is_integral(value) or value < 1):
+                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+        max_pos = model.config.text.max_position_embeddings
+        if max_len is not None and max_len > max_pos:
+            raise UsageError(f"max_len={max_len} is beyond the model's {max_pos} positions")
+        self.mode, self.max_batch, self.max_len = mode, max_batch, max_len
+        self._ids = itertools.count()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: list[Request | None] = []
+        self._runner: DecodeRunner | None = None
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ requests
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def submit(self, prompt: dict, config: GenerationConfig | None = None, *,
+               on_text: Callable[[str], None] | None = None) -> Request:
+        """Queue one processed prompt (the processor's unbatched output). Checked now: a bad
+        request raises here and nothing else changes. on_text(delta) streams its text."""
+        config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise UsageError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        eos = config.eos_token_id if config.eos_token_id is not None else self.eos_token_id
+        inputs = self._check_prompt(prompt, eos)
+        n, text = inputs["input_ids"].shape[0], self.model.config.text
+        if n + config.max_new_tokens > text.max_position_embeddings:
+            raise GenerationLengthError(
+                f"the prompt has {n} tokens; with max_new_tokens={config.max_new_tokens} that "
+                f"is {n + config.max_new_tokens} positions, beyond the model's "
+                f"max_position_embeddings={text.max_position_embeddings}")
+        if self.max_len is not None and n + config.max_new_tokens - 1 > self.max_len:
+            raise GenerationLengthError(
+                f"the prompt has {n} tokens; with max_new_tokens={config.max_new_tokens} it "
+                f"needs {n + config.max_new_tokens - 1} cache slots, the engine has "
+                f"max_len={self.max_len}")
+        stream = TextStream(self.tokenizer, text_stops(self.tokenizer, config.stop_strings, eos))
+        request = Request(next(self._ids), inputs, config, eos, stream, on_text, self.device)
+        self._waiting.append(request)
+        return request
 
-    def _eos_string(self, eos: int) -> str | None:
-        try:
-            return self.tokenizer.decode([eos], skip_special_tokens=False)
-        except Exception:  # a tokenizer without that option: fall back to the usual name
-            return None
+    def cancel(self, request: Request) -> None:
+        """Stop a request now; its row is free for the next one. No-op once it finished."""
+        if request.finished:
+            return
+        if request in self._waiting:
+            self._waiting.remove(request)
+        self._finish(request, "cancelled", time.perf_counter())
 
-    def _text_stops(self, config: GenerationConfig, eos: int | None) -> tuple[str, ...]:
-        special = {EOS_STRING}
-        if eos is not None and (name := self._eos_string(eos)):
-            special.add(name)
-        return tuple(s for s in config.stop_strings if s not in special)
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self._rows if r is not None]
 
-    @staticmethod
-    def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        return (text[: min(hits)], True) if hits else (text, False)
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self._rows)
 
-    @staticmethod
-    def _streamable(text: str, stops: tuple[str, ...]) -> str:
-        """The part of the (unfinished) text that no later token can change: an incomplete
-        UTF-8 character (shown as U+FFFD) and a tail that may begin a stop string are held."""
-        text = text.rstrip("\ufffd")
-        hold = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        return text[: len(text) - hold]
-
-    # ------------------------------------------------------------------ generate
+    # ------------------------------------------------------------------ stepping
 
     @torch.inference_mode()
-    def generate(self, prompts: dict | list[dict], config: GenerationConfig | None = None, *,
-                 on_text: Callable[[int, str], None] | None = None):
-        """Generate for one processed prompt (returns one result) or a list (returns a list).
+    def step(self) -> list[Request]:
+        """Admit what fits, then one decode step for every running row. Returns the requests
+        that finished during this call."""
+        done: list[Request] = []
+        self._admit(done)
+        rows = [i for i, r in enumerate(self._rows) if r is not None]
+        if not rows:
+            return done
+        B = self._runner.bucket(rows[-1] + 1)
+        tokens = [0] * B
+        positions = [0] * B  # unused rows: a harmless token at slot 0 of a free row
+        for i in rows:
+            tokens[i], positions[i] = self._rows[i].token, self._rows[i].position
+        tokens_B = torch.tensor(tokens, device=self.device)
+        positions_B = torch.tensor(positions, device=self.device)
+        logits_BV = self._runner(tokens_B, positions_B)
+        picks = self._choose(logits_BV, self._rows[:B]).tolist()  # the step's one host sync
+        now = time.perf_counter()
+        for i in rows:
+            request = self._rows[i]
+            request.position += 1
+            self._take(request, picks[0][i], picks[1][i], now, done)
+        return done
 
-        on_text(i, delta) receives the text of sequence i as it grows; the deltas of a sequence
-        concatenate to its final `text`.
-        """
-        single = isinstance(prompts, dict)
-        samples = [prompts] if single else list(prompts)
-        config = config or GenerationConfig()
-        eos = config.eos_token_id if config.eos_token_id is not None else self.eos_token_id
-        stops = self._text_stops(config, eos)
-        model = self.model
-        device = next(model.parameters()).device
-        max_pos = model.config.text.max_position_embeddings
+    def _admit(self, done: list[Request]) -> None:
+        while self._waiting:
+            request = self._waiting[0]
+            if not self._ensure_cache(request):
+                return  # waits for a row, or for the engine to be idle to resize the cache
+            self._waiting.popleft()
+            row = self._rows.index(None)
+            request.row, self._rows[row] = row, request
+            request.t_start = time.perf_counter()
+            try:
+                logits_V = prefill(self.model, request.inputs, row)
+                pick = self._choose(logits_V[None], [request]).tolist()
+            except Exception as e:  # this request fails alone; the batch goes on
+                request.error = e
+                self._finish(request, "error", time.perf_counter())
+                done.append(request)
+                continue
+            request.position = request.prompt_len
+            request.t_first = time.perf_counter()
+            self._take(request, pick[0][0], pick[1][0], request.t_first, done)
 
-        batch = left_pad_batch(samples)
-        self._check_ids(batch, eos, model.config.text)
-        for i, n in enumerate(batch.lengths_B):
-            if n + config.max_new_tokens > max_pos:
-                raise GenerationLengthError(
-                    f"prompt {i} has {n} tokens; with max_new_tokens={config.max_new_tokens} that "
-                    f"is {n + config.max_new_tokens} positions, beyond the model's "
-                    f"max_position_embeddings={max_pos}")
-        B, S = batch.input_ids_BS.shape
-        to = (lambda t: None if t is None else t.to(device))
-        generator = None
-        if config.do_sample and config.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(config.seed)
-        # The last sampled token is never fed back, so S + max_new_tokens - 1 slots suffice.
-        cache = model.new_kv_cache(B, S + config.max_new_tokens - 1)
-
-        seqs = [_Sequence() for _ in range(B)]
-        _sync(device)
-        t0 = time.perf_counter()
-        logits_BV = model(to(batch.input_ids_BS), to(batch.images_BTPF), to(batch.image_masks_BTP),
-                          to(batch.image_input_idx_BTQ), crop_valid=to(batch.crop_valid_BT),
-                          attention_mask=to(batch.attention_mask_BS),
-                          position_ids=to(batch.position_ids_BS), kv_cache=cache,
-                          logits_to_keep=1)[:, -1]
-        step_2B = self._sample(logits_BV, config, generator)
-        _sync(device)
-        t_prefill = time.perf_counter()
-        position_B1 = to(batch.position_ids_BS[:, -1:])
-        ones_B1 = torch.ones(B, 1, dtype=torch.bool, device=device)
-
-        for step in range(config.max_new_tokens):
-            now = time.perf_counter()
-            tokens, status = step_2B.tolist()  # the loop's one host sync per step
-            for b, (tok, st) in enumerate(zip(tokens, status)):
-                if seqs[b].finish_reason is None:
-                    if st != _LOGITS_OK:
-                        raise GenerationError(f"sequence {b}: the logits for new token "
-                                              f"{step + 1} {_LOGITS_PROBLEM[st]}")
-                    self._advance(b, seqs[b], tok, eos, stops, config, on_text, now)
-            if all(s.finish_reason is not None for s in seqs) or step + 1 == config.max_new_tokens:
-                break
-            position_B1 = position_B1 + 1
-            logits_BV = model(step_2B[0, :, None], attention_mask=ones_B1,
-                              position_ids=position_B1, kv_cache=cache, logits_to_keep=1)[:, -1]
-            step_2B = self._sample(logits_BV, config, generator)
-            _sync(device)
-
-        prefill_s = t_prefill - t0
-        results = [GenerationResult(s.text, s.ids, s.finish_reason,
-                                    Timings(prefill_s, max(s.finished_at - t_prefill, 0.0),
-                                            s.new_tokens))
-                   for s in seqs]
-        return results[0] if single else results
+    def _ensure_cache(self, request: Request) -> bool:
+        """A free row whose slots fit the request; (re)allocates the cache when idle."""
+        cache = self.model.decoder.cache if self._runner is not None else None
+        fits = cache is not None and request.slots_needed <= cache.max_len
+        if fits and None in self._rows:
+            return True
+        if any(r is not None for r in self._rows):
+            return False  # busy: wait for a row (or, if the slots are short, for idle)
+        need = max([request.slots_needed] + [r.slots_needed for r in self._waiting])
+        rows = self.max_batch or min(max(len(self._waiting), 1), self.DEFAULT_MAX_BATCH)
+        slots = self.max_len or need
+        if cache is None or cache.max_len < slots or cache.batch < rows:
+            self._runner = None
+            self.model.decoder.bind_cache(None)  # drop the old buffers before allocating
+            self.model.new_kv_cache(rows, slots)
+            self._runner = DecodeRunner(self.model, self.mode)
+        self._rows = [None] * self.model.decoder.cache.batch
+        return True
 
     @staticmethod
-    def _check_ids(batch, eos, text_config) -> None:
-        """Prompt ids must be rows of the embedding, and the EOS id one the LM head can produce
-        (else generation never stops): a tokenizer that does not match the model fails here,
-        not as an IndexError inside the forward."""
-        rows = text_config.embedding_size + text_config.additional_vocab_size
-        ids_BS = batch.input_ids_BS
-        bad_BS = batch.attention_mask_BS & ((ids_BS < 0) | (ids_BS >= rows))
-        if bad_BS.any():
-            b, s = (int(i) for i in bad_BS.nonzero()[0])
-            raise UsageError(f"prompt {b}: token id {int(ids_BS[b, s])} is not in the model's "
-                             f"vocabulary (0..{rows - 1}); does the tokenizer match the model?")
-        outputs = text_config.embedding_size  # the LM head's rows
-        if eos is not None and (not is_integral(eos) or not 0 <= eos < outputs):
-            raise UsageError(f"eos_token_id {eos!r} is not an id the model can generate "
-                             f"(0..{outputs - 1}); generation would never stop at it")
-
-    @staticmethod
-    def _sample(logits_BV, config: GenerationConfig, generator) -> torch.Tensor:
-        """(2, B) int64 on the device: the next tokens and each row's status (_LOGITS_OK, or
-        why its logits cannot be decoded: NaN/Inf, or all equal). Stacked so that the loop's one
-        `.tolist()` brings both to the host: the check adds no synchronisation."""
+    def _choose(logits_BV: torch.Tensor, requests: list[Request | None]) -> torch.Tensor:
+        """(2, B) int64 on the device: each row's next token and the status of its logits
+        (_LOGITS_OK, or why they cannot be decoded: NaN/Inf, or all equal). Greedy rows take
+        one batched argmax; sampling rows draw with their own settings and generator."""
         finite_B = torch.isfinite(logits_BV).all(dim=-1)
         flat_B = logits_BV.amax(dim=-1) == logits_BV.amin(dim=-1)
         status_B = torch.where(finite_B, torch.where(flat_B, _LOGITS_FLAT, _LOGITS_OK),
                                _LOGITS_NON_FINITE)
-        if config.do_sample:  # multinomial fails on NaN probabilities; the loop reports the row
-            logits_BV = logits_BV.masked_fill(~finite_B[:, None], 0.0)
-        next_B = sample_next(logits_BV, do_sample=config.do_sample, temperature=config.temperature,
-                             top_k=config.top_k, top_p=config.top_p, generator=generator)
+        next_B = torch.argmax(logits_BV, dim=-1)
+        for b, request in enumerate(requests):
+            if request is None or not request.config.do_sample:
+                continue
+            c = request.config
+            # multinomial fails on NaN probabilities; the status reports the row instead
+            row = logits_BV[b:b + 1].masked_fill(~finite_B[b:b + 1, None], 0.0)
+            next_B[b] = sample_next(row, do_sample=True, temperature=c.temperature,
+                                    top_k=c.top_k, top_p=c.top_p, generator=request.generator)[0]
         return torch.stack([next_B, status_B.to(next_B.dtype)])
 
-    def _advance(self, b: int, seq: _Sequence, tok: int, eos: int | None,
-                 stops: tuple[str, ...], config: GenerationConfig, on_text, now: float) -> None:
-        """Take one new token for sequence b: stop, cut, stream."""
-        seq.new_tokens += 1
-        if eos is not None and tok == eos:
-            seq.finish_reason = "eos"
+    def _take(self, request: Request, token: int, status: int, now: float,
+              done: list[Request]) -> None:
+        """One new token for a running request: check, stop, stream."""
+        if status != _LOGITS_OK:
+            request.error = GenerationError(f"request {request.id}: the logits for new token "
+                                            f"{request.new_tokens + 1} {_LOGITS_PROBLEM[status]}")
+            self._finish(request, "error", now)
+            done.append(request)
+            return
+        request.new_tokens += 1
+        request.token = token
+        reason = None
+        if request.eos is not None and token == request.eos:
+            reason = "eos"
         else:
-            seq.ids.append(tok)
-            text, hit = self._cut(self._decode(seq.ids), stops)
-            seq.text = text
-            if hit:
-                seq.finish_reason = "stop_string"
-            elif seq.new_tokens >= config.max_new_tokens:
-                seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            seq.finished_at = now
-            ready = seq.text
-        else:
-            ready = self._streamable(seq.text, stops)
-        if on_text is not None and len(ready) > len(seq.streamed) and ready.startswith(
-                seq.streamed):
-            on_text(b, ready[len(seq.streamed):])
-            seq.streamed = ready
+            delta = request.stream.push(token)
+            if request.stream.stopped:
+                reason = "stop_string"
+            elif request.new_tokens >= request.config.max_new_tokens:
+                reason = "length"
+            elif delta and request.on_text is not None:
+                request.on_text(delta)
+        if reason is not None:
+            self._finish(request, reason, now)
+            done.append(request)
+
+    def _finish(self, request: Request, reason: str, now: float) -> None:
+        request.finish_reason, request.t_done = reason, now
+        if request.row is not None:
+            self._rows[request.row] = None
+            request.row = None
+        if reason != "error":
+            delta = request.stream.finish()
+            if delta and request.on_text is not None and reason != "cancelled":
+                request.on_text(delta)
+        first = request.t_first or now
+        timings = Timings(max(first - request.t_start, 0.0), max(now - first, 0.0),
+                          request.new_tokens)
+        # ids: all generated ids but the EOS (with a stop string: up to the one completing it)
+        request.result = GenerationResult(request.stream.text, list(request.stream.ids), reason,
+                                          timings)
+
+    # ------------------------------------------------------------------ batch API
+
+    def generate(self, prompts: dict | list[dict], config: GenerationConfig | None = None, *,
+                 on_text: Callable[[int, str], None] | None = None):
+        """Generate for one processed prompt (returns one result) or a list (returns a list).
+
+        on_text(i, delta) receives the text of prompt i as it grows; the deltas of a prompt
+        concatenate to its final `text`. Every prompt is checked before any runs.
+        """
+        single = isinstance(prompts, dict)
+        samples = [prompts] if single else list(prompts)
+        if not samples:
+            raise UsageError("no prompts to generate from")
+        if self.has_work():
+            raise UsageError("generate() needs an idle engine (requests are running)")
+        requests = []
+        try:
+            for i, sample in enumerate(samples):
+                callback = None if on_text is None else (lambda d, i=i: on_text(i, d))
+                try:
+                    requests.append(self.submit(sample, config, on_text=callback))
+                except MolmoeError as e:
+                    if len(samples) == 1:
+                        raise
+                    raise type(e)(f"prompt {i}: {e}") from None
+            while self.has_work():
+                for request in self.step():
+                    if request.error is not None:
+                        raise request.error
+        finally:
+            for request in requests:
+                self.cancel(request)
+        results = [r.result for r in requests]
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_prompt(self, prompt, eos) -> dict:
+        """The prompt's tensors on the device, after checking what the model would otherwise
+        fail on deep inside: ids outside the embedding, image tensors of the wrong shapes, and
+        an EOS id the LM head cannot produce (generation would never stop)."""
+        if not isinstance(prompt, dict) or "input_ids" not in prompt:
+            raise UsageError("a prompt must be a processor output dict with 'input_ids'")
+        text, vision = self.model.config.text, self.model.config.vision
+        ids = torch.as_tensor(prompt["input_ids"])
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
+            raise UsageError(f"input_ids must be a non-empty 1-D sequence of ids, got shape "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        rows = text.embedding_size + text.additional_vocab_size
+        bad = (ids < 0) | (ids >= rows)
+        if bad.any():
+            raise UsageError(f"token id {int(ids[bad][0])} is not in the model's vocabulary "
+                             f"(0..{rows - 1}); does the tokenizer match the model?")
+        if eos is not None and (not is_integral(eos) or not 0 <= eos < text.embedding_size):
+            raise UsageError(f"eos_token_id {eos!r} is not an id the model can generate "
+                             f"(0..{text.embedding_size - 1}); generation would never stop at it")
+        out = {"input_ids": ids.to(self.device, torch.int64)}
+        if prompt.get("images") is None:
+            return out
+        images = torch.as_tensor(prompt["images"])
+        P, Fdim = vision.num_patches, vision.patch_dim
+        if images.dim() != 3 or tuple(images.shape[1:]) != (P, Fdim):
+            raise UsageError(f"images has shape {tuple(images.shape)}, expected (crops, {P}, "
+                             f"{Fdim})")
+        if prompt.get("image_input_idx") is None:
+            raise UsageError("images given without image_input_idx")
+        idx = torch.as_tensor(prompt["image_input_idx"])
+        T, Q = images.shape[0], vision.tokens_per_crop
+        if tuple(idx.shape) != (T, Q):
+            raise UsageError(f"image_input_idx has shape {tuple(idx.shape)}, expected ({T}, {Q})")
+        if (idx >= ids.shape[0]).any():
+            raise UsageError(f"image_input_idx points past the prompt ({ids.shape[0]} tokens)")
+        out["images"] = images.to(self.device, torch.float32)
+        out["image_input_idx"] = idx.to(self.device)
+        masks = prompt.get("image_masks")
+        if masks is not None:
+            masks = torch.as_tensor(masks)
+            if tuple(masks.shape) != (T, P):
+                raise UsageError(f"image_masks has shape {tuple(masks.shape)}, expected "
+                                 f"({T}, {P})")
+        else:  # no mask given: the crop is all image (what a 1.0 mask says)
+            masks = torch.ones(T, P)
+        out["image_masks"] = masks.to(self.device, torch.float32)
+        return out

@@ -1,0 +1,143 @@
+"""Continuous batching in the engine: requests join a running batch between steps, a finished or
+cancelled request frees its row at once, and every request gets exactly the tokens it gets alone
+(greedy and seeded sampling), whatever else is in the batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molmoe.generation import Engine, GenerationConfig, GenerationLengthError
+from tiny import random_inputs, random_model
+
+GREEDY = GenerationConfig(max_new_tokens=9, stop_strings=())
+
+
+class _Tok:
+    """A tokenizer stand-in that spells ids as text ('<12>'): the tiny models' vocabulary is
+    not a real tokenizer's. No EOS: requests run to their token limit."""
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def _prompt(model, n_text: int, seed: int, image: bool) -> dict:
+    ids, images, masks, idx = random_inputs(model.config, crops=2, text=n_text, seed=seed)
+    if not image:
+        return {"input_ids": ids[0, -n_text:].clamp(min=1)}
+    return {"input_ids": ids[0].clamp(min=1), "images": images[0], "image_masks": masks[0],
+            "image_input_idx": idx[0]}
+
+
+def _configs():
+    """Greedy and seeded sampling, different lengths per request."""
+    out = []
+    for i in range(8):
+        if i % 3 == 2:
+            out.append(GenerationConfig(max_new_tokens=5 + i, do_sample=True, temperature=0.9,
+                                        top_k=20, seed=100 + i, stop_strings=()))
+        else:
+            out.append(GenerationConfig(max_new_tokens=4 + i, stop_strings=()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-molmoe", "tiny-7b-d", "tiny-7b-o"])
+def test_eight_requests_arriving_at_different_steps_equal_alone(name):
+    model = random_model(name)
+    prompts = [_prompt(model, 3 + 2 * i, seed=i, image=i % 4 == 1) for i in range(8)]
+    configs = _configs()
+    alone = [Engine(model, _Tok()).generate(p, c) for p, c in zip(prompts, configs)]
+
+    engine = Engine(model, _Tok(), max_batch=4, max_len=400)
+    arrivals = {0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 7: [7]}  # step -> requests submitted
+    requests, step, seen_rows = {}, 0, set()
+    while step <= max(arrivals) or engine.has_work():
+        for i in arrivals.get(step, []):
+            requests[i] = engine.submit(prompts[i], configs[i])
+        engine.step()
+        seen_rows.update(r.row for r in engine.running)
+        assert len(engine.running) <= 4
+        step += 1
+    assert seen_rows == {0, 1, 2, 3}  # the batch really ran 4 wide
+    for i, r in requests.items():
+        assert r.result.token_ids == alone[i].token_ids, i
+        assert r.result.text == alone[i].text and r.result.finish_reason == alone[i].finish_reason
+
+
+def test_finished_request_frees_its_row_at_once():
+    model = random_model("tiny-molmoe")
+    engine = Engine(model, _Tok(), max_batch=2, max_len=64)
+    short = engine.submit(_prompt(model, 4, 0, False), GenerationConfig(max_new_tokens=2,
+                                                                        stop_strings=()))
+    long = engine.submit(_prompt(model, 5, 1, False), GenerationConfig(max_new_tokens=8,
+                                                                       stop_strings=()))
+    third = engine.submit(_prompt(model, 6, 2, False), GenerationConfig(max_new_tokens=3,
+                                                                        stop_strings=()))
+    engine.step()  # admits two (prefill gives token 1), decodes token 2: `short` is done
+    assert short.finished and short.row is None and third.row is None
+    engine.step()  # `third` takes the free row before this step's decode
+    assert third.row == 0 and long.row == 1
+    while engine.has_work():
+        engine.step()
+    assert [len(r.result.token_ids) for r in (short, long, third)] == [2, 8, 3]
+
+
+def test_cancel_frees_the_row_and_the_batch_goes_on():
+    model = random_model("tiny-7b-d")
+    prompts = [_prompt(model, 4 + i, i, False) for i in range(3)]
+    alone = [Engine(model, _Tok()).generate(p, GREEDY) for p in prompts]
+    engine = Engine(model, _Tok(), max_batch=2, max_len=64)
+    a, b, c = (engine.submit(p, GREEDY) for p in prompts)
+    engine.step()
+    engine.step()
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and a.row is None
+    assert len(a.result.token_ids) == 3  # what it had when cancelled
+    engine.step()
+    assert c.row == 0  # took the cancelled row
+    while engine.has_work():
+        engine.step()
+    assert b.result.token_ids == alone[1].token_ids
+    assert c.result.token_ids == alone[2].token_ids
+
+
+def test_too_long_request_is_refused_alone():
+    model = random_model("tiny-molmoe")
+    engine = Engine(model, _Tok(), max_batch=2, max_len=30)
+    ok = engine.submit(_prompt(model, 5, 0, False), GREEDY)
+    engine.step()
+    with pytest.raises(GenerationLengthError, match="max_len=30"):
+        engine.submit(_prompt(model, 25, 1, False), GREEDY)  # 25 + 9 - 1 slots > 30
+    limit = model.config.text.max_position_embeddings
+    with pytest.raises(GenerationLengthError, match="max_position_embeddings"):
+        engine.submit(_prompt(model, 5, 2, False), GenerationConfig(max_new_tokens=limit))
+    while engine.has_work():
+        engine.step()
+    assert ok.result.token_ids == Engine(model, _Tok()).generate(
+        _prompt(model, 5, 0, False), GREEDY).token_ids
+
+
+def test_step_work_does_not_grow_with_the_sequence():
+    """The decode step dispatches the same ops at slot 50 and slot 2,000 (static shapes: the
+    cost per token does not grow with the tokens before it, apart from attention's reads)."""
+    from molmoe.generation.step import decode_step
+    from test_decode_step import OpCounter
+
+    model = random_model("tiny-molmoe")
+    counts = []
+    with torch.no_grad():
+        model.new_kv_cache(2, 2100)
+        for pos in (50, 2000):
+            with OpCounter() as c:
+                decode_step(model, torch.tensor([3, 4]), torch.tensor([pos, pos + 1]))
+            counts.append(c.ops)
+    assert counts[0] == counts[1]
+
+
+def test_compiled_engine_gives_eager_tokens():
+    torch._dynamo.reset()
+    model = random_model("tiny-molmoe")
+    prompts = [_prompt(model, 3 + 4 * i, i, i == 1) for i in range(2)]
+    eager = Engine(model, _Tok(), max_batch=2).generate(prompts, GREEDY)
+    compiled = Engine(model, _Tok(), max_batch=2, mode="compile").generate(prompts, GREEDY)
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
