@@ -386,8 +386,8 @@ def test_closed_stdout_ends_quietly(checkpoint):  # noqa: F811
 ])
 def test_engine_refuses_ids_outside_the_model(proc, prompt_ids, eos, match):
     model = random_model("tiny-molmoe", seed=2)
-    engine = Engine(model, proc.tokenizer, eos_token_id=eos)
-    with pytest.raises(UsageError, match=match):
+    with pytest.raises(UsageError, match=match):  # a bad EOS id already at construction
+        engine = Engine(model, proc.tokenizer, eos_token_id=eos)
         engine.generate({"input_ids": torch.tensor(prompt_ids)}, GenerationConfig(max_new_tokens=2))
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from molmoe.backends import REFERENCE_OPS, _experts_loop, grouped_experts, reference_moe_ffn
+from molmoe.errors import UsageError
 from molmoe.generation.step import DecodeRunner, decode_step, prefill
 from tiny import random_inputs, random_model
 
@@ -209,3 +210,30 @@ def test_triton_decode_step_has_no_host_sync_and_matches(name):
     assert any(op.startswith("decode_attention") for op in counter.ops), counter.ops
     assert counter.syncs() == []
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_cuda_graph_and_compiled_step_equal_eager(backend, mode):
+    """On CUDA (bf16 weights: the reference MoE's grouped GEMMs are bf16-only there): the
+    captured / compiled step gives eager's greedy tokens, batched, with an image, and the
+    capture sees no host sync (CUDA refuses to capture one)."""
+    torch._dynamo.reset()
+    model = random_model("tiny-molmoe").cuda().to(torch.bfloat16).set_backend(backend)
+    prompts = [{k: v.cuda() for k, v in p.items()}
+               for p in _prompts(model, [6, 3, 9], with_image=True)]
+    with torch.no_grad():
+        eager = _greedy(model, prompts, 6)
+        got = _greedy(model, prompts, 6, DecodeRunner(model, mode))
+    assert torch.equal(got, eager)
+
+
+def test_graph_mode_refusals():
+    model = random_model("tiny-molmoe")
+    with torch.no_grad():
+        model.new_kv_cache(1, 4)
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        DecodeRunner(model, "graph")
+    with pytest.raises(UsageError, match="unknown decode mode"):
+        DecodeRunner(model, "fast")

@@ -47,7 +47,7 @@ from molmoe.errors import MolmoeError, UsageError, is_integral
 from molmoe.generation.detok import EOS_STRING, TextStream, text_stops
 from molmoe.generation.eos import engine_eos
 from molmoe.generation.sampling import check_temperature, sample_next
-from molmoe.generation.step import MODES, DecodeRunner, prefill
+from molmoe.generation.step import MODES, DecodeRunner, not_capturable, prefill
 
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
@@ -151,8 +151,9 @@ class Request:
     """One prompt in the engine: from `submit` until finished (then `result` is set)."""
 
     def __init__(self, rid: int, inputs: dict, config: GenerationConfig, eos: int | None,
-                 stream: TextStream, on_text, device: torch.device):
+                 stream: TextStream, on_text, device: torch.device, label: str | None = None):
         self.id = rid
+        self.label = label or f"request {rid}"  # how errors name it
         self.inputs, self.config, self.eos, self.stream, self.on_text = (inputs, config, eos,
                                                                           stream, on_text)
         self.generator = None
@@ -186,7 +187,7 @@ class Engine:
     max_len: slots per row; None sizes the cache to the requests at hand whenever the engine
     is idle, an int fixes it (requests that do not fit are refused at `submit`).
     mode: how the decode step runs, "eager", "compile" (torch.compile, fullgraph) or "graph"
-    (CUDA graphs); None = "graph" on CUDA, "eager" on the CPU.
+    (CUDA graphs); None = "graph" on CUDA where the step can be captured, else "eager".
     `tokenizer` needs `decode(ids, skip_special_tokens=...)` and, unless `eos_token_id` or the
     model's generation_config names it, an `eos_token_id` attribute.
     """
@@ -200,8 +201,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_id = engine_eos(model, tokenizer, eos_token_id)
         self.device = next(model.parameters()).device
-        if mode is None:
-            mode = "graph" if self.device.type == "cuda" else "eager"
+        if mode is None:  # CUDA graphs where the step can be captured
+            capture = self.device.type == "cuda" and not not_capturable(model, self.device)
+            mode = "graph" if capture else "eager"
         if mode not in MODES:
             raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
         for name, value in (("max_batch", max_batch), ("max_len", max_len)):
@@ -219,9 +221,10 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt: dict, config: GenerationConfig | None = None, *,
-               on_text: Callable[[str], None] | None = None) -> Request:
+               on_text: Callable[[str], None] | None = None, label: str | None = None) -> Request:
         """Queue one processed prompt (the processor's unbatched output). Checked now: a bad
-        request raises here and nothing else changes. on_text(delta) streams its text."""
+        request raises here and nothing else changes. on_text(delta) streams its text; `label`
+        names it in errors (default "request <id>")."""
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
             raise UsageError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -239,7 +242,8 @@ class Engine:
                 f"needs {n + config.max_new_tokens - 1} cache slots, the engine has "
                 f"max_len={self.max_len}")
         stream = TextStream(self.tokenizer, text_stops(self.tokenizer, config.stop_strings, eos))
-        request = Request(next(self._ids), inputs, config, eos, stream, on_text, self.device)
+        request = Request(next(self._ids), inputs, config, eos, stream, on_text, self.device,
+                          label)
         self._waiting.append(request)
         return request
 
@@ -349,7 +353,7 @@ class Engine:
               done: list[Request]) -> None:
         """One new token for a running request: check, stop, stream."""
         if status != _LOGITS_OK:
-            request.error = GenerationError(f"request {request.id}: the logits for new token "
+            request.error = GenerationError(f"{request.label}: the logits for new token "
                                             f"{request.new_tokens + 1} {_LOGITS_PROBLEM[status]}")
             self._finish(request, "error", now)
             done.append(request)
@@ -407,11 +411,11 @@ class Engine:
             for i, sample in enumerate(samples):
                 callback = None if on_text is None else (lambda d, i=i: on_text(i, d))
                 try:
-                    requests.append(self.submit(sample, config, on_text=callback))
+                    requests.append(self.submit(sample, config, on_text=callback,
+                                                label=f"sequence {i}"))
                 except MolmoeError as e:
-                    if len(samples) == 1:
-                        raise
-                    raise type(e)(f"prompt {i}: {e}") from None
+                    e.args = (f"prompt {i}: {e}",) + e.args[1:]
+                    raise
             while self.has_work():
                 for request in self.step():
                     if request.error is not None:

@@ -94,6 +94,20 @@ def prefill_embeds(model, h_1SD: torch.Tensor, row: int) -> torch.Tensor:
         return model.decoder(h_1SD, cos, sin, None, step, logits_to_keep=1)[0, -1]
 
 
+def not_capturable(model, device: torch.device) -> str | None:
+    """Why the step cannot be compiled or captured on `device`, or None. The one case: the
+    reference MoE on CUDA in a dtype other than bf16 (F.grouped_mm's CUDA kernels take bf16
+    only, so it falls back to the released per-expert loop, which reads routing on the host)."""
+    from molmoe.backends import Backend
+
+    weights = model.decoder.blocks[0].ffn
+    if (device.type == "cuda" and model.backend is Backend.REFERENCE and hasattr(weights, "w_gate")
+            and (weights.w_gate.dtype != torch.bfloat16 or model.autocast_dtype is not None)):
+        return ("the reference MoE is sync-free on CUDA only with bf16 weights (dtype "
+                "'bfloat16'); use backend 'triton', dtype 'bfloat16', or decode mode 'eager'")
+    return None
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes the step is compiled / captured for: powers of two, then max_batch."""
     sizes, b = [], 1
@@ -118,6 +132,8 @@ class DecodeRunner:
         self.device = cache.k.device
         if mode == "graph" and self.device.type != "cuda":
             raise UsageError("decode mode 'graph' captures CUDA graphs: it needs a CUDA device")
+        if mode != "eager" and (why := not_capturable(model, self.device)):
+            raise UsageError(f"decode mode {mode!r}: {why}")
         self.buckets = batch_buckets(cache.batch)
         self._graphs: dict[int, tuple] = {}
         self._compiled = None
