@@ -174,7 +174,7 @@ def environment(device: torch.device) -> dict:
                f"{torch.get_num_threads()} torch threads)"
     env = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
            "device": name, "device_type": device.type, "torch": torch.__version__,
-           "python": platform.python_version()}
+           "python": platform.python_version(), "loadavg_start": os.getloadavg()}
     try:
         import transformers
 
@@ -428,19 +428,25 @@ def time_ttft(model, inputs, repeats: int, device) -> dict:
     return out
 
 
-def _decode_loop(step, first_B, S: int, n: int, device) -> tuple[list[list[int]], list[float]]:
-    """Greedy decode n-1 more tokens from `first_B` at positions S.. : (tokens per row,
-    per-step ms)."""
+def _decode_steps(step, first_B, S: int, n: int, device):
+    """Greedy decode n-1 more tokens from `first_B` at positions S..: yields (token_B, ms) per
+    step, so that implementations can be stepped in lockstep."""
     tok, pos = first_B, torch.full_like(first_B, S)
-    toks, lat = [first_B], []
     for _ in range(n - 1):
         _sync(device)
         t0 = time.perf_counter()
         tok = step(tok, pos).argmax(-1)
         _sync(device)
-        lat.append((time.perf_counter() - t0) * 1e3)
-        toks.append(tok)
+        yield tok, (time.perf_counter() - t0) * 1e3
         pos = pos + 1
+
+
+def _decode_loop(step, first_B, S: int, n: int, device) -> tuple[list[list[int]], list[float]]:
+    """(tokens per row, per-step ms) of `_decode_steps` run to the end."""
+    toks, lat = [first_B], []
+    for tok, ms in _decode_steps(step, first_B, S, n, device):
+        toks.append(tok)
+        lat.append(ms)
     return torch.stack(toks, 1).tolist(), lat
 
 
@@ -558,6 +564,16 @@ class _Ours:
         self._use(self.cache_B)
         return _decode_loop(self.runner, self.first_B, self.S, self.opts.new_tokens, self.device)
 
+    def decode_steps(self):
+        """One pass as a generator of (token_B, ms); binds this backend before every step."""
+        for out in _decode_steps(self._bound_step, self.first_B, self.S, self.opts.new_tokens,
+                                 self.device):
+            yield out
+
+    def _bound_step(self, tok, pos):
+        self._use(self.cache_B)
+        return self.runner(tok, pos)
+
     def finish(self, out_dir) -> dict:
         from molmoe.generation.step import decode_step, prefill_embeds
 
@@ -606,7 +622,7 @@ def _op_summary(ops: collections.Counter, ops_later: collections.Counter) -> dic
     return {"ops_per_step": sum(ops.values()), "ops_per_step_later": sum(ops_later.values()),
             "sync_ops_per_step": sync_count(ops),
             "sync_ops": {k: v for k, v in ops.items() if k in SYNC_OPS},
-            "ops_top": ops.most_common(12)}
+            "ops_top": ops.most_common(12), "ops": dict(ops)}
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -800,6 +816,13 @@ class _Transformers:
                                               opts.top_ops)
         return res
 
+    def decode_steps(self):
+        try:
+            yield from _decode_steps(self._step, self.first_B, self.S, self.opts.new_tokens,
+                                     self.device)
+        finally:
+            _hf_reset(self.cache, self.S)
+
     def decode_pass_n(self, n):
         try:
             return _decode_loop(self._step, self.first_B, self.S, n, self.device)
@@ -864,12 +887,23 @@ def profile_decode(opts: ProfileOptions) -> dict:
     with torch.no_grad():
         for r in range(opts.repeats):  # alternate: each repeat runs every implementation
             print(f"profile: repeat {r + 1}/{opts.repeats}", file=sys.stderr, flush=True)
-            for impl in impls:
+            order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first
+            for impl in order:
                 impl.prefill_ms.append(impl.prefill_once())
+            # decode in lockstep: one step of each implementation in turn, so that the load of
+            # a shared machine falls on all alike; pairs of adjacent steps give paired ratios
+            gens = [impl.decode_steps() for impl in impls]
+            toks = {id(impl): [impl.first_B] for impl in impls}
+            for i in range(opts.new_tokens - 1):
+                turn = list(zip(impls, gens))
+                for impl, gen in (turn if (i + r) % 2 == 0 else turn[::-1]):
+                    tok, ms = next(gen)
+                    toks[id(impl)].append(tok)
+                    impl.decode_ms.append(ms)
+            for gen in gens:
+                gen.close()
             for impl in impls:
-                toks, ms = impl.decode_pass()
-                impl.tokens = impl.tokens or toks
-                impl.decode_ms += ms
+                impl.tokens = impl.tokens or torch.stack(toks[id(impl)], 1).tolist()
     for impl in impls:
         print(f"profile: op counts and torch.profiler, {impl.name}", file=sys.stderr, flush=True)
         res = impl.finish(out_dir)
@@ -880,6 +914,7 @@ def profile_decode(opts: ProfileOptions) -> dict:
         res["tokens_per_s"] = 1e3 * opts.batch / res["decode_ms"]["p50_ms"]
         res["tokens"] = impl.tokens[0]
         report["implementations"].append(res)
+    report["environment"]["loadavg_end"] = os.getloadavg()
     _derive(report, device)
     if out_dir is not None:
         report["files"] = {"json": str(out_dir / "profile.json"),
@@ -911,6 +946,14 @@ def _derive(report: dict, device) -> None:
             "prefill_decoder": r["prefill_decoder_ms"]["p50_ms"] / hf["prefill_decoder_ms"]["p50_ms"],
             f"decode_batch{report['batch']}": r["decode_ms"]["p50_ms"] / hf["decode_ms"]["p50_ms"],
             "ops_per_step": r["ops_per_step"] / hf["ops_per_step"]}
+        paired = [a / b for a, b in zip(r["decode_samples_ms"], hf["decode_samples_ms"])]
+        pre = [a / b for a, b in zip(r["prefill_samples_ms"], hf["prefill_samples_ms"])]
+        report["ratios"][name]["decode_paired_median"] = statistics.median(paired)
+        report["ratios"][name]["prefill_paired_median"] = statistics.median(pre)
+        diff = collections.Counter(r["ops"])
+        diff.subtract(hf["ops"])
+        report.setdefault("ops_diff", {})[name] = {k: v for k, v in sorted(
+            diff.items(), key=lambda kv: -abs(kv[1])) if v}
         k = min(report["options"]["check_tokens"], len(r["tokens"]), len(hf["tokens"]))
         a, b = r["tokens"][:k], hf["tokens"][:k]
         agree = next((i for i in range(k) if a[i] != b[i]), k)
@@ -924,7 +967,8 @@ def _derive(report: dict, device) -> None:
 
 def format_report(report: dict) -> str:
     env = report["environment"]
-    lines = [f"molmoe profile decode  {env['date']}  commit {env['commit']}",
+    lines = [f"molmoe profile decode  {env['date']}  commit {env['commit']}  load average "
+             f"{env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f}",
              f"device {env['device']}  torch {env['torch']}  transformers {env['transformers']}",
              f"model  {report['model']}  dtype {report['dtype']}",
              f"prompt {report['prompt']['tokens']} tokens ({report['prompt']['image_features']} "
@@ -973,6 +1017,9 @@ def format_report(report: dict) -> str:
         lines.append("ours / transformers (same run; < 1 means ours is faster / dispatches fewer)")
         for name, ratio in report["ratios"].items():
             lines.append("  " + name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+        for name, d in report.get("ops_diff", {}).items():
+            lines.append(f"  aten ops per step, {name} minus transformers: " + ", ".join(
+                f"{k} {v:+d}" for k, v in list(d.items())[:14]))
         for name, g in report["greedy_check"].items():
             lines.append(f"  greedy tokens {name} vs transformers ({g['dtype']}): first "
                          f"{g['agree_first']} of {g['checked']} agree"
