@@ -1,4 +1,4 @@
-"""The `molmoe` command line: convert, generate, demo."""
+"""The `molmoe` command line: convert, generate, demo, profile."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,62 @@ def _convert(args) -> int:
     return 0
 
 
+def _profile_decode(args) -> int:
+    import shlex
+
+    from molmoe.profiling import ProfileOptions, format_report, profile_decode
+
+    opts = ProfileOptions(
+        model=args.model, layers=args.layers, d_model=args.d_model,
+        expert_hidden=args.expert_hidden, image=None if args.image == "none" else args.image,
+        prompt=args.prompt, batch=args.batch, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, backend=args.backend, compare=args.compare, dtype=args.dtype,
+        device=args.device, mode=args.mode, out=args.out, repeats=args.repeats, seed=args.seed,
+        top_ops=args.top_ops, profile_steps=args.profile_steps,
+        command=shlex.join(["molmoe"] + sys.argv[1:]))
+    print(format_report(profile_decode(opts)))
+    return 0
+
+
+def _add_profile_commands(sub) -> None:
+    from molmoe.profiling import BACKENDS, MODES
+
+    p = sub.add_parser("profile", help="measure where the time goes (against transformers)")
+    psub = p.add_subparsers(dest="what", required=True)
+    d = psub.add_parser("decode", help="time to first token, per-token decode latency, op "
+                                       "counts, top ops; side by side with transformers")
+    d.add_argument("--model", required=True,
+                   help="checkpoint directory / hub id, or a preset name (molmoe-1b, "
+                        "molmo-7b-d, ..., tiny-molmoe) with RANDOM weights")
+    d.add_argument("--layers", type=int, help="keep only the first N decoder layers")
+    d.add_argument("--d-model", type=int, help="preset only: another model width (same heads; "
+                                               "for op counts at a model's depth on a small "
+                                               "machine)")
+    d.add_argument("--expert-hidden", type=int, help="preset only: another expert/FFN width")
+    d.add_argument("--image", default="demo",
+                   help="image file; 'demo' (default): the built-in demo image; 'none': text only")
+    d.add_argument("--prompt", default="Describe this image.")
+    d.add_argument("--batch", type=int, default=1, help="decode batch size")
+    d.add_argument("--prompt-tokens", type=int, metavar="N",
+                   help="pad the prompt with filler text to N tokens")
+    d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--backend", default="reference", choices=BACKENDS)
+    d.add_argument("--compare", choices=["transformers"],
+                   help="also run the text decoder in transformers with the same weights")
+    d.add_argument("--dtype", default="float32",
+                   help="float32 (default), amp_bf16, bfloat16, float16")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--mode", default="eager", choices=MODES, help="how our decode step runs")
+    d.add_argument("--out", help="directory for profile.json, profile.png and chrome traces")
+    d.add_argument("--repeats", type=int, default=3,
+                   help="timed repetitions (prefill runs; decode passes over --new-tokens)")
+    d.add_argument("--seed", type=int, default=0, help="random weights' seed (presets)")
+    d.add_argument("--top-ops", type=int, default=15, help="rows of each top-ops table")
+    d.add_argument("--profile-steps", type=int, default=4,
+                   help="decode steps under torch.profiler")
+    d.set_defaults(func=_profile_decode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     add_app_commands(sub)
+    _add_profile_commands(sub)
     return parser
 
 

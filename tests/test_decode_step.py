@@ -6,36 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from molmoe.backends import REFERENCE_OPS, _experts_loop, grouped_experts, reference_moe_ffn
 from molmoe.errors import UsageError
 from molmoe.generation.step import DecodeRunner, decode_step, prefill
+from molmoe.profiling import OpCounter
 from tiny import random_inputs, random_model
 
 NAMES = ["tiny-molmoe", "tiny-7b-d", "tiny-7b-o"]
-
-# aten ops that read a device tensor on the host (a sync on CUDA) or whose output shape depends
-# on tensor values (which needs such a read).
-SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select",
-            "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount",
-            "repeat_interleave", "is_nonzero", "equal", "_assert_async", "allclose", "tolist"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Every aten op dispatched inside the block (custom ops count as one, opaque)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func._overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-    def syncs(self) -> list[str]:
-        return [op for op in self.ops if op in SYNC_OPS]
-
 
 def _prompts(model, lengths, with_image: bool):
     out = []
