@@ -141,3 +141,18 @@ def test_compiled_engine_gives_eager_tokens():
     eager = Engine(model, _Tok(), max_batch=2).generate(prompts, GREEDY)
     compiled = Engine(model, _Tok(), max_batch=2, mode="compile").generate(prompts, GREEDY)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+
+
+def test_two_engines_on_one_model_interleave():
+    """Each engine's steps read its own cache, even when another engine (or a plain
+    model.new_kv_cache) bound a different one to the same model in between."""
+    model = random_model("tiny-7b-o")
+    p, q = _prompt(model, 5, 0, False), _prompt(model, 8, 1, True)
+    alone = [Engine(model, _Tok()).generate(x, GREEDY).token_ids for x in (p, q)]
+    a, b = Engine(model, _Tok(), max_len=400), Engine(model, _Tok(), max_len=400)
+    ra, rb = a.submit(p, GREEDY), b.submit(q, GREEDY)
+    while a.has_work() or b.has_work():
+        a.step()
+        model.new_kv_cache(1, 4)  # someone else's cache, bound in between
+        b.step()
+    assert [ra.result.token_ids, rb.result.token_ids] == alone

@@ -273,6 +273,7 @@ class Engine:
         rows = [i for i, r in enumerate(self._rows) if r is not None]
         if not rows:
             return done
+        self._bind()
         B = self._runner.bucket(rows[-1] + 1)
         tokens = [0] * B
         positions = [0] * B  # unused rows: a harmless token at slot 0 of a free row
@@ -298,6 +299,7 @@ class Engine:
             row = self._rows.index(None)
             request.row, self._rows[row] = row, request
             request.t_start = time.perf_counter()
+            self._bind()
             try:
                 logits_V = prefill(self.model, request.inputs, row)
                 pick = self._choose(logits_V[None], [request]).tolist()
@@ -312,7 +314,7 @@ class Engine:
 
     def _ensure_cache(self, request: Request) -> bool:
         """A free row whose slots fit the request; (re)allocates the cache when idle."""
-        cache = self.model.decoder.cache if self._runner is not None else None
+        cache = self._runner.cache if self._runner is not None else None
         fits = cache is not None and request.slots_needed <= cache.max_len
         if fits and None in self._rows:
             return True
@@ -326,8 +328,14 @@ class Engine:
             self.model.decoder.bind_cache(None)  # drop the old buffers before allocating
             self.model.new_kv_cache(rows, slots)
             self._runner = DecodeRunner(self.model, self.mode)
-        self._rows = [None] * self.model.decoder.cache.batch
+        self._rows = [None] * self._runner.cache.batch
         return True
+
+    def _bind(self) -> None:
+        """The model's layers read this engine's cache (someone may have bound another one to
+        the same model since: a plain `model.new_kv_cache`, a second engine)."""
+        if self.model.decoder.cache is not self._runner.cache:
+            self.model.decoder.bind_cache(self._runner.cache)
 
     @staticmethod
     def _choose(logits_BV: torch.Tensor, requests: list[Request | None]) -> torch.Tensor:
