@@ -24,6 +24,9 @@ def add_app_commands(sub) -> None:
     p.add_argument("--dtype", default="float32",
                    help="float32 (default), amp_bf16 (Ai2's eval setting), bfloat16, float16")
     p.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    p.add_argument("--decode-mode", default=None, choices=["eager", "compile", "graph"],
+                   help="how the decode step runs: eager, torch.compile, or CUDA graphs "
+                        "(default: graph on CUDA where it can be captured, else eager)")
     p.add_argument("--compat", default="molmoe", choices=["molmoe", "released"],
                    help="released: the released processor and crop rule bit for bit (no EXIF, "
                         "special strings in the prompt become special tokens), for reproducing "
@@ -128,7 +131,7 @@ def _generation_config(args):
 
 
 def _run(proc, model, eos, *, prompt, image, config, max_pixels, stream: bool,
-         escape: bool = False):
+         escape: bool = False, decode_mode: str | None = None):
     """-> (GenerationResult, PointingAnswer, original PIL image or None)."""
     from PIL import Image
 
@@ -157,8 +160,8 @@ def _run(proc, model, eos, *, prompt, image, config, max_pixels, stream: bool,
         def on_text(_i, delta):
             sys.stdout.write(_visible(delta) if escape else delta)
             sys.stdout.flush()
-    result = Engine(model, proc.tokenizer, eos_token_id=eos).generate(inputs, config,
-                                                                      on_text=on_text)
+    engine = Engine(model, proc.tokenizer, eos_token_id=eos, mode=decode_mode)
+    result = engine.generate(inputs, config, on_text=on_text)
     if stream:
         sys.stdout.write("\n")
     return result, parse_points(result.text), pil
@@ -217,6 +220,9 @@ def _generate(args) -> int:
     _backend, device = select_backend(args.backend, args.device)
     if args.points_out is not None and not args.image:
         raise UsageError("--points-out needs --image")
+    if args.decode_mode == "graph" and device.type != "cuda":
+        raise UsageError(f"--decode-mode graph captures CUDA graphs: it needs a CUDA device, "
+                         f"not {str(device)!r}")
     image = None
     if args.image:  # a missing or broken image fails before the (slow) model load, decoded once
         image = load_image(args.image, max_pixels=max_pixels, compat=args.compat)
@@ -230,7 +236,8 @@ def _generate(args) -> int:
     tty = sys.stdout.isatty()  # a terminal gets escapes shown, a pipe the exact answer
     result, answer, pil = _run(proc, model, eos, prompt=prompt,
                                image=None if image is None else image.pixels, config=config,
-                               max_pixels=max_pixels, stream=not args.json, escape=tty)
+                               max_pixels=max_pixels, stream=not args.json, escape=tty,
+                               decode_mode=args.decode_mode)
     size = pil.size if pil is not None else None
     extra = {}
     if out_format is not None:

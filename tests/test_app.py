@@ -174,3 +174,21 @@ def test_model_takes_the_processor_output_as_is(checkpoint, image_path):
     tensors = {k: v for k, v in inputs.items() if k != "original_size"}
     with torch.no_grad():
         assert torch.equal(model(**inputs), model(**tensors))
+
+
+def test_generate_decode_mode_compile_gives_the_eager_answer(checkpoint, image_path, capsys):
+    args = ["generate", "--model", str(checkpoint), "--image", str(image_path), "--prompt",
+            "What is this?", "--max-new-tokens", "5", "--json"]
+    assert main(args) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main(args + ["--decode-mode", "compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["answer"] == eager["answer"]
+
+
+def test_generate_decode_mode_graph_needs_cuda(checkpoint, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--device", "cpu",
+               "--decode-mode", "graph"])
+    assert rc == 2 and "--decode-mode graph" in capsys.readouterr().err
