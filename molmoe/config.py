@@ -774,6 +774,10 @@ def check_memory(config: MolmoConfig, directory: pathlib.Path, *, dtype, device,
                      certain=certain)
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_allocation(need: int, device, dtype, what: str, *, certain: bool = True) -> None:
     """Refuse (`certain`) or warn about an allocation of `need` bytes on `device` that exceeds
     what the device has free; the message names `what` and both figures. Devices that cannot be
@@ -786,8 +790,8 @@ def check_allocation(need: int, device, dtype, what: str, *, certain: bool = Tru
     if measured is None or need <= measured[0]:
         return
     have, where = measured
-    message = (f"{what} need {need / 2**30:.1f} GiB at {str(dtype).removeprefix('torch.')} "
-               f"on {device}, but there are only {have / 2**30:.1f} GiB {where}")
+    message = (f"{what} need {_bytes(need)} at {str(dtype).removeprefix('torch.')} "
+               f"on {device}, but there are only {_bytes(have)} {where}")
     if certain:
         raise InsufficientMemoryError(f"{message}; ${MEMORY_CHECK_ENV}=0 skips this check")
     warnings.warn(f"{message}; it may run out of memory", RuntimeWarning, stacklevel=3)

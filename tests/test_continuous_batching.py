@@ -156,3 +156,84 @@ def test_two_engines_on_one_model_interleave():
         model.new_kv_cache(1, 4)  # someone else's cache, bound in between
         b.step()
     assert [ra.result.token_ids, rb.result.token_ids] == alone
+
+
+@pytest.mark.parametrize("stop, why", [((), "length"), (("<8",), "stop_string")])
+def test_streamed_deltas_concatenate_to_the_text_for_every_finish(stop, why):
+    model = random_model("tiny-molmoe")
+    for n in (1, 4):
+        got = []
+        r = Engine(model, _Tok()).generate(
+            _prompt(model, 5, 0, False), GenerationConfig(max_new_tokens=n, stop_strings=stop),
+            on_text=lambda i, d: got.append(d))
+        assert r.finish_reason == why or n == 1, (r.finish_reason, r.text)
+        assert "".join(got) == r.text and r.text
+
+
+def test_a_failed_request_leaves_no_nan_in_its_row():
+    """A request whose logits are NaN (its prompt holds a token with a NaN embedding row) fails
+    alone; the next, shorter request in the same row answers as it does alone (the reference
+    attention multiplies masked keys by zero weights: a NaN left in the row would spread)."""
+    model = random_model("tiny-7b-d")
+    poisoned = 7
+    with torch.no_grad():
+        model.decoder.embed.embedding[poisoned] = float("nan")
+    bad = {"input_ids": torch.tensor([3, 4, poisoned, 5, 6, 8, 9, 10, 11, 12])}
+    good = {"input_ids": torch.tensor([3, 4, 5])}
+    alone = Engine(model, _Tok()).generate(good, GREEDY).token_ids
+    engine = Engine(model, _Tok(), max_batch=1, max_len=64)
+    rb = engine.submit(bad, GREEDY)
+    engine.step()
+    assert rb.finish_reason == "error" and "NaN" in str(rb.error)
+    rg = engine.submit(good, GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert rg.result.token_ids == alone
+
+
+def test_callbacks_that_cancel_or_raise_fail_only_their_request():
+    model = random_model("tiny-molmoe")
+    prompts = [_prompt(model, 4 + i, i, False) for i in range(3)]
+    sampled = [GenerationConfig(max_new_tokens=8, do_sample=True, seed=s, stop_strings=())
+               for s in (1, 2, 3)]
+    alone = [Engine(model, _Tok()).generate(p, c).token_ids for p, c in zip(prompts, sampled)]
+    engine = Engine(model, _Tok(), max_len=64)
+    calls = []
+
+    def cancel_b(delta):  # a client that goes away: cancels another request mid-step
+        calls.append(delta)
+        if len(calls) == 3:
+            engine.cancel(b)
+
+    def boom(delta):
+        raise RuntimeError("client callback failed")
+
+    a = engine.submit(prompts[0], sampled[0], on_text=cancel_b)
+    b = engine.submit(prompts[1], sampled[1], on_text=boom)
+    c = engine.submit(prompts[2], sampled[2])
+    while engine.has_work():
+        engine.step()
+    assert b.finish_reason == "error" and "client callback failed" in str(b.error)
+    assert a.result.token_ids == alone[0] and c.result.token_ids == alone[2]
+
+
+def test_an_idle_engine_grows_its_rows_for_a_bigger_batch():
+    model = random_model("tiny-molmoe")
+    engine = Engine(model, _Tok())
+    engine.generate(_prompt(model, 4, 0, False), GREEDY)
+    assert engine._runner.cache.batch == 1
+    engine.generate([_prompt(model, 4 + i, i, False) for i in range(8)], GREEDY)
+    assert engine._runner.cache.batch == 8
+
+
+def test_compiled_engine_survives_many_prompt_lengths():
+    """A server meets new prompt lengths all the time: cache sizes are rounded to powers of two
+    and the step is compiled with automatic dynamic shapes, so it never hits dynamo's
+    recompile limit (fullgraph=True would make that a hard error)."""
+    torch._dynamo.reset()
+    model = random_model("tiny-molmoe")
+    engine = Engine(model, _Tok(), mode="compile")
+    cfg = GenerationConfig(max_new_tokens=3, stop_strings=())
+    for n in range(10, 200, 19):
+        r = engine.generate(_prompt(model, n, 0, False), cfg)
+        assert r.finish_reason == "length"

@@ -43,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from molmoe.config import InsufficientMemoryError
 from molmoe.errors import MolmoeError, UsageError, is_integral
 from molmoe.generation.detok import EOS_STRING, TextStream, text_stops
 from molmoe.generation.eos import engine_eos
@@ -165,6 +166,7 @@ class Request:
         self.token = 0  # the last sampled token (fed back at the next step)
         self.new_tokens = 0
         self.finish_reason: str | None = None
+        self.stop: str | None = None  # why it ends, set by the step before it finishes
         self.error: Exception | None = None
         self.result: GenerationResult | None = None
         self.t_start = self.t_first = self.t_done = 0.0
@@ -177,6 +179,10 @@ class Request:
     def slots_needed(self) -> int:
         # The last sampled token is never fed back: prompt + max_new_tokens - 1 slots.
         return self.prompt_len + self.config.max_new_tokens - 1
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class Engine:
@@ -284,17 +290,30 @@ class Engine:
         logits_BV = self._runner(tokens_B, positions_B)
         picks = self._choose(logits_BV, self._rows[:B]).tolist()  # the step's one host sync
         now = time.perf_counter()
+        # Every row's state moves first; callbacks run after, so one that raises or cancels
+        # another request cannot leave a row half-advanced.
+        advanced = []
         for i in rows:
             request = self._rows[i]
             request.position += 1
-            self._take(request, picks[0][i], picks[1][i], now, done)
+            advanced.append((request, self._advance(request, picks[0][i], picks[1][i])))
+        for request, delta in advanced:
+            self._deliver(request, delta, now, done)
         return done
 
     def _admit(self, done: list[Request]) -> None:
         while self._waiting:
             request = self._waiting[0]
-            if not self._ensure_cache(request):
-                return  # waits for a row, or for the engine to be idle to resize the cache
+            try:
+                if not self._ensure_cache(request):
+                    return  # waits for a row, or for the engine to be idle to resize the cache
+            except (InsufficientMemoryError, torch.OutOfMemoryError) as e:
+                self._waiting.popleft()  # not even one row of its size fits: it fails alone
+                e.args = (f"{request.label}: {e}",) + e.args[1:]
+                request.error = e
+                self._finish(request, "error", time.perf_counter())
+                done.append(request)
+                continue
             self._waiting.popleft()
             row = self._rows.index(None)
             request.row, self._rows[row] = row, request
@@ -310,26 +329,42 @@ class Engine:
                 continue
             request.position = request.prompt_len
             request.t_first = time.perf_counter()
-            self._take(request, pick[0][0], pick[1][0], request.t_first, done)
+            delta = self._advance(request, pick[0][0], pick[1][0])
+            self._deliver(request, delta, request.t_first, done)
 
     def _ensure_cache(self, request: Request) -> bool:
-        """A free row whose slots fit the request; (re)allocates the cache when idle."""
+        """A free row whose slots fit the request. When the engine is idle, the cache is sized
+        for everything waiting (rows and slots rounded up to powers of two unless fixed, so a
+        compiled step meets few shapes) and reallocated only if the current one is too small.
+        An allocation that does not fit memory is retried with half the rows, then with the
+        head request's slots alone; raises if even that does not fit."""
         cache = self._runner.cache if self._runner is not None else None
-        fits = cache is not None and request.slots_needed <= cache.max_len
-        if fits and None in self._rows:
-            return True
-        if any(r is not None for r in self._rows):
-            return False  # busy: wait for a row (or, if the slots are short, for idle)
-        need = max([request.slots_needed] + [r.slots_needed for r in self._waiting])
-        rows = self.max_batch or min(max(len(self._waiting), 1), self.DEFAULT_MAX_BATCH)
-        slots = self.max_len or need
-        if cache is None or cache.max_len < slots or cache.batch < rows:
-            self._runner = None
-            self.model.decoder.bind_cache(None)  # drop the old buffers before allocating
-            self.model.new_kv_cache(rows, slots)
-            self._runner = DecodeRunner(self.model, self.mode)
+        if any(r is not None for r in self._rows):  # busy: a free row of enough slots, or wait
+            return request.slots_needed <= cache.max_len and None in self._rows
+        want_rows = self.max_batch or min(_pow2(len(self._waiting)), self.DEFAULT_MAX_BATCH)
+        need = max(r.slots_needed for r in self._waiting)
+        max_pos = self.model.config.text.max_position_embeddings
+        want_slots = self.max_len or min(_pow2(need), max_pos)
+        if cache is None or cache.batch < want_rows or cache.max_len < need:
+            self._allocate(want_rows, want_slots, request.slots_needed)
         self._rows = [None] * self._runner.cache.batch
         return True
+
+    def _allocate(self, rows: int, slots: int, least_slots: int) -> None:
+        self._runner = None
+        self.model.decoder.bind_cache(None)  # drop the old buffers before allocating
+        while True:
+            try:
+                self.model.new_kv_cache(rows, slots)
+                break
+            except (InsufficientMemoryError, torch.OutOfMemoryError):
+                if rows > 1:
+                    rows //= 2
+                elif slots > least_slots:
+                    slots = least_slots
+                else:
+                    raise
+        self._runner = DecodeRunner(self.model, self.mode)
 
     def _bind(self) -> None:
         """The model's layers read this engine's cache (someone may have bound another one to
@@ -357,47 +392,67 @@ class Engine:
                                     top_k=c.top_k, top_p=c.top_p, generator=request.generator)[0]
         return torch.stack([next_B, status_B.to(next_B.dtype)])
 
-    def _take(self, request: Request, token: int, status: int, now: float,
-              done: list[Request]) -> None:
-        """One new token for a running request: check, stop, stream."""
+    def _advance(self, request: Request, token: int, status: int) -> str:
+        """Take one new token: check it, stop, detokenize. Returns the text delta to stream;
+        `request.stop` says why it ends (the row is freed by `_deliver`)."""
         if status != _LOGITS_OK:
             request.error = GenerationError(f"{request.label}: the logits for new token "
                                             f"{request.new_tokens + 1} {_LOGITS_PROBLEM[status]}")
-            self._finish(request, "error", now)
-            done.append(request)
-            return
+            request.stop = "error"
+            return ""
         request.new_tokens += 1
         request.token = token
-        reason = None
         if request.eos is not None and token == request.eos:
-            reason = "eos"
-        else:
-            delta = request.stream.push(token)
-            if request.stream.stopped:
-                reason = "stop_string"
-            elif request.new_tokens >= request.config.max_new_tokens:
-                reason = "length"
-            elif delta and request.on_text is not None:
-                request.on_text(delta)
-        if reason is not None:
-            self._finish(request, reason, now)
+            request.stop = "eos"
+            return ""
+        delta = request.stream.push(token)
+        if request.stream.stopped:
+            request.stop = "stop_string"
+        elif request.new_tokens >= request.config.max_new_tokens:
+            request.stop = "length"
+        return delta
+
+    def _deliver(self, request: Request, delta: str, now: float, done: list[Request]) -> None:
+        """Stream the delta and finish the request if it stops. A callback that raises fails
+        its own request (the error is in `request.error`), no other."""
+        if request.finished:  # cancelled by an earlier callback of this step
+            return
+        if not self._emit(request, delta):
+            request.stop = "error"
+        if request.stop is not None:
+            self._finish(request, request.stop, now)
             done.append(request)
+
+    @staticmethod
+    def _emit(request: Request, delta: str) -> bool:
+        if not delta or request.on_text is None or request.error is not None:
+            return True
+        try:
+            request.on_text(delta)
+        except Exception as e:  # the caller's callback: its failure is this request's
+            request.error = e
+            return False
+        return True
 
     def _finish(self, request: Request, reason: str, now: float) -> None:
         request.finish_reason, request.t_done = reason, now
         if request.row is not None:
+            if reason == "error" and self._runner is not None:
+                # A failed request may have left NaN/Inf keys/values; the reference attention
+                # multiplies masked values by zero weights (NaN * 0 = NaN), so a shorter
+                # sequence reusing the row would read them. Errors are rare: clear the row.
+                self._runner.cache.k[:, request.row].zero_()
+                self._runner.cache.v[:, request.row].zero_()
             self._rows[request.row] = None
             request.row = None
-        if reason != "error":
-            delta = request.stream.finish()
-            if delta and request.on_text is not None and reason != "cancelled":
-                request.on_text(delta)
+        if reason != "error" and not self._emit(request, request.stream.finish()):
+            request.finish_reason = "error"
         first = request.t_first or now
         timings = Timings(max(first - request.t_start, 0.0), max(now - first, 0.0),
                           request.new_tokens)
         # ids: all generated ids but the EOS (with a stop string: up to the one completing it)
-        request.result = GenerationResult(request.stream.text, list(request.stream.ids), reason,
-                                          timings)
+        request.result = GenerationResult(request.stream.text, list(request.stream.ids),
+                                          request.finish_reason, timings)
 
     # ------------------------------------------------------------------ batch API
 
@@ -471,6 +526,9 @@ class Engine:
             raise UsageError(f"image_input_idx has shape {tuple(idx.shape)}, expected ({T}, {Q})")
         if (idx >= ids.shape[0]).any():
             raise UsageError(f"image_input_idx points past the prompt ({ids.shape[0]} tokens)")
+        if not torch.isfinite(images).all():
+            raise UsageError("images hold NaN or infinite values (the processor gives finite "
+                             "pixels; -1 marks padding)")
         out["images"] = images.to(self.device, torch.float32)
         out["image_input_idx"] = idx.to(self.device)
         masks = prompt.get("image_masks")

@@ -143,7 +143,7 @@ class DecodeRunner:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
             kind = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self._compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=kind)
+            self._compiled = torch.compile(decode_step, fullgraph=True, dynamic=None, mode=kind)
 
     def bucket(self, rows: int) -> int:
         for b in self.buckets:
