@@ -195,21 +195,28 @@ def reference_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, key_p
     B, Hq, Sq, Dh = q.shape
     Sk = k_cache.shape[2]
     dev = q.device
-    if cache_seqlens is None:
-        lengths_B = torch.full((B,), Sk, dtype=torch.long, device=dev)
+    if Sq == 1 and cache_seqlens is not None and key_padding_mask is None:
+        # The decode step's case, in as few ops as it allows (it runs in every layer of every
+        # step): the one query sees keys [0, length); an empty row is a zero length.
+        allowed = (torch.arange(Sk, device=dev) < cache_seqlens.view(B, 1)).view(B, 1, 1, Sk)
+        empty_row = (cache_seqlens == 0).view(B, 1, 1, 1)
     else:
-        lengths_B = cache_seqlens.to(device=dev, dtype=torch.long)
-    # Query i of sequence b sits at key position lengths[b] - Sq + i (bottom-right aligned).
-    q_pos_BS = lengths_B[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]
-    allowed = torch.arange(Sk, device=dev)[None, None, :] <= q_pos_BS[:, :, None]  # (B, Sq, Sk)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, :].to(torch.bool)
-    allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
+        if cache_seqlens is None:
+            lengths_B = torch.full((B,), Sk, dtype=torch.long, device=dev)
+        else:
+            lengths_B = cache_seqlens.to(device=dev, dtype=torch.long)
+        # Query i of sequence b sits at key position lengths[b] - Sq + i (bottom-right aligned).
+        q_pos_BS = lengths_B[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]
+        allowed = torch.arange(Sk, device=dev)[None, None, :] <= q_pos_BS[:, :, None]  # B Sq Sk
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, :].to(torch.bool)
+        allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
+        empty_row = ~allowed.any(dim=-1, keepdim=True)  # no key to attend (padding query)
     out_dtype = q.dtype
     if upcast:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-    # GQA without copying K/V: SDPA maps query head h to kv head h // (Hq / Hkv).
-    empty_row = ~allowed.any(dim=-1, keepdim=True)  # no key to attend (padding query): zeros
+    # GQA without copying K/V: SDPA maps query head h to kv head h // (Hq / Hkv). A row with
+    # no key attends everything (no NaN) and is zeroed after.
     o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed | empty_row,
                                        scale=scale, enable_gqa=Hq != k_cache.shape[1])
     return o.masked_fill(empty_row, 0.0).to(out_dtype)
@@ -225,8 +232,8 @@ def reference_moe_ffn(x, router_w, w_gate, w_up, w_down, top_k, renormalize=Fals
     * inference (no gradient needed): every assignment sorted by expert and run through
       `F.grouped_mm` -- one grouped GEMM per projection, static shapes, no host sync, so a
       decode step holding it can be compiled or captured; each selected expert's weights are
-      read in place (no gather copy). The rows are summed per token in increasing expert order,
-      as the released loop does; only the GEMMs' blocking (hence rounding) can differ.
+      read in place (no gather copy). Each token's K rows are weighted and summed (the released
+      loop adds them in increasing expert order instead), so results agree to rounding.
     * training (a gradient is needed): the released per-expert loop (`torch.where` per expert:
       data-dependent, host-synchronising), plus the two router losses.
     """
@@ -285,17 +292,16 @@ def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
 
     A custom op, opaque to torch.compile: `F.grouped_mm`'s compile-time shape rules are those
     of its CUDA kernels (bf16 only), while its CPU kernel runs any float dtype."""
-    K = topk_idx.shape[1]
-    order_N = torch.argsort(topk_idx.reshape(-1), stable=True)
-    token_N = order_N // K
-    offs_E = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
-    x_N = x[token_N]
+    T, K = topk_idx.shape
+    order_N = torch.argsort(topk_idx.view(-1), stable=True)
+    offs_E = torch.cumsum(counts, 0, dtype=torch.int32)  # end of each expert's rows
+    x_N = x[order_N // K]
     gate = F.grouped_mm(x_N, w_gate.transpose(1, 2), offs=offs_E)
     up = F.grouped_mm(x_N, w_up.transpose(1, 2), offs=offs_E)
-    h = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs_E)
-    h = (h * topk_w.reshape(-1)[order_N, None]).to(x.dtype)
-    # index_add_ in row order: each token's experts are added in increasing index order.
-    return torch.zeros_like(x).index_add_(0, token_N, h)
+    h_N = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs_E)
+    # Back to assignment order a = t*K + k, then each token's K rows weighted and summed.
+    h_TKD = torch.empty_like(h_N).index_put_((order_N,), h_N).view(T, K, -1)
+    return (h_TKD * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
 _experts_grouped = torch.library.custom_op("molmoe::grouped_experts", mutates_args=())(
@@ -307,15 +313,22 @@ def _(x, w_gate, w_up, w_down, topk_w, topk_idx, counts):
     return torch.empty_like(x)
 
 
+# Custom ops whose body is plain PyTorch, by qualified name: op counters count their body's
+# ops (molmoe.profiling.OpCounter), so wrapping code in an op never hides work.
+TRANSPARENT_OPS = {"molmoe::grouped_experts": grouped_experts}
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def reference_apply_rope(q, k, cos, sin):
+    # q and k rotated as one tensor (heads side by side): the same arithmetic per element, in
+    # half the ops (this runs in every layer of every decode step).
+    qk = torch.cat([q, k], dim=1).float()  # (B, Hq + Hkv, S, Dh)
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    q_rot = q.float() * cos + rotate_half(q.float()) * sin
-    k_rot = k.float() * cos + rotate_half(k.float()) * sin
+    q_rot, k_rot = (qk * cos + rotate_half(qk) * sin).split([q.shape[1], k.shape[1]], dim=1)
     return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
 

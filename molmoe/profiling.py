@@ -56,13 +56,21 @@ SYNC_OPS = frozenset({
 
 
 class OpCounter(TorchDispatchMode):
-    """Every aten op dispatched inside the block (custom ops count as one, opaque)."""
+    """Every aten op dispatched inside the block. A custom op whose body is plain PyTorch
+    (`molmoe.backends.TRANSPARENT_OPS`: the reference MoE's grouped experts) is counted by the
+    ops its body dispatches, not as one; a Triton kernel's custom op counts as one (a launch)."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from molmoe.backends import TRANSPARENT_OPS
+
+        body = TRANSPARENT_OPS.get(f"{func.namespace}::{func._opname}")
+        if body is not None:
+            with self:  # the mode is off inside its own dispatch: count the body's ops too
+                return body(*args, **(kwargs or {}))
         self.ops.append(func._overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 

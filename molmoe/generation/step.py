@@ -50,8 +50,8 @@ def decode_step(model, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> tor
         h = model.decoder.embed(tokens_B[:, None])
         positions_B1 = positions_B[:, None]
         cos, sin = rope_tables(positions_B1, text.head_dim, text.rope_theta)
-        step = CacheStep(rows=slice(0, B), index_BS=positions_B1, attend="cache",
-                         seqlens_B=(positions_B + 1).to(torch.int32))
+        step = CacheStep.covering(model.decoder.cache, B, positions_B1, attend="cache",
+                                  seqlens_B=(positions_B + 1).to(torch.int32))
         return model.decoder(h, cos, sin, None, step)[:, 0]
 
 

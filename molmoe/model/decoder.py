@@ -58,9 +58,14 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # over the full q / k vectors, before the head split (spec §7.4)
             q = self.q_norm(q).to(k.dtype)
             k = self.k_norm(k).to(k.dtype)
-        q = q.view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, S, Dh)
-        k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
-        v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if S == 1:  # (B, 1, H*Dh) is already laid out as (B, H, 1, Dh): no transposes
+            q = q.view(B, cfg.n_heads, 1, cfg.head_dim)
+            k = k.view(B, cfg.n_kv_heads, 1, cfg.head_dim)
+            v = v.view(B, cfg.n_kv_heads, 1, cfg.head_dim)
+        else:
+            q = q.view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+            k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+            v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = self.ops.apply_rope(q, k, cos, sin)
         if step is not None:
             k_cache, v_cache = self.kv.write(step, k, v)  # this forward's rows (B, Hkv, Smax, Dh)
@@ -73,6 +78,8 @@ class Attention(nn.Module):
             end = step.end
             o = self.ops.attention(q, k_cache[:, :, :end], v_cache[:, :, :end], causal=True,
                                    key_padding_mask=step.key_mask_BSk[:, :end])
+        if S == 1:  # (B, H, 1, Dh) -> (B, 1, H*Dh) is a reshape of the same layout
+            return self.out(o.reshape(B, 1, cfg.d_model))
         return self.out(o.transpose(1, 2).reshape(B, S, cfg.d_model))
 
 

@@ -37,12 +37,22 @@ from molmoe.errors import UsageError
 class CacheStep:
     """Where one forward's new tokens go in the cache, and what its queries attend (see above).
     Built once per forward, read by every layer."""
-    rows: slice
+    rows: slice | None  # None: all rows of the cache
     index_BS: torch.Tensor  # int64 cache slot of each new token
     attend: str  # "cache" | "local"
     seqlens_B: torch.Tensor | None = None  # int32, valid keys per row after the write
     key_mask_BSk: torch.Tensor | None = None  # bool (B, Smax), True = a real token (left padding)
     end: int | None = None  # shared-index mode: slots written after this forward
+    index_BHSD: torch.Tensor | None = None  # index_BS expanded for the scatter (set on first use)
+
+    @classmethod
+    def covering(cls, cache: "KVCache", rows: int, index_BS: torch.Tensor, **kw) -> "CacheStep":
+        """A step over cache rows [0, rows): `rows=None` when that is the whole cache (no
+        slicing in every layer), and the scatter index expanded once for all layers."""
+        B, S = index_BS.shape
+        index = index_BS[:, None, :, None].expand(B, cache.n_kv_heads, S, cache.head_dim)
+        return cls(rows=None if rows == cache.batch else slice(0, rows), index_BS=index_BS,
+                   index_BHSD=index, **kw)
 
 
 class LayerKV:
@@ -54,9 +64,12 @@ class LayerKV:
     def write(self, step: CacheStep, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor):
         """Scatter the new keys/values into their slots; return this forward's rows of the
         cache (views, no copy)."""
-        k_rows, v_rows = self.k[step.rows], self.v[step.rows]
-        B, H, S, Dh = k_BHSD.shape
-        index = step.index_BS[:, None, :, None].expand(B, H, S, Dh)
+        k_rows, v_rows = (self.k, self.v) if step.rows is None else (self.k[step.rows],
+                                                                     self.v[step.rows])
+        index = step.index_BHSD
+        if index is None:
+            B, H, S, Dh = k_BHSD.shape
+            index = step.index_BS[:, None, :, None].expand(B, H, S, Dh)
         k_rows.scatter_(2, index, k_BHSD.to(k_rows.dtype))
         v_rows.scatter_(2, index, v_BHSD.to(v_rows.dtype))
         return k_rows, v_rows
@@ -76,6 +89,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # shared-index mode: slots written so far
         self.batch, self.max_len = batch, max_len
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.layers = [LayerKV(self.k[i], self.v[i]) for i in range(n_layers)]
 
     def layer(self, i: int) -> LayerKV:
