@@ -284,6 +284,11 @@ def _experts_loop(x, w_gate, w_up, w_down, topk_w, topk_idx):
     return y
 
 
+# Up to this many tokens the grouped experts combine by unsorting and summing (fewest ops: the
+# decode step); above it by one index_add_ over the sorted rows (least memory traffic: prefill).
+UNSORT_MAX_TOKENS = 64
+
+
 def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                      w_down: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor,
                      counts: torch.Tensor) -> torch.Tensor:
@@ -295,13 +300,17 @@ def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     T, K = topk_idx.shape
     order_N = torch.argsort(topk_idx.view(-1), stable=True)
     offs_E = torch.cumsum(counts, 0, dtype=torch.int32)  # end of each expert's rows
-    x_N = x[order_N // K]
+    token_N = order_N // K
+    x_N = x[token_N]
     gate = F.grouped_mm(x_N, w_gate.transpose(1, 2), offs=offs_E)
     up = F.grouped_mm(x_N, w_up.transpose(1, 2), offs=offs_E)
     h_N = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs_E)
-    # Back to assignment order a = t*K + k, then each token's K rows weighted and summed.
-    h_TKD = torch.empty_like(h_N).index_put_((order_N,), h_N).view(T, K, -1)
-    return (h_TKD * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)
+    if T <= UNSORT_MAX_TOKENS:  # decode sizes: back to assignment order, weighted K-row sums
+        h_TKD = torch.empty_like(h_N).index_put_((order_N,), h_N).view(T, K, -1)
+        return (h_TKD * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)
+    # prefill sizes: weight the sorted rows and add them into their tokens (one pass over h)
+    h_N = (h_N * topk_w.view(-1)[order_N, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_N, h_N)
 
 
 _experts_grouped = torch.library.custom_op("molmoe::grouped_experts", mutates_args=())(
