@@ -285,6 +285,9 @@ def build_model(opts: ProfileOptions, device: torch.device, need_vision: bool):
         t = config.text
         changes = {}
         if opts.layers is not None:
+            if opts.layers > t.n_layers:
+                raise UsageError(f"--layers {opts.layers}: the preset {opts.model} has "
+                                 f"{t.n_layers} decoder layers")
             changes["n_layers"] = opts.layers
         if opts.d_model is not None:
             changes["d_model"] = opts.d_model
@@ -549,7 +552,8 @@ class _Ours:
         with torch.no_grad():
             self.h_1SD = _embed(model, inputs)
             self.cache_1 = model.new_kv_cache(1, S + 1)
-            self.cache_B = model.new_kv_cache(B, S + n + 1)
+            # the timed decode runs n steps, the profiled one profile_steps + 1
+            self.cache_B = model.new_kv_cache(B, S + max(n, opts.profile_steps + 1) + 1)
             first = prefill(model, inputs, 0).argmax()
             for row in range(1, B):
                 prefill(model, inputs, row)

@@ -281,3 +281,28 @@ def test_fuzz_against_reference(name, request):
         check(tok, ids, stops)
 
     prop()
+
+
+def test_ids_without_text_do_not_grow_the_window(olmoe):
+    """MolmoE's tokenizer spells ids 50285..50303 as nothing, with or without special tokens: a
+    run of them costs a bounded decode per token, not one growing with the run."""
+    silent = [i for i in range(50285, 50304) if olmoe.decode([i], skip_special_tokens=False) == ""]
+    if not silent:
+        pytest.skip("this tokenizer has no silent ids")
+
+    class Counting:
+        def __init__(self):
+            self.ids = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.ids += len(ids)
+            return olmoe.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    tok = Counting()
+    stream = TextStream(tok)
+    ids = olmoe.encode("caf\u00e9 ")[:2] + [silent[0]] * 2000 + olmoe.encode("ok")
+    for t in ids:
+        stream.push(t)
+    stream.finish()
+    assert stream.text == olmoe.decode(ids)
+    assert tok.ids < 20 * len(ids)

@@ -151,3 +151,14 @@ def test_transformers_cached_decode_matches_our_step():
         cache = {_hf_cache_kwarg(hf): out.past_key_values}
         theirs = hf(tok[None], use_cache=True, **cache).logits[0, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_fewer_new_tokens_than_profiled_steps_and_too_many_layers(tmp_path, capsys):
+    """The profiled decode may run more steps than the timed one: the cache covers both. A
+    preset cut to more layers than it has is refused, not silently grown."""
+    rc = main(["profile", "decode", "--model", "tiny-molmoe", "--image", "none", "--new-tokens",
+               "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["profile", "decode", "--model", "tiny-molmoe", "--image", "none", "--layers", "9",
+               "--device", "cpu", "--out", str(tmp_path / "q")])
+    assert rc == 2 and "--layers 9" in capsys.readouterr().err

@@ -152,8 +152,11 @@ class TextStream:
         skipped = self._skipped.get(token_id)
         if skipped is None:
             try:
-                skipped = (self._decode([token_id]) == ""
-                           and self.tokenizer.decode([token_id], skip_special_tokens=False) != "")
+                # No text of its own (a special token, or an id the tokenizer spells as nothing,
+                # such as MolmoE's unused rows 50285..50303): byte-level decoding gives it no
+                # bytes, so leaving it out of the window changes no text, and a run of them
+                # cannot grow the window.
+                skipped = self._decode([token_id]) == ""
             except Exception:  # noqa: BLE001  cannot decode it alone: keep it in the window
                 skipped = False
             self._skipped[token_id] = skipped
