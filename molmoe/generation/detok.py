@@ -147,8 +147,9 @@ class TextStream:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _is_skipped(self, token_id: int) -> bool:
-        """A special token decoding drops (no text with skip_special_tokens, some without).
-        Decoders filter those ids before decoding, so leaving them out changes no text."""
+        """An id that decodes to no text alone (a special token that decoding drops, or an id
+        spelled as nothing). Byte-level decoders give such ids no bytes in any context, so
+        leaving them out of the window changes no text."""
         skipped = self._skipped.get(token_id)
         if skipped is None:
             try:
