@@ -24,12 +24,10 @@ Legend: B batch rows, S prompt tokens, D model width, V vocabulary rows.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime as _dt
 import inspect
 import json
-import math
 import os
 import pathlib
 import platform
@@ -275,7 +273,7 @@ def build_model(opts: ProfileOptions, device: torch.device, need_vision: bool):
     """(model, processor, description) on `device`: a checkpoint's, or a preset's with random
     weights (the vision tower is left unallocated on `meta` when no image is used)."""
     from molmoe.checkpoint.loader import PRECISIONS, parse_precision
-    from molmoe.config import PRESETS, MoEConfig, preset
+    from molmoe.config import PRESETS, preset
 
     weights_dtype, autocast_dtype = PRECISIONS[parse_precision(opts.dtype)]
     if opts.model in PRESETS:

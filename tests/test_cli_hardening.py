@@ -20,7 +20,7 @@ from molmoe.generation import (MIN_TEMPERATURE, Engine, GenerationConfig, Genera
 from molmoe.points import check_image_output, save_image
 from molmoe.processing import Processor
 from tests.test_app import _TOKENIZER_FILES, checkpoint, demo_dir, image_path  # noqa: F401
-from tests.tiny import random_model, write_checkpoint
+from tests.tiny import random_model, scripted_model, write_checkpoint
 
 NO_MODEL = "/nonexistent/molmoe-model"  # errors must come before the model is even looked for
 
@@ -298,25 +298,9 @@ def scripted_checkpoint(checkpoint, proc, tmp_path_factory):  # noqa: F811
     """tiny-molmoe whose greedy answer is exactly ESCAPE_ANSWER: every block's output is zeroed,
     so the last position's logits depend on the last token alone, and the embeddings and LM head
     form a transition table t_0 -> t_1 -> ... -> EOS (t_0: any token outside the answer)."""
-    model = random_model("tiny-molmoe", seed=2)
     ids = proc.tokenizer.encode(ESCAPE_ANSWER)
-    assert len(set(ids)) == len(ids) == len(ESCAPE_ANSWER)
-    eos = proc.tokenizer.eos_token_id
-    dec = model.decoder
-    with torch.no_grad():
-        for block in dec.blocks:
-            block.attn.out.weight.zero_()
-            block.ffn.w_down.zero_()
-        D = dec.embed.embedding.shape[1]
-        onehot = torch.eye(D)
-        dec.embed.embedding.copy_(onehot[0].expand_as(dec.embed.embedding))
-        dec.embed.new_embedding.copy_(onehot[0].expand_as(dec.embed.new_embedding))
-        dec.norm.weight.fill_(1.0)
-        dec.lm_head.weight.zero_()
-        for i, t in enumerate(ids + [eos]):
-            if i < len(ids):
-                dec.embed.embedding[t] = onehot[i + 1]
-            dec.lm_head.weight[t] = 10.0 * onehot[i]
+    assert len(ids) == len(ESCAPE_ANSWER)
+    model = scripted_model(ids, proc.tokenizer.eos_token_id)
     d = write_checkpoint(model, tmp_path_factory.mktemp("scripted"), "molmoe-hf")
     for name in _TOKENIZER_FILES:
         shutil.copy(checkpoint / name, d / name)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import molmoe
 from molmoe import app
@@ -18,7 +17,7 @@ from molmoe.errors import UsageError
 from molmoe.generation import Engine, GenerationConfig, engine_eos, resolve_eos
 from molmoe.processing import Processor
 from tests.test_app import _TOKENIZER_FILES, checkpoint, demo_dir  # noqa: F401
-from tests.tiny import random_model, write_checkpoint
+from tests.tiny import random_model, scripted_model, write_checkpoint
 
 # ----------------------------------------------------------------------------- top level
 
@@ -90,23 +89,7 @@ def _scripted(proc, directory: pathlib.Path, checkpoint) -> tuple[pathlib.Path, 
     ids = tok.encode(ANSWER)
     stop = tok.encode("Z")[0]
     script = ids + [stop] + tok.encode(AFTER)
-    assert len(set(script)) == len(script) and tok.eos_token_id not in script
-    model = random_model("tiny-molmoe", seed=2)
-    dec = model.decoder
-    with torch.no_grad():
-        for block in dec.blocks:
-            block.attn.out.weight.zero_()
-            block.ffn.w_down.zero_()
-        D = dec.embed.embedding.shape[1]
-        onehot = torch.eye(D)
-        dec.embed.embedding.copy_(onehot[0].expand_as(dec.embed.embedding))
-        dec.embed.new_embedding.copy_(onehot[0].expand_as(dec.embed.new_embedding))
-        dec.norm.weight.fill_(1.0)
-        dec.lm_head.weight.zero_()
-        for i, t in enumerate(script + [tok.eos_token_id]):
-            if i < len(script):
-                dec.embed.embedding[t] = onehot[i + 1]
-            dec.lm_head.weight[t] = 10.0 * onehot[i]
+    model = scripted_model(script, tok.eos_token_id)
     d = write_checkpoint(model, directory, "molmoe-hf")
     for name in _TOKENIZER_FILES:
         shutil.copy(checkpoint / name, d / name)

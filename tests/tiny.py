@@ -97,3 +97,28 @@ def random_inputs(config: MolmoConfig, *, batch: int = 1, crops: int = 2, text: 
     idx = (1 + torch.arange(n_img)).view(crops, tpc).expand(batch, -1, -1).clone()
     idx[:, 1:, :5] = -100
     return ids, images, masks, idx.to(torch.int32)
+
+
+def scripted_model(script: list[int], eos: int, seed: int = 2) -> Molmo:
+    """tiny-molmoe whose greedy answer is `script` then `eos`: every block's output is zeroed, so
+    the last position's logits depend on the last token alone, and the embeddings and LM head
+    form a transition table t_0 -> t_1 -> ... -> EOS (t_0: any token outside the script). The
+    ids of `script` must be distinct and differ from `eos`."""
+    assert len(set(script)) == len(script) and eos not in script
+    model = random_model("tiny-molmoe", seed=seed)
+    dec = model.decoder
+    with torch.no_grad():
+        for block in dec.blocks:
+            block.attn.out.weight.zero_()
+            block.ffn.w_down.zero_()
+        D = dec.embed.embedding.shape[1]
+        onehot = torch.eye(D)
+        dec.embed.embedding.copy_(onehot[0].expand_as(dec.embed.embedding))
+        dec.embed.new_embedding.copy_(onehot[0].expand_as(dec.embed.new_embedding))
+        dec.norm.weight.fill_(1.0)
+        dec.lm_head.weight.zero_()
+        for i, t in enumerate(script + [eos]):
+            if i < len(script):
+                dec.embed.embedding[t] = onehot[i + 1]
+            dec.lm_head.weight[t] = 10.0 * onehot[i]
+    return model
