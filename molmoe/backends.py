@@ -174,18 +174,20 @@ def reference_attention(q, k, v, *, causal, image_block_ids=None, key_padding_ma
     out_dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    group = Hq // k.shape[1]
-    if group > 1:  # GQA: kv head j serves query heads [j*g, (j+1)*g)
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    if not causal and key_padding_mask is None and cu_seqlens is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(out_dtype)
+    # GQA (kv head j serves query heads [j*g, (j+1)*g)) without copying K/V: SDPA's enable_gqa.
+    gqa = Hq != k.shape[1]
+    if key_padding_mask is None and cu_seqlens is None and (
+            not causal or (Sq == Sk and image_block_ids is None)):
+        # No mask to build: plain or causal SDPA (a causal kernel skips the masked blocks).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=gqa).to(out_dtype)
     allowed = attention_allowed_mask(Sq, Sk, causal=causal, image_block_ids=image_block_ids,
                                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                                      batch=B, device=q.device)[:, None]  # (B, 1, Sq, Sk)
     # A row with nothing to attend (a left-padding query) would be NaN; give it zeros instead.
     empty_row = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty_row, scale=scale,
+                                       enable_gqa=gqa)
     return o.masked_fill(empty_row, 0.0).to(out_dtype)
 
 
