@@ -168,12 +168,44 @@ class DecodeRunner:
         graph.replay()
         return out
 
+    def _tune(self, B: int) -> None:
+        """Triton backend: time the decode-attention and MoE tiles on this bucket's shapes
+        before capture (their tuning never runs on the launch path, so a graph captured
+        untuned would keep the default tiles). Best effort: a failure warns and the defaults
+        stay."""
+        from molmoe.backends import Backend
+
+        if self.model.backend is not Backend.TRITON:
+            return
+        import warnings
+
+        from molmoe.kernels import decode_attention as attention_kernels
+        from molmoe.kernels import moe_tuning
+
+        text, cache = self.model.config.text, self.cache
+        try:
+            q = torch.randn(B, text.n_heads, 1, text.head_dim, device=self.device,
+                            dtype=cache.k.dtype)
+            lengths = torch.full((B,), cache.max_len, dtype=torch.int32, device=self.device)
+            attention_kernels.autotune(q, cache.k[0, :B], cache.v[0, :B], cache_seqlens=lengths)
+            ffn = self.model.decoder.blocks[0].ffn
+            if text.moe is not None:
+                x = torch.randn(B, text.d_model, device=self.device, dtype=ffn.w_gate.dtype)
+                kinds = (("gate_up_decode", "down_decode") if B <= moe_tuning.DECODE_MAX_TOKENS
+                         else ("gate_up", "down"))
+                moe_tuning.autotune(x, ffn.router.weight, ffn.w_gate, ffn.w_up, ffn.w_down,
+                                    text.moe.top_k, text.moe.renormalize, kinds=kinds)
+        except Exception as e:  # noqa: BLE001  tuning is an optimisation; the defaults run
+            warnings.warn(f"decode step: Triton tuning for batch {B} failed ({e}); capturing "
+                          f"with the default tiles", RuntimeWarning, stacklevel=2)
+
     def _capture(self, tokens_B, positions_B):
         """Capture the step for B rows, from the real inputs of its first call. Warm-up runs
         come first (on a side stream, as CUDA graphs require): they tune and compile every
         kernel, so nothing is timed or compiled during capture. They are the real step, run
         again: a step is idempotent (it rewrites the same keys/values into the same slots)."""
         tok, pos = tokens_B.clone(), positions_B.clone()
+        self._tune(tok.shape[0])
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
