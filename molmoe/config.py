@@ -731,7 +731,10 @@ def available_memory(device) -> tuple[int, str] | None:
         if not torch.cuda.is_available():
             return None  # the load itself says that there is no CUDA
         free, total = torch.cuda.mem_get_info(device)
-        return free, f"free on {device} (of {total / 2**30:.1f} GiB)"
+        # Memory PyTorch's allocator holds but no tensor uses (a cache just dropped, say) is
+        # free for the next allocation too, though the driver counts it as taken.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, f"free on {device} (of {total / 2**30:.1f} GiB)"
     if device.type != "cpu":
         return None
     try:

@@ -237,3 +237,44 @@ def test_compiled_engine_survives_many_prompt_lengths():
     for n in range(10, 200, 19):
         r = engine.generate(_prompt(model, n, 0, False), cfg)
         assert r.finish_reason == "length"
+
+
+def test_memory_fallback_keeps_batching(monkeypatch):
+    """When the cache wanted for everything waiting does not fit, the engine first shrinks the
+    slots to the head request's, then the rows; it does not run every request alone, nor
+    reallocate at every idle moment."""
+    from molmoe.config import InsufficientMemoryError
+
+    model = random_model("tiny-molmoe")
+    sizes, real = [], model.new_kv_cache
+
+    def limited(rows, slots, **kw):  # memory for 256 row-slots
+        sizes.append((rows, slots))
+        if rows * slots > 256:
+            raise InsufficientMemoryError(f"{rows} x {slots} does not fit")
+        return real(rows, slots, **kw)
+
+    monkeypatch.setattr(model, "new_kv_cache", limited)
+    engine = Engine(model, _Tok())
+    cfg = GenerationConfig(max_new_tokens=4, stop_strings=())
+    small = [engine.submit(_prompt(model, 6, i, False), cfg) for i in range(8)]
+    big = engine.submit({"input_ids": torch.arange(1, 200)}, cfg)
+    widest = 0
+    while engine.has_work():
+        engine.step()
+        widest = max(widest, len(engine.running))
+    assert widest == 8 and all(r.finish_reason == "length" for r in small + [big])
+    assert [s for s in sizes if s[0] * s[1] <= 256] == [(16, 16), (1, 256)]
+
+
+def test_a_callback_cancelling_its_own_request_finishes_it_once():
+    model = random_model("tiny-molmoe")
+    engine = Engine(model, _Tok())
+    box = {}
+    r = box["r"] = engine.submit(_prompt(model, 6, 0, False),
+                                 GenerationConfig(max_new_tokens=1, stop_strings=()),
+                                 on_text=lambda d: engine.cancel(box["r"]))
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    assert r.finish_reason == "cancelled" and r not in done and not engine.running

@@ -223,6 +223,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = []
         self._runner: DecodeRunner | None = None
+        self._reduced = False  # the cache is smaller than wanted: memory refused more
 
     # ------------------------------------------------------------------ requests
 
@@ -310,7 +311,8 @@ class Engine:
             except (InsufficientMemoryError, torch.OutOfMemoryError) as e:
                 self._waiting.popleft()  # not even one row of its size fits: it fails alone
                 e.args = (f"{request.label}: {e}",) + e.args[1:]
-                request.error = e
+                # without the traceback, whose frames would keep a half-made cache alive
+                request.error = e.with_traceback(None)
                 self._finish(request, "error", time.perf_counter())
                 done.append(request)
                 continue
@@ -345,23 +347,32 @@ class Engine:
         need = max(r.slots_needed for r in self._waiting)
         max_pos = self.model.config.text.max_position_embeddings
         want_slots = self.max_len or min(_pow2(need), max_pos)
-        if cache is None or cache.batch < want_rows or cache.max_len < need:
-            self._allocate(want_rows, want_slots, request.slots_needed)
+        if self._reduced and request.slots_needed <= cache.max_len:
+            pass  # memory gave a smaller cache than wanted: keep it while the head fits
+        elif cache is None or cache.batch < want_rows or cache.max_len < need:
+            least = self.max_len or min(_pow2(request.slots_needed), max_pos)
+            self._allocate(want_rows, want_slots, least)
         self._rows = [None] * self._runner.cache.batch
         return True
 
     def _allocate(self, rows: int, slots: int, least_slots: int) -> None:
+        """Allocate rows x slots; refused (memory), retry with the head request's slots, then
+        with half the rows each time. `_reduced` remembers a cache smaller than wanted."""
         self._runner = None
         self.model.decoder.bind_cache(None)  # drop the old buffers before allocating
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._reduced = False
         while True:
             try:
                 self.model.new_kv_cache(rows, slots)
                 break
             except (InsufficientMemoryError, torch.OutOfMemoryError):
-                if rows > 1:
-                    rows //= 2
-                elif slots > least_slots:
+                self._reduced = True
+                if slots > least_slots:
                     slots = least_slots
+                elif rows > 1:
+                    rows //= 2
                 else:
                     raise
         self._runner = DecodeRunner(self.model, self.mode)
@@ -419,6 +430,8 @@ class Engine:
             return
         if not self._emit(request, delta):
             request.stop = "error"
+        if request.finished:  # its own callback cancelled it
+            return
         if request.stop is not None:
             self._finish(request, request.stop, now)
             done.append(request)
