@@ -347,7 +347,7 @@ class Engine:
         need = max(r.slots_needed for r in self._waiting)
         max_pos = self.model.config.text.max_position_embeddings
         want_slots = self.max_len or min(_pow2(need), max_pos)
-        if self._reduced and request.slots_needed <= cache.max_len:
+        if cache is not None and self._reduced and request.slots_needed <= cache.max_len:
             pass  # memory gave a smaller cache than wanted: keep it while the head fits
         elif cache is None or cache.batch < want_rows or cache.max_len < need:
             least = self.max_len or min(_pow2(request.slots_needed), max_pos)
@@ -374,6 +374,7 @@ class Engine:
                 elif rows > 1:
                     rows //= 2
                 else:
+                    self._reduced = False  # no cache at all now
                     raise
         self._runner = DecodeRunner(self.model, self.mode)
 
