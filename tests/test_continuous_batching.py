@@ -278,3 +278,12 @@ def test_a_callback_cancelling_its_own_request_finishes_it_once():
     while engine.has_work():
         done += engine.step()
     assert r.finish_reason == "cancelled" and r not in done and not engine.running
+
+
+def test_engine_refuses_graph_mode_off_cuda_at_construction():
+    from molmoe.errors import UsageError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        Engine(random_model("tiny-molmoe"), _Tok(), mode="graph")

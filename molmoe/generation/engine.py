@@ -212,6 +212,10 @@ class Engine:
             mode = "graph" if capture else "eager"
         if mode not in MODES:
             raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
+        if mode == "graph" and self.device.type != "cuda":
+            raise UsageError("decode mode 'graph' captures CUDA graphs: it needs a CUDA device")
+        if mode != "eager" and (why := not_capturable(model, self.device)):
+            raise UsageError(f"decode mode {mode!r}: {why}")
         for name, value in (("max_batch", max_batch), ("max_len", max_len)):
             if value is not None and (not is_integral(value) or value < 1):
                 raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
