@@ -111,10 +111,15 @@ class MoEFFN(nn.Module):
         self.w_up = nn.Parameter(torch.zeros(E, F_, D))
         self.w_down = nn.Parameter(torch.zeros(E, D, F_))
         self.ops: Ops = REFERENCE_OPS
+        # The router's aux of the last forward that needed gradients (training): lb_loss,
+        # z_loss, counts... `molmoe.training` clears it, runs the forward, sums the losses.
+        self.aux: dict | None = None
 
     def forward(self, x):  # (B, S, D)
-        y, _aux = self.ops.moe_ffn(x.reshape(-1, x.shape[-1]), self.router.weight, self.w_gate,
-                                   self.w_up, self.w_down, self.top_k, self.renormalize)
+        y, aux = self.ops.moe_ffn(x.reshape(-1, x.shape[-1]), self.router.weight, self.w_gate,
+                                  self.w_up, self.w_down, self.top_k, self.renormalize)
+        if aux.get("lb_loss") is not None:  # no state is touched at inference (compiled step)
+            self.aux = aux
         return y.view(x.shape)
 
 
