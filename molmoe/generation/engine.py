@@ -48,7 +48,7 @@ from molmoe.errors import MolmoeError, UsageError, is_integral
 from molmoe.generation.detok import EOS_STRING, TextStream, text_stops
 from molmoe.generation.eos import engine_eos
 from molmoe.generation.sampling import check_temperature, sample_next
-from molmoe.generation.step import MODES, DecodeRunner, not_capturable, prefill
+from molmoe.generation.step import DecodeRunner, check_mode, not_capturable, prefill
 
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
@@ -210,12 +210,7 @@ class Engine:
         if mode is None:  # CUDA graphs where the step can be captured
             capture = self.device.type == "cuda" and not not_capturable(model, self.device)
             mode = "graph" if capture else "eager"
-        if mode not in MODES:
-            raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
-        if mode == "graph" and self.device.type != "cuda":
-            raise UsageError("decode mode 'graph' captures CUDA graphs: it needs a CUDA device")
-        if mode != "eager" and (why := not_capturable(model, self.device)):
-            raise UsageError(f"decode mode {mode!r}: {why}")
+        check_mode(mode, model, self.device)
         for name, value in (("max_batch", max_batch), ("max_len", max_len)):
             if value is not None and (not is_integral(value) or value < 1):
                 raise UsageError(f"{name} must be an integer >= 1, got {value!r}")

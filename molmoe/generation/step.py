@@ -108,6 +108,17 @@ def not_capturable(model, device: torch.device) -> str | None:
     return None
 
 
+def check_mode(mode: str, model, device: torch.device) -> None:
+    """Refuse a decode mode that cannot run here: unknown, "graph" off CUDA, or a step that
+    cannot be compiled or captured on `device` (`not_capturable`)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
+    if mode == "graph" and device.type != "cuda":
+        raise UsageError("decode mode 'graph' captures CUDA graphs: it needs a CUDA device")
+    if mode != "eager" and (why := not_capturable(model, device)):
+        raise UsageError(f"decode mode {mode!r}: {why}")
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes the step is compiled / captured for: powers of two, then max_batch."""
     sizes, b = [], 1
@@ -120,20 +131,15 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeRunner:
     """Runs `decode_step` for the first `bucket` cache rows: eagerly, compiled with
     `torch.compile(fullgraph=True)` ("reduce-overhead" on CUDA), or ("graph", CUDA only) as one
-    captured CUDA graph per bucket, kernels tuned by the warm-up runs before capture."""
+    captured CUDA graph per bucket (Triton tiles tuned, then warm-up runs, before capture)."""
 
     def __init__(self, model, mode: str = "eager"):
-        if mode not in MODES:
-            raise UsageError(f"unknown decode mode {mode!r}; supported: {', '.join(MODES)}")
         cache = model.decoder.cache
         if cache is None:
             raise UsageError("no KV cache is bound: call model.new_kv_cache(rows, slots) first")
+        check_mode(mode, model, cache.k.device)
         self.model, self.mode, self.cache = model, mode, cache
         self.device = cache.k.device
-        if mode == "graph" and self.device.type != "cuda":
-            raise UsageError("decode mode 'graph' captures CUDA graphs: it needs a CUDA device")
-        if mode != "eager" and (why := not_capturable(model, self.device)):
-            raise UsageError(f"decode mode {mode!r}: {why}")
         self.buckets = batch_buckets(cache.batch)
         self._graphs: dict[int, tuple] = {}
         self._compiled = None
