@@ -11,11 +11,12 @@ import json
 import pathlib
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from molmoe.profiling import git_commit
 
 OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
 
@@ -36,14 +37,6 @@ def bench_parser(doc: str, quick_help: str = "a few shapes only") -> argparse.Ar
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR)
     return parser
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=pathlib.Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def environment() -> dict:
