@@ -46,10 +46,14 @@ def moe_layers(model) -> list:
 
 
 def training_loss(model, inputs: dict, loss_mask_BS: torch.Tensor, *, lb_coef: float = LB_COEF,
-                  z_coef: float = Z_COEF) -> TrainingLoss:
+                  z_coef: float = Z_COEF, ce_tokens: int | None = None) -> TrainingLoss:
     """inputs: the model's forward arguments (batched: input_ids (B, S), optional images,
     image_masks, image_input_idx, crop_valid; -1 pads); loss_mask_BS: bool (B, S), True where
-    the token is an answer token to predict. See the module docstring."""
+    the token is an answer token to predict. See the module docstring.
+
+    ce_tokens: divide the summed cross-entropy by this count instead of this batch's answer
+    tokens. A trainer that splits one global batch into micro-batches (and ranks) passes the
+    global batch's answer-token count, so the summed gradients equal those of the whole batch."""
     ids_BS = inputs["input_ids"]
     if ids_BS.dim() != 2 or loss_mask_BS.shape != ids_BS.shape or loss_mask_BS.dtype != torch.bool:
         raise UsageError(f"loss_mask must be a bool tensor shaped like input_ids (B, S) = "
@@ -69,7 +73,9 @@ def training_loss(model, inputs: dict, loss_mask_BS: torch.Tensor, *, lb_coef: f
     logits_BSV = model(**inputs)
     nll = F.cross_entropy(logits_BSV[:, :-1].float().flatten(0, 1),
                           targets_BS.clamp(min=0).flatten(), reduction="none")
-    ce = (nll * mask_BS.flatten()).sum() / max(tokens, 1)
+    if ce_tokens is not None and (not isinstance(ce_tokens, int) or ce_tokens < 1):
+        raise UsageError(f"ce_tokens must be a positive int, got {ce_tokens!r}")
+    ce = (nll * mask_BS.flatten()).sum() / (ce_tokens or max(tokens, 1))
     zero = ce.new_zeros(())
     lb = z = zero
     for layer in layers:
