@@ -1,4 +1,4 @@
-"""The `molmoe` command line: convert, generate, demo, profile."""
+"""The `molmoe` command line: convert, generate, demo, train, profile."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,91 @@ def _profile_decode(args) -> int:
         command=shlex.join(["molmoe"] + sys.argv[1:]))
     print(format_report(profile_decode(opts)))
     return 0
+
+
+def _train(args) -> int:
+    from molmoe.training.trainer import TrainOptions, train
+
+    freeze = tuple(f for f in (args.freeze or "").split(",") if f)
+    opts = TrainOptions(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
+        micro_batch=args.micro_batch, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        precision=args.precision, backend=args.backend, freeze=freeze,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+        save_every=args.save_every, keep=args.keep, workers=args.workers,
+        skip_bad=args.skip_bad, max_length=args.max_length, lb_coef=args.lb_coef,
+        z_coef=args.z_coef, device=args.device, resume=args.resume, stop_at=args.stop_at,
+        export=args.export,
+        plot=args.plot, progress=not args.quiet)
+    result = train(opts)
+    if result.out is not None and (not args.quiet) and _is_rank0():
+        last = result.last
+        if last:
+            print(f"step {last['step']}: loss {last['loss']:.4f} (ce {last['ce']:.4f}, "
+                  f"lb {last['lb']:.4f}, z {last['z']:.4f})")
+        print(f"log: {result.out / 'log.jsonl'}")
+        if result.export is not None:
+            print(f"model: {result.export} (molmoe generate --model {result.export} ...)")
+        if result.plot is not None:
+            print(f"plot: {result.plot}")
+    return 0
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _add_train_command(sub) -> None:
+    t = sub.add_parser("train", help="fine-tune on a JSONL file (FSDP2; run under torchrun for "
+                                     "several processes)")
+    t.add_argument("--model", required=True, help="hub id or checkpoint directory to start from")
+    t.add_argument("--data", required=True, help="training data, JSONL (docs/training.md)")
+    t.add_argument("--out", required=True, help="output directory: log.jsonl, checkpoints/, "
+                                                "model/ (the export), training.png; a directory "
+                                                "holding checkpoints of the same run resumes")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps in all")
+    t.add_argument("--batch", type=int, default=8, help="global batch (examples per step)")
+    t.add_argument("--micro-batch", type=int, help="examples per forward on one rank (default: "
+                                                   "batch / ranks; smaller accumulates)")
+    t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine schedule ends at lr x this")
+    t.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip "
+                                                                "(0: none)")
+    t.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="bf16: bf16 compute with fp32 master weights (default on CUDA); fp32 "
+                        "(default on the CPU)")
+    t.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    t.add_argument("--freeze", help="comma-separated parts to keep fixed: vit, connector")
+    t.add_argument("--no-activation-checkpointing", dest="activation_checkpointing",
+                   action="store_false", help="keep every block's activations (more memory, "
+                                              "less compute)")
+    t.add_argument("--seed", type=int, default=0, help="data order")
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and "
+                                                               "at the end)")
+    t.add_argument("--keep", type=int, default=2, help="complete checkpoints kept")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    t.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (counted and reported) instead of stopping at the "
+                        "first")
+    t.add_argument("--max-length", type=int, help="refuse (or skip) longer examples (default: "
+                                                  "the model's positions)")
+    t.add_argument("--lb-coef", type=float, default=0.01, help="router load-balancing loss "
+                                                               "weight")
+    t.add_argument("--z-coef", type=float, default=0.001, help="router z-loss weight")
+    t.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if --out holds checkpoints")
+    t.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="end this invocation after STEP (checkpointed); run again to go on "
+                        "(e.g. within a scheduler's time limit)")
+    t.add_argument("--no-export", dest="export", action="store_false")
+    t.add_argument("--no-plot", dest="plot", action="store_false")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    t.set_defaults(func=_train)
 
 
 def _add_profile_commands(sub) -> None:
@@ -96,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     add_app_commands(sub)
+    _add_train_command(sub)
     _add_profile_commands(sub)
     return parser
 

@@ -74,11 +74,23 @@ def build_tokenizer_json() -> str:
 
 
 def _write(directory: pathlib.Path, seed: int) -> None:
+    write_tiny_checkpoint(directory, seed=seed)
+
+
+def write_tiny_checkpoint(directory: pathlib.Path, *, seed: int = 0, config: dict | None = None,
+                          vision: dict | None = None, preprocessor: dict | None = None) -> None:
+    """A tiny MolmoE checkpoint with random weights into the existing `directory`: the demo's
+    config.json, tokenizer and processor files, with `config`, `vision` (the vision_backbone
+    entries) and `preprocessor` overriding single keys (e.g. a smaller crop geometry for
+    training tests: base_image_input_size [112, 112], image_token_length_h/w 4)."""
     from molmoe.checkpoint.adapter import to_official
     from molmoe.config import from_hf_config
     from molmoe.model import Molmo
 
-    config = from_hf_config(_CONFIG)
+    raw = {**_CONFIG, **(config or {})}
+    raw["vision_backbone"] = {**_CONFIG["vision_backbone"], **(vision or {})}
+    pre = {**_PREPROCESSOR, **(preprocessor or {})}
+    config = from_hf_config(raw)
     torch.manual_seed(seed)
     model = Molmo(config)
     with torch.no_grad():
@@ -88,8 +100,8 @@ def _write(directory: pathlib.Path, seed: int) -> None:
             else:
                 p.normal_(0.0, 0.05)
     torch.save(to_official(model.state_dict(), "molmoe-hf"), directory / "pytorch_model.bin")
-    (directory / "config.json").write_text(json.dumps(_CONFIG, indent=2))
-    (directory / "preprocessor_config.json").write_text(json.dumps(_PREPROCESSOR, indent=2))
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (directory / "tokenizer.json").write_text(build_tokenizer_json())
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",

@@ -68,13 +68,14 @@ import signal
 import stat
 import struct
 import tempfile
+from collections.abc import Mapping
 
 import torch
 
 from molmoe.checkpoint.adapter import CheckpointError, NativePlan
 from molmoe.checkpoint.files import CHECKPOINT_FILES, read_json, regular_file, resolve
 from molmoe.checkpoint.loader import (PRECISIONS, load_config_from_dir, parse_precision,
-                                      plan_state, stored_dtype)
+                                      plan_state, refuse_non_finite, stored_dtype)
 from molmoe.errors import UsageError, is_int, is_integral
 from molmoe.fileio import json_type
 
@@ -100,10 +101,13 @@ HASH_ALWAYS_BYTES = 64 << 20
 
 
 def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite: bool = False,
-            progress: bool = False, check_finite: bool = True) -> pathlib.Path:
+            progress: bool = False, check_finite: bool = True,
+            state: Mapping[str, torch.Tensor] | None = None) -> pathlib.Path:
     """Write SRC (hub id or directory, any supported layout) to DST as sharded safetensors in
     `dtype`, shards of at most `shard_bytes` (a tensor bigger than that gets a shard of its own).
     `check_finite`: refuse NaN/Inf in the weights (after the cast to `dtype`), as `molmoe.load`.
+    `state`: native-named weights to write INSTEAD of SRC's (the trainer's export: a fine-tuned
+    model with SRC's config and side files); every name and shape must be SRC's.
     See the module docstring for what is refused, and how DST is replaced atomically."""
     weights_dtype = PRECISIONS[parse_precision(dtype)][0]
     if not is_integral(shard_bytes) or shard_bytes <= 0:
@@ -119,6 +123,8 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
         config, raw = load_config_from_dir(src_dir)
         plan = plan_state(src_dir, config, stored_dtype(raw, str(src_dir / "config.json")),
                           check_finite=check_finite)
+        if state is not None:
+            plan = _StatePlan(state, plan, check_finite)
         _check_reads(src_dir, dst)
         digests = _write_shards(plan, tmp, weights_dtype, int(shard_bytes), progress)
         raw = {k: v for k, v in raw.items() if k != "molmoe"}
@@ -141,6 +147,38 @@ def convert(src, dst, *, dtype="float32", shard_bytes: int = 4 << 30, overwrite:
     finally:
         os.close(lock)
     return dst
+
+
+class _StatePlan(Mapping[str, torch.Size]):
+    """In-memory native weights in the shape of a source's plan (the names and shapes it expects),
+    read the way `_write_shards` reads a NativePlan."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], like: NativePlan, check_finite: bool):
+        missing, extra = set(like) - set(state), set(state) - set(like)
+        if missing or extra:
+            raise CheckpointError(f"weights to export do not match the source's names: missing "
+                                  f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for name in like:
+            if tuple(state[name].shape) != tuple(like[name]):
+                raise CheckpointError(f"weight {name!r} has shape {tuple(state[name].shape)}, "
+                                      f"the source's config expects {tuple(like[name])}")
+        self._state, self._shapes, self._check_finite = state, like, check_finite
+
+    def __getitem__(self, name: str) -> torch.Size:
+        return self._shapes[name]
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def tensor(self, name: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self._state[name].detach()
+        t = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+        if self._check_finite:
+            refuse_non_finite(f"weight {name!r}", t)
+        return t
 
 
 # ------------------------------------------------------------------------------------ paths

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from molmoe.backends import REFERENCE_OPS, Ops
 from molmoe.config import TextConfig
 from molmoe.model.kv_cache import CacheStep, KVCache, LayerKV
-from molmoe.model.layers import RMSNorm, swiglu
+from molmoe.model.layers import RMSNorm, run_block, swiglu
 
 # With a KV cache, up to this many new tokens per step use the decode kernel (split along the
 # cache); longer chunks (prefill) use the prefill attention.
@@ -161,7 +161,7 @@ class Decoder(nn.Module):
         """h (B, S, D) input embeddings -> logits (B, S or logits_to_keep, V). With `step`, the
         new keys/values go into the bound cache as it says (molmoe.model.kv_cache)."""
         for block in self.blocks:
-            h = block(h, cos, sin, attention_mask, step)
+            h = run_block(block, h, cos, sin, attention_mask, step)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.norm(h))

@@ -40,3 +40,16 @@ def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def run_block(block: nn.Module, *args):
+    """`block(*args)`, or under activation checkpointing when the block is marked for it
+    (`block.checkpointed = True`, set by the trainer) and a gradient is being recorded: its
+    activations are then recomputed in the backward instead of kept (non-reentrant checkpoint,
+    which composes with FSDP2's per-block hooks). Inference is never affected."""
+    if getattr(block, "checkpointed", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+

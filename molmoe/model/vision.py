@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from molmoe.backends import REFERENCE_OPS, Ops
 from molmoe.config import MolmoConfig, VisionConfig
-from molmoe.model.layers import LayerNormFp32, swiglu
+from molmoe.model.layers import LayerNormFp32, run_block, swiglu
 
 
 class ViTAttention(nn.Module):
@@ -84,7 +84,7 @@ class VisionTransformer(nn.Module):
         x = self.pre_ln(x)
         hidden = []
         for block in self.transformer.resblocks:
-            x = block(x)
+            x = run_block(block, x)
             hidden.append(x)
         return hidden
 
