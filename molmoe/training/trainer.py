@@ -220,7 +220,7 @@ def freeze(model, parts) -> None:
 def prepare_model(model_dir, opts: TrainOptions, env: _Dist, precision: str):
     """Load, copy to trainable memory, freeze, mark for activation checkpointing, shard."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from molmoe.checkpoint.loader import load
 
@@ -239,8 +239,11 @@ def prepare_model(model_dir, opts: TrainOptions, env: _Dist, precision: str):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
-            m.set_gradient_divide_factor(1.0)  # summed: the loss is normalised globally
+        if isinstance(m, FSDPModule):
+            # Summed, not averaged: the loss is normalised by the global batch already. As a
+            # plain SUM reduction (gloo has no pre-scaled sum).
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
     return model
 
 
@@ -455,9 +458,9 @@ def train(opts: TrainOptions) -> TrainResult:
                                   z_coef=opts.z_coef, ce_tokens=global_tokens)
             loss = parts.ce + (opts.lb_coef * parts.lb + opts.z_coef * parts.z) / n_micro
             loss.backward()
-            stats[0] += float(parts.ce)
-            stats[1] += float(parts.lb) / n_micro
-            stats[2] += float(parts.z) / n_micro
+            stats[0] += float(parts.ce.detach())
+            stats[1] += float(parts.lb.detach()) / n_micro
+            stats[2] += float(parts.z.detach()) / n_micro
             stats[3] += int((inputs["input_ids"] != -1).sum())
             for i, layer in enumerate(layers):
                 stats[4 + i * n_experts: 4 + (i + 1) * n_experts] += \
