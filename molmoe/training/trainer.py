@@ -449,23 +449,27 @@ def train(opts: TrainOptions) -> TrainResult:
         for step, micro_index, inputs, loss_mask in batches:
             if micro_index == 0:
                 global_tokens = answer_tokens(data, sampler.batch(step))
-                # ce, lb, z, input tokens; then the expert counts of every MoE layer
-                stats = torch.zeros(4 + len(layers) * n_experts, dtype=torch.float64)
+                # ce, lb, z, input tokens, then every MoE layer's expert counts; kept on the
+                # device (no host sync per micro-batch) and summed over ranks once per step
+                stats = torch.zeros(4 + len(layers) * n_experts, dtype=torch.float64,
+                                    device=env.device)
+            tokens_in = int((inputs["input_ids"] != -1).sum())  # host tensor: no sync
             if with_images and "images" not in inputs:
                 inputs = _pad_crop(inputs, config)
-            inputs, loss_mask = _to(inputs, env.device), loss_mask.to(env.device)
+            inputs = _to(inputs, env.device)
+            loss_mask = loss_mask.to(env.device, non_blocking=True)
             parts = training_loss(model, inputs, loss_mask, lb_coef=opts.lb_coef,
                                   z_coef=opts.z_coef, ce_tokens=global_tokens)
             loss = parts.ce + (opts.lb_coef * parts.lb + opts.z_coef * parts.z) / n_micro
             loss.backward()
-            stats[0] += float(parts.ce.detach())
-            stats[1] += float(parts.lb.detach()) / n_micro
-            stats[2] += float(parts.z.detach()) / n_micro
-            stats[3] += int((inputs["input_ids"] != -1).sum())
-            for i, layer in enumerate(layers):
-                stats[4 + i * n_experts: 4 + (i + 1) * n_experts] += \
-                    layer.aux["counts"].detach().to("cpu", torch.float64)
-                layer.aux = None
+            with torch.no_grad():
+                stats[0] += parts.ce.detach().double()
+                stats[1] += parts.lb.detach().double() / n_micro
+                stats[2] += parts.z.detach().double() / n_micro
+                stats[3] += tokens_in
+                for i, layer in enumerate(layers):
+                    stats[4 + i * n_experts: 4 + (i + 1) * n_experts] += layer.aux["counts"]
+                    layer.aux = None
             if micro_index < accum - 1:
                 continue
 
@@ -487,6 +491,7 @@ def train(opts: TrainOptions) -> TrainResult:
                 torch.cuda.synchronize(env.device)
             now = time.perf_counter()
             step_s, t0 = now - t0, now
+            stats = stats.cpu()
             tokens = int(stats[3])
             ce, lb, z = float(stats[0]), float(stats[1]), float(stats[2])
             record = {"step": step + 1, "loss": ce + opts.lb_coef * lb + opts.z_coef * z,
