@@ -21,7 +21,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from molmoe.errors import UsageError
+from molmoe.errors import MolmoeError, UsageError
 
 # The eval code's point pattern (TR:olmo/util.py extract_points), numbering optional.
 _COORD = re.compile(r'x\d*="\s*([0-9]+(?:\.[0-9]+)?)"\s+y\d*="\s*([0-9]+(?:\.[0-9]+)?)"')
@@ -334,3 +334,105 @@ def save_image(image, path, fmt: str, *, name: str = "output") -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- strict checking
+
+
+class PointsFormatError(MolmoeError):
+    """Text whose pointing or counting markup does not follow the grammar of spec §6; the
+    message quotes the offending fragment."""
+
+
+# The grammar of spec §6, read strictly (training data, not model output): NUM has exactly one
+# decimal and no leading zero; attributes are separated by single spaces; ALT and TEXT are
+# non-empty and hold no '"', '<' or '>'.
+_STRICT_NUM = re.compile(r"(?:0|[1-9][0-9]*)\.[0-9]")
+_STRICT_TAG = re.compile(r'<(points?)((?: [^\s=<>"]+="[^"<>]*")*)>([^<>]*)</(points?)>')
+_STRICT_ATTR = re.compile(r' ([^\s=<>"]+)="([^"<>]*)"')
+# What opens the check: any opening or closing tag, in any case ("<Point", "</points").
+_ANY_TAG = re.compile(r"</?points?\b", re.IGNORECASE)
+_COUNT_START = "Counting the <"
+_COUNT_TAIL = re.compile(r" shows a total of ([0-9]+)\.")
+
+
+def _fragment(text: str, start: int, end: int | None = None, limit: int = 120) -> str:
+    """text[start:end] (end: through the next '>'), shortened to `limit` characters, quoted."""
+    if end is None:
+        close = text.find(">", start)
+        end = len(text) if close == -1 else close + 1
+    frag = text[start:end]
+    return repr(frag if len(frag) <= limit else frag[:limit] + "...")
+
+
+def _strict_tag(text: str, start: int) -> tuple[re.Match, int]:
+    """The `<point>` / `<points>` tag at `start` and its number of points, or PointsFormatError."""
+    m = _STRICT_TAG.match(text, start)
+    if m is None:
+        raise PointsFormatError(f"malformed or unclosed point tag {_fragment(text, start)}")
+    name, attrs, body, closing = m.groups()
+    where = _fragment(text, start, m.end())
+    if closing != name:
+        raise PointsFormatError(f"<{name}> closed by </{closing}> in {where}")
+    pairs = _STRICT_ATTR.findall(attrs)
+    names = [k for k, _ in pairs]
+    n = (len(pairs) - 1) // 2
+    if name == "point":
+        expected = ["x", "y", "alt"]
+    else:
+        expected = [f"{axis}{k}" for k in range(1, n + 1) for axis in "xy"] + ["alt"]
+    if names != expected:
+        raise PointsFormatError(f"<{name}> needs the attributes {' '.join(expected)} in this "
+                                f"order, got {' '.join(names) or 'none'} in {where}")
+    if name == "points" and n < 2:
+        raise PointsFormatError(f"<points> needs at least 2 points (one point is written "
+                                f"<point x=.. y=..>), got {n} in {where}")
+    for key, value in pairs[:-1]:
+        if not _STRICT_NUM.fullmatch(value):
+            raise PointsFormatError(f'{key}="{value}" is not a percentage with exactly one '
+                                    f'decimal (e.g. "5.0", "61.5") in {where}')
+        if float(value) > 100.0:
+            raise PointsFormatError(f'{key}="{value}" is above 100 (coordinates are percentages '
+                                    f"of the image) in {where}")
+    if not pairs[-1][1].strip():
+        raise PointsFormatError(f"empty alt in {where}")
+    if not body.strip():
+        raise PointsFormatError(f"empty text between the tags in {where}")
+    return m, max(n, 1)
+
+
+def check_points(text: str) -> None:
+    """Raise PointsFormatError unless every point tag in `text` follows spec §6 strictly.
+
+    For training answers (parse_points, for model output, never raises). Checked: each
+    `<point ...>` / `<points ...>` / closing tag (in any letter case) is a whole POINT or POINTS
+    production: coordinates 0..100 with exactly one decimal, `<points>` numbered x1 y1 x2 y2 ...
+    with at least two points, non-empty alt and text, the tag closed by its own name. Tags may
+    stand inside prose (PixMo's point explanations). Each "Counting the <" starts a whole COUNT
+    production whose stated total equals the tag's number of points. "There are none." and text
+    without tags pass.
+    """
+    counted = {}  # tag start -> number of points
+    pos = 0
+    for m in _ANY_TAG.finditer(text):
+        if m.start() < pos:  # the closing tag of a tag already checked
+            continue
+        tag, n = _strict_tag(text, m.start())
+        counted[m.start()] = (tag.end(), n)
+        pos = tag.end()
+    start = text.find(_COUNT_START)
+    while start != -1:
+        tag_at = start + len(_COUNT_START) - 1
+        if tag_at not in counted:  # "Counting the <b>...": some other tag
+            raise PointsFormatError(f"'Counting the' must be followed by a point tag: "
+                                    f"{_fragment(text, start)}")
+        end, n = counted[tag_at]
+        tail = _COUNT_TAIL.match(text, end)
+        if tail is None:
+            raise PointsFormatError(f"a count must read 'Counting the <tag> shows a total of N.'"
+                                    f": {_fragment(text, start, min(len(text), end + 40))}")
+        if int(tail.group(1)) != n:
+            raise PointsFormatError(f"the count says {tail.group(1)} but its tag holds {n} "
+                                    f"point{'s' if n != 1 else ''}: "
+                                    f"{_fragment(text, start, tail.end(), limit=200)}")
+        start = text.find(_COUNT_START, tail.end())

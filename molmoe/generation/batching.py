@@ -5,7 +5,8 @@ batch needs every prompt to END at the same slot, so prompts are LEFT-padded her
 meaning of -1 is unchanged (attention mask = ids != -1, positions = cumsum(mask) - 1), so each
 sample sees exactly the positions it would see alone. Image tensors are padded with -1 along the
 crop axis as the collator does; a sample without an image gets only -1 crops, which the vision
-backbone zeroes and whose -1 indices place nothing.
+backbone zeroes and whose -1 indices place nothing. `pad_crops` does that part, and the training
+collator (molmoe.training.data, right padding) uses it too.
 
 Legend: B batch, S padded prompt length, T crops (max over the batch), P patches per crop (576),
 Q pooled tokens per crop (144), F patch features (588).
@@ -61,9 +62,23 @@ def left_pad_batch(samples: list[dict]) -> Batch:
     positions = (torch.cumsum(mask.long(), dim=-1) - 1).clamp(min=0)
     batch = Batch(input_ids, mask, positions, lengths)
 
+    crops = pad_crops(samples, [S - n for n in lengths])
+    if crops is None:
+        return batch
+    (batch.images_BTPF, batch.image_masks_BTP, batch.image_input_idx_BTQ,
+     batch.crop_valid_BT) = crops
+    return batch
+
+
+def pad_crops(samples: list[dict], shifts: list[int]):
+    """The samples' image tensors stacked and padded with -1 along the crop axis, or None when no
+    sample has an image: (images (B,T,P,F), image_masks (B,T,P), image_input_idx (B,T,Q),
+    crop_valid (B,T) bool). `shifts[b]`: how far sample b's tokens moved in the padded
+    input_ids (left padding; 0 for right padding), added to its non-negative indices."""
     with_image = [s.get("images") is not None for s in samples]
     if not any(with_image):
-        return batch
+        return None
+    B = len(samples)
     first = next(s for s in samples if s.get("images") is not None)
     _, P, F = _tensor(first["images"]).shape
     Q = _tensor(first["image_input_idx"]).shape[-1]
@@ -92,9 +107,6 @@ def left_pad_batch(samples: list[dict]) -> Batch:
             masks[b, :n] = _tensor(s["image_masks"], torch.float32)
         else:  # no mask given: the crop is all image (what a 1.0 mask says)
             masks[b, :n] = 1.0
-        # Indices point into input_ids: move them with the left padding; -100 stays -100.
-        shift = S - lengths[b]
-        idx[b, :n] = torch.where(ix >= 0, ix + shift, ix)
-    batch.images_BTPF, batch.image_masks_BTP, batch.image_input_idx_BTQ = images, masks, idx
-    batch.crop_valid_BT = crop_valid
-    return batch
+        # Indices point into input_ids: move them with the padding; -100 stays -100.
+        idx[b, :n] = torch.where(ix >= 0, ix + shifts[b], ix)
+    return images, masks, idx, crop_valid
