@@ -170,9 +170,8 @@ class TrainingData(torch.utils.data.Dataset):
     # -- the scan
 
     def _scan(self, workers: int) -> None:
-        regular_file(self.path, DataError)
         self.processor.tokenizer.encode_text("")  # builds the plain tokenizer before any thread
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             lines = enumerate(f, 1)
             if workers:
                 with ThreadPoolExecutor(workers) as pool:
@@ -182,10 +181,18 @@ class TrainingData(torch.utils.data.Dataset):
             else:
                 for result in map(self._scan_line, lines):
                     self._keep(*result)
+        self._sizes.clear()  # one entry per image: not worth keeping through training
         if not self.records:
             why = (f" ({self._skip_summary()}; first: {self.first_skip})" if self.skipped
                    else " (the file holds no records)")
             raise DataError(f"{self.name}: no usable examples{why}")
+
+    def _open(self):
+        regular_file(self.path, DataError)  # a FIFO would block the open, /dev/zero never ends
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise DataError(f"{self.name}: cannot read it ({e.strerror or e})") from None
 
     def _keep(self, source: str, result: Record | _Bad | None) -> None:
         if isinstance(result, _Bad):
@@ -272,8 +279,8 @@ class TrainingData(torch.utils.data.Dataset):
             except _Bad as bad:
                 self._sizes[path] = bad
         size = self._sizes[path]
-        if isinstance(size, _Bad):
-            raise size
+        if isinstance(size, _Bad):  # a fresh exception: threads may raise it at the same time
+            raise _Bad(size.reason, str(size))
         return size
 
     # -- what the trainer reads
