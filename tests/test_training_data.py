@@ -109,7 +109,7 @@ def _expected(proc, turns, image) -> tuple[list[int], list[bool]]:
 def good(tmp_path_factory, proc):
     d = tmp_path_factory.mktemp("good")
     _image(d / "imgs" / "a.png")
-    absolute = _image(d / "elsewhere" / "b.jpg", size=(90, 50), color=(20, 200, 90))
+    absolute = _image(d / "elsewhere" / "b.jpg", size=(200, 160), color=(20, 200, 90))
     path = _write(d / "train.jsonl", [
         _rec(("Point to the red circle.", POINT), image="imgs/a.png"),
         "",
@@ -275,6 +275,7 @@ def test_collate_right_pads(good):
     B, S = 4, max(len(e.input_ids) for e in examples)
     assert inputs["input_ids"].shape == mask.shape == (B, S)
     T = max(e.images.shape[0] for e in examples if e.images is not None)
+    assert [0 if e.images is None else e.images.shape[0] for e in examples] == [2, 3, 0, 2]
     assert inputs["images"].shape[:2] == inputs["crop_valid"].shape == (B, T)
     for b, e in enumerate(examples):
         n = len(e.input_ids)
@@ -375,3 +376,18 @@ def test_loader_with_workers_equals_without(tmp_path, proc):
         assert all(torch.equal(inputs[k], inputs2[k]) for k in inputs)
     first = next(iter(rank_batches(sampler, **kw)))[2]
     assert torch.equal(plain[0][2]["input_ids"], collate([data[i] for i in first])[0]["input_ids"])
+
+
+@pytest.mark.parametrize("line,words", [
+    (('{"messages": [{"role": "user", "content": "q\\ud800"}, '
+      '{"role": "assistant", "content": "a"}]}'), "lone surrogate"),
+    (_rec(("q", "a"), image=3), "'image' must be a path string or null"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "end with an assistant answer"),
+    (_rec(("q", "   ")), "'content' must be a non-empty string"),
+    ({"messages": [{"role": "user", "content": "q", "name": "x"},
+                   {"role": "assistant", "content": "a"}]}, "unknown key 'name'"),
+])
+def test_more_bad_records(tmp_path, proc, line, words):
+    path = _write(tmp_path / "t.jsonl", [line])
+    with pytest.raises(DataError, match=f"^{path}:1: .*{words}"):
+        TrainingData(path, proc)
