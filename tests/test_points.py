@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from molmoe.points import (PointGroup, draw_points, format_count, format_points, parse_points,
-                           to_pixels)
+from molmoe.points import (PointGroup, PointsFormatError, check_points, draw_points, format_count,
+                           format_points, parse_points, to_pixels)
 
 SPEC_EXAMPLES = [
     ('<point x="61.5" y="40.6" alt="dog">dog</point>', [(61.5, 40.6)], "dog", "dog", None),
@@ -164,3 +164,46 @@ def test_official_formatter_output_round_trips(points, label, count_style):
     if points:
         assert len(ans.groups) == 1 and ans.groups[0].alt == label == ans.groups[0].text
     assert ans.count == (len(points) if (count_style or not points) else None)
+
+
+# ----------------------------------------------------------------------------- strict grammar
+
+
+STRICT_OK = [
+    "There are none.", "plain text, no tags", format_points([(61.5, 40.6)], "dog"),
+    format_points([(10.2, 30.0), (55.0, 31.4), (0.0, 100.0)], "dogs"),
+    format_count([(1.0, 2.0)], "cat"), format_count([(1.0, 2.0), (3.0, 4.0)], "cats"),
+    'In the <point x="5.0" y="7.5" alt="a red spot">spot</point> and a pointer.',
+]
+STRICT_BAD = [
+    ('<point x="61" y="40.6" alt="d">d</point>', 'x="61" is not a percentage'),
+    ('<point x="61.55" y="40.6" alt="d">d</point>', 'x="61.55" is not a percentage'),
+    ('<point x="01.0" y="40.6" alt="d">d</point>', 'x="01.0" is not a percentage'),
+    ('<point x="1.0" y="100.1" alt="d">d</point>', 'y="100.1" is above 100'),
+    ('<points x1="1.0" y1="2.0" alt="d">d</points>', "at least 2 points"),
+    ('<points x1="1.0" y1="2.0" x3="1.0" y3="2.0" alt="d">d</points>', "x1 y1 x2 y2 alt"),
+    ('<point y="1.0" x="2.0" alt="d">d</point>', "x y alt in this order"),
+    ('<point x="1.0" y="2.0">d</point>', "x y alt in this order"),
+    ('<point x="1.0" y="2.0" alt="d">d', "unclosed"),
+    ('<point x="1.0" y="2.0" alt="d">d</points>', "closed by </points>"),
+    ('<point x="1.0" y="2.0" alt="">d</point>', "empty alt"),
+    ('<point x="1.0" y="2.0" alt="d"></point>', "empty text"),
+    ('<POINT x="1.0" y="2.0" alt="d">d</POINT>', "malformed"),
+    ("a stray </point> tag", "malformed"),
+    ("Counting the " + format_points([(1.0, 2.0), (3.0, 4.0)], "c") + " shows a total of 3.",
+     "the count says 3 but its tag holds 2 points"),
+    ("Counting the " + format_points([(1.0, 2.0)], "c") + " makes one.", "a count must read"),
+    ("Counting the <b>x</b> shows a total of 1.", "must be followed by a point tag"),
+]
+
+
+@pytest.mark.parametrize("text", STRICT_OK)
+def test_check_points_accepts_the_grammar(text):
+    check_points(text)
+
+
+@pytest.mark.parametrize("text,words", STRICT_BAD)
+def test_check_points_quotes_what_breaks_it(text, words):
+    with pytest.raises(PointsFormatError) as info:
+        check_points(text)
+    assert words in str(info.value)
