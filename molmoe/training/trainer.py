@@ -400,7 +400,7 @@ def train(opts: TrainOptions) -> TrainResult:
         torch.manual_seed(opts.seed)
         processor = Processor.from_pretrained(model_dir)
         data = TrainingData(data_path, processor, max_length=opts.max_length,
-                            skip_bad=opts.skip_bad)
+                            skip_bad=opts.skip_bad, workers=opts.workers)
         if rank0 and opts.progress:
             print(data.report(), flush=True)
         sampler = BucketSampler(data.lengths, opts.batch, seed=opts.seed)
