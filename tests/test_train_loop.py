@@ -322,3 +322,28 @@ def test_overfits_pointing_and_generate_answers(tmp_path):
     points = [parse_points(r.text).points for r in results]
     right = sum(p == [(e["x"], e["y"])] for p, e in zip(points, examples))
     assert right == 16, [(p, (e["x"], e["y"])) for p, e in zip(points, examples)]
+
+
+def test_cli_bad_data_is_named_or_skipped(setup, tmp_path):
+    model, data, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    lines = data.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["image"] = str(data.parent / rec["image"])
+    missing = dict(rec, image=str(tmp_path / "nowhere.png"))
+    wrong = json.loads(json.dumps(rec))
+    wrong["messages"][1]["content"] = '<point x="61" y="40.6" alt="c">c</point>'
+    bad.write_text("\n".join([json.dumps(rec)] * 4 + [json.dumps(missing), json.dumps(wrong)])
+                   + "\n")
+    args = ["train", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o"),
+            "--steps", "1", "--batch", "2", "--workers", "0", "--no-export", "--no-plot"]
+    r = _cli(*args, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"molmoe train: error: {bad}:5: missing image {tmp_path / 'nowhere.png'}"]
+    assert not (tmp_path / "o" / "checkpoints").exists()  # nothing was trained or written
+    r = _cli(*args, "--skip-bad")
+    assert "4 examples, 2 skipped (1 missing image, 1 malformed points)" in r.stdout
+    assert len(read_log(tmp_path / "o" / "log.jsonl")) == 1
+    r = _cli(*args[:4], str(tmp_path / "none.jsonl"), *args[5:], check=False)
+    assert r.returncode == 2 and "none.jsonl" in r.stderr and "no such file" in r.stderr
