@@ -568,3 +568,18 @@ def test_https_sni_and_certificate_use_the_name(server, tls_files, monkeypatch):
     monkeypatch.setattr(si, "_ssl_context", ssl.create_default_context)   # untrusted CA
     e = status_of(read_image_url, f"https://secure.test:{s.port}/a.png", policy)
     assert e.status == 502
+
+
+def test_silent_tls_server_times_out():
+    """A server that accepts the connection and never answers the TLS handshake."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)          # the kernel completes the TCP handshake; nobody ever reads
+    try:
+        policy = ImagePolicy(allow_remote=True, allowed_networks=LOOP, fetch_timeout_s=0.5)
+        t0 = time.monotonic()
+        e = status_of(read_image_url, f"https://127.0.0.1:{listener.getsockname()[1]}/a.png",
+                      policy)
+        assert e.status == 504 and time.monotonic() - t0 < 1.5
+    finally:
+        listener.close()

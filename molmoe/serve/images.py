@@ -379,16 +379,24 @@ def _resolve(host: str, port: int, policy: ImagePolicy, deadline: _Deadline) -> 
     return [info[4][0] for info in result[0]]
 
 
+def _connect(ip: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to the address literal `ip` (never a name: no DNS lookup here)."""
+    ipaddress.ip_address(ip)
+    sock = socket.create_connection((ip, port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _PinnedHTTP(http.client.HTTPConnection):
     """Connects to the checked address `ip`; the Host header names `host` (http.client's)."""
 
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self.pinned_ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self):
-        self.sock = socket.create_connection((self.pinned_ip, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.raw_sock = self.sock = _connect(self.pinned_ip, self.port, self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -397,10 +405,10 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout, context=_ssl_context())
         self.pinned_ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self):
-        sock = socket.create_connection((self.pinned_ip, self.port), self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.raw_sock = sock = _connect(self.pinned_ip, self.port, self.timeout)
         try:
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
@@ -484,7 +492,11 @@ def _fetch_once(url: str, policy: ImagePolicy, deadline: _Deadline) -> tuple[int
     last_error: Exception | None = None
     for ip in dict.fromkeys(checked):   # each checked address in order, until one connects
         conn = cls(ascii_host, port, ip, deadline.left(desc))
-        timer = None
+        # A hard stop at the deadline: per-operation timeouts alone would let a server that
+        # drips a byte a second (TLS handshake, headers or body) hold the fetch forever.
+        timer = threading.Timer(deadline.left(desc), _abort, (conn,))
+        timer.daemon = True
+        timer.start()
         try:
             try:
                 conn.connect()
@@ -492,35 +504,33 @@ def _fetch_once(url: str, policy: ImagePolicy, deadline: _Deadline) -> tuple[int
                 if isinstance(e, ssl.SSLCertVerificationError):
                     raise ImageInputError(502, f"{desc}: TLS certificate refused "
                                                f"({e.verify_message})") from None
+                if deadline.passed():
+                    raise deadline.error(desc) from None
                 last_error = e
                 continue
-            # A hard stop at the deadline: per-operation timeouts alone would let a server
-            # that drips a byte a second hold the fetch forever. (http.client drops conn.sock
-            # once a response says the connection closes; the socket is held here.)
-            sock = conn.sock
-            timer = threading.Timer(deadline.left(desc), _abort, (sock,))
-            timer.daemon = True
-            timer.start()
-            return _exchange(conn, sock, target, policy, deadline, desc)
+            return _exchange(conn, conn.sock, target, policy, deadline, desc)
         except (OSError, http.client.HTTPException) as e:
             if deadline.passed() or isinstance(e, TimeoutError):
                 raise deadline.error(desc) from None
             raise ImageInputError(502, f"{desc}: fetch failed ({type(e).__name__}: "
                                        f"{e})") from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             conn.close()
     if deadline.passed() or isinstance(last_error, TimeoutError):
         raise deadline.error(desc)
     raise ImageInputError(502, f"{desc}: cannot connect to {host} ({last_error})")
 
 
-def _abort(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+def _abort(conn: _PinnedHTTP | _PinnedHTTPS) -> None:
+    """Cut the connection's TCP socket (held by the connection from its creation: http.client
+    drops conn.sock once a response says the connection closes); blocked reads return."""
+    sock = conn.raw_sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _exchange(conn, sock: socket.socket, target: str, policy: ImagePolicy, deadline: _Deadline,
