@@ -12,7 +12,7 @@ final chunk's choice (streaming); OpenAI clients keep unknown fields and ignore 
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -59,12 +59,30 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+PART_TYPES = {"text": TextPart, "image_url": ImagePart}
 
 
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[Part] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, content):
+        """Each part by its `type`, so an unsupported part is named as such (a plain union
+        would report every alternative's complaint)."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError("content must be a string or a list of content parts")
+        parts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in PART_TYPES:
+                raise ValueError(f"part {i}: type {kind!r} is not supported (only 'text' and "
+                                 "'image_url' parts)")
+            parts.append(PART_TYPES[kind].model_validate(part))
+        return parts
 
 
 class StreamOptions(_Lenient):
@@ -115,7 +133,8 @@ def parse_chat_request(doc) -> ChatRequest:
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"],
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{loc}: {msg}" if loc else msg,
                        param=loc or None) from None
 
 

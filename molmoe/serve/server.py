@@ -22,6 +22,31 @@ def _server_class():
     return Server
 
 
+def load_and_create(model_id, options, *, host: str, port: int, dtype: str = "float32",
+                    device: str | None = None, backend: str = "reference"):
+    """Check the arguments, load the pipeline, build the app (what `molmoe serve` does before
+    it listens). Everything the user can get wrong is a MolmoeError before the slow load."""
+    from molmoe.backends import select_backend
+    from molmoe.errors import UsageError
+    from molmoe.pipeline import load_pipeline
+    from molmoe.serve.app import create_app
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {port}")
+    try:
+        socket.getaddrinfo(host, port)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host!r}: not an address this machine can bind ({e})") from None
+    if options.allow_local_files is not None:
+        import pathlib
+
+        if not pathlib.Path(options.allow_local_files).is_dir():
+            raise UsageError(f"--allow-local-files {options.allow_local_files}: not a directory")
+    _backend, dev = select_backend(backend, device)
+    proc, model, eos = load_pipeline(model_id, dtype=dtype, backend=backend, device=str(dev))
+    return create_app(proc, model, eos, model_id=str(model_id), options=options)
+
+
 def uvicorn_config(app, *, host: str, port: int, log_level: str = "info"):
     import uvicorn
 
@@ -31,8 +56,11 @@ def uvicorn_config(app, *, host: str, port: int, log_level: str = "info"):
 
 
 def serve(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (blocking)."""
-    _server_class()(uvicorn_config(app, host=host, port=port, log_level=log_level)).run()
+    """Serve until SIGINT/SIGTERM (blocking), then shut down gracefully."""
+    try:
+        _server_class()(uvicorn_config(app, host=host, port=port, log_level=log_level)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: the normal way out
+        pass
 
 
 class BackgroundServer:
