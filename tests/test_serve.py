@@ -230,6 +230,15 @@ def _open_stream(server, body: dict) -> socket.socket:
     return s
 
 
+def _first_chunk(s: socket.socket) -> None:
+    """Read until the first SSE chunk (the response head may come in a packet of its own)."""
+    data = b""
+    while b"chat.completion.chunk" not in data:
+        more = s.recv(4096)
+        assert more, data
+        data += more
+
+
 def _wait(predicate, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -245,7 +254,7 @@ def test_disconnect_cancels_and_frees_the_row(server, client, stream):
     s = _open_stream(server, {"messages": _user("Talk for a long time."), "max_tokens": LONG,
                               "stream": stream})
     if stream:
-        assert b"chat.completion.chunk" in s.recv(4096)  # the stream is going
+        _first_chunk(s)  # the stream is going
     else:
         _wait(lambda: _metric(server, "molmoe_running_requests") == 1)
     s.close()
@@ -337,7 +346,7 @@ def test_full_queue_429_then_shutdown_503(checkpoint, one_thread):
         c = openai.OpenAI(api_key="none", base_url=srv.url + "/v1", max_retries=0)
         long = _open_stream(srv, {"messages": _user("Go on."), "max_tokens": LONG,
                                   "stream": True})
-        long.recv(4096)
+        _first_chunk(long)
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(model="m", messages=_user("hi"), max_tokens=2)
         assert e.value.response.headers["retry-after"] == "1"
@@ -348,7 +357,7 @@ def test_full_queue_429_then_shutdown_503(checkpoint, one_thread):
 
         long = _open_stream(srv, {"messages": _user("Go on."), "max_tokens": LONG,
                                   "stream": True})
-        long.recv(4096)
+        _first_chunk(long)
         app.state.worker.drain()
         with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model="m", messages=_user("hi"), max_tokens=2)
@@ -359,3 +368,13 @@ def test_full_queue_429_then_shutdown_503(checkpoint, one_thread):
     # stopped: the engine thread joined, the long request cancelled after the grace period
     assert not app.state.worker.alive and app.state.worker.engine.running == []
     long.close()
+
+
+def test_cli_refuses_bad_arguments_before_loading(checkpoint, capsys):
+    from molmoe.cli import main
+
+    for extra in (["--port", "70000"], ["--max-batch", "0"], ["--max-queue", "-1"],
+                  ["--allow-local-files", str(checkpoint / "config.json")]):
+        assert main(["serve", "--model", str(checkpoint), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("molmoe serve: error:") and err.count("\n") == 1, err
