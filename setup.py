@@ -9,5 +9,5 @@ packages = find_packages(include=["molmoe", "molmoe.*"]) + ["molmoe.kernels"]
 setup(
     packages=packages,
     package_dir={"molmoe.kernels": "kernels"},
-    package_data={"molmoe": ["assets/*"]},
+    package_data={"molmoe": ["assets/*", "serve/static/*"]},
 )

@@ -1,4 +1,4 @@
-"""The `molmoe` command line: convert, generate, demo, train, profile."""
+"""The `molmoe` command line: convert, generate, demo, train, profile, serve."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,61 @@ def _train(args) -> int:
         if result.plot is not None:
             print(f"plot: {result.plot}")
     return 0
+
+
+def _serve(args) -> int:
+    from molmoe.serve import ServeOptions
+    from molmoe.serve.server import load_and_create, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+        max_image_pixels=args.max_image_pixels or None, allow_local_files=args.allow_local_files,
+        allow_remote_images=args.allow_remote_images, api_key=args.api_key,
+        shutdown_grace_s=args.shutdown_grace, decode_mode=args.decode_mode)
+    app = load_and_create(args.model, options, host=args.host, port=args.port, dtype=args.dtype,
+                          device=args.device, backend=args.backend)
+    print(f"molmoe serve: {args.model} on http://{args.host}:{args.port} "
+          f"(OpenAI API at /v1; Ctrl-C stops)", file=sys.stderr)
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve_command(sub) -> None:
+    from molmoe.serve import ServeOptions
+
+    d = ServeOptions()
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/serve.md)")
+    s.add_argument("--model", required=True, help="hub id or checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but "
+                                     "/health (or set MOLMOE_API_KEY)",
+                   default=os.environ.get("MOLMOE_API_KEY"))
+    s.add_argument("--max-batch", type=int, default=d.max_batch, help="decode rows")
+    s.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests admitted at once (waiting + running); beyond: 429")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="KV cache slots per row, prompt + answer (default: the model's "
+                        "positions, at most 4096)")
+    s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                   help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    s.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="refuse larger images (0 = no limit)")
+    s.add_argument("--allow-local-files", metavar="DIR",
+                   help="accept image paths (file:// URLs) under DIR")
+    s.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (public addresses only, size and time limits)")
+    s.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                   help="seconds running requests get to finish on SIGINT/SIGTERM")
+    s.add_argument("--dtype", default="float32",
+                   help="float32 (default), amp_bf16, bfloat16, float16")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    s.add_argument("--decode-mode", default=None, choices=["eager", "compile", "graph"])
+    s.set_defaults(func=_serve)
 
 
 def _is_rank0() -> bool:
@@ -183,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_commands(sub)
     _add_train_command(sub)
     _add_profile_commands(sub)
+    _add_serve_command(sub)
     return parser
 
 
