@@ -562,7 +562,7 @@ def _train_flops_per_token(config) -> float:
     if t.moe is not None:
         ffn = t.moe.top_k * 3 * D * t.moe.expert_hidden + D * t.moe.num_experts
     else:
-        ffn = 3 * D * t.mlp_hidden // 2 if hasattr(t, "mlp_hidden") else 0
+        ffn = 3 * D * t.ffn_hidden  # SwiGLU: up and gate (D x ffn_hidden each), down
     return 6.0 * (t.n_layers * (attn + ffn) + D * t.embedding_size)
 
 
