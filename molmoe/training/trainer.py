@@ -277,6 +277,29 @@ def _pad_crop(inputs: dict, config) -> dict:
             "crop_valid": torch.zeros((B, 1), dtype=torch.bool)}
 
 
+def _check_out(out: pathlib.Path) -> None:
+    """OUT is missing, or a directory holding only what `molmoe train` writes there: a run
+    writes, replaces and deletes files in it (log.jsonl of a fresh run, checkpoints/, model/),
+    so a directory of the user's (the model's, the data's) is refused before anything is."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if not out.is_dir():
+        return
+    ours = {LOG, LOG + ".part", ckpt.CHECKPOINTS, EXPORT, PLOT, ".part-" + PLOT}
+    for p in sorted(out.iterdir()):
+        if p.name not in ours and not p.name.startswith(f".{EXPORT}."):  # convert's debris
+            raise UsageError(f"--out {out} holds {p.name!r}, which molmoe train did not write; "
+                             "name a new or empty directory, or the directory of a run")
+
+
+def _check_export(model_dir: pathlib.Path, dst: pathlib.Path) -> None:
+    """Refuse now, not after the whole run, an OUT/model that the export could not replace
+    (one molmoe convert did not write, or a place convert refuses, e.g. inside the model)."""
+    from molmoe.checkpoint.convert import _check_paths, _check_replaceable
+
+    _check_replaceable(_check_paths(model_dir, dst), overwrite=True)
+
+
 def _to(inputs: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in inputs.items()}
@@ -393,9 +416,12 @@ def train(opts: TrainOptions) -> TrainResult:
         accum = opts.batch // env.world // micro
         n_micro = env.world * accum
         rank0 = env.rank == 0
+        _check_out(out)  # every rank: the same answer on the shared filesystem
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
+        if opts.export:
+            _check_export(model_dir, out / EXPORT)
 
         torch.manual_seed(opts.seed)
         processor = Processor.from_pretrained(model_dir)
