@@ -40,6 +40,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 
 import torch
@@ -443,6 +444,10 @@ def train(opts: TrainOptions) -> TrainResult:
         if found:
             step, where = found[-1]
             _check_resumable(ckpt.read_meta(where), settings, where)
+            if step > opts.steps:
+                raise ckpt.CheckpointResumeError(
+                    f"{where}: the run is at step {step}, past --steps {opts.steps}; pass "
+                    f"--steps {step} or more to resume it (or --no-resume to start over)")
             start = ckpt.load(where, model, optimizer)["step"]
             if rank0 and opts.progress:
                 print(f"resumed from {where} (step {start})", flush=True)
@@ -450,8 +455,11 @@ def train(opts: TrainOptions) -> TrainResult:
         if rank0:
             if start:
                 _truncate_log(log_path, start)
-            elif log_path.exists():
-                log_path.unlink()  # a fresh run (--no-resume) starts a fresh log
+            else:  # a fresh run (--no-resume) starts a fresh log, and drops the old run's
+                # checkpoints: they would outrank (and, pruned by --keep, delete) its own
+                log_path.unlink(missing_ok=True)
+                for _, old in ckpt.complete_checkpoints(out):
+                    shutil.rmtree(old)
         dist.barrier()
 
         layers = moe_layers(model)
@@ -467,7 +475,8 @@ def train(opts: TrainOptions) -> TrainResult:
 
             bar = tqdm(total=opts.steps, initial=start, desc="training", unit="step",
                        dynamic_ncols=True)
-        end = min(opts.steps, opts.stop_at or opts.steps)
+        # --stop-at at or before the resumed step: nothing to do, the run stays where it is
+        end = max(start, min(opts.steps, opts.stop_at or opts.steps))
         batches = loader(data, sampler, rank=env.rank, world=env.world, micro_batch=micro,
                          start_step=start, steps=max(0, end - start), num_workers=opts.workers)
         t0 = time.perf_counter()
