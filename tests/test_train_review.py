@@ -227,3 +227,14 @@ def test_diverging_run_stops_after_three_non_finite_steps(setup, tmp_path):
     log = read_log(out / "log.jsonl")
     assert [x["applied"] for x in log] == [True, False, False, False]
     assert ckpt.complete_checkpoints(out) == []  # nothing diverged was saved
+
+
+def test_resume_names_the_model_by_its_absolute_path(setup, tmp_path, monkeypatch):
+    """A run started with --model ckpt (relative) resumes when named /abs/.../ckpt, e.g. by a job
+    scheduler started in another directory: the same model, the same run."""
+    model = setup[0]
+    monkeypatch.chdir(model.parent)
+    train(_opts(setup, tmp_path / "o", model=model.name, steps=2, stop_at=1))
+    monkeypatch.chdir(tmp_path)
+    r = train(_opts(setup, tmp_path / "o", model=str(model), steps=2))
+    assert (r.resumed_from, r.steps) == (1, 2)

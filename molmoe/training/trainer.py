@@ -316,7 +316,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 def _settings(opts: TrainOptions, model_dir, data_path, precision: str) -> dict:
     d = dataclasses.asdict(opts)
-    d.update(model=str(model_dir), data_sha256=_sha256(data_path), precision=precision,
+    d.update(model=str(model_dir.resolve()), data_sha256=_sha256(data_path), precision=precision,
              betas=list(opts.betas), freeze=sorted(opts.freeze))
     return {k: d[k] for k in RESUME_KEYS + ("steps", "backend", "data")}
 
