@@ -40,6 +40,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 
 import torch
@@ -277,6 +278,29 @@ def _pad_crop(inputs: dict, config) -> dict:
             "crop_valid": torch.zeros((B, 1), dtype=torch.bool)}
 
 
+def _check_out(out: pathlib.Path) -> None:
+    """OUT is missing, or a directory holding only what `molmoe train` writes there: a run
+    writes, replaces and deletes files in it (log.jsonl of a fresh run, checkpoints/, model/),
+    so a directory of the user's (the model's, the data's) is refused before anything is."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if not out.is_dir():
+        return
+    ours = {LOG, LOG + ".part", ckpt.CHECKPOINTS, EXPORT, PLOT, ".part-" + PLOT}
+    for p in sorted(out.iterdir()):
+        if p.name not in ours and not p.name.startswith(f".{EXPORT}."):  # convert's debris
+            raise UsageError(f"--out {out} holds {p.name!r}, which molmoe train did not write; "
+                             "name a new or empty directory, or the directory of a run")
+
+
+def _check_export(model_dir: pathlib.Path, dst: pathlib.Path) -> None:
+    """Refuse now, not after the whole run, an OUT/model that the export could not replace
+    (one molmoe convert did not write, or a place convert refuses, e.g. inside the model)."""
+    from molmoe.checkpoint.convert import _check_paths, _check_replaceable
+
+    _check_replaceable(_check_paths(model_dir, dst), overwrite=True)
+
+
 def _to(inputs: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in inputs.items()}
@@ -292,7 +316,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 def _settings(opts: TrainOptions, model_dir, data_path, precision: str) -> dict:
     d = dataclasses.asdict(opts)
-    d.update(model=str(model_dir), data_sha256=_sha256(data_path), precision=precision,
+    d.update(model=str(model_dir.resolve()), data_sha256=_sha256(data_path), precision=precision,
              betas=list(opts.betas), freeze=sorted(opts.freeze))
     return {k: d[k] for k in RESUME_KEYS + ("steps", "backend", "data")}
 
@@ -393,9 +417,12 @@ def train(opts: TrainOptions) -> TrainResult:
         accum = opts.batch // env.world // micro
         n_micro = env.world * accum
         rank0 = env.rank == 0
+        _check_out(out)  # every rank: the same answer on the shared filesystem
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
+        if opts.export:
+            _check_export(model_dir, out / EXPORT)
 
         torch.manual_seed(opts.seed)
         processor = Processor.from_pretrained(model_dir)
@@ -417,6 +444,10 @@ def train(opts: TrainOptions) -> TrainResult:
         if found:
             step, where = found[-1]
             _check_resumable(ckpt.read_meta(where), settings, where)
+            if step > opts.steps:
+                raise ckpt.CheckpointResumeError(
+                    f"{where}: the run is at step {step}, past --steps {opts.steps}; pass "
+                    f"--steps {step} or more to resume it (or --no-resume to start over)")
             start = ckpt.load(where, model, optimizer)["step"]
             if rank0 and opts.progress:
                 print(f"resumed from {where} (step {start})", flush=True)
@@ -424,8 +455,11 @@ def train(opts: TrainOptions) -> TrainResult:
         if rank0:
             if start:
                 _truncate_log(log_path, start)
-            elif log_path.exists():
-                log_path.unlink()  # a fresh run (--no-resume) starts a fresh log
+            else:  # a fresh run (--no-resume) starts a fresh log, and drops the old run's
+                # checkpoints: they would outrank (and, pruned by --keep, delete) its own
+                log_path.unlink(missing_ok=True)
+                for _, old in ckpt.complete_checkpoints(out):
+                    shutil.rmtree(old)
         dist.barrier()
 
         layers = moe_layers(model)
@@ -441,7 +475,8 @@ def train(opts: TrainOptions) -> TrainResult:
 
             bar = tqdm(total=opts.steps, initial=start, desc="training", unit="step",
                        dynamic_ncols=True)
-        end = min(opts.steps, opts.stop_at or opts.steps)
+        # --stop-at at or before the resumed step: nothing to do, the run stays where it is
+        end = max(start, min(opts.steps, opts.stop_at or opts.steps))
         batches = loader(data, sampler, rank=env.rank, world=env.world, micro_batch=micro,
                          start_step=start, steps=max(0, end - start), num_workers=opts.workers)
         t0 = time.perf_counter()
@@ -562,7 +597,7 @@ def _train_flops_per_token(config) -> float:
     if t.moe is not None:
         ffn = t.moe.top_k * 3 * D * t.moe.expert_hidden + D * t.moe.num_experts
     else:
-        ffn = 3 * D * t.mlp_hidden // 2 if hasattr(t, "mlp_hidden") else 0
+        ffn = 3 * D * t.ffn_hidden  # SwiGLU: up and gate (D x ffn_hidden each), down
     return 6.0 * (t.n_layers * (attn + ffn) + D * t.embedding_size)
 
 
