@@ -105,6 +105,7 @@ def test_learning_rate_schedule():
     ({"lr": float("nan")}, "lr must be"),
     ({"freeze": ("decoder",)}, "cannot freeze 'decoder'"),
     ({"precision": "fp8"}, "precision 'fp8'"),
+    ({"steps": 5, "warmup": 10}, "warmup 10 is longer than steps 5"),
     ({"batch": 4, "micro_batch": 3}, "not a multiple of micro_batch 3"),
 ])
 def test_bad_options_are_refused(setup, tmp_path, kw, words):
@@ -336,7 +337,8 @@ def test_cli_bad_data_is_named_or_skipped(setup, tmp_path):
     bad.write_text("\n".join([json.dumps(rec)] * 4 + [json.dumps(missing), json.dumps(wrong)])
                    + "\n")
     args = ["train", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o"),
-            "--steps", "1", "--batch", "2", "--workers", "0", "--no-export", "--no-plot"]
+            "--steps", "1", "--warmup", "0", "--batch", "2", "--workers", "0", "--no-export",
+            "--no-plot"]
     r = _cli(*args, check=False)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
@@ -347,3 +349,15 @@ def test_cli_bad_data_is_named_or_skipped(setup, tmp_path):
     assert len(read_log(tmp_path / "o" / "log.jsonl")) == 1
     r = _cli(*args[:4], str(tmp_path / "none.jsonl"), *args[5:], check=False)
     assert r.returncode == 2 and "none.jsonl" in r.stderr and "no such file" in r.stderr
+
+
+def test_a_diverged_step_logs_null_not_nan(tmp_path):
+    from molmoe.training.trainer import _json_safe, plot_log
+
+    rec = {"step": 1, "loss": float("nan"), "ce": float("inf"), "lb": 0.5, "z": 1.0,
+           "grad_norm": float("nan"), "tokens": 3}
+    line = json.dumps(_json_safe(rec), allow_nan=False)
+    assert json.loads(line) == {"step": 1, "loss": None, "ce": None, "lb": 0.5, "z": 1.0,
+                                "grad_norm": None, "tokens": 3}
+    ok = dict(rec, step=2, loss=1.0, ce=1.0, grad_norm=1.0)
+    assert plot_log([json.loads(line), ok], tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

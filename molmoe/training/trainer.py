@@ -101,6 +101,9 @@ class TrainOptions:
             v = getattr(self, name)
             if not is_integral(v) or v < 1:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        if is_integral(self.warmup) and is_integral(self.steps) and self.warmup > self.steps:
+            raise UsageError(f"warmup {self.warmup} is longer than steps {self.steps}: the rate "
+                             "would never reach lr; pass a smaller --warmup")
         for name in ("warmup", "workers"):
             v = getattr(self, name)
             if not is_integral(v) or v < 0:
@@ -350,6 +353,17 @@ def _truncate_log(path: pathlib.Path, after_step: int) -> None:
     os.replace(part, path)
 
 
+def _json_safe(record: dict) -> dict:
+    """NaN/Inf (a diverged step's loss or gradient norm) become null: strict JSON readers (jq,
+    browsers) refuse bare NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else v
+
+
 def read_log(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
 
@@ -367,12 +381,12 @@ def plot_log(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
     loads = [r["expert_load"] for r in records if r.get("expert_load")]
     fig, axes = plt.subplots(1, 3 if loads else 2, figsize=(15 if loads else 10, 4))
     ax = axes[0]
-    ax.plot(steps, [r["loss"] for r in records], label="total")
-    ax.plot(steps, [r["ce"] for r in records], label="answer cross-entropy")
+    ax.plot(steps, [_num(r["loss"]) for r in records], label="total")
+    ax.plot(steps, [_num(r["ce"]) for r in records], label="answer cross-entropy")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("loss")
     ax = axes[1]
-    ax.plot(steps, [r["lb"] for r in records], label="load balancing (sum over layers)")
-    ax.plot(steps, [r["z"] for r in records], label="router z (sum over layers)")
+    ax.plot(steps, [_num(r["lb"]) for r in records], label="load balancing (sum over layers)")
+    ax.plot(steps, [_num(r["z"]) for r in records], label="router z (sum over layers)")
     ax.set_xlabel("step"), ax.legend(), ax.set_title("router losses")
     if loads:
         total = torch.tensor(loads, dtype=torch.float64).sum(0)  # (layers, experts)
@@ -539,7 +553,7 @@ def train(opts: TrainOptions) -> TrainResult:
                 record["expert_load"] = stats[4:].view(len(layers), n_experts).long().tolist()
             if rank0:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
                 if bar is not None:
                     post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{tokens / step_s:,.0f}"}
                     if "mfu" in record:
