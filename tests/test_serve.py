@@ -330,9 +330,12 @@ def test_api_key(server, client):
                                      key=key)
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     assert urllib.request.urlopen(server.url + "/health").status == 200  # no key needed
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(server.url + "/metrics")
-    assert e.value.code == 401
+    page = urllib.request.urlopen(server.url + "/")  # static, holds no data: open too
+    assert page.status == 200 and b"<html" in page.read().lower()
+    for path in ("/metrics", "/v1/models", "/v1/chat/completions"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + path)
+        assert e.value.code == 401, path
     _still_serves(client)
 
 

@@ -304,15 +304,21 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+# Paths open without the key: the health probe, and the pointing page itself (static HTML
+# holding no data; a browser cannot send a bearer header to load it, and the page sends the key
+# the user types with every API call it makes).
+OPEN_PATHS = frozenset({"/health", "/"})
+
+
 class _APIKeyGuard:
     """Pure ASGI (streaming and disconnects pass untouched): `Authorization: Bearer KEY` on every
-    path but /health, compared in constant time."""
+    path but OPEN_PATHS, compared in constant time."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode("utf-8")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
