@@ -266,12 +266,14 @@ def _moe_layer_timing(model, backends: list[str], opts: TrainProfileOptions, dev
     gy = torch.randn(T, D, generator=gen).to(device, dt)
     amp = model.autocast_dtype
 
-    def run(fn):
-        def once():
+    def run(fn, params):
+        def once():  # as in a step: fresh gradients (set_to_none), none accumulated
             with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 y = fn(x)
             y.backward(gy)
             x.grad = None
+            for p in params:
+                p.grad = None
         times = []
         for i in range(opts.steps + 1):
             times.append(_timed(once, device)[1])
@@ -281,8 +283,7 @@ def _moe_layer_timing(model, backends: list[str], opts: TrainProfileOptions, dev
            "(router, experts, combine; ours also computes the router losses)", "ours": {}}
     for backend in backends:
         model.set_backend(backend)
-        res["ours"][backend] = run(lambda x_: layer(x_[None])[0])
-    layer.zero_grad(set_to_none=True)
+        res["ours"][backend] = run(lambda x_: layer(x_[None])[0], list(layer.parameters()))
     try:
         import megablocks  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "not importable"
@@ -299,7 +300,7 @@ def _moe_layer_timing(model, backends: list[str], opts: TrainProfileOptions, dev
                                               layer.w_down)]
         mb_layer, mb_fn = megablocks_dmoe(*w, layer.top_k)
         del w
-        res["megablocks"] = {"ms": run(mb_fn), "what": "megablocks.layers.dmoe.dMoE (GLU, "
+        res["megablocks"] = {"ms": run(mb_fn, list(mb_layer.parameters())), "what": "megablocks.layers.dmoe.dMoE (GLU, "
                              "grouped), copies of layer 0's weights, no load-balancing loss"}
         for backend, ours in res["ours"].items():
             res["megablocks"][f"ratio_to_{backend}"] = (res["megablocks"]["ms"]["p50_ms"]
