@@ -212,7 +212,7 @@ def trainable_parameters(model, with_vision: bool) -> list[torch.nn.Parameter]:
 
 def make_optimizer(params, opts: TrainProfileOptions, device) -> tuple[torch.optim.Optimizer, str]:
     """AdamW, fused where this torch has the fused kernel for the device and dtype."""
-    kw = dict(lr=opts.lr, weight_decay=opts.weight_decay)
+    kw = {"lr": opts.lr, "weight_decay": opts.weight_decay}
     try:
         return torch.optim.AdamW(params, fused=True, **kw), "AdamW(fused=True)"
     except (RuntimeError, ValueError):
@@ -433,8 +433,7 @@ def _run_backend(model, params, inputs, mask, opts, device, flops, peak, out_dir
     trace = None if out_dir is None else out_dir / f"trace-train-{name}.json"
     res["profile"] = _profile(lambda: [step() for _ in range(opts.profile_steps)], device, trace,
                               opts.top_ops)
-    del step  # the optimizer's state goes with it
-    for p in params:
+    for p in params:  # the optimizer's state goes with `step` when this returns
         p.grad = None
     _sync(device)
     return res
@@ -461,17 +460,18 @@ def compare(impls: list[dict], dtype: str) -> dict | None:
 
 def format_train_report(report: dict) -> str:
     env, f = report["environment"], report["flops"]
-    lines = [f"molmoe profile train  {env['date']}  commit {env['commit']}  load average "
-             f"{env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f}",
+    lines = [(f"molmoe profile train  {env['date']}  commit {env['commit']}  load average "
+              f"{env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f}"),
              f"device {env['device']}  torch {env['torch']}",
              f"model  {report['model']}  dtype {report['dtype']}",
-             f"batch {report['batch']} x seq_len {report['seq_len']} = {f['tokens']} tokens/step"
-             f"  ({report['inputs']['image_features']} image features, "
-             f"{report['inputs']['answer_tokens']} target tokens per row)  trainable "
-             f"{report['trainable_params'] / 1e6:.2f}M params",
-             f"model FLOPs/step {f['per_step'] / 1e9:.2f} G = (6 x {f['active_params'] / 1e6:.2f}M"
-             f" active params + {f['per_token_attention'] / 1e6:.2f}M attention) per token x "
-             f"{f['tokens']} tokens", ""]
+             (f"batch {report['batch']} x seq_len {report['seq_len']} = {f['tokens']} "
+              f"tokens/step  ({report['inputs']['image_features']} image features, "
+              f"{report['inputs']['answer_tokens']} target tokens per row)  trainable "
+              f"{report['trainable_params'] / 1e6:.2f}M params"),
+             (f"model FLOPs/step {f['per_step'] / 1e9:.2f} G = (6 x "
+              f"{f['active_params'] / 1e6:.2f}M active params + "
+              f"{f['per_token_attention'] / 1e6:.2f}M attention) per token x {f['tokens']} "
+              f"tokens"), ""]
     mfu_col = report["peak_bf16_tflops"] is not None
     lines.append(f"training step (zero_grad + forward + backward + AdamW), p50 over "
                  f"{report['options']['steps']} steps after {report['options']['warmup']} "

@@ -53,7 +53,8 @@ def test_cli_writes_json_and_trace_with_sane_figures(tmp_path, capsys):
     assert r["params_changed"]["tensors"] == r["params_changed"]["of"] == \
         report["trainable_tensors"] > 0
     trace = r["profile"]["trace"]
-    assert json.loads(open(trace).read())["traceEvents"]
+    with open(trace) as fh:
+        assert json.loads(fh.read())["traceEvents"]
     assert 0 < len(r["profile"]["rows"]) <= 6
     assert any("mm" in row["name"] for row in r["profile"]["rows"])
     m = report["moe_layer"]
