@@ -162,7 +162,8 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 # ----------------------------------------------------------------------------- batch
 
 
-def make_train_batch(model, processor, opts: TrainProfileOptions, device) -> tuple[dict, torch.Tensor, dict]:
+def make_train_batch(model, processor, opts: TrainProfileOptions,
+                     device) -> tuple[dict, torch.Tensor, dict]:
     """(inputs, loss_mask_BS, description). Text only: random token ids (the text vocabulary,
     seeded), every position a target. With the image: the demo image and a short prompt through
     the processor, then random answer tokens up to seq_len; only those are targets."""
@@ -300,8 +301,9 @@ def _moe_layer_timing(model, backends: list[str], opts: TrainProfileOptions, dev
                                               layer.w_down)]
         mb_layer, mb_fn = megablocks_dmoe(*w, layer.top_k)
         del w
-        res["megablocks"] = {"ms": run(mb_fn, list(mb_layer.parameters())), "what": "megablocks.layers.dmoe.dMoE (GLU, "
-                             "grouped), copies of layer 0's weights, no load-balancing loss"}
+        res["megablocks"] = {"ms": run(mb_fn, list(mb_layer.parameters())),
+                             "what": "megablocks.layers.dmoe.dMoE (GLU, grouped), copies of "
+                                     "layer 0's weights, no load-balancing loss"}
         for backend, ours in res["ours"].items():
             res["megablocks"][f"ratio_to_{backend}"] = (res["megablocks"]["ms"]["p50_ms"]
                                                         / ours["p50_ms"])
@@ -331,7 +333,11 @@ def _backends_for(opts: TrainProfileOptions, device) -> tuple[list[str], list[st
     backends = ["reference", "triton"] if opts.backend == "both" else [opts.backend]
     for b in backends:
         select_backend(b, device)
-    return backends, []
+    notes = []
+    if "triton" in backends:
+        notes.append("Triton MoE and attention kernels ran their default tiles (no autotune "
+                     "here; pin others with MOLMOE_MOE_CONFIG / MOLMOE_ATTENTION_*_CONFIG)")
+    return backends, notes
 
 
 def profile_train(opts: TrainProfileOptions) -> dict:
