@@ -180,6 +180,23 @@ def _add_train_command(sub) -> None:
     t.set_defaults(func=_train)
 
 
+def _profile_train(args) -> int:
+    import shlex
+
+    from molmoe.profiling_train import TrainProfileOptions, format_train_report, profile_train
+
+    opts = TrainProfileOptions(
+        model=args.model, layers=args.layers, d_model=args.d_model,
+        expert_hidden=args.expert_hidden, batch=args.batch, seq_len=args.seq_len,
+        backend=args.backend, dtype=args.dtype, device=args.device, steps=args.steps,
+        warmup=args.warmup, seed=args.seed, lr=args.lr, out=args.out, top_ops=args.top_ops,
+        profile_steps=args.profile_steps, with_image=args.with_image,
+        moe_layer=not args.no_moe_layer, plot=args.plot,
+        command=shlex.join(["molmoe"] + sys.argv[1:]))
+    print(format_train_report(profile_train(opts)))
+    return 0
+
+
 def _add_profile_commands(sub) -> None:
     from molmoe.profiling import BACKENDS, MODES
 
@@ -217,6 +234,36 @@ def _add_profile_commands(sub) -> None:
     d.add_argument("--profile-steps", type=int, default=4,
                    help="decode steps under torch.profiler")
     d.set_defaults(func=_profile_decode)
+
+    tr = psub.add_parser("train", help="one training step (loss forward, backward, AdamW): step "
+                                       "time, tokens/s, MFU (GPU), peak memory, top ops; "
+                                       "reference and Triton side by side")
+    tr.add_argument("--model", required=True,
+                    help="checkpoint directory / hub id, or a preset name (molmoe-1b, ..., "
+                         "tiny-molmoe) with RANDOM weights")
+    tr.add_argument("--layers", type=int, help="keep only the first N decoder layers")
+    tr.add_argument("--d-model", type=int, help="preset only: another model width")
+    tr.add_argument("--expert-hidden", type=int, help="preset only: another expert/FFN width")
+    tr.add_argument("--batch", type=int, default=1, help="rows per step")
+    tr.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    tr.add_argument("--backend", default="reference",
+                    help="reference (default), triton (GPU) or both (same weights and batch)")
+    tr.add_argument("--dtype", default="float32", help="float32 (default), amp_bf16, bfloat16")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    tr.add_argument("--steps", type=int, default=5, help="timed steps per backend")
+    tr.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    tr.add_argument("--seed", type=int, default=0, help="random weights' and tokens' seed")
+    tr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    tr.add_argument("--out", help="directory for profile_train.json and chrome traces")
+    tr.add_argument("--top-ops", type=int, default=15, help="rows of each top-ops table")
+    tr.add_argument("--profile-steps", type=int, default=1, help="steps under torch.profiler")
+    tr.add_argument("--with-image", action="store_true",
+                    help="the demo image through the processor (ViT and connector backward "
+                         "included); default: text-only decoder batches of random tokens")
+    tr.add_argument("--no-moe-layer", action="store_true",
+                    help="skip timing one MoE layer alone (and megablocks' dMoE)")
+    tr.add_argument("--plot", action="store_true", help="also write profile_train.png")
+    tr.set_defaults(func=_profile_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -271,7 +271,9 @@ def _init_random(module, seed: int, std: float = 0.02) -> None:
 
 def build_model(opts: ProfileOptions, device: torch.device, need_vision: bool):
     """(model, processor, description) on `device`: a checkpoint's, or a preset's with random
-    weights (the vision tower is left unallocated on `meta` when no image is used)."""
+    weights (the vision tower is left unallocated on `meta` when no image is used). Frozen, in
+    eval mode. Reads opts.model, layers, d_model, expert_hidden, dtype and seed only, so
+    `molmoe.profiling_train.TrainProfileOptions` serves too."""
     from molmoe.checkpoint.loader import PRECISIONS, parse_precision
     from molmoe.config import PRESETS, preset
 

@@ -136,7 +136,7 @@ def test_resume_past_the_end_is_refused_or_a_no_op(setup, tmp_path):
 @pytest.mark.parametrize("name", ["tiny-7b-d", "tiny-molmoe"])
 def test_train_flops_count_the_ffn(name):
     """6 x (the decoder blocks' matrices, with top_k of the experts, + the LM head)."""
-    from molmoe.training.trainer import _train_flops_per_token
+    from molmoe.training.flops import train_flops
     from tests.tiny import random_model
 
     model = random_model(name)
@@ -150,7 +150,7 @@ def test_train_flops_count_the_ffn(name):
         else:
             active += p.numel()
     active += t.d_model * t.embedding_size
-    assert _train_flops_per_token(model.config) == 6.0 * active
+    assert train_flops(model.config, 1, 1)["per_token_dense"] == 6 * active
 
 
 # ----------------------------------------------------------------------------- data through the loop

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from molmoe.errors import UsageError, is_integral
 from molmoe.training import checkpoint as ckpt
+from molmoe.training.flops import bf16_peak_tflops, train_flops
 from molmoe.training.loss import LB_COEF, Z_COEF, moe_layers, training_loss
 
 PRECISIONS = ("fp32", "bf16")
@@ -478,8 +479,8 @@ def train(opts: TrainOptions) -> TrainResult:
 
         layers = moe_layers(model)
         n_experts = config.text.moe.num_experts if config.text.moe is not None else 0
-        flops_per_token = _train_flops_per_token(config)
-        peak = _peak_flops(env.device)
+        peak = (bf16_peak_tflops(torch.cuda.get_device_name(env.device))
+                if env.device.type == "cuda" else None)
 
         record: dict = {}
         bad_steps = 0
@@ -498,11 +499,12 @@ def train(opts: TrainOptions) -> TrainResult:
         for step, micro_index, inputs, loss_mask in batches:
             if micro_index == 0:
                 global_tokens = answer_tokens(data, sampler.batch(step))
-                # ce, lb, z, input tokens, then every MoE layer's expert counts; kept on the
-                # device (no host sync per micro-batch) and summed over ranks once per step
-                stats = torch.zeros(4 + len(layers) * n_experts, dtype=torch.float64,
+                # ce, lb, z, input tokens, model FLOPs, then every MoE layer's expert counts;
+                # kept on the device (no host sync per micro-batch), summed over ranks per step
+                stats = torch.zeros(5 + len(layers) * n_experts, dtype=torch.float64,
                                     device=env.device)
             tokens_in = int((inputs["input_ids"] != -1).sum())  # host tensor: no sync
+            seq = inputs["input_ids"].shape[1]
             if with_images and "images" not in inputs:
                 inputs = _pad_crop(inputs, config)
             inputs = _to(inputs, env.device)
@@ -516,8 +518,9 @@ def train(opts: TrainOptions) -> TrainResult:
                 stats[1] += parts.lb.detach().double() / n_micro
                 stats[2] += parts.z.detach().double() / n_micro
                 stats[3] += tokens_in
+                stats[4] += tokens_in * train_flops(config, 1, seq)["per_token"]
                 for i, layer in enumerate(layers):
-                    stats[4 + i * n_experts: 4 + (i + 1) * n_experts] += layer.aux["counts"]
+                    stats[5 + i * n_experts: 5 + (i + 1) * n_experts] += layer.aux["counts"]
                     layer.aux = None
             if micro_index < accum - 1:
                 continue
@@ -547,10 +550,10 @@ def train(opts: TrainOptions) -> TrainResult:
                       "ce": ce, "lb": lb, "z": z, "lr": lr, "grad_norm": norm,
                       "applied": applied, "tokens": tokens, "answer_tokens": global_tokens,
                       "step_s": step_s, "tokens_per_s": tokens / step_s}
-            if peak:
-                record["mfu"] = flops_per_token * tokens / step_s / (peak * env.world)
+            if peak:  # model FLOPs of the real (unpadded) tokens, all ranks, against all GPUs
+                record["mfu"] = float(stats[4]) / step_s / (peak * 1e12 * env.world)
             if layers:
-                record["expert_load"] = stats[4:].view(len(layers), n_experts).long().tolist()
+                record["expert_load"] = stats[5:].view(len(layers), n_experts).long().tolist()
             if rank0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
@@ -596,31 +599,3 @@ def _export(model, model_dir, dst: pathlib.Path, rank0: bool) -> pathlib.Path:
         convert(model_dir, dst, dtype="float32", overwrite=True, state=full)
     dist.barrier()
     return dst
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def _train_flops_per_token(config) -> float:
-    """6 x the decoder's active parameters per token (forward 2, backward 4; the MoE counts
-    top_k of its experts); attention's score and value products are left out (a lower bound
-    at short sequences). The ViT is not counted."""
-    t = config.text
-    D, H, Hkv, Dh = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim
-    attn = D * (H + 2 * Hkv) * Dh + H * Dh * D
-    if t.moe is not None:
-        ffn = t.moe.top_k * 3 * D * t.moe.expert_hidden + D * t.moe.num_experts
-    else:
-        ffn = 3 * D * t.ffn_hidden  # SwiGLU: up and gate (D x ffn_hidden each), down
-    return 6.0 * (t.n_layers * (attn + ffn) + D * t.embedding_size)
-
-
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak (FLOP/s) for MFU; None on the CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
