@@ -25,7 +25,8 @@ class APIError(Exception):
     `headers` are added to the response (Retry-After on a 429)."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error",
              415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
              502: "upstream_error", 503: "service_unavailable", 504: "upstream_error"}
 
