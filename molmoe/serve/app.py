@@ -121,7 +121,7 @@ async def _chat(request: Request, worker: EngineWorker, metrics: Metrics, option
     text, image_url = single_turn(req)
     config = _generation_config(req, text, options)
     job = worker.admit(label=f"request {secrets.token_hex(4)}")
-    job.config, job.stream = config, req.stream
+    job.config, job.stream = config, bool(req.stream)
     submitted = False
     try:
         await worker.prepare(job, text, image_url)
