@@ -252,8 +252,8 @@ def canned_chunks(question: str) -> list[dict]:
     final = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
              "model": "test-model", "choices": [{"index": 0, "delta": {},
                                                  "finish_reason": "stop"}]}
-    if points is not None:
-        final["points"] = points
+    if points is not None:  # where molmoe serve puts them: on the final chunk's choice
+        final["choices"][0]["points"] = points
     return chunks + [final]
 
 

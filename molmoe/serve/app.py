@@ -23,6 +23,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from molmoe.errors import MolmoeError
 from molmoe.generation import GenerationConfig
@@ -99,7 +100,7 @@ def create_app(proc, model, eos: int | None, *, model_id: str,
         try:
             return await _chat(request, worker, metrics, options, model_id)
         except APIError as e:
-            metrics.request_done(str(e.status))
+            metrics.request_done("cancelled" if e.status == 499 else str(e.status))
             raise
 
     return app
@@ -110,7 +111,7 @@ def create_app(proc, model, eos: int | None, *, model_id: str,
 
 async def _chat(request: Request, worker: EngineWorker, metrics: Metrics, options: ServeOptions,
                 model_id: str):
-    body = await _read_body(request, options.max_body_bytes)
+    body = await _read_body(request, options.max_body_bytes, options.body_timeout_s)
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -120,7 +121,7 @@ async def _chat(request: Request, worker: EngineWorker, metrics: Metrics, option
     text, image_url = single_turn(req)
     config = _generation_config(req, text, options)
     job = worker.admit(label=f"request {secrets.token_hex(4)}")
-    job.config, job.stream = config, req.stream
+    job.config, job.stream = config, bool(req.stream)
     submitted = False
     try:
         await worker.prepare(job, text, image_url)
@@ -278,9 +279,11 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` bytes: from Content-Length before
-    reading, and while reading (a chunked body has no length)."""
+    reading, and while reading (a chunked body has no length). It must arrive within `timeout_s`
+    (408 after: a client dripping its body would hold the request forever); a client that
+    closes its connection meanwhile is a cancel (499, logged only), not an internal error."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -291,12 +294,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"the request body is {declared} bytes, the limit is {limit} "
                                 "(molmoe serve --max-body-bytes)", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes "
-                                "(molmoe serve --max-body-bytes)", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the request body is over the limit of {limit} bytes "
+                                        "(molmoe serve --max-body-bytes)", code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="body_timeout") from None
+    except ClientDisconnect:
+        raise APIError(499, "the client disconnected while sending its body",
+                       code="client_disconnected") from None
     return b"".join(chunks)
 
 

@@ -21,6 +21,9 @@ class ServeOptions:
     default_max_tokens: int = 200  # `molmoe generate`'s default
     # Request body bytes (413 above); a 20 MiB image is ~27 MiB as a base64 data: URL.
     max_body_bytes: int = 32 << 20
+    # The whole body must arrive within this many seconds (408 after): a client sending it a
+    # byte at a time, or not at all, would otherwise hold its request and buffer forever.
+    body_timeout_s: float = 30.0
     # Image limits: pixels (decompression-bomb guard) and bytes of the encoded file.
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     max_image_bytes: int = 20 << 20
@@ -49,7 +52,9 @@ class ServeOptions:
                              f"{self.max_image_pixels!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             self.default_max_tokens = self.max_tokens_limit
-        if not self.shutdown_grace_s >= 0 or not self.fetch_timeout_s > 0:
-            raise UsageError("shutdown_grace_s must be >= 0 and fetch_timeout_s > 0")
+        if not self.shutdown_grace_s >= 0 or not self.fetch_timeout_s > 0 \
+                or not self.body_timeout_s > 0:
+            raise UsageError("shutdown_grace_s must be >= 0, fetch_timeout_s and body_timeout_s "
+                             "> 0")
         if self.api_key is not None and not self.api_key:
             raise UsageError("the API key may not be empty")

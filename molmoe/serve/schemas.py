@@ -1,10 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), and its error shape.
 
-Requests accept what OpenAI clients send (`extra="ignore"`: unknown fields such as `user`,
-`logprobs: false` or `response_format` pass through unread) but refuse, with a 400 naming the
-field, what this server cannot honour: `n != 1`, a role that is not OpenAI's, content parts that
+Requests accept what OpenAI clients send (`extra="ignore"`: unknown fields such as `user` pass
+through unread; `null` means the default) but refuse, with a 400 naming the field, what this
+server cannot honour: `n != 1`, log-probabilities, tools, a JSON `response_format`, `logit_bias`
+and penalties (UNSUPPORTED: their defaults pass), a role that is not OpenAI's, content parts that
 are neither text nor an image, more than one image (Molmo 0924 takes one image per prompt), and a
-conversation of more than one user turn (`single_turn`).
+conversation of more than one user turn (`single_turn`). Ignoring them would answer something
+other than what was asked without saying so.
 
 Responses follow OpenAI's `chat.completion` / `chat.completion.chunk` objects. The extra fields
 `points` (pixels of the original image) and `count` ride on the message (non-streaming) or on the
@@ -25,7 +27,8 @@ class APIError(Exception):
     `headers` are added to the response (Retry-After on a 429)."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error",
              415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
              502: "upstream_error", 503: "service_unavailable", 504: "upstream_error"}
 
@@ -86,13 +89,13 @@ class Message(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ChatRequest(_Lenient):
     model: str | None = None  # any value is answered by the one served model
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -100,12 +103,22 @@ class ChatRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int | None = 1
+    # Asked for, not honoured: refused unless absent, null or their default (UNSUPPORTED).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n):
-        if n != 1:
+        if n is not None and n != 1:
             raise ValueError("only n=1 is supported (one choice per request)")
         return n
 
@@ -124,18 +137,39 @@ class ChatRequest(_Lenient):
         return list(self.stop or [])
 
 
+# field -> (is it asking for something?, what it asks for), for the fields this server cannot
+# honour. `tools` with `tool_choice: "none"` asks for no tool call.
+UNSUPPORTED = {
+    "logprobs": (lambda v, r: bool(v), "log-probabilities are"),
+    "top_logprobs": (lambda v, r: bool(v), "log-probabilities are"),
+    "tools": (lambda v, r: bool(v) and r.tool_choice != "none", "tool calls are"),
+    "functions": (lambda v, r: bool(v), "function calls are"),
+    "response_format": (lambda v, r: v is not None and v.get("type", "text") != "text",
+                        "structured (JSON) output is"),
+    "logit_bias": (lambda v, r: bool(v), "a logit bias is"),
+    "frequency_penalty": (lambda v, r: bool(v), "repetition penalties are"),
+    "presence_penalty": (lambda v, r: bool(v), "repetition penalties are"),
+}
+
+
 def parse_chat_request(doc) -> ChatRequest:
     """The validated request, or APIError(400) naming the first bad field."""
     if not isinstance(doc, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return ChatRequest.model_validate(doc)
+        req = ChatRequest.model_validate(doc)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{loc}: {msg}" if loc else msg,
                        param=loc or None) from None
+    for name, (asks, what) in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if value is not None and asks(value, req):
+            raise APIError(400, f"{name}: {what} not supported by this server",
+                           param=name, code="unsupported_parameter")
+    return req
 
 
 def single_turn(req: ChatRequest) -> tuple[str, str | None]:
