@@ -78,7 +78,8 @@ def _serve(args) -> int:
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels or None, allow_local_files=args.allow_local_files,
         allow_remote_images=args.allow_remote_images, api_key=args.api_key,
-        shutdown_grace_s=args.shutdown_grace, decode_mode=args.decode_mode)
+        shutdown_grace_s=args.shutdown_grace, decode_mode=args.decode_mode,
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout)
     app = load_and_create(args.model, options, host=args.host, port=args.port, dtype=args.dtype,
                           device=args.device, backend=args.backend)
     print(f"molmoe serve: {args.model} on http://{args.host}:{args.port} "
@@ -97,7 +98,7 @@ def _add_serve_command(sub) -> None:
                    help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but "
-                                     "/health (or set MOLMOE_API_KEY)",
+                                     "/health and the page / (or set MOLMOE_API_KEY)",
                    default=os.environ.get("MOLMOE_API_KEY"))
     s.add_argument("--max-batch", type=int, default=d.max_batch, help="decode rows")
     s.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -108,6 +109,11 @@ def _add_serve_command(sub) -> None:
     s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                    help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    s.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections at once (503 beyond); memory for request bodies is "
+                        "at most this x --max-body-bytes")
+    s.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a connection has to send each request's headers")
     s.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="refuse larger images (0 = no limit)")
     s.add_argument("--allow-local-files", metavar="DIR",

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -245,3 +246,89 @@ def test_metrics_parse_strictly_counters_grow_buckets_are_cumulative(server, cli
         assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
         count = [s.value for s in after[name].samples if s.name.endswith("_count")]
         assert count == [counts[-1]] and counts[-1] >= 1
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """A server allowing 3 connections, each 1 s to send a request head, 3 s for a body."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    proc, model, eos = load_pipeline(demo_checkpoint(tmp_path_factory.mktemp("cache")),
+                                     device="cpu")
+    app = create_app(proc, model, eos, model_id="m", options=ServeOptions(
+        max_batch=2, max_connections=3, header_timeout_s=1.0, body_timeout_s=3.0,
+        shutdown_grace_s=1.0))
+    with BackgroundServer(app) as s:
+        yield s
+    torch.set_num_threads(threads)
+
+
+def _closed_after(s: socket.socket, drip: bytes = b"", limit_s: float = 10.0) -> float:
+    """Seconds until the server closes `s` (recv returns b""), sending `drip` a byte every
+    0.2 s meanwhile; fails if it is still open after `limit_s`."""
+    t0 = time.monotonic()
+    s.settimeout(0.2)
+    sent = 0
+    while time.monotonic() - t0 < limit_s:
+        if sent < len(drip):
+            try:
+                s.sendall(drip[sent:sent + 1])
+            except OSError:
+                return time.monotonic() - t0
+            sent += 1
+        try:
+            if s.recv(4096) == b"":
+                return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - t0
+    raise AssertionError(f"the connection is still open after {limit_s} s")
+
+
+def test_idle_and_header_dripping_connections_are_closed(tight):
+    """Found: a connection that never sends, or drips its headers, stayed open forever (uvicorn
+    times out only idle keep-alive connections), each holding one of a bounded number of slots.
+    Now a request head must arrive within header_timeout_s."""
+    with socket.create_connection(("127.0.0.1", tight.port)) as s:
+        assert 0.8 <= _closed_after(s) < 4
+    drip = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", tight.port)) as s:
+        assert 0.8 <= _closed_after(s, drip) < 4
+    # a keep-alive connection gets a new head deadline after each response
+    with socket.create_connection(("127.0.0.1", tight.port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert _closed_after(s) < 4
+
+
+def test_a_slow_body_is_timed_by_the_body_deadline_not_the_head_one(tight):
+    payload = json.dumps({"messages": _user("hi"), "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", tight.port), timeout=30) as s:
+        t0 = time.monotonic()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: " + str(len(payload)).encode()
+                  + b"\r\n\r\n")
+        s.sendall(payload[:5])
+        s.settimeout(15)
+        data = s.recv(4096)
+        elapsed = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408 ") and 3.0 <= elapsed < 8, (data[:60], elapsed)
+
+
+def test_connections_beyond_the_limit_get_503_until_slots_free(tight):
+    idle = [socket.create_connection(("127.0.0.1", tight.port)) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(tight.url + "/health", timeout=10)
+        assert e.value.code == 503
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.5)
+    assert urllib.request.urlopen(tight.url + "/health", timeout=10).status == 200

@@ -24,6 +24,13 @@ class ServeOptions:
     # The whole body must arrive within this many seconds (408 after): a client sending it a
     # byte at a time, or not at all, would otherwise hold its request and buffer forever.
     body_timeout_s: float = 30.0
+    # Open connections (uvicorn's limit_concurrency; 503 beyond). With max_body_bytes this bounds
+    # the memory request bodies can take: max_connections x max_body_bytes (2 GiB by default).
+    max_connections: int = 64
+    # A connection must deliver each request's head (request line and headers) within this many
+    # seconds of opening, or of the previous response: an idle or header-dripping client is
+    # closed instead of holding one of max_connections forever.
+    header_timeout_s: float = 10.0
     # Image limits: pixels (decompression-bomb guard) and bytes of the encoded file.
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     max_image_bytes: int = 20 << 20
@@ -40,7 +47,8 @@ class ServeOptions:
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_tokens_limit", "default_max_tokens",
-                     "max_body_bytes", "max_image_bytes", "preprocess_workers", "retry_after_s"):
+                     "max_body_bytes", "max_image_bytes", "preprocess_workers", "retry_after_s",
+                     "max_connections"):
             value = getattr(self, name)
             if not is_integral(value) or value < 1:
                 raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
@@ -53,8 +61,8 @@ class ServeOptions:
         if self.default_max_tokens > self.max_tokens_limit:
             self.default_max_tokens = self.max_tokens_limit
         if not self.shutdown_grace_s >= 0 or not self.fetch_timeout_s > 0 \
-                or not self.body_timeout_s > 0:
-            raise UsageError("shutdown_grace_s must be >= 0, fetch_timeout_s and body_timeout_s "
-                             "> 0")
+                or not self.body_timeout_s > 0 or not self.header_timeout_s > 0:
+            raise UsageError("shutdown_grace_s must be >= 0; fetch_timeout_s, body_timeout_s and "
+                             "header_timeout_s > 0")
         if self.api_key is not None and not self.api_key:
             raise UsageError("the API key may not be empty")

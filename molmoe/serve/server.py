@@ -47,11 +47,60 @@ def load_and_create(model_id, options, *, host: str, port: int, dtype: str = "fl
     return create_app(proc, model, eos, model_id=str(model_id), options=options)
 
 
+def _protocol_class(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for every request head: armed when the connection
+    opens and again after each response, disarmed once a whole request line and headers have
+    arrived. uvicorn alone closes only connections idle after a response (keep-alive); one that
+    never sends, or drips its headers a byte at a time, would hold its slot forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a request head arrived: its body has body_timeout_s
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+    return Protocol
+
+
 def uvicorn_config(app, *, host: str, port: int, log_level: str = "info"):
     import uvicorn
 
+    options = app.state.options
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=app.state.options.shutdown_grace_s,
+                          timeout_graceful_shutdown=options.shutdown_grace_s,
+                          limit_concurrency=options.max_connections,
+                          http=_protocol_class(options.header_timeout_s),
                           access_log=log_level == "debug")
 
 
