@@ -381,3 +381,58 @@ def test_cli_refuses_bad_arguments_before_loading(checkpoint, capsys):
         assert main(["serve", "--model", str(checkpoint), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("molmoe serve: error:") and err.count("\n") == 1, err
+
+
+def test_image_urls_the_server_must_not_fetch(checkpoint, one_thread, tmp_path):
+    """Through the real server: with remote images on, a URL to this machine (an image really
+    served there) is refused 403; with them off any http URL is 403; with local files on, a path
+    outside the directory is 403 and one inside works. Each time the next request is served."""
+    import http.server
+    import threading
+
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "ok.png").write_bytes(_png())
+    (tmp_path / "secret.png").write_bytes(_png(seed=1))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        hits = 0
+
+        def do_GET(self):
+            Handler.hits += 1
+            body = _png()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{origin.server_address[1]}/cat.png"
+
+    def ask(client, image_url):
+        return client.chat.completions.create(model="m", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}])
+
+    try:
+        for remote in (True, False):
+            proc, model, eos = load_pipeline(checkpoint, device="cpu")
+            app = create_app(proc, model, eos, model_id="m", options=ServeOptions(
+                **OPTIONS | dict(allow_remote_images=remote,
+                                 allow_local_files=str(tmp_path / "pics"))))
+            with BackgroundServer(app) as srv:
+                c = openai.OpenAI(api_key=KEY, base_url=srv.url + "/v1", max_retries=0)
+                for bad in (url, str(tmp_path / "secret.png"),
+                            f"file://{tmp_path / 'pics' / '..' / 'secret.png'}"):
+                    with pytest.raises(openai.PermissionDeniedError) as e:
+                        ask(c, bad)
+                    assert e.value.status_code == 403 and e.value.body["message"], bad
+                    _still_serves(c)
+                assert ask(c, str(tmp_path / "pics" / "ok.png")).choices[0].finish_reason
+        assert Handler.hits == 0  # never even connected to
+    finally:
+        origin.shutdown()
