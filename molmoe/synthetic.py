@@ -46,6 +46,7 @@ BACKGROUNDS = ("plain", "gradient", "noisy")
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
 SIZE_RANGE = (0.08, 0.30)  # circumscribed diameter, fraction of the shorter side
 MIN_VISIBLE = 0.60  # of an object's own mask area, after everything drawn over it
+MIN_SIDE = 128  # below it the smallest objects are a few pixels wide
 SIDE_RANGE = (160, 1024)  # the issue's range: any side in it, aspect 1:2 .. 2:1
 TRAIN_SIDES = (160, 448)  # recommended for training a small-crop model (docs/synthetic.md)
 MAX_ASPECT = 2.0
@@ -179,13 +180,20 @@ def _coverage(obj: Obj, width: int, height: int, ss: int) -> tuple[np.ndarray, t
     return np.asarray(canvas, dtype=np.int32), box
 
 
-def _mask(obj: Obj, width: int, height: int) -> tuple[np.ndarray, tuple]:
+def _mask(obj: Obj, width: int, height: int) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """(mask of the pixels at least half inside, bounding box, coverage counts)."""
     cov, box = _coverage(obj, width, height, SUPERSAMPLE)
-    return cov * 2 >= SUPERSAMPLE * SUPERSAMPLE, box
+    return cov * 2 >= SUPERSAMPLE * SUPERSAMPLE, box, cov
 
 
 def _pct_point(obj: Obj, width: int, height: int) -> tuple[float, float]:
     return (round(100.0 * obj.cx / width, 1), round(100.0 * obj.cy / height, 1))
+
+
+def _pixel(width: int, height: int, x_pct: float, y_pct: float) -> tuple[int, int]:
+    """The pixel (x, y) a point in percent falls on (100% belongs to the last pixel)."""
+    return (min(width - 1, int(x_pct / 100.0 * width)),
+            min(height - 1, int(y_pct / 100.0 * height)))
 
 
 def point_in_object(scene: Scene, index: int, x_pct: float, y_pct: float) -> bool:
@@ -193,8 +201,7 @@ def point_in_object(scene: Scene, index: int, x_pct: float, y_pct: float) -> boo
     visible pixels. Points outside the image are not on any object."""
     if not (0.0 <= x_pct <= 100.0 and 0.0 <= y_pct <= 100.0):
         return False
-    x = min(scene.width - 1, int(x_pct / 100.0 * scene.width))
-    y = min(scene.height - 1, int(y_pct / 100.0 * scene.height))
+    x, y = _pixel(scene.width, scene.height, x_pct, y_pct)
     return int(scene.labels[y, x]) == index + 1
 
 
@@ -202,8 +209,7 @@ def object_at(scene: Scene, x_pct: float, y_pct: float) -> int | None:
     """The index of the object visible at the point, or None (background, outside)."""
     if not (0.0 <= x_pct <= 100.0 and 0.0 <= y_pct <= 100.0):
         return None
-    x = min(scene.width - 1, int(x_pct / 100.0 * scene.width))
-    y = min(scene.height - 1, int(y_pct / 100.0 * scene.height))
+    x, y = _pixel(scene.width, scene.height, x_pct, y_pct)
     label = int(scene.labels[y, x])
     return label - 1 if label else None
 
@@ -286,7 +292,11 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
             obj = Obj(shape, colour, rng.uniform(R + 1, width - R - 1),
                       rng.uniform(R + 1, height - R - 1), size,
                       0.0 if shape == "circle" else rng.uniform(0.0, 360.0))
-            m, (x0, y0, x1, y1) = _mask(obj, width, height)
+            m, (x0, y0, x1, y1), cov = _mask(obj, width, height)
+            obj.point = _pct_point(obj, width, height)
+            px, py = _pixel(width, height, *obj.point)
+            if cov[py - y0, px - x0] != SUPERSAMPLE * SUPERSAMPLE:  # not wholly inside
+                continue
             under = labels[y0:y1, x0:x1][m]
             lost = np.bincount(under, minlength=j + 1)
             if any(visible[i] - lost[i + 1] < MIN_VISIBLE * area[i] for i in range(j)):
@@ -303,7 +313,6 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
         labels[y0:y1, x0:x1][m] = j + 1
         for i in range(j):
             visible[i] -= int(lost[i + 1])
-        obj.point = _pct_point(obj, width, height)
         objs.append(obj)
         area.append(int(m.sum()))
         visible.append(int(m.sum()))
@@ -316,8 +325,8 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
     """A scene of the objects `specs` [(shape, colour), ...] (drawn in that order; default:
     1-6 random ones), on an image of `size` (W, H) or of random sides in `sides`."""
     width, height = size if size is not None else _image_size(rng, sides)
-    if not (width >= 16 and height >= 16):
-        raise UsageError(f"scene size {width}x{height}: sides must be at least 16 px")
+    if not (width >= MIN_SIDE and height >= MIN_SIDE):
+        raise UsageError(f"scene size {width}x{height}: sides must be at least {MIN_SIDE} px")
     if specs is None:
         n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
         specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(n)]
@@ -486,8 +495,8 @@ def write_dataset(out_dir, n: int, seed: int, *, sizes: tuple[int, int] = SIDE_R
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"seed must be an int, got {seed!r}")
     lo, hi = sizes
-    if not (16 <= lo <= hi):
-        raise UsageError(f"sizes {sizes}: expected 16 <= min <= max")
+    if not (MIN_SIDE <= lo <= hi):
+        raise UsageError(f"sizes {sizes}: expected {MIN_SIDE} <= min <= max")
     formats = tuple(f.lower().replace("jpg", "jpeg") for f in formats)
     if not formats or any(f not in ("png", "jpeg") for f in formats):
         raise UsageError(f"formats {formats}: expected png and/or jpeg")
@@ -534,7 +543,7 @@ def load_scene(record: dict) -> Scene:
                 tuple(o["point"])) for o in s["objects"]]
     labels = np.zeros((H, W), dtype=np.uint8)
     for j, obj in enumerate(objs):
-        m, (x0, y0, x1, y1) = _mask(obj, W, H)
+        m, (x0, y0, x1, y1), _ = _mask(obj, W, H)
         labels[y0:y1, x0:x1][m] = j + 1
     return Scene(W, H, bg, objs, labels)
 
