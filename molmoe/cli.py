@@ -1,4 +1,4 @@
-"""The `molmoe` command line: convert, generate, demo, train, profile, serve."""
+"""The `molmoe` command line: convert, generate, demo, train, profile, serve, synth."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,31 @@ def _train(args) -> int:
         if result.plot is not None:
             print(f"plot: {result.plot}")
     return 0
+
+
+def _synth(args) -> int:
+    from molmoe.synthetic import write_dataset
+
+    formats = tuple(f for f in args.formats.split(",") if f)
+    path = write_dataset(args.out, args.n, args.seed, sizes=(args.min_size, args.max_size),
+                         formats=formats)
+    print(f"wrote {args.n} examples: {path} (geometry and targets: {path.parent / 'scenes.jsonl'})")
+    return 0
+
+
+def _add_synth_command(sub) -> None:
+    from molmoe.synthetic import SIDE_RANGE
+
+    s = sub.add_parser("synth", help="synthetic pointing/counting data for `molmoe train` "
+                                     "(docs/synthetic.md)")
+    s.add_argument("--out", required=True, help="new (or empty) output directory")
+    s.add_argument("--n", type=int, required=True, help="number of examples (one per image)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    s.add_argument("--min-size", type=int, default=SIDE_RANGE[0], help="shortest image side, px")
+    s.add_argument("--max-size", type=int, default=SIDE_RANGE[1],
+                   help="longest image side, px (448 is plenty for training a small-crop model)")
+    s.add_argument("--formats", default="png,jpeg", help="comma-separated: png, jpeg")
+    s.set_defaults(func=_synth)
 
 
 def _serve(args) -> int:
@@ -292,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_profile_commands(sub)
     _add_serve_command(sub)
+    _add_synth_command(sub)
     return parser
 
 
