@@ -376,6 +376,7 @@ def plot_log(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     steps = [r["step"] for r in records]
@@ -395,8 +396,11 @@ def plot_log(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
         ax = axes[2]
         im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis")
         ax.set_xlabel("expert"), ax.set_ylabel("layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("share of routed tokens over the run")
         fig.colorbar(im, ax=ax)
+    for ax in axes:  # steps, layers and experts are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     part = path.with_name(".part-" + path.name)
     fig.savefig(part, format="png", dpi=90)
