@@ -1,4 +1,5 @@
-"""Reading the small files a checkpoint directory holds (JSON configs, tokenizer files), safely.
+"""Reading the small files a checkpoint directory holds (JSON configs, tokenizer files), safely;
+and making written files durable (fsync of a file, of a directory).
 
 Every reader checks first that the path is (a symlink to) a regular file: a FIFO blocks its
 reader until a writer comes (forever), and a device such as /dev/zero never ends. Failures are
@@ -62,3 +63,18 @@ def read_json(path: str | os.PathLike, error: type[MolmoeError] = MolmoeError) -
 def json_type(value) -> str:
     return {list: "a list", str: "a string", bool: "a boolean", int: "a number",
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a directory's entries (a file created or renamed in it) to disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -42,6 +42,18 @@ def olmoe(shared_data):
     return Tokenizer.from_dir(shared_data / "molmoe-1b-0924")
 
 
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    """Training tests' tiny MolmoE (small crops) and 8 pointing examples: (model dir, JSONL,
+    examples); tests/train_fixtures.py."""
+    from tests.train_fixtures import pointing_set, tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("train")
+    model = tiny_checkpoint(d / "ckpt")
+    data, examples = pointing_set(d / "data", 8, seed=1)
+    return model, data, examples
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

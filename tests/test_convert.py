@@ -569,14 +569,14 @@ def test_a_file_appearing_in_the_old_copy_while_it_is_removed_is_kept_aside(tmp_
         pytest.skip("no renameat2 here")
     src = _src(tmp_path)
     dst = convert(src, tmp_path / "dst")
-    real = conv._fsync_dir
+    real = conv.fsync_dir
 
     def late_write(directory):  # called between the check of the old copy and its removal
         for old in tmp_path.glob(".dst.tmp-*"):
             (old / "late.txt").write_text("late")
         return real(directory)
 
-    monkeypatch.setattr(conv, "_fsync_dir", late_write)
+    monkeypatch.setattr(conv, "fsync_dir", late_write)
     with pytest.raises(CheckpointError, match="kept in .*dst.kept-by-molmoe-convert-"):
         convert(src, dst, overwrite=True)
     (kept,) = tmp_path.glob("dst.kept-by-molmoe-convert-*")
@@ -814,14 +814,14 @@ def test_an_old_copy_replaced_by_a_link_while_it_is_removed_is_not_followed(tmp_
     src = _src(tmp_path)
     victim, dst = convert(src, tmp_path / "victim"), convert(src, tmp_path / "dst")
     before = _snapshot(victim)
-    real = conv._fsync_dir
+    real = conv.fsync_dir
 
     def relink(directory):  # called between the check of the old copy and its removal
         for old in tmp_path.glob(".dst.tmp-*"):
             _link_dst_to(old, victim)
         return real(directory)
 
-    monkeypatch.setattr(conv, "_fsync_dir", relink)
+    monkeypatch.setattr(conv, "fsync_dir", relink)
     with pytest.raises(CheckpointError, match="kept in .*dst.kept-by-molmoe-convert-"):
         convert(src, dst, overwrite=True)
     assert _snapshot(victim) == before

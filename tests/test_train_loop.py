@@ -20,16 +20,8 @@ from tests.train_fixtures import PROMPT, pointing_set, tiny_checkpoint
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    model = tiny_checkpoint(d / "ckpt")
-    data, examples = pointing_set(d / "data", 8, seed=1)
-    return model, data, examples
-
-
-def _opts(setup, out, **kw) -> TrainOptions:
-    model, data, _ = setup
+def _opts(train_setup, out, **kw) -> TrainOptions:
+    model, data, _ = train_setup
     base = dict(model=str(model), data=str(data), out=str(out), steps=3, batch=4, lr=1e-3,
                 warmup=1, workers=0, progress=False, plot=False, export=False, save_every=100)
     base.update(kw)
@@ -59,8 +51,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_args(setup, out, *more):
-    model, data, _ = setup
+def _train_args(train_setup, out, *more):
+    model, data, _ = train_setup
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out),
             "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--quiet", "--no-plot", *more]
 
@@ -108,15 +100,15 @@ def test_learning_rate_schedule():
     ({"steps": 5, "warmup": 10}, "warmup 10 is longer than steps 5"),
     ({"batch": 4, "micro_batch": 3}, "not a multiple of micro_batch 3"),
 ])
-def test_bad_options_are_refused(setup, tmp_path, kw, words):
+def test_bad_options_are_refused(train_setup, tmp_path, kw, words):
     from molmoe.errors import MolmoeError
 
     with pytest.raises(MolmoeError, match=words):
-        train(_opts(setup, tmp_path / "out", **kw))
+        train(_opts(train_setup, tmp_path / "out", **kw))
 
 
-def test_cli_error_is_one_line(setup, tmp_path):
-    r = _cli(*_train_args(setup, tmp_path / "o", "--batch", "4", "--micro-batch", "3"),
+def test_cli_error_is_one_line(train_setup, tmp_path):
+    r = _cli(*_train_args(train_setup, tmp_path / "o", "--batch", "4", "--micro-batch", "3"),
              check=False)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
@@ -127,13 +119,13 @@ def test_cli_error_is_one_line(setup, tmp_path):
 # ----------------------------------------------------------------------------- distributed
 
 
-def test_two_gloo_ranks_equal_one_process(setup, tmp_path):
+def test_two_gloo_ranks_equal_one_process(train_setup, tmp_path):
     """torchrun --nproc_per_node 2 (each rank 2 examples) against one process accumulating two
     micro-batches of 2: the same global batch, the same per-step losses and weights."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--steps", "3", "--batch", "4", "--no-export"]
-    _cli(*_train_args(setup, one, *common, "--micro-batch", "2"))
-    _cli(*_train_args(setup, two, *common), torchrun=2)
+    _cli(*_train_args(train_setup, one, *common, "--micro-batch", "2"))
+    _cli(*_train_args(train_setup, two, *common), torchrun=2)
     a, b = read_log(one / "log.jsonl"), read_log(two / "log.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
@@ -152,13 +144,13 @@ def test_two_gloo_ranks_equal_one_process(setup, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_is_bit_exact(setup, tmp_path):
+def test_resume_is_bit_exact(train_setup, tmp_path):
     """3 steps + checkpoint + a new run resuming + 3 steps == 6 uninterrupted steps: every
     parameter and every optimizer state tensor, bit for bit (fp32, CPU)."""
-    train(_opts(setup, tmp_path / "straight", steps=6))
-    r1 = train(_opts(setup, tmp_path / "split", steps=6, stop_at=3))
+    train(_opts(train_setup, tmp_path / "straight", steps=6))
+    r1 = train(_opts(train_setup, tmp_path / "split", steps=6, stop_at=3))
     assert r1.steps == 3 and [s for s, _ in ckpt.complete_checkpoints(tmp_path / "split")] == [3]
-    r2 = train(_opts(setup, tmp_path / "split", steps=6))
+    r2 = train(_opts(train_setup, tmp_path / "split", steps=6))
     assert r2.resumed_from == 3 and r2.steps == 6
     a = _checkpoint_tensors(ckpt.complete_checkpoints(tmp_path / "straight")[-1][1])
     b = _checkpoint_tensors(ckpt.complete_checkpoints(tmp_path / "split")[-1][1])
@@ -174,11 +166,11 @@ def test_resume_is_bit_exact(setup, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
-def test_resume_refuses_other_settings(setup, tmp_path):
-    train(_opts(setup, tmp_path / "o", steps=2))
+def test_resume_refuses_other_settings(train_setup, tmp_path):
+    train(_opts(train_setup, tmp_path / "o", steps=2))
     with pytest.raises(ckpt.CheckpointResumeError, match="written with lr=0.001"):
-        train(_opts(setup, tmp_path / "o", steps=4, lr=2e-3))
-    train(_opts(setup, tmp_path / "o", steps=2, lr=2e-3, resume=False))  # explicit fresh start
+        train(_opts(train_setup, tmp_path / "o", steps=4, lr=2e-3))
+    train(_opts(train_setup, tmp_path / "o", steps=2, lr=2e-3, resume=False))  # explicit fresh start
     assert [r["step"] for r in read_log(tmp_path / "o" / "log.jsonl")] == [1, 2]
 
 
@@ -207,9 +199,9 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("where", ["dcp", "rename"])
-def test_sigkill_during_checkpoint_keeps_the_previous_one(setup, tmp_path, where):
+def test_sigkill_during_checkpoint_keeps_the_previous_one(train_setup, tmp_path, where):
     out = tmp_path / "o"
-    args = _train_args(setup, out, "--steps", "6", "--batch", "4", "--save-every", "2",
+    args = _train_args(train_setup, out, "--steps", "6", "--batch", "4", "--save-every", "2",
                        "--no-export")
     # one thread in every run: CPU reductions round differently with another thread count
     r = subprocess.run([sys.executable, "-c", _KILL_DRIVER, where, "4", *args], cwd=ROOT,
@@ -225,7 +217,7 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(setup, tmp_path, where
     assert not (root / ".tmp-step-00000004").exists()
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
     # ... and equals a run never killed
-    _cli(*_train_args(setup, tmp_path / "clean", "--steps", "6", "--batch", "4",
+    _cli(*_train_args(train_setup, tmp_path / "clean", "--steps", "6", "--batch", "4",
                       "--save-every", "2", "--no-export"))
     a = read_log(tmp_path / "clean" / "log.jsonl")
     b = read_log(out / "log.jsonl")
@@ -235,11 +227,11 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(setup, tmp_path, where
 # ----------------------------------------------------------------------------- parts of the model
 
 
-def test_freeze_keeps_those_weights(setup, tmp_path):
+def test_freeze_keeps_those_weights(train_setup, tmp_path):
     import molmoe
 
-    train(_opts(setup, tmp_path / "o", steps=2, freeze=("vit", "connector"), export=True))
-    before = molmoe.load(setup[0]).state_dict()
+    train(_opts(train_setup, tmp_path / "o", steps=2, freeze=("vit", "connector"), export=True))
+    before = molmoe.load(train_setup[0]).state_dict()
     after = molmoe.load(tmp_path / "o" / "model").state_dict()
     connector = ("vision.image_pooling_2d.", "vision.image_projector.", "vision.pad_embed")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -247,9 +239,9 @@ def test_freeze_keeps_those_weights(setup, tmp_path):
     assert not any(k.startswith(("vision.image_vit.",) + connector) for k in changed)
 
 
-def test_activation_checkpointing_changes_no_number(setup, tmp_path):
-    train(_opts(setup, tmp_path / "ac", steps=2))
-    train(_opts(setup, tmp_path / "noac", steps=2, activation_checkpointing=False))
+def test_activation_checkpointing_changes_no_number(train_setup, tmp_path):
+    train(_opts(train_setup, tmp_path / "ac", steps=2))
+    train(_opts(train_setup, tmp_path / "noac", steps=2, activation_checkpointing=False))
     a = read_log(tmp_path / "ac" / "log.jsonl")
     b = read_log(tmp_path / "noac" / "log.jsonl")
     for ra, rb in zip(a, b):
@@ -257,8 +249,8 @@ def test_activation_checkpointing_changes_no_number(setup, tmp_path):
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5)
 
 
-def test_bf16_mixed_precision_trains(setup, tmp_path):
-    r = train(_opts(setup, tmp_path / "o", steps=3, precision="bf16"))
+def test_bf16_mixed_precision_trains(train_setup, tmp_path):
+    r = train(_opts(train_setup, tmp_path / "o", steps=3, precision="bf16"))
     log = read_log(tmp_path / "o" / "log.jsonl")
     assert all(math.isfinite(x["loss"]) for x in log) and r.steps == 3
     # master weights stay fp32 in the checkpoint
@@ -267,8 +259,8 @@ def test_bf16_mixed_precision_trains(setup, tmp_path):
                if k.startswith(".model.") and torch.is_tensor(v))
 
 
-def test_log_records_and_plot(setup, tmp_path):
-    train(_opts(setup, tmp_path / "o", steps=2, plot=True))
+def test_log_records_and_plot(train_setup, tmp_path):
+    train(_opts(train_setup, tmp_path / "o", steps=2, plot=True))
     log = read_log(tmp_path / "o" / "log.jsonl")
     rec = log[-1]
     for k in ("step", "loss", "ce", "lb", "z", "lr", "grad_norm", "tokens", "answer_tokens",
@@ -325,8 +317,8 @@ def test_overfits_pointing_and_generate_answers(tmp_path):
     assert right == 16, [(p, (e["x"], e["y"])) for p, e in zip(points, examples)]
 
 
-def test_cli_bad_data_is_named_or_skipped(setup, tmp_path):
-    model, data, _ = setup
+def test_cli_bad_data_is_named_or_skipped(train_setup, tmp_path):
+    model, data, _ = train_setup
     bad = tmp_path / "bad.jsonl"
     lines = data.read_text().splitlines()
     rec = json.loads(lines[0])

@@ -12,24 +12,7 @@ import torch
 from molmoe.errors import MolmoeError
 from molmoe.training import checkpoint as ckpt
 from molmoe.training.trainer import TrainOptions, read_log, train
-from tests.test_train_loop import _cli, _train_args
-from tests.train_fixtures import pointing_set, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("review")
-    model = tiny_checkpoint(d / "ckpt")
-    data, examples = pointing_set(d / "data", 8, seed=1)
-    return model, data, examples
-
-
-def _opts(setup, out, **kw) -> TrainOptions:
-    model, data, _ = setup
-    base = dict(model=str(model), data=str(data), out=str(out), steps=3, batch=4, lr=1e-3,
-                warmup=1, workers=0, progress=False, plot=False, export=False, save_every=100)
-    base.update(kw)
-    return TrainOptions(**base)
+from tests.test_train_loop import _cli, _opts, _train_args
 
 
 def _text_records(n: int) -> list[str]:
@@ -41,61 +24,61 @@ def _text_records(n: int) -> list[str]:
 # ----------------------------------------------------------------------------- --out
 
 
-def test_out_that_is_a_file_is_refused(setup, tmp_path):
+def test_out_that_is_a_file_is_refused(train_setup, tmp_path):
     f = tmp_path / "o"
     f.write_text("mine")
     with pytest.raises(MolmoeError, match="is a file"):
-        train(_opts(setup, f))
+        train(_opts(train_setup, f))
     assert f.read_text() == "mine"
 
 
-def test_out_with_files_train_did_not_write_is_refused_before_training(setup, tmp_path):
+def test_out_with_files_train_did_not_write_is_refused_before_training(train_setup, tmp_path):
     """A directory of the user's (or the model's, or the data's) is not a run directory: the run
     stops before writing anything there, naming a file it did not write; no log.jsonl of the
     user's is deleted, and no export fails after hours of training."""
-    model, data, _ = setup
+    model, data, _ = train_setup
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "log.jsonl").write_text("my own log\n")
     with pytest.raises(MolmoeError, match="notes.txt"):
-        train(_opts(setup, out))
+        train(_opts(train_setup, out))
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "notes.txt"]
     assert (out / "log.jsonl").read_text() == "my own log\n"
     before = sorted(p.name for p in model.iterdir())
     with pytest.raises(MolmoeError, match="molmoe train did not write"):
-        train(_opts(setup, model))
+        train(_opts(train_setup, model))
     assert sorted(p.name for p in model.iterdir()) == before
     with pytest.raises(MolmoeError, match="molmoe train did not write"):
-        train(_opts(setup, data.parent))
+        train(_opts(train_setup, data.parent))
     assert not (data.parent / "checkpoints").exists() and not (data.parent / "log.jsonl").exists()
-    r = _cli(*_train_args(setup, out, "--steps", "1"), check=False)
+    r = _cli(*_train_args(train_setup, out, "--steps", "1"), check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "notes.txt" in r.stderr
 
 
-def test_export_that_cannot_be_written_is_refused_before_training(setup, tmp_path):
+def test_export_that_cannot_be_written_is_refused_before_training(train_setup, tmp_path):
     out = tmp_path / "o"
     (out / "model").mkdir(parents=True)
     (out / "model" / "weights.bin").write_text("mine")
     with pytest.raises(MolmoeError, match="model"):
-        train(_opts(setup, out, export=True))
+        train(_opts(train_setup, out, export=True))
     assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
     assert (out / "model" / "weights.bin").read_text() == "mine"
     # inside the source checkpoint: convert would refuse the export at the very end
-    inside = setup[0] / "run"
+    inside = train_setup[0] / "run"
     try:
         with pytest.raises(MolmoeError):
-            train(_opts(setup, inside, export=True))
+            train(_opts(train_setup, inside, export=True))
         assert not (inside / "checkpoints").exists()
     finally:
         shutil.rmtree(inside, ignore_errors=True)
 
 
-def test_a_finished_run_directory_is_accepted_again(setup, tmp_path):
+def test_a_finished_run_directory_is_accepted_again(train_setup, tmp_path):
     out = tmp_path / "o"
-    train(_opts(setup, out, steps=2, export=True, plot=True))
-    r = train(_opts(setup, out, steps=2, export=True, plot=True))  # nothing left to do
+    train(_opts(train_setup, out, steps=2, export=True, plot=True))
+    r = train(_opts(train_setup, out, steps=2, export=True, plot=True))  # nothing left to do
     assert (r.resumed_from, r.steps, r.last) == (2, 2, {})
     assert [x["step"] for x in read_log(out / "log.jsonl")] == [1, 2]
 
@@ -103,28 +86,28 @@ def test_a_finished_run_directory_is_accepted_again(setup, tmp_path):
 # ----------------------------------------------------------------------------- starting over, resuming
 
 
-def test_no_resume_discards_the_old_runs_checkpoints(setup, tmp_path):
+def test_no_resume_discards_the_old_runs_checkpoints(train_setup, tmp_path):
     """--no-resume on a directory whose old run got further: the old checkpoints must neither
     outrank (and prune, with --keep 1) the new run's, nor be resumed by its next invocation."""
     out = tmp_path / "o"
-    train(_opts(setup, out, steps=4))
-    train(_opts(setup, out, steps=2, keep=1, resume=False))
+    train(_opts(train_setup, out, steps=4))
+    train(_opts(train_setup, out, steps=2, keep=1, resume=False))
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
-    r = train(_opts(setup, out, steps=3))
+    r = train(_opts(train_setup, out, steps=3))
     assert (r.resumed_from, r.steps) == (2, 3)
     assert [x["step"] for x in read_log(out / "log.jsonl")] == [1, 2, 3]
 
 
-def test_resume_past_the_end_is_refused_or_a_no_op(setup, tmp_path):
+def test_resume_past_the_end_is_refused_or_a_no_op(train_setup, tmp_path):
     out = tmp_path / "o"
-    train(_opts(setup, out, steps=4))
+    train(_opts(train_setup, out, steps=4))
     # the checkpoint is at step 4: --steps 2 cannot be honoured (and must not export step 4
     # as the model of a 2-step run)
     with pytest.raises(ckpt.CheckpointResumeError, match="step 4.*--steps 2"):
-        train(_opts(setup, out, steps=2, export=True))
+        train(_opts(train_setup, out, steps=2, export=True))
     assert not (out / "model").exists()
     # --stop-at before the checkpoint: nothing to do, and the result says where the run is
-    r = train(_opts(setup, out, steps=6, stop_at=1))
+    r = train(_opts(train_setup, out, steps=6, stop_at=1))
     assert (r.resumed_from, r.steps) == (4, 4)
     assert [x["step"] for x in read_log(out / "log.jsonl")] == [1, 2, 3, 4]
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4]
@@ -156,14 +139,14 @@ def test_train_flops_count_the_ffn(name):
 # ----------------------------------------------------------------------------- data through the loop
 
 
-def test_two_ranks_one_with_only_text_match_one_process(setup, tmp_path):
+def test_two_ranks_one_with_only_text_match_one_process(train_setup, tmp_path):
     """4 image and 4 text examples in one global batch of 8 over 2 ranks: the batch is sorted by
     length, so rank 0 holds only text. It must still run the vision tower (a padding crop), or
     FSDP's collectives would not match (a hang); the steps equal one process's."""
     from molmoe.processing.processor import Processor
     from molmoe.training.data import BucketSampler, TrainingData
 
-    model, data, _ = setup
+    model, data, _ = train_setup
     mixed = data.parent / "mixed.jsonl"
     mixed.write_text("\n".join(data.read_text().splitlines()[:4] + _text_records(4)) + "\n")
     ds = TrainingData(mixed, Processor.from_pretrained(model))
@@ -198,12 +181,12 @@ def _dense_checkpoint(directory: pathlib.Path, like: pathlib.Path) -> pathlib.Pa
     return directory
 
 
-def test_dense_model_on_text_only_data(setup, tmp_path):
+def test_dense_model_on_text_only_data(train_setup, tmp_path):
     """No MoE layer (no router losses, no expert load) and no image at all: the loop, the log,
     the plot and the export still work, and the export loads."""
     import molmoe
 
-    model = _dense_checkpoint(tmp_path / "dense", setup[0])
+    model = _dense_checkpoint(tmp_path / "dense", train_setup[0])
     data = tmp_path / "text.jsonl"
     data.write_text("\n".join(_text_records(4)) + "\n")
     out = tmp_path / "o"
@@ -220,21 +203,21 @@ def test_dense_model_on_text_only_data(setup, tmp_path):
     assert changed and all(k.startswith("decoder.") for k in changed)  # no image: ViT untouched
 
 
-def test_diverging_run_stops_after_three_non_finite_steps(setup, tmp_path):
+def test_diverging_run_stops_after_three_non_finite_steps(train_setup, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(MolmoeError, match="not finite for 3 steps in a row"):
-        train(_opts(setup, out, steps=8, lr=1e6, grad_clip=0.0))
+        train(_opts(train_setup, out, steps=8, lr=1e6, grad_clip=0.0))
     log = read_log(out / "log.jsonl")
     assert [x["applied"] for x in log] == [True, False, False, False]
     assert ckpt.complete_checkpoints(out) == []  # nothing diverged was saved
 
 
-def test_resume_names_the_model_by_its_absolute_path(setup, tmp_path, monkeypatch):
+def test_resume_names_the_model_by_its_absolute_path(train_setup, tmp_path, monkeypatch):
     """A run started with --model ckpt (relative) resumes when named /abs/.../ckpt, e.g. by a job
     scheduler started in another directory: the same model, the same run."""
-    model = setup[0]
+    model = train_setup[0]
     monkeypatch.chdir(model.parent)
-    train(_opts(setup, tmp_path / "o", model=model.name, steps=2, stop_at=1))
+    train(_opts(train_setup, tmp_path / "o", model=model.name, steps=2, stop_at=1))
     monkeypatch.chdir(tmp_path)
-    r = train(_opts(setup, tmp_path / "o", model=str(model), steps=2))
+    r = train(_opts(train_setup, tmp_path / "o", model=str(model), steps=2))
     assert (r.resumed_from, r.steps) == (1, 2)

@@ -77,7 +77,7 @@ from molmoe.checkpoint.files import CHECKPOINT_FILES, read_json, regular_file, r
 from molmoe.checkpoint.loader import (PRECISIONS, load_config_from_dir, parse_precision,
                                       plan_state, refuse_non_finite, stored_dtype)
 from molmoe.errors import UsageError, is_int, is_integral
-from molmoe.fileio import json_type
+from molmoe.fileio import fsync_dir, json_type
 
 MARKER = "molmoe-convert.json"
 WRITTEN_BY = "molmoe convert"
@@ -505,7 +505,7 @@ def _make_durable(out: pathlib.Path) -> None:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.chmod(out, 0o777 & ~mask)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 # ------------------------------------------------------------------------ replacing, debris
@@ -526,7 +526,7 @@ def _replace(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, lock: int) -
             raise CheckpointError(f"{dst} appeared while converting ({e.strerror}); "
                                   "left as it is") from None
         _step("renamed_in")
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         return
     old_lock = _lock_dst(dst)
     old = tmp  # where the old copy goes by the exchange; _settle tells by the inode where it is
@@ -600,7 +600,7 @@ def _remove_old(old: pathlib.Path, dst: pathlib.Path, old_lock: int, undo) -> No
     """Remove the replaced copy file by file, exactly the files its marker lists, checked
     unchanged; never a file that appeared in it (kept aside under a name that says so)."""
     names = _check_old(old, dst, old_lock, undo)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     if not _unlink_all(old, names, old_lock):
         kept = _keep(old, dst)
         raise CheckpointError(f"{dst} was replaced, but its old copy changed while it was being "
@@ -747,7 +747,7 @@ def _recover(dst: pathlib.Path) -> None:
             if _is_locked_dir(old, fd):
                 try:
                     os.rename(old, dst)
-                    _fsync_dir(dst.parent)
+                    fsync_dir(dst.parent)
                 except OSError:  # DST appeared meanwhile: left for a later run
                     pass
         for p, _, names, fd in found:
@@ -771,14 +771,6 @@ def _lock(directory: pathlib.Path) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _AT_FDCWD = -100

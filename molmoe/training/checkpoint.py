@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from molmoe.errors import MolmoeError
+from molmoe.fileio import fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer.json"
@@ -107,19 +108,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: pathlib.Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(out: pathlib.Path, step: int, model, optimizer, meta: dict, *, keep: int = 2
          ) -> pathlib.Path:
     """Write the checkpoint of `step` (all ranks call this); returns its directory. Keeps the
@@ -138,17 +126,17 @@ def save(out: pathlib.Path, step: int, model, optimizer, meta: dict, *, keep: in
     dcp.save(state, checkpoint_id=str(tmp))
     rng = tmp / f"rng-rank{rank:05d}.pt"
     torch.save(_rng_state(), rng)
-    _fsync_file(rng)
+    fsync_file(rng)
     _barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if final.exists():  # a complete checkpoint of this step from an earlier attempt
             shutil.rmtree(final)
         os.rename(tmp, final)  # the commit
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in complete_checkpoints(out)[:-max(1, keep)]:
             shutil.rmtree(old)
     _barrier()
