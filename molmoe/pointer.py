@@ -1,0 +1,190 @@
+"""The built-in pointing model (issue 13, item 2): its initial checkpoint, its tokenizer, and the
+recipe that trains it with `molmoe train` on `molmoe.synthetic` scenes, all from one seed.
+
+    python -m molmoe.pointer --work runs/pointer --seed 0            # data, init, train, eval
+    python -m molmoe.pointer --work runs/pointer --seed 0 --steps 50  # a quick look
+
+Pieces (each deterministic from its seed):
+  * `train_tokenizer_json(texts)`: a byte-level BPE whose merges are learned on the synthetic
+    prompts and answers (HF `tokenizers`), with digits split one per token (coordinates compose
+    from 0-9 and "."), the 256 byte tokens at ids 0..255 and MolmoE's special tokens at 256..262
+    in `molmoe.demo._SPECIALS`'s order (EOS = BOS first, padding, the five image tokens), exactly
+    where the demo tokenizer has them; learned tokens follow from 263. No regex pre-split: merges
+    may span spaces and punctuation, so `<point x="` or `" alt="red circle">red circle</point>`
+    become one token each, and a 6-point count answer is ~65 tokens instead of ~190 bytes.
+  * `write_initial_checkpoint(dir, arch, tokenizer_json, seed)`: random weights in the official
+    layout (`molmoe.demo.write_tiny_checkpoint`) with the architecture and crop geometry of
+    `ARCHS[arch]`, the trained tokenizer, and vocab_size/embedding_size set to match it.
+  * `main`: writes the training data (`molmoe.synthetic.write_dataset`, seed `seed`), the
+    tokenizer, the initial checkpoint, runs `molmoe train` (one rank, CPU) and evaluates the
+    export with bench/eval_pointing.py's logic on held-out seeds.
+
+Seeds: training data uses synth seed `seed` (scripts use 0..999,999); the evaluator uses seeds
+from 1,000,000 up (bench/eval_pointing.py), so no evaluation scene is a training scene.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from molmoe.demo import _SPECIALS, _bytes_to_unicode, write_tiny_checkpoint
+
+# Architectures / geometries tried (bench/RESULTS.md, "Issue 13: the built-in pointing model").
+# `config` and `vision` override molmoe.demo's config.json keys, `preprocessor` its processor
+# settings (ImageSettings rules: square crops, an even number of patches per side, token length
+# = patches per side / 2, even overlap margins smaller than the side).
+ARCHS = {
+    # 112-px crops of 7-px patches: 16x16 patches, 8x8 pooled tokens per crop; 1 tile + global.
+    "p7-112": {
+        "config": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 256,
+                   "moe_num_experts": 8, "moe_top_k": 2, "max_position_embeddings": 1024,
+                   "vit_layers": [-1, -3]},
+        "vision": {"image_default_input_size": [112, 112], "image_patch_size": 7,
+                   "image_emb_dim": 96, "image_num_heads": 4, "image_num_layers": 4,
+                   "image_mlp_dim": 192},
+        "preprocessor": {"base_image_input_size": [112, 112], "image_patch_size": 7,
+                         "image_token_length_h": 8, "image_token_length_w": 8, "max_crops": 1,
+                         "overlap_margins": [2, 2]},
+    },
+    # The test fixtures' geometry (112-px crops of 14-px patches, 4x4 tokens), up to 2 tiles.
+    "p14-112": {
+        "config": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 256,
+                   "moe_num_experts": 8, "moe_top_k": 2, "max_position_embeddings": 1024,
+                   "vit_layers": [-1, -3]},
+        "vision": {"image_default_input_size": [112, 112], "image_patch_size": 14,
+                   "image_emb_dim": 96, "image_num_heads": 4, "image_num_layers": 4,
+                   "image_mlp_dim": 192},
+        "preprocessor": {"base_image_input_size": [112, 112], "image_patch_size": 14,
+                         "image_token_length_h": 4, "image_token_length_w": 4, "max_crops": 2,
+                         "overlap_margins": [2, 2]},
+    },
+}
+DEFAULT_ARCH = "p7-112"
+N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
+
+
+def train_tokenizer_json(texts, n_merges: int = N_MERGES) -> str:
+    """A byte-level BPE trained on `texts` (see the module docstring); deterministic for the
+    same texts. Returns tokenizer.json's text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = _bytes_to_unicode()  # byte -> printable char (GPT-2's map)
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                            use_regex=False)])
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre
+    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2, show_progress=False,
+                                  initial_alphabet=[alphabet[b] for b in range(256)],
+                                  special_tokens=[])
+    learner.train_from_iterator(list(texts), trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    merges = learned["merges"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    vocab = {alphabet[b]: b for b in range(256)}
+    for i, s in enumerate(_SPECIALS):
+        vocab[s] = 256 + i
+    for a, b in merges:  # merged tokens in merge order from id 263
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
+    assert tok.get_vocab_size() == len(vocab), "special tokens must keep their ids"
+    return tok.to_str()
+
+
+def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
+    """The strings the training data tokenises: each prompt and each answer (with the leading
+    space the trainer adds)."""
+    from molmoe.processing.processor import prompt_text
+
+    texts = []
+    for line in pathlib.Path(jsonl).read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        texts.append(prompt_text(msgs[0]["content"]))
+        texts.append(" " + msgs[1]["content"])
+    return texts
+
+
+def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
+                             seed: int = 0, overrides: dict | None = None) -> pathlib.Path:
+    """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created)."""
+    spec = ARCHS[arch]
+    n_vocab = json.loads(tokenizer_json)
+    n_vocab = len(n_vocab["model"]["vocab"])
+    config = {**spec["config"], "vocab_size": n_vocab,
+              "embedding_size": -(-n_vocab // 64) * 64, **((overrides or {}).get("config", {}))}
+    vision = {**spec["vision"], **((overrides or {}).get("vision", {}))}
+    pre = {**spec["preprocessor"], **((overrides or {}).get("preprocessor", {}))}
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tiny_checkpoint(directory, seed=seed, config=config, vision=vision, preprocessor=pre)
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    (directory / "README.md").write_text(
+        f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="train the built-in pointing model from a seed")
+    ap.add_argument("--work", required=True, type=pathlib.Path, help="work directory (new)")
+    ap.add_argument("--seed", type=int, default=0, help="data, init and data-order seed")
+    ap.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS))
+    ap.add_argument("--n", type=int, default=20000, help="training examples")
+    ap.add_argument("--max-side", type=int, default=320, help="largest training image side")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
+    ap.add_argument("--eval-n", type=int, default=300)
+    ap.add_argument("--no-eval", action="store_true")
+    args = ap.parse_args(argv)
+
+    from molmoe import synthetic as S
+    from molmoe.training.trainer import TrainOptions, train
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = work / "data"
+    if not (data / "train.jsonl").exists():
+        S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
+    t_data = time.perf_counter() - t0
+    init = work / "init"
+    if init.exists():
+        shutil.rmtree(init)
+    tok = train_tokenizer_json(tokenizer_texts(data / "train.jsonl"))
+    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed)
+    print(f"data {t_data:.0f}s; init {init}", flush=True)
+    opts = TrainOptions(model=str(init), data=str(data / "train.jsonl"), out=str(work / "run"),
+                        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                        min_lr_ratio=args.min_lr_ratio, seed=args.seed, workers=args.workers,
+                        save_every=max(args.steps // 4, 1), activation_checkpointing=False,
+                        device="cpu", resume=True)
+    t1 = time.perf_counter()
+    train(opts)
+    t_train = time.perf_counter() - t1
+    print(f"training wall time {t_train:.0f}s ({t_train / 60:.1f} min)", flush=True)
+    (work / "timing.json").write_text(json.dumps(
+        {"data_s": t_data, "train_s": t_train, "args": {k: str(v) for k, v in
+                                                        vars(args).items()}}, indent=2))
+    if not args.no_eval:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+        from bench.eval_pointing import main as eval_main
+
+        eval_main(["--model", str(work / "run" / "model"), "--n", str(args.eval_n),
+                   "--out", str(work / "eval.json")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
