@@ -113,8 +113,11 @@ def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
 
 
 def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
-                             seed: int = 0, overrides: dict | None = None) -> pathlib.Path:
-    """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created)."""
+                             seed: int = 0, overrides: dict | None = None,
+                             sincos: bool = True) -> pathlib.Path:
+    """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created).
+    sincos: the ViT's positional embedding starts as a 2D sine-cosine table (patch row and
+    column), so every patch feature carries its place from step 0."""
     spec = ARCHS[arch]
     n_vocab = json.loads(tokenizer_json)
     n_vocab = len(n_vocab["model"]["vocab"])
@@ -125,10 +128,42 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_tiny_checkpoint(directory, seed=seed, config=config, vision=vision, preprocessor=pre)
+    if sincos:
+        _sincos_positions(directory / "pytorch_model.bin", vision)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "README.md").write_text(
         f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
     return directory
+
+
+def sincos_table(grid: int, dim: int):
+    """[grid*grid + 1, dim] 2D sine-cosine positions (row 0, the class token: zeros): half the
+    channels encode the patch row, half the column, at geometric frequencies."""
+    import torch
+
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1)))
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * freqs[None] * (torch.pi / 2)  # [grid, quarter]
+    enc = torch.cat([ang.sin(), ang.cos()], dim=1)  # [grid, 2*quarter]
+    rows = enc[:, None, :].expand(grid, grid, -1)
+    cols = enc[None, :, :].expand(grid, grid, -1)
+    table = torch.zeros(grid * grid + 1, dim, dtype=torch.float64)
+    table[1:, : 4 * quarter] = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+    return table.float()
+
+
+def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = [k for k in state if k.endswith("positional_embedding")]
+    assert len(keys) == 1, keys
+    n, dim = state[keys[0]].shape
+    grid = vision["image_default_input_size"][0] // vision["image_patch_size"]
+    assert n == grid * grid + 1, (n, grid)
+    state[keys[0]] = sincos_table(grid, dim)
+    torch.save(state, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", required=True, type=pathlib.Path, help="work directory (new)")
     ap.add_argument("--seed", type=int, default=0, help="data, init and data-order seed")
     ap.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS))
+    ap.add_argument("--data", type=pathlib.Path, default=None,
+                    help="an existing dataset directory (default: WORK/data, written if absent)")
     ap.add_argument("--n", type=int, default=20000, help="training examples")
     ap.add_argument("--max-side", type=int, default=320, help="largest training image side")
     ap.add_argument("--steps", type=int, default=1500)
@@ -145,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=0,
                     help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
+    ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1: on 2 shared cores 2 threads thrash when other "
+                         "jobs load them (0.6 s/step vs 9 s/step measured)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -153,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     from molmoe.training.trainer import TrainOptions, train
 
     work = args.work
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = work / "data"
+    data = args.data or work / "data"
     if not (data / "train.jsonl").exists():
         S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
     t_data = time.perf_counter() - t0
@@ -163,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if init.exists():
         shutil.rmtree(init)
     tok = train_tokenizer_json(tokenizer_texts(data / "train.jsonl"))
-    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed)
+    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
+                             sincos=not args.no_sincos)
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     opts = TrainOptions(model=str(init), data=str(data / "train.jsonl"), out=str(work / "run"),
                         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
