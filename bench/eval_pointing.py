@@ -289,8 +289,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--robust-n", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: 2 threads thrash on 2 shared cores)")
     ap.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
