@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS))
     ap.add_argument("--data", type=pathlib.Path, default=None,
                     help="an existing dataset directory (default: WORK/data, written if absent)")
+    ap.add_argument("--mix", default=None,
+                    help="question mix for the training data, e.g. single=1 or "
+                         "single=0.6,multi=0.1,count=0.2,absent=0.1 (default: the generator's)")
     ap.add_argument("--n", type=int, default=20000, help="training examples")
     ap.add_argument("--max-side", type=int, default=320, help="largest training image side")
     ap.add_argument("--steps", type=int, default=1500)
@@ -202,7 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = args.data or work / "data"
     if not (data / "train.jsonl").exists():
-        S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
+        saved = dict(S.QUESTION_MIX)
+        if args.mix:
+            mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
+            S.QUESTION_MIX.clear()
+            S.QUESTION_MIX.update(mix)
+        try:
+            S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
+        finally:
+            S.QUESTION_MIX.clear()
+            S.QUESTION_MIX.update(saved)
     t_data = time.perf_counter() - t0
     init = work / "init"
     if init.exists():
