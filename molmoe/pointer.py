@@ -114,10 +114,16 @@ def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
 
 def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
                              seed: int = 0, overrides: dict | None = None,
-                             sincos: bool = True) -> pathlib.Path:
+                             sincos: bool = True, vision_init: bool = True,
+                             feature_rms: float = 1.0) -> pathlib.Path:
     """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created).
     sincos: the ViT's positional embedding starts as a 2D sine-cosine table (patch row and
-    column), so every patch feature carries its place from step 0."""
+    column), so every patch feature carries its place from step 0.
+    vision_init: the ViT and connector matrices start at N(0, 1/fan_in) (biases 0) and the
+    projector's output is scaled so that the image features added to the <im_patch> embeddings
+    have RMS `feature_rms` on a fixed synthetic picture. With the demo's flat N(0, 0.05) init the
+    features are ~0.004 across positions beside 0.05 embeddings: the decoder learns to ignore
+    the image (runs 1-4, bench/RESULTS.md)."""
     spec = ARCHS[arch]
     n_vocab = json.loads(tokenizer_json)
     n_vocab = len(n_vocab["model"]["vocab"])
@@ -130,6 +136,8 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
     write_tiny_checkpoint(directory, seed=seed, config=config, vision=vision, preprocessor=pre)
     if sincos:
         _sincos_positions(directory / "pytorch_model.bin", vision)
+    if vision_init:
+        _vision_init(directory, seed, feature_rms)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "README.md").write_text(
         f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
@@ -151,6 +159,45 @@ def sincos_table(grid: int, dim: int):
     table = torch.zeros(grid * grid + 1, dim, dtype=torch.float64)
     table[1:, : 4 * quarter] = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
     return table.float()
+
+
+def _vision_init(directory: pathlib.Path, seed: int, feature_rms: float) -> None:
+    import random
+
+    import torch
+
+    from molmoe import synthetic as S
+    from molmoe.checkpoint.loader import load
+    from molmoe.processing.processor import Processor
+
+    path = directory / "pytorch_model.bin"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    skip = ("pad_embed", "class_embedding", "positional_embedding")
+    for k in sorted(state):
+        if "vision_backbone" not in k or k.endswith(skip) or "norm" in k or "pre_ln" in k:
+            continue
+        v = state[k]
+        if v.dim() == 2:
+            state[k] = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
+        elif k.endswith(".bias"):
+            state[k] = torch.zeros_like(v)
+    for k in state:  # layer-norm biases start at 0
+        if "vision_backbone" in k and ("norm" in k or "pre_ln" in k) and k.endswith(".bias"):
+            state[k] = torch.zeros_like(state[k])
+    torch.save(state, path)
+    model = load(directory, dtype="float32")
+    proc = Processor.from_pretrained(directory)
+    sample = S.make_sample(random.Random(f"molmoe-pointer-init:{seed}"), "single",
+                           sides=(320, 320))
+    x = proc(sample.question, S.render(sample.scene))
+    with torch.no_grad():
+        feats = model.vision(x["images"][None], x["image_masks"][None])
+    rms = float(feats.pow(2).mean().sqrt())
+    key = [k for k in state if k.endswith("image_projector.w2.weight")]
+    assert len(key) == 1, key
+    state[key[0]] = state[key[0]] * (feature_rms / rms)
+    torch.save(state, path)
 
 
 def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
