@@ -136,6 +136,13 @@ def score_answer(scene: S.Scene, target: dict, answer: str, orientation: int = 1
         r["distractor_hit"] = any(o in distractors for o in on)
         if kind == "single":
             r["correct"] = bool(pts) and all(o in named for o in on)
+            tx, ty = target["points"][0]
+            # distance (percent units) of the first point from the annotated centre: shows
+            # localisation improving before the accuracy moves; the centre of the picture
+            # as a blind guess scores `error_centre`
+            r["error"] = (((pts[0][0] - tx) ** 2 + (pts[0][1] - ty) ** 2) ** 0.5
+                          if pts else None)
+            r["error_centre"] = ((50 - tx) ** 2 + (50 - ty) ** 2) ** 0.5
         else:
             r["correct"] = not pts and parsed.count == 0
     elif kind == "multi":
@@ -166,6 +173,10 @@ def aggregate(results: list[dict]) -> dict:
                                                               "absent")}
     m = {"n": len(results), "n_by_kind": {k: len(v) for k, v in by.items()}}
     m["single"] = _ratio(sum(r["correct"] for r in by["single"]), len(by["single"]))
+    errors = [r["error"] for r in by["single"] if r["error"] is not None]
+    m["single_mean_error"] = sum(errors) / len(errors) if errors else None
+    m["single_centre_error"] = _ratio(sum(r["error_centre"] for r in by["single"]),
+                                      len(by["single"]))
     pred = sum(r["predicted"] for r in by["multi"])
     m["multi_precision"] = _ratio(sum(r["tp"] for r in by["multi"]), pred)
     if by["multi"] and not pred:
@@ -273,6 +284,10 @@ def table(report: dict) -> str:
         m = base["metrics"]
         lines.append("base: " + ", ".join(f"{k} {'PASS' if ok else 'fail'}"
                                           for k, ok in m["passed"].items()))
+        if m.get("single_mean_error") is not None:
+            lines.append(f"single: mean distance of the point from the target centre "
+                         f"{m['single_mean_error']:.1f} (percent units; always answering the "
+                         f"picture's centre: {m['single_centre_error']:.1f})")
         lines.append("count exact by true count: " + ", ".join(
             f"{c}: {_pct(v['exact']).strip()} of {v['n']}" for c, v in
             m["count_by_truth"].items()))

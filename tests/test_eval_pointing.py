@@ -36,6 +36,7 @@ def test_single_right_wrong_and_distractor():
     red, blue = scene.objects[0].point, scene.objects[1].point
     r = E.score_answer(scene, t, format_points([red], "red circle"))
     assert r["correct"] and r["grammar"] and r["has_distractor"] and not r["distractor_hit"]
+    assert r["error"] == 0.0 and r["error_centre"] > 0
     r = E.score_answer(scene, t, format_points([blue], "red circle"))
     assert not r["correct"] and r["distractor_hit"]
     r = E.score_answer(scene, t, format_points([red, blue], "red circle"))
