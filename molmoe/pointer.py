@@ -63,7 +63,7 @@ ARCHS = {
                          "overlap_margins": [2, 2]},
     },
 }
-DEFAULT_ARCH = "p7-112"
+DEFAULT_ARCH = "p14-112"
 N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
 
 
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix", default=None,
                     help="question mix for the training data, e.g. single=1 or "
                          "single=0.6,multi=0.1,count=0.2,absent=0.1 (default: the generator's)")
-    ap.add_argument("--n", type=int, default=20000, help="training examples")
+    ap.add_argument("--n", type=int, default=40000, help="training examples")
     ap.add_argument("--max-side", type=int, default=320, help="largest training image side")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1: on 2 shared cores 2 threads thrash when other "
                          "jobs load them (0.6 s/step vs 9 s/step measured)")
-    ap.add_argument("--freeze", default="",
+    ap.add_argument("--freeze", default="vit",
                     help="parts kept at their initial weights: vit, connector (comma list)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
