@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=0,
                     help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
-    ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run 1)")
+    ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run r1)")
+    ap.add_argument("--no-vision-init", action="store_true",
+                    help="the demo's flat N(0, 0.05) vision init (runs r1-r4)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1: on 2 shared cores 2 threads thrash when other "
                          "jobs load them (0.6 s/step vs 9 s/step measured)")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(init)
     tok = train_tokenizer_json(tokenizer_texts(data / "train.jsonl"))
     write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
-                             sincos=not args.no_sincos)
+                             sincos=not args.no_sincos, vision_init=not args.no_vision_init)
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     opts = TrainOptions(model=str(init), data=str(data / "train.jsonl"), out=str(work / "run"),
                         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
