@@ -1,0 +1,300 @@
+"""The built-in pointing model (issue 13, item 2): its initial checkpoint, its tokenizer, and the
+recipe that trains it with `molmoe train` on `molmoe.synthetic` scenes, all from one seed.
+
+    python -m molmoe.pointer --work runs/pointer --seed 0            # data, init, train, eval
+    python -m molmoe.pointer --work runs/pointer --seed 0 --steps 50  # a quick look
+
+Pieces (each deterministic from its seed):
+  * `train_tokenizer_json(texts)`: a byte-level BPE whose merges are learned on the synthetic
+    prompts and answers (HF `tokenizers`), with digits split one per token (coordinates compose
+    from 0-9 and "."), the 256 byte tokens at ids 0..255 and MolmoE's special tokens at 256..262
+    in `molmoe.demo._SPECIALS`'s order (EOS = BOS first, padding, the five image tokens), exactly
+    where the demo tokenizer has them; learned tokens follow from 263. No regex pre-split: merges
+    may span spaces and punctuation, so `<point x="` or `" alt="red circle">red circle</point>`
+    become one token each, and a 6-point count answer is ~65 tokens instead of ~190 bytes.
+  * `write_initial_checkpoint(dir, arch, tokenizer_json, seed)`: random weights in the official
+    layout (`molmoe.demo.write_tiny_checkpoint`) with the architecture and crop geometry of
+    `ARCHS[arch]`, the trained tokenizer, and vocab_size/embedding_size set to match it.
+  * `main`: writes the training data (`molmoe.synthetic.write_dataset`, seed `seed`), the
+    tokenizer, the initial checkpoint, runs `molmoe train` (one rank, CPU) and evaluates the
+    export with bench/eval_pointing.py's logic on held-out seeds.
+
+Seeds: training data uses synth seed `seed` (scripts use 0..999,999); the evaluator uses seeds
+from 1,000,000 up (bench/eval_pointing.py), so no evaluation scene is a training scene.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from molmoe.demo import _SPECIALS, _bytes_to_unicode, write_tiny_checkpoint
+
+# Architectures / geometries tried (bench/RESULTS.md, "Issue 13: the built-in pointing model").
+# `config` and `vision` override molmoe.demo's config.json keys, `preprocessor` its processor
+# settings (ImageSettings rules: square crops, an even number of patches per side, token length
+# = patches per side / 2, even overlap margins smaller than the side).
+ARCHS = {
+    # 112-px crops of 7-px patches: 16x16 patches, 8x8 pooled tokens per crop; 1 tile + global.
+    "p7-112": {
+        "config": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 256,
+                   "moe_num_experts": 8, "moe_top_k": 2, "max_position_embeddings": 1024,
+                   "vit_layers": [-1, -3]},
+        "vision": {"image_default_input_size": [112, 112], "image_patch_size": 7,
+                   "image_emb_dim": 96, "image_num_heads": 4, "image_num_layers": 4,
+                   "image_mlp_dim": 192},
+        "preprocessor": {"base_image_input_size": [112, 112], "image_patch_size": 7,
+                         "image_token_length_h": 8, "image_token_length_w": 8, "max_crops": 1,
+                         "overlap_margins": [2, 2]},
+    },
+    # The test fixtures' geometry (112-px crops of 14-px patches, 4x4 tokens), up to 2 tiles.
+    "p14-112": {
+        "config": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 256,
+                   "moe_num_experts": 8, "moe_top_k": 2, "max_position_embeddings": 1024,
+                   "vit_layers": [-1, -3]},
+        "vision": {"image_default_input_size": [112, 112], "image_patch_size": 14,
+                   "image_emb_dim": 96, "image_num_heads": 4, "image_num_layers": 4,
+                   "image_mlp_dim": 192},
+        "preprocessor": {"base_image_input_size": [112, 112], "image_patch_size": 14,
+                         "image_token_length_h": 4, "image_token_length_w": 4, "max_crops": 2,
+                         "overlap_margins": [2, 2]},
+    },
+}
+DEFAULT_ARCH = "p14-112"
+N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
+
+
+def train_tokenizer_json(texts, n_merges: int = N_MERGES) -> str:
+    """A byte-level BPE trained on `texts` (see the module docstring); deterministic for the
+    same texts. Returns tokenizer.json's text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = _bytes_to_unicode()  # byte -> printable char (GPT-2's map)
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                            use_regex=False)])
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre
+    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2, show_progress=False,
+                                  initial_alphabet=[alphabet[b] for b in range(256)],
+                                  special_tokens=[])
+    learner.train_from_iterator(list(texts), trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    merges = learned["merges"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    vocab = {alphabet[b]: b for b in range(256)}
+    for i, s in enumerate(_SPECIALS):
+        vocab[s] = 256 + i
+    for a, b in merges:  # merged tokens in merge order from id 263
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
+    assert tok.get_vocab_size() == len(vocab), "special tokens must keep their ids"
+    return tok.to_str()
+
+
+def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
+    """The strings the training data tokenises: each prompt and each answer (with the leading
+    space the trainer adds)."""
+    from molmoe.processing.processor import prompt_text
+
+    texts = []
+    for line in pathlib.Path(jsonl).read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        texts.append(prompt_text(msgs[0]["content"]))
+        texts.append(" " + msgs[1]["content"])
+    return texts
+
+
+def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
+                             seed: int = 0, overrides: dict | None = None,
+                             sincos: bool = True, vision_init: bool = True,
+                             feature_rms: float = 1.0) -> pathlib.Path:
+    """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created).
+    sincos: the ViT's positional embedding starts as a 2D sine-cosine table (patch row and
+    column), so every patch feature carries its place from step 0.
+    vision_init: the ViT and connector matrices start at N(0, 1/fan_in) (biases 0) and the
+    projector's output is scaled so that the image features added to the <im_patch> embeddings
+    have RMS `feature_rms` on a fixed synthetic picture. With the demo's flat N(0, 0.05) init the
+    features are ~0.004 across positions beside 0.05 embeddings: the decoder learns to ignore
+    the image (runs 1-4, bench/RESULTS.md)."""
+    spec = ARCHS[arch]
+    n_vocab = json.loads(tokenizer_json)
+    n_vocab = len(n_vocab["model"]["vocab"])
+    config = {**spec["config"], "vocab_size": n_vocab,
+              "embedding_size": -(-n_vocab // 64) * 64, **((overrides or {}).get("config", {}))}
+    vision = {**spec["vision"], **((overrides or {}).get("vision", {}))}
+    pre = {**spec["preprocessor"], **((overrides or {}).get("preprocessor", {}))}
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tiny_checkpoint(directory, seed=seed, config=config, vision=vision, preprocessor=pre)
+    if sincos:
+        _sincos_positions(directory / "pytorch_model.bin", vision)
+    if vision_init:
+        _vision_init(directory, seed, feature_rms)
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    (directory / "README.md").write_text(
+        f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
+    return directory
+
+
+def sincos_table(grid: int, dim: int):
+    """[grid*grid + 1, dim] 2D sine-cosine positions (row 0, the class token: zeros): half the
+    channels encode the patch row, half the column, at geometric frequencies."""
+    import torch
+
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1)))
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * freqs[None] * (torch.pi / 2)  # [grid, quarter]
+    enc = torch.cat([ang.sin(), ang.cos()], dim=1)  # [grid, 2*quarter]
+    rows = enc[:, None, :].expand(grid, grid, -1)
+    cols = enc[None, :, :].expand(grid, grid, -1)
+    table = torch.zeros(grid * grid + 1, dim, dtype=torch.float64)
+    table[1:, : 4 * quarter] = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+    return table.float()
+
+
+def _vision_init(directory: pathlib.Path, seed: int, feature_rms: float) -> None:
+    import random
+
+    import torch
+
+    from molmoe import synthetic as S
+    from molmoe.checkpoint.loader import load
+    from molmoe.processing.processor import Processor
+
+    path = directory / "pytorch_model.bin"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    skip = ("pad_embed", "class_embedding", "positional_embedding")
+    for k in sorted(state):
+        if "vision_backbone" not in k or k.endswith(skip) or "norm" in k or "pre_ln" in k:
+            continue
+        v = state[k]
+        if v.dim() == 2:
+            state[k] = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
+        elif k.endswith(".bias"):
+            state[k] = torch.zeros_like(v)
+    for k in state:  # layer-norm biases start at 0
+        if "vision_backbone" in k and ("norm" in k or "pre_ln" in k) and k.endswith(".bias"):
+            state[k] = torch.zeros_like(state[k])
+    torch.save(state, path)
+    model = load(directory, dtype="float32")
+    proc = Processor.from_pretrained(directory)
+    sample = S.make_sample(random.Random(f"molmoe-pointer-init:{seed}"), "single",
+                           sides=(320, 320))
+    x = proc(sample.question, S.render(sample.scene))
+    with torch.no_grad():
+        feats = model.vision(x["images"][None], x["image_masks"][None])
+    rms = float(feats.pow(2).mean().sqrt())
+    key = [k for k in state if k.endswith("image_projector.w2.weight")]
+    assert len(key) == 1, key
+    state[key[0]] = state[key[0]] * (feature_rms / rms)
+    torch.save(state, path)
+
+
+def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = [k for k in state if k.endswith("positional_embedding")]
+    assert len(keys) == 1, keys
+    n, dim = state[keys[0]].shape
+    grid = vision["image_default_input_size"][0] // vision["image_patch_size"]
+    assert n == grid * grid + 1, (n, grid)
+    state[keys[0]] = sincos_table(grid, dim)
+    torch.save(state, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="train the built-in pointing model from a seed")
+    ap.add_argument("--work", required=True, type=pathlib.Path, help="work directory (new)")
+    ap.add_argument("--seed", type=int, default=0, help="data, init and data-order seed")
+    ap.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS))
+    ap.add_argument("--data", type=pathlib.Path, default=None,
+                    help="an existing dataset directory (default: WORK/data, written if absent)")
+    ap.add_argument("--mix", default=None,
+                    help="question mix for the training data, e.g. single=1 or "
+                         "single=0.6,multi=0.1,count=0.2,absent=0.1 (default: the generator's)")
+    ap.add_argument("--n", type=int, default=40000, help="training examples")
+    ap.add_argument("--max-side", type=int, default=320, help="largest training image side")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
+    ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run r1)")
+    ap.add_argument("--no-vision-init", action="store_true",
+                    help="the demo's flat N(0, 0.05) vision init (runs r1-r4)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1: on 2 shared cores 2 threads thrash when other "
+                         "jobs load them (0.6 s/step vs 9 s/step measured)")
+    ap.add_argument("--freeze", default="vit",
+                    help="parts kept at their initial weights: vit, connector (comma list)")
+    ap.add_argument("--eval-n", type=int, default=300)
+    ap.add_argument("--no-eval", action="store_true")
+    args = ap.parse_args(argv)
+
+    from molmoe import synthetic as S
+    from molmoe.training.trainer import TrainOptions, train
+
+    work = args.work
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = args.data or work / "data"
+    if not (data / "train.jsonl").exists():
+        saved = dict(S.QUESTION_MIX)
+        if args.mix:
+            mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
+            S.QUESTION_MIX.clear()
+            S.QUESTION_MIX.update(mix)
+        try:
+            S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
+        finally:
+            S.QUESTION_MIX.clear()
+            S.QUESTION_MIX.update(saved)
+    t_data = time.perf_counter() - t0
+    init = work / "init"
+    if init.exists():
+        shutil.rmtree(init)
+    tok = train_tokenizer_json(tokenizer_texts(data / "train.jsonl"))
+    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
+                             sincos=not args.no_sincos, vision_init=not args.no_vision_init)
+    print(f"data {t_data:.0f}s; init {init}", flush=True)
+    opts = TrainOptions(model=str(init), data=str(data / "train.jsonl"), out=str(work / "run"),
+                        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                        min_lr_ratio=args.min_lr_ratio, seed=args.seed, workers=args.workers,
+                        save_every=max(args.steps // 4, 1), activation_checkpointing=False,
+                        device="cpu", resume=True,
+                        freeze=tuple(f for f in args.freeze.split(",") if f))
+    t1 = time.perf_counter()
+    train(opts)
+    t_train = time.perf_counter() - t1
+    print(f"training wall time {t_train:.0f}s ({t_train / 60:.1f} min)", flush=True)
+    (work / "timing.json").write_text(json.dumps(
+        {"data_s": t_data, "train_s": t_train, "args": {k: str(v) for k, v in
+                                                        vars(args).items()}}, indent=2))
+    if not args.no_eval:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+        from bench.eval_pointing import main as eval_main
+
+        eval_main(["--model", str(work / "run" / "model"), "--n", str(args.eval_n),
+                   "--out", str(work / "eval.json")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
