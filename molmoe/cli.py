@@ -46,7 +46,8 @@ def _train(args) -> int:
     freeze = tuple(f for f in (args.freeze or "").split(",") if f)
     opts = TrainOptions(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
-        micro_batch=args.micro_batch, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        micro_batch=args.micro_batch, lr=args.lr, vision_lr=args.vision_lr,
+        connector_lr=args.connector_lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         precision=args.precision, backend=args.backend, freeze=freeze,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed,
@@ -172,6 +173,9 @@ def _add_train_command(sub) -> None:
     t.add_argument("--micro-batch", type=int, help="examples per forward on one rank (default: "
                                                    "batch / ranks; smaller accumulates)")
     t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    t.add_argument("--vision-lr", type=float, help="the ViT's peak rate (default: --lr)")
+    t.add_argument("--connector-lr", type=float,
+                   help="the connector's (pooling, projector) peak rate (default: --lr)")
     t.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="the cosine schedule ends at lr x this")
     t.add_argument("--warmup", type=int, default=10, help="linear warmup steps")

@@ -353,3 +353,27 @@ def test_a_diverged_step_logs_null_not_nan(tmp_path):
                                 "grad_norm": None, "tokens": 3}
     ok = dict(rec, step=2, loss=1.0, ce=1.0, grad_norm=1.0)
     assert plot_log([json.loads(line), ok], tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_part_learning_rates(train_setup, tmp_path):
+    """--vision-lr / --connector-lr: each part's groups follow the schedule at their own peak. At
+    rate 0 a part keeps its weights exactly (AdamW's decay is lr x wd) while the decoder trains."""
+    import molmoe
+    from molmoe.training.trainer import make_optimizer, part_of
+
+    o = _opts(train_setup, tmp_path / "o", steps=2, vision_lr=0.0, connector_lr=0.0,
+              export=True)
+    train(o)
+    before = molmoe.load(train_setup[0]).state_dict()
+    after = molmoe.load(tmp_path / "o" / "model").state_dict()
+    changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder"}
+    model = molmoe.load(train_setup[0])
+    model.requires_grad_(True)
+    opt = make_optimizer(model, _opts(train_setup, tmp_path / "x", vision_lr=2e-4,
+                                      connector_lr=5e-4), torch.device("cpu"))
+    scale = {part_of(n): g["lr_scale"] for g in opt.param_groups
+             for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    assert scale == {"decoder": 1.0, "vit": pytest.approx(0.2), "connector": pytest.approx(0.5)}
+    with pytest.raises(Exception, match="vision_lr must be"):
+        train(_opts(train_setup, tmp_path / "y", vision_lr=-1.0))

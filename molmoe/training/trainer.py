@@ -58,9 +58,9 @@ EXPORT = "model"
 PLOT = "training.png"
 # Settings a resumed run must share with the run that wrote the checkpoint: they decide the
 # trajectory. `steps` may grow (the cosine schedule then stretches from the resumed step on).
-RESUME_KEYS = ("model", "data_sha256", "batch", "seed", "lr", "min_lr_ratio", "warmup",
-               "weight_decay", "betas", "eps", "grad_clip", "precision", "freeze", "lb_coef",
-               "z_coef", "max_length", "skip_bad")
+RESUME_KEYS = ("model", "data_sha256", "batch", "seed", "lr", "vision_lr", "connector_lr",
+               "min_lr_ratio", "warmup", "weight_decay", "betas", "eps", "grad_clip",
+               "precision", "freeze", "lb_coef", "z_coef", "max_length", "skip_bad")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,8 @@ class TrainOptions:
     batch: int = 8  # global batch, in examples
     micro_batch: int | None = None  # per rank; default: batch // world (no accumulation)
     lr: float = 1e-5
+    vision_lr: float | None = None  # the ViT's peak rate (default: lr); Molmo trained its parts
+    connector_lr: float | None = None  # ... and the connector's at their own rates
     min_lr_ratio: float = 0.1
     warmup: int = 10
     weight_decay: float = 0.1
@@ -116,6 +118,10 @@ class TrainOptions:
             raise UsageError(f"micro_batch must be a positive integer, got {self.micro_batch!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("vision_lr", "connector_lr"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise UsageError(f"{name} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         for name in ("weight_decay", "grad_clip", "lb_coef", "z_coef"):
@@ -252,18 +258,32 @@ def prepare_model(model_dir, opts: TrainOptions, env: _Dist, precision: str):
     return model
 
 
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to: "vit", "connector" or "decoder" (by its FQN)."""
+    if name.startswith("vision.image_vit."):
+        return "vit"
+    if name.startswith("vision."):  # pad_embed, image_pooling_2d, image_projector
+        return "connector"
+    return "decoder"
+
+
 def make_optimizer(model, opts: TrainOptions, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters, one group per (part, decays): matrices (and stacked
+    experts) decay; norms, biases, embeddings and the ViT's class/positional embeddings do not.
+    Each group carries `lr_scale`, its part's peak rate over `lr` (`vision_lr`,
+    `connector_lr`), which every step multiplies into the schedule."""
+    peak = {"decoder": opts.lr, "vit": opts.vision_lr if opts.vision_lr is not None else opts.lr,
+            "connector": opts.connector_lr if opts.connector_lr is not None else opts.lr}
+    params: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # matrices (and stacked experts) decay; norms, biases, embeddings and the ViT's
-        # class/positional embeddings do not
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    if not decay and not no_decay:
+        if p.requires_grad:
+            decays = p.dim() >= 2 and "embed" not in name
+            params.setdefault((part_of(name), decays), []).append(p)
+    if not params:
         raise UsageError("nothing to train: every parameter is frozen")
-    groups = [{"params": decay, "weight_decay": opts.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": ps, "weight_decay": opts.weight_decay if decays else 0.0,
+               "lr_scale": peak[part] / opts.lr}
+              for (part, decays), ps in sorted(params.items())]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=learning_rate(0, opts), betas=tuple(opts.betas),
                              eps=opts.eps, fused=fused, foreach=None if fused else True)
@@ -537,7 +557,7 @@ def train(opts: TrainOptions) -> TrainResult:
             applied = math.isfinite(norm)
             if applied:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_scale"]
                 optimizer.step()
                 bad_steps = 0
             else:
