@@ -506,6 +506,7 @@ def train(opts: TrainOptions) -> TrainResult:
         peak = (bf16_peak_tflops(torch.cuda.get_device_name(env.device))
                 if env.device.type == "cuda" else None)
 
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
         record: dict = {}
         bad_steps = 0
         bar = None
@@ -550,7 +551,6 @@ def train(opts: TrainOptions) -> TrainResult:
                 continue
 
             dist.all_reduce(stats)
-            trainable = [p for p in model.parameters() if p.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip or float("inf"))
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             lr = learning_rate(step, opts)
