@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from molmoe.config import MAX_PATCHES_PER_CROP, ConfigError, VisionConfig
 from molmoe.errors import UsageError, is_int
+from molmoe.processing import native
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -354,19 +355,62 @@ class ImageInputs:
 
 
 def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageTokenIds,
-                     device: torch.device | str | None = None) -> ImageInputs:
-    """uint8 RGB [H, W, 3] -> crops, masks, token layout and feature positions of one image."""
+                     device: torch.device | str | None = None, *,
+                     backend: str | None = None) -> ImageInputs:
+    """uint8 RGB [H, W, 3] -> crops, masks, token layout and feature positions of one image.
+
+    backend: "auto" (default; or $MOLMOE_PREPROCESS) runs the native op when it is built and the
+    Python path otherwise (warning once), "native" requires the op, "python" is the reference.
+    device: a CUDA device runs the pixel work there (the op's CUDA path; images and masks are
+    returned on that device); None is the CPU.
+    """
     if image_HWC.dtype != np.uint8 or image_HWC.ndim != 3 or image_HWC.shape[2] != 3:
         raise UsageError(f"expected a uint8 [H, W, 3] array, got {image_HWC.dtype} "
                          f"{list(image_HWC.shape)} (use molmoe.processing.load_image)")
     height, width = image_HWC.shape[:2]
     layout = image_layout(height, width, settings)
+    how = native.choose(backend, device)
+    if how == "python":
+        images_TPD, masks_TP = _crops_python(image_HWC, layout, settings, device)
+    else:
+        images_TPD, masks_TP = _crops_op(image_HWC, layout, settings, device)
+    tokens = image_tokens(layout, settings, ids)
+    return ImageInputs(images=images_TPD, image_masks=masks_TP,
+                       image_input_idx=image_input_idx(tokens, layout, settings, ids),
+                       tokens=tokens, layout=layout)
+
+
+def _canvas_size(layout: Layout, settings: ImageSettings) -> tuple[int, int]:
+    th, tw = layout.tiling
+    stride, margin = settings.window_size, settings.margin_pixels
+    return th * stride + margin, tw * stride + margin
+
+
+def _crops_op(image_HWC: np.ndarray, layout: Layout, settings: ImageSettings,
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images and masks through molmoe::preprocess_crops (native CPU op, or the CUDA path)."""
+    height, width = image_HWC.shape[:2]
+    canvas = _canvas_size(layout, settings)
+    src = torch.from_numpy(image_HWC) if image_HWC.flags.writeable else \
+        torch.from_numpy(image_HWC.copy())
+    if device is not None and torch.device(device).type == "cuda":
+        # One upload from pinned memory; the resize, normalisation and cropping run there.
+        src = src.contiguous().pin_memory().to(device, non_blocking=True)
+    crop = settings.crop_size
+    return native.preprocess_crops(
+        src, canvas=canvas, canvas_resized=scaled_size(height, width, *canvas),
+        global_resized=scaled_size(height, width, crop, crop), tiling=layout.tiling, crop=crop,
+        stride=settings.window_size, patch=settings.image_patch_size, mean=settings.image_mean,
+        std=settings.image_std, normalize=settings.do_normalize)
+
+
+def _crops_python(image_HWC: np.ndarray, layout: Layout, settings: ImageSettings,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images and masks by the reference Python path (the released processor's arithmetic)."""
     th, tw = layout.tiling
     crop, stride, p = settings.crop_size, settings.window_size, settings.image_patch_size
-
-    canvas_HWC, canvas_mask_HW = resize_and_pad(
-        image_HWC, (th * stride + settings.margin_pixels, tw * stride + settings.margin_pixels),
-        settings, device)
+    canvas_HWC, canvas_mask_HW = resize_and_pad(image_HWC, _canvas_size(layout, settings),
+                                                settings, device)
     global_HWC, _ = resize_and_pad(image_HWC, settings.base_image_input_size, settings, device)
 
     crops, masks = [patchify(global_HWC, p)], []
@@ -377,13 +421,6 @@ def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageT
             tile_mask = canvas_mask_HW[y0:y0 + crop, x0:x0 + crop, None]
             # Fraction of valid pixels per patch; sums of 0/1 are exact, one f32 division.
             masks.append(patchify(tile_mask, p).float().sum(-1) / np.float32(p * p))
-    images_TPD = torch.stack(crops)
     # Legacy off-by-one (§4.5): tile masks only, then one row of -1, so row k meets crop k.
     masks.append(torch.full((settings.crop_patches ** 2,), -1.0))
-    masks_TP = torch.stack(masks)
-
-    tokens = image_tokens(layout, settings, ids)
-    return ImageInputs(images=images_TPD, image_masks=masks_TP,
-                       image_input_idx=image_input_idx(tokens, layout, settings, ids),
-                       tokens=tokens, layout=layout)
-
+    return torch.stack(crops), torch.stack(masks)

@@ -1,0 +1,413 @@
+// molmoe::preprocess_crops: the image half of the Molmo processor as one fused CPU pass.
+//
+// uint8 [H, W, 3] -> (images [1 + th*tw, P, p*p*3] float32, masks [1 + th*tw, P] float32), the
+// same numbers as molmoe/processing/preprocess.py (the Python path, which equals the released
+// processor bit for bit). What the Python path does, in order, and how this file does the same:
+//
+//   1. x = uint8 / 255 as float32, then torch's antialiased bilinear resize (F.interpolate,
+//      antialias=True) to the aspect-preserving size, separably: first along W, then along H,
+//      each output a normalised triangle-filter sum accumulated in float32 in tap order.
+//      Here: the same weights, computed with the same float/double mix as ATen's CPU kernel
+//      (`aa_weights` below), the same two passes in the same order. The uint8 -> float
+//      division happens per input row, so no full-resolution float copy is ever made.
+//   2. clamp to [0, 1], centre on a zero canvas, normalise as (x - mean) / std (padding becomes
+//      -mean / std). Here: per output row, in registers.
+//   3. cut the canvas into overlapping crops (stride `stride`), each into p x p patches laid out
+//      (dy, dx, c). Here: each finished row is copied straight into every crop that holds it,
+//      so the canvas itself is never stored either.
+//   4. masks: the fraction of each tile patch's pixels inside the resized image (one float32
+//      division of an exact integer count), in the legacy order: tile masks first, then a row of
+//      -1 (spec 4.5). Here: from the geometry, without touching pixels.
+//
+// Work is split into bands of output rows (of the tile canvas and of the global view); a band
+// resizes along W only the input rows its output rows read, so memory stays at a few bands per
+// thread whatever the input size. Bands run in parallel with at::parallel_for.
+//
+// Exactness: every float operation is the one the Python path performs, in the same order, so
+// results differ only where the compiler of ATen contracted a multiply-add into an FMA (one
+// rounding instead of two). This file is built with -ffp-contract=off; tests bound the
+// difference (<= 1e-6 on pixels, masks exact).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace molmoe {
+namespace {
+
+// One resize axis: for output i, taps [start[i], start[i] + count[i]) with weights w[i * taps ..].
+struct Axis {
+  int64_t taps = 1;
+  std::vector<int64_t> start, count;
+  std::vector<float> w;
+};
+
+// The identity (torch skips the pass when the size is unchanged; x * 1.0f is exact).
+Axis identity_axis(int64_t n) {
+  Axis a;
+  a.taps = 1;
+  a.start.resize(n);
+  a.count.assign(n, 1);
+  a.w.assign(n, 1.0f);
+  for (int64_t i = 0; i < n; ++i) a.start[i] = i;
+  return a;
+}
+
+// ATen's antialiased bilinear weights for float input (UpSampleKernel.cpp,
+// HelperInterpBase::_compute_indices_min_size_weights_aa with scalar_t = float), including
+// where C++'s usual conversions make an intermediate double: `i + 0.5`, `+ 0.5`, `1.0 / scale`.
+Axis aa_axis(int64_t in, int64_t out) {
+  if (in == out) return identity_axis(out);
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  const float support = scale >= 1.0f ? static_cast<float>(1.0 * scale) : 1.0f;
+  const int64_t taps = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  const float invscale = scale >= 1.0f ? static_cast<float>(1.0 / scale) : 1.0f;
+  Axis a;
+  a.taps = taps;
+  a.start.resize(out);
+  a.count.resize(out);
+  a.w.assign(out * taps, 0.0f);
+  for (int64_t i = 0; i < out; ++i) {
+    const float center = static_cast<float>(scale * (i + 0.5));
+    const int64_t xmin = std::max(static_cast<int64_t>(center - support + 0.5), int64_t{0});
+    int64_t xsize = std::min(static_cast<int64_t>(center + support + 0.5), in) - xmin;
+    xsize = std::clamp(xsize, int64_t{0}, taps);
+    float* w = a.w.data() + i * taps;
+    float total = 0.0f;
+    for (int64_t j = 0; j < xsize; ++j) {
+      const float d = static_cast<float>(j + xmin) - center;  // int64 - float: float
+      float x = static_cast<float>((d + 0.5) * invscale);
+      x = std::abs(x);
+      const float v = x < 1.0f ? static_cast<float>(1.0 - x) : 0.0f;
+      w[j] = v;
+      total += v;
+    }
+    if (total != 0.0f)
+      for (int64_t j = 0; j < xsize; ++j) w[j] /= total;
+    a.start[i] = xmin;
+    a.count[i] = xsize;
+  }
+  return a;
+}
+
+// ATen's CPU kernel, when the output is 1 pixel wide and the height changes, gives every output
+// row the taps and weights of row 0 (its vertical pass loses the row stride of the index and
+// weight tensors for a width-1 output), so a resized 1-px column is one value repeated. The
+// Python path, and the released processor with it, inherit that, so slivers (e.g. 3000 x 4,
+// resized to 1 px wide) reproduce it here.
+void torch_width1_rows(Axis& a) {
+  const int64_t n = static_cast<int64_t>(a.start.size());
+  for (int64_t i = 1; i < n; ++i) {
+    a.start[i] = a.start[0];
+    a.count[i] = a.count[0];
+    std::copy(a.w.begin(), a.w.begin() + a.taps, a.w.begin() + i * a.taps);
+  }
+}
+
+// One output view: the resized image (new_h x new_w) centred on a canvas (out_h x out_w), cut
+// into a grid of square crops of side `crop` every `stride` pixels, written from crop index
+// `first_crop` on.
+struct View {
+  int64_t out_h, out_w, new_h, new_w, top, left;
+  int64_t grid_h, grid_w, first_crop;
+  Axis rows, cols;
+};
+
+struct Job {
+  const uint8_t* src;
+  int64_t in_h, in_w;
+  int64_t crop, stride, patch;
+  float mean[3], std[3], pad[3];
+  bool normalize;
+  float* images;  // [T, P, p*p*3]
+  int64_t patches_per_side;
+};
+
+using v4f = float __attribute__((vector_size(16)));
+
+
+
+inline v4f load4(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// uint8 -> float32 / 255, as the Python path's `.float().div_(255.0)`. For the 256 possible
+// values, v * (1/255) in double rounded to float equals the float division (checked by
+// tests/test_native_preprocess.py), and multiplies vectorise where divisions are slow.
+__attribute__((target_clones("avx2", "default")))
+void to_unit(const uint8_t* __restrict s, float* __restrict f, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) f[k] = static_cast<float>(static_cast<double>(s[k]) * (1.0 / 255.0));
+}
+
+// One row along W: f (float [in_w * 3], zero tail) -> out (float [new_w * 3 + 1]).
+//
+// Each output pixel is a chain of dependent adds (one per tap), so four pixels run side by side
+// to hide the add latency. A pixel with fewer taps than its neighbours continues with weights
+// that are exactly 0 (the weight table is zero-padded): acc + t * 0 == acc, so every pixel's
+// sum is the same sequence of roundings as on its own.
+__attribute__((target_clones("avx2", "default")))
+void resize_row_w(const float* f, const Axis& cols, int64_t new_w, float* out) {
+  const int64_t taps = cols.taps;
+  const int64_t* start = cols.start.data();
+  const int64_t* count = cols.count.data();
+  const float* weights = cols.w.data();
+  int64_t x = 0;
+  for (; x + 4 <= new_w; x += 4) {
+    const float *p0 = f + start[x] * 3, *p1 = f + start[x + 1] * 3, *p2 = f + start[x + 2] * 3,
+                *p3 = f + start[x + 3] * 3;
+    const float *w0 = weights + x * taps, *w1 = w0 + taps, *w2 = w1 + taps, *w3 = w2 + taps;
+    const int64_t n =
+        std::max(std::max(count[x], count[x + 1]), std::max(count[x + 2], count[x + 3]));
+    v4f a0 = load4(p0) * w0[0], a1 = load4(p1) * w1[0], a2 = load4(p2) * w2[0],
+        a3 = load4(p3) * w3[0];
+    for (int64_t j = 1; j < n; ++j) {
+      a0 += load4(p0 + j * 3) * w0[j];
+      a1 += load4(p1 + j * 3) * w1[j];
+      a2 += load4(p2 + j * 3) * w2[j];
+      a3 += load4(p3 + j * 3) * w3[j];
+    }
+    // 16-byte stores; lane 3 spills into the next pixel, which is written after it.
+    std::memcpy(out + x * 3, &a0, sizeof(a0));
+    std::memcpy(out + x * 3 + 3, &a1, sizeof(a1));
+    std::memcpy(out + x * 3 + 6, &a2, sizeof(a2));
+    std::memcpy(out + x * 3 + 9, &a3, sizeof(a3));
+  }
+  for (; x < new_w; ++x) {
+    const float* w = weights + x * taps;
+    const float* px = f + start[x] * 3;
+    v4f acc = load4(px) * w[0];
+    for (int64_t j = 1; j < count[x]; ++j) acc += load4(px + j * 3) * w[j];
+    std::memcpy(out + x * 3, &acc, sizeof(acc));
+  }
+}
+
+// One output row along H: a[k] = sum_j b[j * n + k] * w[j], taps in order.
+__attribute__((target_clones("avx2", "default")))
+void resize_col_h(const float* __restrict b, const float* w, int64_t count, int64_t n,
+                  float* __restrict a) {
+  const float w0 = w[0];
+  for (int64_t k = 0; k < n; ++k) a[k] = b[k] * w0;
+  for (int64_t j = 1; j < count; ++j) {
+    const float wj = w[j];
+    const float* bj = b + j * n;
+    for (int64_t k = 0; k < n; ++k) a[k] += bj[k] * wj;
+  }
+}
+
+// Canvas row y of a view, finished: `resized` is the resized row (new_w * 3 floats in [0, 1]
+// before the clamp), or null for a padding row. Clamp, pad, normalise, scatter into crops.
+void finish_row(const Job& job, const View& view, int64_t y, const float* resized,
+                std::vector<float>& row) {
+  const int64_t W = view.out_w;
+  row.resize(W * 3);
+  float* r = row.data();
+  const int64_t left = resized ? view.left : W, right = resized ? view.left + view.new_w : W;
+  for (int64_t x = 0; x < left; ++x)
+    for (int c = 0; c < 3; ++c) r[x * 3 + c] = job.pad[c];
+  for (int64_t x = left; x < right; ++x)
+    for (int c = 0; c < 3; ++c) {
+      const float v = std::min(std::max(resized[(x - left) * 3 + c], 0.0f), 1.0f);
+      r[x * 3 + c] = job.normalize ? (v - job.mean[c]) / job.std[c] : v;
+    }
+  for (int64_t x = right; x < W; ++x)
+    for (int c = 0; c < 3; ++c) r[x * 3 + c] = job.pad[c];
+  // Every crop row of the grid that holds canvas row y (crops overlap by crop - stride).
+  const int64_t p = job.patch, pp3 = p * p * 3, pps = job.patches_per_side;
+  const int64_t crop_elems = pps * pps * pp3;
+  for (int64_t gi = std::min(y / job.stride, view.grid_h - 1); gi >= 0; --gi) {
+    const int64_t ly = y - gi * job.stride;
+    if (ly >= job.crop) break;
+    const int64_t py = ly / p, dy = ly % p;
+    for (int64_t gj = 0; gj < view.grid_w; ++gj) {
+      float* dst = job.images + (view.first_crop + gi * view.grid_w + gj) * crop_elems +
+                   py * pps * pp3 + dy * p * 3;
+      const float* src = r + gj * job.stride * 3;
+      for (int64_t px = 0; px < pps; ++px)
+        std::memcpy(dst + px * pp3, src + px * p * 3, p * 3 * sizeof(float));
+    }
+  }
+}
+
+// Scratch of one worker thread.
+struct Scratch {
+  std::vector<float> line, row, acc, band[2];
+};
+
+// The output rows whose first tap is an input row in [r0, r1), for both views. Each input row
+// the band reads is converted to float once and resized along W for each view that needs it.
+void run_input_band(const Job& job, const View* views, int64_t r0, int64_t r1, Scratch& s) {
+  int64_t first[2], last[2], need[2];
+  int64_t hi = r0;
+  for (int v = 0; v < 2; ++v) {
+    const auto& st = views[v].rows.start;
+    // start is non-decreasing in the output row, so the rows owned here are one range.
+    first[v] = std::lower_bound(st.begin(), st.end(), r0) - st.begin();
+    last[v] = std::lower_bound(st.begin(), st.end(), r1) - st.begin();
+    need[v] = r0;
+    for (int64_t i = first[v]; i < last[v]; ++i)
+      need[v] = std::max(need[v], st[i] + views[v].rows.count[i]);
+    hi = std::max(hi, need[v]);
+    s.band[v].resize((need[v] - r0) * views[v].new_w * 3 + 4);
+  }
+  const int64_t in_w = job.in_w;
+  const int64_t max_taps = std::max(views[0].cols.taps, views[1].cols.taps);
+  s.line.assign((in_w + max_taps + 2) * 3, 0.0f);  // zero tail for padded taps
+  for (int64_t r = r0; r < hi; ++r) {
+    to_unit(job.src + r * in_w * 3, s.line.data(), in_w * 3);
+    for (int v = 0; v < 2; ++v)
+      if (r < need[v])
+        resize_row_w(s.line.data(), views[v].cols, views[v].new_w,
+                     s.band[v].data() + (r - r0) * views[v].new_w * 3);
+  }
+  for (int v = 0; v < 2; ++v) {
+    const View& view = views[v];
+    const int64_t nw3 = view.new_w * 3, taps = view.rows.taps;
+    s.acc.resize(nw3 + 4);
+    float* a = s.acc.data();
+    for (int64_t i = first[v]; i < last[v]; ++i) {
+      resize_col_h(s.band[v].data() + (view.rows.start[i] - r0) * nw3,
+                   view.rows.w.data() + i * taps, view.rows.count[i], nw3, a);
+      finish_row(job, view, view.top + i, a, s.row);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
+    const at::Tensor& image, c10::IntArrayRef canvas, c10::IntArrayRef canvas_resized,
+    c10::IntArrayRef global_resized, c10::IntArrayRef tiling, int64_t crop, int64_t stride,
+    int64_t patch, c10::ArrayRef<double> mean, c10::ArrayRef<double> std, bool normalize) {
+  TORCH_CHECK(image.dim() == 3 && image.size(2) == 3 && image.scalar_type() == at::kByte,
+              "preprocess_crops: expected a uint8 [H, W, 3] image, got ", image.scalar_type(),
+              " ", image.sizes());
+  TORCH_CHECK(image.size(0) >= 1 && image.size(1) >= 1, "preprocess_crops: empty image");
+  TORCH_CHECK(canvas.size() == 2 && canvas_resized.size() == 2 && global_resized.size() == 2 &&
+                  tiling.size() == 2 && mean.size() == 3 && std.size() == 3,
+              "preprocess_crops: canvas, sizes and tiling take 2 values, mean and std 3");
+  TORCH_CHECK(patch >= 1 && crop >= patch && crop % patch == 0 && stride >= 1 && stride <= crop,
+              "preprocess_crops: bad crop geometry");
+  const int64_t th = tiling[0], tw = tiling[1];
+  TORCH_CHECK(th >= 1 && tw >= 1 && canvas[0] == (th - 1) * stride + crop &&
+                  canvas[1] == (tw - 1) * stride + crop,
+              "preprocess_crops: the canvas must be exactly covered by the tiling");
+  for (auto s : {canvas_resized, global_resized})
+    TORCH_CHECK(s[0] >= 1 && s[1] >= 1, "preprocess_crops: resized sizes must be >= 1");
+  TORCH_CHECK(canvas_resized[0] <= canvas[0] && canvas_resized[1] <= canvas[1] &&
+                  global_resized[0] <= crop && global_resized[1] <= crop,
+              "preprocess_crops: a resized image larger than its canvas");
+
+  const at::Tensor src = image.contiguous();
+  const int64_t pps = crop / patch, P = pps * pps, Dp = patch * patch * 3;
+  const int64_t T = 1 + th * tw;
+  at::Tensor images = at::empty({T, P, Dp}, image.options().dtype(at::kFloat));
+  at::Tensor masks = at::empty({T, P}, image.options().dtype(at::kFloat));
+
+  Job job;
+  job.src = src.data_ptr<uint8_t>();
+  job.in_h = src.size(0);
+  job.in_w = src.size(1);
+  job.crop = crop;
+  job.stride = stride;
+  job.patch = patch;
+  job.normalize = normalize;
+  job.images = images.data_ptr<float>();
+  job.patches_per_side = pps;
+  for (int c = 0; c < 3; ++c) {
+    job.mean[c] = static_cast<float>(mean[c]);
+    job.std[c] = static_cast<float>(std[c]);
+    job.pad[c] = normalize ? (0.0f - job.mean[c]) / job.std[c] : 0.0f;
+  }
+
+  auto make_view = [&](int64_t out_h, int64_t out_w, int64_t nh, int64_t nw, int64_t gh,
+                       int64_t gw, int64_t first) {
+    View v;
+    v.out_h = out_h;
+    v.out_w = out_w;
+    v.new_h = nh;
+    v.new_w = nw;
+    v.top = (out_h - nh) / 2;
+    v.left = (out_w - nw) / 2;
+    v.grid_h = gh;
+    v.grid_w = gw;
+    v.first_crop = first;
+    v.rows = aa_axis(job.in_h, nh);
+    v.cols = aa_axis(job.in_w, nw);
+    if (nw == 1 && nh != job.in_h) torch_width1_rows(v.rows);
+    return v;
+  };
+  // The global view is crop 0, the tiles follow row-major.
+  const View views[2] = {
+      make_view(crop, crop, global_resized[0], global_resized[1], 1, 1, 0),
+      make_view(canvas[0], canvas[1], canvas_resized[0], canvas_resized[1], th, tw, 1)};
+
+  // Work items: bands of input rows (each finishes the output rows whose first tap it holds,
+  // for both views), and chunks of padding rows. About four items per thread.
+  struct Item { int view; int64_t a, b; };  // view -1: input rows [a, b); else pad rows
+  std::vector<Item> items;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t band_rows =
+      std::clamp<int64_t>((job.in_h + 4 * threads - 1) / (4 * threads), 16, 256);
+  for (int64_t r = 0; r < job.in_h; r += band_rows)
+    items.push_back({-1, r, std::min(r + band_rows, job.in_h)});
+  for (int v = 0; v < 2; ++v) {
+    const View& view = views[v];
+    for (auto [y0, y1] : {std::pair<int64_t, int64_t>{0, view.top},
+                          std::pair<int64_t, int64_t>{view.top + view.new_h, view.out_h}})
+      for (int64_t y = y0; y < y1; y += 64) items.push_back({v, y, std::min(y + 64, y1)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b0, int64_t b1) {
+    Scratch scratch;
+    for (int64_t k = b0; k < b1; ++k) {
+      const Item& it = items[k];
+      if (it.view < 0) {
+        run_input_band(job, views, it.a, it.b, scratch);
+      } else {
+        for (int64_t y = it.a; y < it.b; ++y)
+          finish_row(job, views[it.view], y, nullptr, scratch.row);
+      }
+    }
+  });
+
+  // Masks (tiles only, legacy order): valid rows x valid columns of each patch, / p*p.
+  const View& cv = views[1];
+  float* m = masks.data_ptr<float>();
+  const float area = static_cast<float>(patch * patch);
+  auto valid = [](int64_t a0, int64_t n, int64_t lo, int64_t hi) {
+    return std::max<int64_t>(0, std::min(a0 + n, hi) - std::max(a0, lo));
+  };
+  for (int64_t gi = 0; gi < th; ++gi)
+    for (int64_t gj = 0; gj < tw; ++gj) {
+      float* mt = m + (gi * tw + gj) * P;
+      for (int64_t py = 0; py < pps; ++py) {
+        const int64_t vr = valid(gi * stride + py * patch, patch, cv.top, cv.top + cv.new_h);
+        for (int64_t px = 0; px < pps; ++px) {
+          const int64_t vc =
+              valid(gj * stride + px * patch, patch, cv.left, cv.left + cv.new_w);
+          mt[py * pps + px] = static_cast<float>(vr * vc) / area;
+        }
+      }
+    }
+  std::fill(m + (T - 1) * P, m + T * P, -1.0f);
+  return {images, masks};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(molmoe, m) {
+  m.def(
+      "preprocess_crops(Tensor image, int[] canvas, int[] canvas_resized, int[] global_resized, "
+      "int[] tiling, int crop, int stride, int patch, float[] mean, float[] std, bool normalize)"
+      " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(molmoe, CPU, m) { m.impl("preprocess_crops", &preprocess_crops_cpu); }
+
+}  // namespace molmoe
