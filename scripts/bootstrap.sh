@@ -12,4 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC2086
 .venv/bin/pip install -q --disable-pip-version-check ${MOLMOE_TORCH_SPEC:-torch==2.13.0}
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench]"
+# Without build isolation, so setup.py sees the torch installed above and builds csrc/ (the
+# native image preprocessing op). With no working C++ compiler the install still succeeds: setup.py
+# says the op was not built, and molmoe falls back to the Python path with a warning.
+.venv/bin/pip install -q --disable-pip-version-check "setuptools>=68" wheel
+.venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,bench]"

@@ -137,7 +137,7 @@ def crops_torch(image: torch.Tensor, canvas, canvas_resized, global_resized, til
                 # csrc/preprocess.cpp, torch_width1_rows); the reference inherits it, and so
                 # does every device here.
                 y = y[:, :, :1].expand(-1, -1, new_h, -1)
-        y_HWC = y[0].clamp_(0.0, 1.0).permute(1, 2, 0)
+        y_HWC = y[0].clamp(0.0, 1.0).permute(1, 2, 0)
         top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
         canvas_HWC = torch.zeros(out_h, out_w, 3, dtype=torch.float32, device=device)
         canvas_HWC[top:top + new_h, left:left + new_w] = y_HWC
