@@ -54,7 +54,7 @@ import stat
 import struct
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Literal, NamedTuple, Union
 
 import numpy as np
@@ -123,19 +123,29 @@ class ImageError(MolmoeError):
 
 class LoadedImage(NamedTuple):
     pixels: np.ndarray            # uint8 [H, W, 3], C-contiguous
-    size: tuple[int, int]         # (W, H) as returned (after EXIF rotation in "molmoe" mode):
-    #                               what points are relative to
+    size: tuple[int, int]         # (W, H) of the picture (after EXIF rotation in "molmoe" mode):
+    #                               what points are relative to. Equal to the pixels' size,
+    #                               except after a fast (draft) decode, which returns fewer pixels
+
+
+# A fast decode: given the picture's displayed (W, H), the smallest (W, H) the caller will resize
+# to, or None to decode in full.
+DecodeTarget = Callable[[tuple[int, int]], "tuple[int, int] | None"]
 
 
 def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                max_decode_bytes: int | None | Literal["default"] = "default",
-               compat: str = "molmoe") -> LoadedImage:
+               compat: str = "molmoe", fast_decode: DecodeTarget | None = None) -> LoadedImage:
     """A path, PIL image or numpy array -> (RGB uint8 [H, W, 3], (W, H)).
 
     numpy input must be [H, W, 3] or [H, W] (gray) with integer values in 0..255.
     `max_pixels=None` disables the pixel limit, `max_decode_bytes=None` the byte budget (only for
     trusted files); "default" is MOLMOE_MAX_DECODE_BYTES when set, else DEFAULT_MAX_DECODE_BYTES.
     compat: "molmoe" (default) or "released" (the released processor's pixels; module docstring).
+    fast_decode: opt-in, NOT bit-exact. For a JPEG whose decode target (this function of the
+    displayed size) is at least 2x smaller in both sides, PIL's draft mode decodes at 1/2, 1/4 or
+    1/8 scale in the DCT (never below the target). `size` stays the full picture's; the pixels
+    are the reduced decode. Its error and effect on answers: docs/preprocessing.md.
     """
     check_compat(compat)
     budget = _decode_budget(max_decode_bytes)
@@ -143,9 +153,9 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
         return _from_array(image, max_pixels)
     if isinstance(image, Image.Image):
         name = f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
-        return _from_pil(image, name, max_pixels, budget, compat)
+        return _from_pil(image, name, max_pixels, budget, compat, fast_decode)
     if isinstance(image, (str, os.PathLike)):
-        return _from_path(pathlib.Path(image), max_pixels, budget, compat)
+        return _from_path(pathlib.Path(image), max_pixels, budget, compat, fast_decode)
     raise ImageError(f"unsupported image input of type {type(image).__name__}; pass a file path, "
                      "a PIL.Image.Image or a numpy uint8 array [H, W, 3]")
 
@@ -296,7 +306,7 @@ def _identify(f: BinaryIO, before_open) -> ImageFile.ImageFile | None:
 
 
 def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
-               compat: str) -> LoadedImage:
+               compat: str, fast_decode: DecodeTarget | None = None) -> LoadedImage:
     def before_open(fmt: str) -> None:
         if fmt == "ICO":
             size, mode, decoder = _ico_frame_header(f)
@@ -308,7 +318,7 @@ def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
         if img is None:
             raise ImageError(f"{path}: not an image file PIL can read")
         with img:
-            return _from_pil(img, str(path), max_pixels, budget, compat)
+            return _from_pil(img, str(path), max_pixels, budget, compat, fast_decode)
 
 
 def _ico_frame_header(f: BinaryIO) -> tuple[tuple[int, int], str, int]:
@@ -384,14 +394,34 @@ def _describe(e: BaseException) -> str:
 
 
 def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int | None,
-              compat: str) -> LoadedImage:
+              compat: str, fast_decode: DecodeTarget | None = None) -> LoadedImage:
     with _pil_warnings_silenced():
         _check_before_load(img, name, max_pixels, budget)
+        orientation = _orientation(img) if compat == "molmoe" else 1
+        w, h = img.size
+        displayed = (h, w) if orientation >= 5 else (w, h)
+        if fast_decode is not None:
+            _draft(img, fast_decode, displayed, orientation)
         with _pil_errors(name, "cannot decode image"):  # truncated or corrupt data
             img.load()
         _check_size(img, name, max_pixels, budget)
         _check_finite(img, name)
-        return _converted(img, name, compat)
+        loaded = _converted(img, name, compat)
+        return LoadedImage(loaded.pixels, displayed)
+
+
+def _draft(img: Image.Image, target: DecodeTarget, displayed: tuple[int, int],
+           orientation: int) -> None:
+    """PIL's JPEG draft mode (DCT scaling) when the target is at least 2x smaller."""
+    if img.format != "JPEG" or getattr(img, "_im", None) is not None:  # not JPEG, or decoded
+        return
+    need = target(displayed)
+    if need is None:
+        return
+    need_w, need_h = (need[1], need[0]) if orientation >= 5 else need  # as stored
+    w, h = img.size
+    if w >= 2 * need_w and h >= 2 * need_h:
+        img.draft(img.mode, (need_w, need_h))  # PIL keeps the result >= the requested size
 
 
 def _check_before_load(img: Image.Image, name: str, max_pixels: int | None,

@@ -16,6 +16,7 @@ import functools
 import importlib.machinery
 import os
 import pathlib
+import threading
 import warnings
 
 import torch
@@ -107,6 +108,35 @@ def preprocess_crops(image_HWC: torch.Tensor, *, canvas, canvas_resized, global_
     return torch.ops.molmoe.preprocess_crops(
         image_HWC, list(canvas), list(canvas_resized), list(global_resized), list(tiling),
         crop, stride, patch, [float(m) for m in mean], [float(s) for s in std], normalize)
+
+
+_streams = threading.local()
+
+
+def crops_on_device(image_HWC: torch.Tensor, device: torch.device,
+                    **args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on a CUDA device, on a side stream of this thread, so it overlaps the model's work
+    on the default stream (serving preprocesses in a pool of threads while the engine runs).
+
+    The uint8 image is uploaded once, from pinned memory. This returns when the outputs are
+    ready; they are marked as used by the device's default stream, where the model reads them,
+    so the caching allocator does not reuse their memory early.
+    """
+    streams = getattr(_streams, "by_device", None)
+    if streams is None:
+        streams = _streams.by_device = {}
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device)
+    pinned = image_HWC.contiguous().pin_memory()
+    with torch.cuda.stream(stream):
+        src = pinned.to(device, non_blocking=True)
+        images, masks = preprocess_crops(src, **args)
+    stream.synchronize()  # also keeps `pinned` alive until the upload is done
+    consumer = torch.cuda.default_stream(device)
+    images.record_stream(consumer)
+    masks.record_stream(consumer)
+    return images, masks
 
 
 def crops_torch(image: torch.Tensor, canvas, canvas_resized, global_resized, tiling, crop: int,

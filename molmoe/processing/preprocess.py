@@ -218,13 +218,16 @@ def _resize_channels(image_HWC: np.ndarray, new_h: int, new_w: int,
 
 
 def resize_and_pad(image_HWC: np.ndarray, target: tuple[int, int], settings: ImageSettings,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   device: torch.device | str | None = None, *,
+                   size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [H, W, 3] -> (normalised float32 [TH, TW, 3], bool pixel mask [TH, TW]) on CPU.
 
     `device` may name a CUDA device to run the resize there; the CPU result is the reference.
+    `size`: the picture's (H, W) when the pixels are a reduced (fast) decode of it; the resized
+    size is the full picture's.
     """
     target_h, target_w = target
-    height, width = image_HWC.shape[:2]
+    height, width = size or image_HWC.shape[:2]
     new_h, new_w = scaled_size(height, width, target_h, target_w)
 
     x_CHW = _resize_channels(image_HWC, new_h, new_w, device)
@@ -356,24 +359,27 @@ class ImageInputs:
 
 def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageTokenIds,
                      device: torch.device | str | None = None, *,
-                     backend: str | None = None) -> ImageInputs:
+                     backend: str | None = None,
+                     size: tuple[int, int] | None = None) -> ImageInputs:
     """uint8 RGB [H, W, 3] -> crops, masks, token layout and feature positions of one image.
 
     backend: "auto" (default; or $MOLMOE_PREPROCESS) runs the native op when it is built and the
     Python path otherwise (warning once), "native" requires the op, "python" is the reference.
     device: a CUDA device runs the pixel work there (the op's CUDA path; images and masks are
     returned on that device); None is the CPU.
+    size: the picture's (H, W) when image_HWC is a reduced (fast, draft-mode) decode of it: the
+    layout and resized sizes are the full picture's, only the source pixels are fewer.
     """
     if image_HWC.dtype != np.uint8 or image_HWC.ndim != 3 or image_HWC.shape[2] != 3:
         raise UsageError(f"expected a uint8 [H, W, 3] array, got {image_HWC.dtype} "
                          f"{list(image_HWC.shape)} (use molmoe.processing.load_image)")
-    height, width = image_HWC.shape[:2]
+    height, width = size = tuple(size) if size is not None else image_HWC.shape[:2]
     layout = image_layout(height, width, settings)
     how = native.choose(backend, device)
     if how == "python":
-        images_TPD, masks_TP = _crops_python(image_HWC, layout, settings, device)
+        images_TPD, masks_TP = _crops_python(image_HWC, size, layout, settings, device)
     else:
-        images_TPD, masks_TP = _crops_op(image_HWC, layout, settings, device)
+        images_TPD, masks_TP = _crops_op(image_HWC, size, layout, settings, device)
     tokens = image_tokens(layout, settings, ids)
     return ImageInputs(images=images_TPD, image_masks=masks_TP,
                        image_input_idx=image_input_idx(tokens, layout, settings, ids),
@@ -386,32 +392,33 @@ def _canvas_size(layout: Layout, settings: ImageSettings) -> tuple[int, int]:
     return th * stride + margin, tw * stride + margin
 
 
-def _crops_op(image_HWC: np.ndarray, layout: Layout, settings: ImageSettings,
-              device) -> tuple[torch.Tensor, torch.Tensor]:
+def _crops_op(image_HWC: np.ndarray, size: tuple[int, int], layout: Layout,
+              settings: ImageSettings, device) -> tuple[torch.Tensor, torch.Tensor]:
     """images and masks through molmoe::preprocess_crops (native CPU op, or the CUDA path)."""
-    height, width = image_HWC.shape[:2]
+    height, width = size
     canvas = _canvas_size(layout, settings)
     src = torch.from_numpy(image_HWC) if image_HWC.flags.writeable else \
         torch.from_numpy(image_HWC.copy())
-    if device is not None and torch.device(device).type == "cuda":
-        # One upload from pinned memory; the resize, normalisation and cropping run there.
-        src = src.contiguous().pin_memory().to(device, non_blocking=True)
     crop = settings.crop_size
-    return native.preprocess_crops(
-        src, canvas=canvas, canvas_resized=scaled_size(height, width, *canvas),
+    args = dict(
+        canvas=canvas, canvas_resized=scaled_size(height, width, *canvas),
         global_resized=scaled_size(height, width, crop, crop), tiling=layout.tiling, crop=crop,
         stride=settings.window_size, patch=settings.image_patch_size, mean=settings.image_mean,
         std=settings.image_std, normalize=settings.do_normalize)
+    if device is not None and torch.device(device).type == "cuda":
+        return native.crops_on_device(src, torch.device(device), **args)
+    return native.preprocess_crops(src, **args)
 
 
-def _crops_python(image_HWC: np.ndarray, layout: Layout, settings: ImageSettings,
-                  device) -> tuple[torch.Tensor, torch.Tensor]:
+def _crops_python(image_HWC: np.ndarray, size: tuple[int, int], layout: Layout,
+                  settings: ImageSettings, device) -> tuple[torch.Tensor, torch.Tensor]:
     """images and masks by the reference Python path (the released processor's arithmetic)."""
     th, tw = layout.tiling
     crop, stride, p = settings.crop_size, settings.window_size, settings.image_patch_size
     canvas_HWC, canvas_mask_HW = resize_and_pad(image_HWC, _canvas_size(layout, settings),
-                                                settings, device)
-    global_HWC, _ = resize_and_pad(image_HWC, settings.base_image_input_size, settings, device)
+                                                settings, device, size=size)
+    global_HWC, _ = resize_and_pad(image_HWC, settings.base_image_input_size, settings, device,
+                                   size=size)
 
     crops, masks = [patchify(global_HWC, p)], []
     for i in range(th):

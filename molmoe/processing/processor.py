@@ -27,9 +27,9 @@ from molmoe.config import ConfigError, load_config
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.fileio import read_json
 from molmoe.processing import native
-from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, LoadedImage, load_image
 from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
-                                          n_image_tokens, preprocess_image)
+                                          n_image_tokens, preprocess_image, scaled_size)
 from molmoe.processing.tokenizer import Tokenizer
 
 
@@ -51,7 +51,7 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, settings: ImageSettings | None = None, *,
                  max_positions: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  device: torch.device | str | None = None, compat: str = "molmoe",
-                 preprocess: str | None = None):
+                 preprocess: str | None = None, fast_decode: bool = False):
         """max_positions: the model's position limit (config max_position_embeddings).
         device: where the pixel work runs (None = CPU; a CUDA device returns images and
         image_masks on it).
@@ -59,7 +59,10 @@ class Processor:
         preprocess: "native" (the csrc op: within 1e-6 of the released arithmetic, ~10x faster),
         "python" (the released arithmetic bit for bit) or "auto" (native when built, else python
         with a one-time warning). Default: "auto", but "python" under compat="released", which
-        promises bit-for-bit output."""
+        promises bit-for-bit output.
+        fast_decode: opt-in, NOT bit-exact: JPEGs at least 2x larger than the tile canvas are
+        decoded at reduced DCT scale (PIL draft mode; `load_image`). Measured error and answer
+        changes: docs/preprocessing.md."""
         self.compat = check_compat(compat)
         if preprocess is None:
             preprocess = "python" if self.compat == "released" else None
@@ -67,6 +70,7 @@ class Processor:
             raise UsageError(f"preprocess={preprocess!r} is not one of "
                              f"{', '.join(native.BACKENDS)}")
         self.preprocess = preprocess
+        self.fast_decode = bool(fast_decode)
         self.tokenizer = tokenizer
         self.settings = settings or ImageSettings()
         self.max_positions = max_positions
@@ -93,17 +97,34 @@ class Processor:
         kwargs.setdefault("max_positions", max_positions)
         return cls(Tokenizer.from_dir(d), settings, **kwargs)
 
+    def decode_target(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) the largest resize of an image of displayed size (W, H) goes to: the tile
+        canvas's resized image (the global view is smaller). A fast decode stops there."""
+        width, height = size
+        layout = image_layout(height, width, self.settings)
+        th, tw = layout.tiling
+        stride, margin = self.settings.window_size, self.settings.margin_pixels
+        new_h, new_w = scaled_size(height, width, th * stride + margin, tw * stride + margin)
+        return new_w, new_h
+
+    def load(self, image: ImageInput) -> LoadedImage:
+        """The image as this processor reads it (limits, compat, fast decode when enabled)."""
+        if isinstance(image, LoadedImage):
+            return image
+        return load_image(image, max_pixels=self.max_pixels, compat=self.compat,
+                          fast_decode=self.decode_target if self.fast_decode else None)
+
     def image_token_count(self, width: int, height: int) -> int:
         """How many prompt tokens an image of this size takes (no pixels touched)."""
         return n_image_tokens(image_layout(height, width, self.settings), self.settings)
 
-    def __call__(self, text: str, images: ImageInput | list | tuple | None = None,
+    def __call__(self, text: str, images: ImageInput | LoadedImage | list | tuple | None = None,
                  max_length: int | None = None) -> dict:
         """max_length: refuse prompts longer than this (default: the model's position limit).
         Leave room for the answer: pass the limit minus max_new_tokens."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if isinstance(images, (list, tuple)):
+        if isinstance(images, (list, tuple)) and not isinstance(images, LoadedImage):
             if len(images) > 1:
                 # The released code maps every later image onto the first one's positions (§4.6).
                 raise UsageError(f"got {len(images)} images; Molmo 0924 supports one image per "
@@ -118,13 +139,14 @@ class Processor:
             self._check_length(1 + len(text_ids), 0, limit)
             return {"input_ids": torch.from_numpy(np.concatenate([bos, text_ids]))}
 
-        pixels, original_size = load_image(images, max_pixels=self.max_pixels, compat=self.compat)
+        pixels, original_size = self.load(images)
         # Refuse before the pixel work: the token count depends on the size only.
-        n_img = self.image_token_count(pixels.shape[1], pixels.shape[0])
+        n_img = self.image_token_count(*original_size)
         self._check_length(1 + n_img + len(text_ids), n_img, limit)
 
         inputs = preprocess_image(pixels, self.settings, self.token_ids, self.device,
-                                  backend=self.preprocess)
+                                  backend=self.preprocess,
+                                  size=(original_size[1], original_size[0]))
         assert len(inputs.tokens) == n_img
         idx_TK = np.where(inputs.image_input_idx < 0, inputs.image_input_idx,
                           inputs.image_input_idx + 1).astype(np.int32)  # +1 for the BOS
