@@ -125,6 +125,7 @@ struct Job {
   int64_t in_h, in_w;
   int64_t crop, stride, patch;
   float mean[3], std[3], pad[3];
+  std::vector<float> mean3, std3;  // mean / std repeated along the widest resized row
   bool normalize;
   float* images;  // [T, P, p*p*3]
   int64_t patches_per_side;
@@ -205,6 +206,28 @@ void resize_col_h(const float* __restrict b, const float* w, int64_t count, int6
 
 // Canvas row y of a view, finished: `resized` is the resized row (new_w * 3 floats in [0, 1]
 // before the clamp), or null for a padding row. Clamp, pad, normalise, scatter into crops.
+// Clamp to [0, 1] and normalise n interleaved RGB values: (v - mean) / std, one division each
+// as the Python path does (mean3 / std3 hold the per-channel values repeated along the row).
+__attribute__((target_clones("avx2", "default")))
+void normalise_row(const float* __restrict in, const float* __restrict mean3,
+                   const float* __restrict std3, bool normalize, int64_t n,
+                   float* __restrict out) {
+  if (normalize) {
+    for (int64_t k = 0; k < n; ++k)
+      out[k] = (std::min(std::max(in[k], 0.0f), 1.0f) - mean3[k]) / std3[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = std::min(std::max(in[k], 0.0f), 1.0f);
+  }
+}
+
+// Copy one canvas row into the patch rows of every crop that holds it: `pps` runs of P floats.
+template <int64_t P>
+inline void scatter_runs(float* dst, const float* src, int64_t pps, int64_t dst_step,
+                         int64_t src_step, int64_t run) {
+  for (int64_t px = 0; px < pps; ++px)
+    std::memcpy(dst + px * dst_step, src + px * src_step, (P > 0 ? P : run) * sizeof(float));
+}
+
 void finish_row(const Job& job, const View& view, int64_t y, const float* resized,
                 std::vector<float>& row) {
   const int64_t W = view.out_w;
@@ -213,11 +236,9 @@ void finish_row(const Job& job, const View& view, int64_t y, const float* resize
   const int64_t left = resized ? view.left : W, right = resized ? view.left + view.new_w : W;
   for (int64_t x = 0; x < left; ++x)
     for (int c = 0; c < 3; ++c) r[x * 3 + c] = job.pad[c];
-  for (int64_t x = left; x < right; ++x)
-    for (int c = 0; c < 3; ++c) {
-      const float v = std::min(std::max(resized[(x - left) * 3 + c], 0.0f), 1.0f);
-      r[x * 3 + c] = job.normalize ? (v - job.mean[c]) / job.std[c] : v;
-    }
+  if (right > left)
+    normalise_row(resized, job.mean3.data(), job.std3.data(), job.normalize, (right - left) * 3,
+                  r + left * 3);
   for (int64_t x = right; x < W; ++x)
     for (int c = 0; c < 3; ++c) r[x * 3 + c] = job.pad[c];
   // Every crop row of the grid that holds canvas row y (crops overlap by crop - stride).
@@ -231,8 +252,10 @@ void finish_row(const Job& job, const View& view, int64_t y, const float* resize
       float* dst = job.images + (view.first_crop + gi * view.grid_w + gj) * crop_elems +
                    py * pps * pp3 + dy * p * 3;
       const float* src = r + gj * job.stride * 3;
-      for (int64_t px = 0; px < pps; ++px)
-        std::memcpy(dst + px * pp3, src + px * p * 3, p * 3 * sizeof(float));
+      if (p == 14)  // the released geometry: fixed 168-byte copies, inlined
+        scatter_runs<42>(dst, src, pps, pp3, p * 3, p * 3);
+      else
+        scatter_runs<0>(dst, src, pps, pp3, p * 3, p * 3);
     }
   }
 }
@@ -326,6 +349,13 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
     job.pad[c] = normalize ? (0.0f - job.mean[c]) / job.std[c] : 0.0f;
   }
 
+  const int64_t widest = std::max(canvas_resized[1], global_resized[1]);
+  job.mean3.resize(widest * 3);
+  job.std3.resize(widest * 3);
+  for (int64_t k = 0; k < widest * 3; ++k) {
+    job.mean3[k] = job.mean[k % 3];
+    job.std3[k] = job.std[k % 3];
+  }
   auto make_view = [&](int64_t out_h, int64_t out_w, int64_t nh, int64_t nw, int64_t gh,
                        int64_t gw, int64_t first) {
     View v;
