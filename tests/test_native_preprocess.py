@@ -118,15 +118,6 @@ def test_all_byte_values_exact():
     assert torch.equal(got.images, want.images)
 
 
-def test_unit_conversion_identity():
-    """csrc converts uint8 with v * (1/255) in double, rounded to float: equal to the float32
-    division of the Python path for every byte value (what makes it vectorisable)."""
-    v = np.arange(256)
-    by_division = v.astype(np.float32) / np.float32(255.0)
-    by_multiply = (v.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
-    assert np.array_equal(by_division, by_multiply)
-
-
 def test_width_one_quirk_is_reproduced():
     """torch's CPU antialiased resize repeats output row 0 down a 1-px-wide column; the Python
     path (the released processor) inherits it, so the op reproduces it."""
