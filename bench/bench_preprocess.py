@@ -26,7 +26,6 @@ import pathlib
 import random
 import tempfile
 
-import numpy as np
 import torch
 from PIL import Image
 

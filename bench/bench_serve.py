@@ -17,7 +17,6 @@ import asyncio
 import base64
 import io
 import json
-import statistics
 import time
 
 import numpy as np

@@ -210,7 +210,7 @@ def run_model(model_dir: str, prompts: list[tuple[str, str]], *, batch: int = 64
     import torch
 
     from molmoe.generation.engine import Engine, GenerationConfig
-    from molmoe.pipeline import load_pipeline
+    from molmoe.pipeline import generate_many, load_pipeline
 
     torch.set_grad_enabled(False)
     proc, model, eos = load_pipeline(model_dir, device="cpu")
@@ -221,11 +221,12 @@ def run_model(model_dir: str, prompts: list[tuple[str, str]], *, batch: int = 64
     limit = model.config.text.max_position_embeddings - max_new_tokens
     engine = Engine(model, proc.tokenizer, max_batch=batch)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    out = []
-    for start in range(0, len(prompts), batch):
-        inputs = [proc(q, path, max_length=limit) for q, path in prompts[start:start + batch]]
-        inputs = [{k: v for k, v in x.items() if k != "original_size"} for x in inputs]
-        out += [r.text for r in engine.generate(inputs, config)]
+    out = [None] * len(prompts)
+    # Images are decoded and preprocessed on worker threads while the engine decodes.
+    for item in generate_many(engine, proc, prompts, config, max_length=limit):
+        if item.error is not None:
+            raise item.error
+        out[item.index] = item.result.text
     return out
 
 
