@@ -41,6 +41,11 @@ def add_app_commands(sub) -> None:
                         "of ~179 Mpx; 0 = no limit, for trusted files only)")
     p.add_argument("--json", action="store_true",
                    help="print answer, points, count and timings as JSON (no streaming)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode a JPEG at 1/2, 1/4 or 1/8 scale (PIL draft mode) when the model "
+                        "resizes it to at most half its size: much faster on phone photos, NOT "
+                        "bit-exact (the README gives the measured error); --points-out then "
+                        "draws on the reduced picture, point pixels stay the full picture's")
     p.set_defaults(func=_generate)
 
     d = sub.add_parser("demo", help="run the whole path on the built-in tiny checkpoint "
@@ -137,19 +142,20 @@ def _run(proc, model, eos, *, prompt, image, config, max_pixels, stream: bool,
 
     from molmoe.generation import Engine, prompt_allowance
     from molmoe.points import parse_points
-    from molmoe.processing import PromptTooLongError, load_image
+    from molmoe.processing import LoadedImage, PromptTooLongError, load_image
 
     pil = None
-    pixels = None
+    loaded = None
     if image is not None:
         # As the processor sees it (EXIF applied, unless compat="released"): points refer to
-        # this picture
-        pixels, _size = load_image(image, max_pixels=max_pixels, compat=proc.compat)
-        pil = Image.fromarray(pixels)
+        # this picture (a LoadedImage: the full picture's size, maybe fewer pixels)
+        loaded = image if isinstance(image, LoadedImage) else load_image(
+            image, max_pixels=max_pixels, compat=proc.compat)
+        pil = Image.fromarray(loaded.pixels)
     limit = prompt_allowance(model.config.text.max_position_embeddings, config.max_new_tokens)
     try:
-        proc.max_pixels = max_pixels  # the array is checked again there
-        inputs = proc(prompt, images=pixels, max_length=limit)
+        proc.max_pixels = max_pixels
+        inputs = proc(prompt, images=loaded, max_length=limit)
     except PromptTooLongError as e:  # say where the allowance comes from
         raise PromptTooLongError(e.needed, e.image_tokens, e.allowed, note=(
             f"{model.config.text.max_position_embeddings} positions minus "
@@ -225,7 +231,15 @@ def _generate(args) -> int:
                          f"not {str(device)!r}")
     image = None
     if args.image:  # a missing or broken image fails before the (slow) model load, decoded once
-        image = load_image(args.image, max_pixels=max_pixels, compat=args.compat)
+        fast = None
+        if args.fast_decode:  # the decode target needs the checkpoint's crop geometry
+            from molmoe.checkpoint.files import resolve
+            from molmoe.processing.processor import decode_target, image_settings
+
+            settings = image_settings(resolve(args.model))
+            fast = lambda size: decode_target(settings, size)  # noqa: E731
+        image = load_image(args.image, max_pixels=max_pixels, compat=args.compat,
+                           fast_decode=fast)
     out_format = None
     if args.points_out is not None:
         out_format = check_image_output(args.points_out, inputs=[args.image], size=image.size,
@@ -234,11 +248,10 @@ def _generate(args) -> int:
                              device=str(device), check_finite=args.check_finite,
                              compat=args.compat)
     tty = sys.stdout.isatty()  # a terminal gets escapes shown, a pipe the exact answer
-    result, answer, pil = _run(proc, model, eos, prompt=prompt,
-                               image=None if image is None else image.pixels, config=config,
+    result, answer, pil = _run(proc, model, eos, prompt=prompt, image=image, config=config,
                                max_pixels=max_pixels, stream=not args.json, escape=tty,
                                decode_mode=args.decode_mode)
-    size = pil.size if pil is not None else None
+    size = image.size if image is not None else None
     extra = {}
     if out_format is not None:
         save_image(draw_points(pil, answer.groups), args.points_out, out_format,

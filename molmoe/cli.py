@@ -105,7 +105,8 @@ def _serve(args) -> int:
         max_image_pixels=args.max_image_pixels or None, allow_local_files=args.allow_local_files,
         allow_remote_images=args.allow_remote_images, api_key=args.api_key,
         shutdown_grace_s=args.shutdown_grace, decode_mode=args.decode_mode,
-        max_connections=args.max_connections, header_timeout_s=args.header_timeout)
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+        fast_decode=args.fast_decode)
     app = load_and_create(args.model, options, host=args.host, port=args.port, dtype=args.dtype,
                           device=args.device, backend=args.backend)
     print(f"molmoe serve: {args.model} on http://{args.host}:{args.port} "
@@ -127,6 +128,9 @@ def _add_serve_command(sub) -> None:
                                      "/health and the page / (or set MOLMOE_API_KEY)",
                    default=os.environ.get("MOLMOE_API_KEY"))
     s.add_argument("--max-batch", type=int, default=d.max_batch, help="decode rows")
+    s.add_argument("--fast-decode", action="store_true",
+                   help="decode large JPEGs at 1/2, 1/4 or 1/8 scale (PIL draft mode) when the "
+                        "model needs at most half their size: faster, NOT bit-exact")
     s.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests admitted at once (waiting + running); beyond: 429")
     s.add_argument("--max-len", type=int, default=None,

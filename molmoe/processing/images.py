@@ -397,31 +397,36 @@ def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int |
               compat: str, fast_decode: DecodeTarget | None = None) -> LoadedImage:
     with _pil_warnings_silenced():
         _check_before_load(img, name, max_pixels, budget)
-        orientation = _orientation(img) if compat == "molmoe" else 1
-        w, h = img.size
-        displayed = (h, w) if orientation >= 5 else (w, h)
-        if fast_decode is not None:
-            _draft(img, fast_decode, displayed, orientation)
+        stored = img.size
+        drafted = fast_decode is not None and _draft(img, fast_decode, compat)
         with _pil_errors(name, "cannot decode image"):  # truncated or corrupt data
             img.load()
         _check_size(img, name, max_pixels, budget)
         _check_finite(img, name)
         loaded = _converted(img, name, compat)
-        return LoadedImage(loaded.pixels, displayed)
+        if not drafted:
+            return loaded
+        # The picture's size is the full stored size, turned as _converted turned the pixels.
+        w, h = stored
+        orientation = _orientation(img) if compat == "molmoe" else 1
+        return LoadedImage(loaded.pixels, (h, w) if orientation >= 5 else (w, h))
 
 
-def _draft(img: Image.Image, target: DecodeTarget, displayed: tuple[int, int],
-           orientation: int) -> None:
-    """PIL's JPEG draft mode (DCT scaling) when the target is at least 2x smaller."""
+def _draft(img: Image.Image, target: DecodeTarget, compat: str) -> bool:
+    """PIL's JPEG draft mode (DCT scaling) when the target is at least 2x smaller; whether it
+    was set. A JPEG's EXIF is read when it is opened, so its orientation is known here."""
     if img.format != "JPEG" or getattr(img, "_im", None) is not None:  # not JPEG, or decoded
-        return
-    need = target(displayed)
-    if need is None:
-        return
-    need_w, need_h = (need[1], need[0]) if orientation >= 5 else need  # as stored
+        return False
+    orientation = _orientation(img) if compat == "molmoe" else 1
     w, h = img.size
-    if w >= 2 * need_w and h >= 2 * need_h:
-        img.draft(img.mode, (need_w, need_h))  # PIL keeps the result >= the requested size
+    need = target((h, w) if orientation >= 5 else (w, h))
+    if need is None:
+        return False
+    need_w, need_h = (need[1], need[0]) if orientation >= 5 else need  # as stored
+    if w < 2 * need_w or h < 2 * need_h:
+        return False
+    img.draft(img.mode, (need_w, need_h))  # PIL keeps the result >= the requested size
+    return img.size != (w, h)
 
 
 def _check_before_load(img: Image.Image, name: str, max_pixels: int | None,

@@ -18,6 +18,7 @@ matching switch for its crop-validity rule (`Molmo.set_compat`).
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import torch
@@ -40,6 +41,24 @@ class PromptTooLongError(MolmoeError):
         self.needed, self.image_tokens, self.allowed = needed, image_tokens, allowed
         super().__init__(f"prompt needs {needed} tokens ({image_tokens} image tokens), "
                          f"the model allows {allowed}" + (f" ({note})" if note else ""))
+
+
+def image_settings(directory) -> ImageSettings:
+    """The checkpoint directory's preprocessor_config.json (the released defaults without one)."""
+    pre = pathlib.Path(directory) / "preprocessor_config.json"
+    if not pre.exists():
+        return ImageSettings()
+    return ImageSettings.from_config(read_json(pre, ConfigError), source=str(pre))
+
+
+def decode_target(settings: ImageSettings, size: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) the largest resize of an image of displayed size (W, H) goes to: the tile canvas's
+    resized image (the global view is smaller). A fast decode needs no more pixels than this."""
+    width, height = size
+    th, tw = image_layout(height, width, settings).tiling
+    stride, margin = settings.window_size, settings.margin_pixels
+    new_h, new_w = scaled_size(height, width, th * stride + margin, tw * stride + margin)
+    return new_w, new_h
 
 
 def prompt_text(text: str) -> str:
@@ -85,10 +104,8 @@ class Processor:
         from molmoe.checkpoint.files import resolve
 
         d = resolve(model_id_or_dir)
-        settings = ImageSettings()
+        settings = image_settings(d)
         pre = d / "preprocessor_config.json"
-        if pre.exists():
-            settings = ImageSettings.from_config(read_json(pre, ConfigError), source=str(pre))
         max_positions = None
         if (d / "config.json").exists():  # where the processor meets the model's config
             config = load_config(d / "config.json")
@@ -98,14 +115,8 @@ class Processor:
         return cls(Tokenizer.from_dir(d), settings, **kwargs)
 
     def decode_target(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(W, H) the largest resize of an image of displayed size (W, H) goes to: the tile
-        canvas's resized image (the global view is smaller). A fast decode stops there."""
-        width, height = size
-        layout = image_layout(height, width, self.settings)
-        th, tw = layout.tiling
-        stride, margin = self.settings.window_size, self.settings.margin_pixels
-        new_h, new_w = scaled_size(height, width, th * stride + margin, tw * stride + margin)
-        return new_w, new_h
+        """`decode_target` for this processor's settings."""
+        return decode_target(self.settings, size)
 
     def load(self, image: ImageInput) -> LoadedImage:
         """The image as this processor reads it (limits, compat, fast decode when enabled)."""

@@ -139,22 +139,29 @@ def read_image_url(url: str, policy: ImagePolicy) -> tuple[bytes, str]:
                                 if policy.allow_remote else ""))
 
 
-def open_image(data: bytes, policy: ImagePolicy, name: str) -> Image.Image:
-    """Encoded bytes -> an RGB PIL image, through molmoe's image limits (pixels and decode bytes
-    checked from the header before decoding, EXIF orientation applied, alpha composited).
+def read_image(data: bytes, policy: ImagePolicy, name: str,
+               fast_decode: _images.DecodeTarget | None = None) -> _images.LoadedImage:
+    """Encoded bytes -> RGB pixels and the picture's size, through molmoe's image limits (pixels
+    and decode bytes checked from the header before decoding, EXIF orientation applied, alpha
+    composited); `fast_decode` as in `load_image` (a reduced JPEG decode, opt-in).
     Refusals: 413 too large, 415 not an image (or a format molmoe does not decode), 400 corrupt.
     """
     if len(data) > policy.max_bytes:
         raise ImageInputError(413, f"{name}: {len(data):,} bytes, over the limit of "
                                    f"{policy.max_bytes:,}")
-    loaded = _load_bytes(bytes(data), name, policy.max_pixels)
-    return Image.fromarray(loaded.pixels, "RGB")
+    return _load_bytes(bytes(data), name, policy.max_pixels, fast_decode)
+
+
+def open_image(data: bytes, policy: ImagePolicy, name: str) -> Image.Image:
+    """`read_image` as an RGB PIL image."""
+    return Image.fromarray(read_image(data, policy, name).pixels, "RGB")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
-def _load_bytes(data: bytes, name: str, max_pixels: int | None) -> _images.LoadedImage:
+def _load_bytes(data: bytes, name: str, max_pixels: int | None,
+                fast_decode: _images.DecodeTarget | None = None) -> _images.LoadedImage:
     """processing.images' `_from_path` for bytes in memory (load_image takes paths, PIL images
     and arrays only), with each refusal sorted by kind: the limits (checked from the header,
     before any decoding) -> 413; not an image / refused format -> 415; corrupt data -> 400."""
@@ -188,7 +195,7 @@ def _load_bytes(data: bytes, name: str, max_pixels: int | None) -> _images.Loade
                          max_pixels, budget)
             try:
                 # ICNS's embedded header, the decode, the re-check of the size, conversion.
-                return _images._from_pil(img, name, max_pixels, budget, "molmoe")
+                return _images._from_pil(img, name, max_pixels, budget, "molmoe", fast_decode)
             except _images.ImageError as e:
                 msg = str(e)
                 status = 413 if ("over the limit" in msg or "decode budget" in msg) else \

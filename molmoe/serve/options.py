@@ -39,6 +39,9 @@ class ServeOptions:
     fetch_timeout_s: float = 10.0
     # Threads that fetch, decode and process images and text (never the engine thread).
     preprocess_workers: int = 2
+    # Decode large JPEGs at reduced DCT scale when the model needs at most half their size
+    # (PIL draft mode): faster, NOT bit-exact (docs/preprocessing.md). Off by default.
+    fast_decode: bool = False
     # On SIGINT/SIGTERM: running requests get this long to finish, then they are cancelled.
     shutdown_grace_s: float = 30.0
     retry_after_s: int = 1  # the Retry-After of a 429

@@ -34,7 +34,7 @@ from molmoe.serve.metrics import Metrics
 from molmoe.serve.options import ServeOptions
 from molmoe.serve.schemas import APIError
 
-from molmoe.serve.images import ImageInputError, ImagePolicy, open_image, read_image_url
+from molmoe.serve.images import ImageInputError, ImagePolicy, read_image, read_image_url
 
 log = logging.getLogger("molmoe.serve")
 _STOP = object()
@@ -173,7 +173,8 @@ class EngineWorker:
         image = None
         if image_url is not None:
             data, description = read_image_url(image_url, self.policy)
-            image = open_image(data, self.policy, description)
+            image = read_image(data, self.policy, description,
+                               self.proc.decode_target if self.options.fast_decode else None)
         # Room for the answer in the model's positions and in a cache row (the last sampled
         # token is never fed back, hence the +1).
         limit = min(self.max_positions - max_new_tokens, self.max_len + 1 - max_new_tokens)
