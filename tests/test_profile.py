@@ -40,7 +40,7 @@ def test_cli_end_to_end_writes_json_png_traces(tmp_path, small_image, capsys):
         assert text in printed
     report = json.loads((out / "profile.json").read_text())
     assert (out / "profile.png").stat().st_size > 1000
-    for key in ("command", "environment", "model", "prompt", "preprocessing_ms",
+    for key in ("command", "environment", "model", "prompt", "preprocessing_ms", "image_decode_ms",
                 "implementations", "ratios", "greedy_check", "needs_gpu"):
         assert key in report, key
     assert {"date", "commit", "device", "torch", "transformers"} <= set(report["environment"])
