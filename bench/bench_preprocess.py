@@ -3,7 +3,7 @@ the native op (csrc/) and the GPU path, per image size, as ratios measured in on
 
     python -m bench.bench_preprocess              # the issue's sizes, 2 threads (all cores)
     python -m bench.bench_preprocess --quick      # fewer repetitions
-    python -m bench.bench_preprocess --answers CHECKPOINT_DIR   # + fast-decode answer changes
+    python -m bench.bench_preprocess --answers CKPT --data SET.jsonl   # + fast-decode answers
 
 Per size (a photo, resized and saved as a quality-90 JPEG):
   decode        load_image: read, JPEG decode, RGB (what every path pays first)
@@ -17,7 +17,8 @@ from the same run. Targets (issue 16, this 2-core CPU): 640x480 <= 3 ms, 1920x10
 
 Fast decode's cost in accuracy: the max and mean absolute difference of the processor's `images`
 (normalised pixels) between the exact and the fast decode, per size; with --answers, how many
-greedy answers of that checkpoint change on synthetic scenes saved as large JPEGs.
+greedy answers of that checkpoint change, and how far its first point moves, on pictures of its
+own domain (a fine-tuning JSONL) enlarged and saved as JPEGs.
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def photo() -> Image.Image:
         return render(make_sample(random.Random(0)).scene)
 
 
-def write_jpegs(directory: pathlib.Path) -> dict[tuple[int, int], pathlib.Path]:
+def write_jpegs(directory: pathlib.Path, sizes) -> dict[tuple[int, int], pathlib.Path]:
     src = photo()
     paths = {}
-    for w, h in SIZES:
+    for w, h in sizes:
         path = directory / f"photo_{w}x{h}.jpg"
         src.resize((w, h), Image.LANCZOS).save(path, quality=90)
         paths[(w, h)] = path
@@ -90,34 +91,52 @@ def bench_size(path: pathlib.Path, settings: ImageSettings, reps: int, fast_proc
     return row
 
 
-def answer_changes(checkpoint: str, n: int, directory: pathlib.Path) -> dict:
-    """Greedy answers of `checkpoint` with exact and fast decode on n synthetic scenes, each
-    upscaled 4x (so draft mode applies) and saved as a quality-90 JPEG."""
+def answer_changes(checkpoint: str, data: pathlib.Path, n: int, upscale: int,
+                   directory: pathlib.Path) -> dict:
+    """Greedy answers of `checkpoint` with the exact and the fast decode, on the first n
+    examples of a fine-tuning JSONL (molmoe train's format: in-domain for the checkpoint), each
+    picture upscaled `upscale`x and saved as a quality-90 JPEG so that draft mode applies."""
     from molmoe.generation.engine import Engine, GenerationConfig
-    from molmoe.pipeline import load_pipeline
-    from molmoe.synthetic import make_sample, render
+    from molmoe.pipeline import generate_many, load_pipeline
+    from molmoe.points import parse_points
 
     torch.set_grad_enabled(False)
     proc, model, eos = load_pipeline(checkpoint, device="cpu")
-    engine = Engine(model, proc.tokenizer, eos_token_id=eos, max_batch=16)
+    engine = Engine(model, proc.tokenizer, eos_token_id=eos, max_batch=32)
     config = GenerationConfig(max_new_tokens=48)
-    prompts = []
-    for i in range(n):
-        sample = make_sample(random.Random(2_000_000 + i))
-        img = render(sample.scene)
-        path = directory / f"scene_{i}.jpg"
-        img.resize((img.width * 4, img.height * 4), Image.BICUBIC).save(path, quality=90)
-        prompts.append((sample.question, path))
-    answers = {}
+    items = []
+    for k, line in enumerate(data.read_text().splitlines()[:n]):
+        record = json.loads(line)
+        img = Image.open(data.parent / record["image"]).convert("RGB")
+        path = directory / f"answers_{k}.jpg"
+        img.resize((img.width * upscale, img.height * upscale), Image.BICUBIC).save(
+            path, quality=90)
+        items.append((record["messages"][0]["content"], str(path)))
+    answers, decoded = {}, None
     for fast in (False, True):
         proc.fast_decode = fast
-        inputs = [{k: v for k, v in proc(q, p).items() if k != "original_size"}
-                  for q, p in prompts]
-        answers[fast] = [r.text for r in engine.generate(inputs, config)]
+        out = [None] * len(items)
+        for item in generate_many(engine, proc, items, config):
+            if item.error is not None:
+                raise item.error
+            out[item.index] = item.result.text
+        answers[fast] = out
+        if fast:
+            decoded = list(proc.load(items[0][1]).pixels.shape[:2])
     proc.fast_decode = False
     changed = sum(a != b for a, b in zip(answers[False], answers[True]))
-    return {"checkpoint": checkpoint, "scenes": n, "changed": changed,
-            "changed_fraction": changed / n}
+    shifts = []
+    for a, b in zip(answers[False], answers[True]):
+        pa, pb = parse_points(a).points, parse_points(b).points
+        if pa and pb:
+            shifts.append(((pa[0][0] - pb[0][0]) ** 2 + (pa[0][1] - pb[0][1]) ** 2) ** 0.5)
+    return {"checkpoint": checkpoint, "data": str(data), "examples": len(items),
+            "upscale": upscale, "stored_size": list(Image.open(items[0][1]).size),
+            "fast_decoded_hw": decoded, "changed": changed,
+            "changed_fraction": changed / len(items),
+            "first_point_shift_pct": {"n": len(shifts),
+                                      "mean": sum(shifts) / len(shifts) if shifts else None,
+                                      "max": max(shifts) if shifts else None}}
 
 
 def main(argv=None) -> dict:
@@ -125,8 +144,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, all cores)")
     parser.add_argument("--answers", metavar="CHECKPOINT", default=None,
-                        help="also count greedy answers changed by fast decode")
-    parser.add_argument("--scenes", type=int, default=100)
+                        help="also count greedy answers changed by fast decode (with --data)")
+    parser.add_argument("--data", type=pathlib.Path, default=None,
+                        help="fine-tuning JSONL in the checkpoint's domain, for --answers")
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated WxH (default: " +
+                             ",".join(f"{w}x{h}" for w, h in SIZES) + ")")
+    parser.add_argument("--upscale", type=int, default=8,
+                        help="enlarge each picture this much before saving it as JPEG")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,13 +166,18 @@ def main(argv=None) -> dict:
     report = {"environment": {**environment(), "threads": torch.get_num_threads()},
               "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_jpegs(pathlib.Path(tmp))
+        sizes = SIZES if not args.sizes else [
+            tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
+        paths = write_jpegs(pathlib.Path(tmp), sizes)
         for (w, h), path in paths.items():
             row = bench_size(path, settings, reps, fast_proc)
             report["sizes"][f"{w}x{h}"] = {
                 k: (vars(v) if hasattr(v, "p50_ms") else v) for k, v in row.items()}
         if args.answers:
-            report["answers"] = answer_changes(args.answers, args.scenes, pathlib.Path(tmp))
+            if args.data is None:
+                raise SystemExit("--answers needs --data (a JSONL in the checkpoint's domain)")
+            report["answers"] = answer_changes(args.answers, args.data, args.examples,
+                                               args.upscale, pathlib.Path(tmp))
     print(table(report))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "preprocess.json").write_text(json.dumps(report, indent=2, default=str))
@@ -177,8 +208,13 @@ def table(report: dict) -> str:
                      f"{row['native']['p80_ms']:.2f}] ms")
     if "answers" in report:
         a = report["answers"]
-        lines.append(f"fast decode changed {a['changed']} of {a['scenes']} greedy answers "
-                     f"({a['changed_fraction']:.1%}) of {a['checkpoint']}")
+        shift = a["first_point_shift_pct"]
+        lines.append(f"fast decode changed {a['changed']} of {a['examples']} greedy answers "
+                     f"({a['changed_fraction']:.1%}) of {a['checkpoint']} on {a['data']} "
+                     f"(pictures {a['stored_size'][0]}x{a['stored_size'][1]}, fast-decoded to "
+                     f"{a['fast_decoded_hw'][1]}x{a['fast_decoded_hw'][0]}); first point moved "
+                     f"{shift['mean'] if shift['mean'] is None else round(shift['mean'], 2)}% "
+                     f"of the picture on average (max {shift['max']}) over {shift['n']} answers")
     return "\n".join(lines)
 
 
