@@ -77,8 +77,11 @@ def native_available() -> bool:
 
 @functools.cache
 def _warn_fallback(why: str) -> None:
-    warnings.warn(f"molmoe: native image preprocessing unavailable ({why}); using the Python "
-                  f"path, about 10x slower; {BUILD_HINT}", RuntimeWarning, stacklevel=3)
+    # warn_explicit with a file that has no source line: one line on stderr, still a warning
+    # (filterable, and pytest.warns sees it).
+    warnings.warn_explicit(f"native image preprocessing unavailable ({why}); using the Python "
+                           f"path, about 10x slower; {BUILD_HINT}", RuntimeWarning,
+                           filename="molmoe", lineno=0, module="molmoe.processing.native")
 
 
 def choose(backend: str | None, device) -> str:
