@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -378,12 +379,15 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
       make_view(canvas[0], canvas[1], canvas_resized[0], canvas_resized[1], th, tw, 1)};
 
   // Work items: bands of input rows (each finishes the output rows whose first tap it holds,
-  // for both views), and chunks of padding rows. About four items per thread.
+  // for both views), then chunks of padding rows. Items differ in cost (a band of a view that
+  // is only padded costs nothing), so threads take the next item as they finish one instead of
+  // a fixed share: about eight bands per thread keeps the tail short; each band re-reads the
+  // taps of its last rows (a few rows), which bounds how small bands are worth making.
   struct Item { int view; int64_t a, b; };  // view -1: input rows [a, b); else pad rows
   std::vector<Item> items;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t band_rows =
-      std::clamp<int64_t>((job.in_h + 4 * threads - 1) / (4 * threads), 16, 256);
+      std::clamp<int64_t>((job.in_h + 8 * threads - 1) / (8 * threads), 16, 256);
   for (int64_t r = 0; r < job.in_h; r += band_rows)
     items.push_back({-1, r, std::min(r + band_rows, job.in_h)});
   for (int v = 0; v < 2; ++v) {
@@ -392,15 +396,19 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
                           std::pair<int64_t, int64_t>{view.top + view.new_h, view.out_h}})
       for (int64_t y = y0; y < y1; y += 64) items.push_back({v, y, std::min(y + 64, y1)});
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b0, int64_t b1) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t t0, int64_t t1) {
     Scratch scratch;
-    for (int64_t k = b0; k < b1; ++k) {
-      const Item& it = items[k];
-      if (it.view < 0) {
-        run_input_band(job, views, it.a, it.b, scratch);
-      } else {
-        for (int64_t y = it.a; y < it.b; ++y)
-          finish_row(job, views[it.view], y, nullptr, scratch.row);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t k = next++; k < n_items; k = next++) {
+        const Item& it = items[k];
+        if (it.view < 0) {
+          run_input_band(job, views, it.a, it.b, scratch);
+        } else {
+          for (int64_t y = it.a; y < it.b; ++y)
+            finish_row(job, views[it.view], y, nullptr, scratch.row);
+        }
       }
     }
   });
