@@ -82,6 +82,12 @@ def test_extension_is_built():
     assert native.native_available(), native._load()
 
 
+def test_registered_as_one_op_with_cpu_and_cuda_kernels():
+    native._load()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("molmoe::preprocess_crops", "CPU") and has("molmoe::preprocess_crops", "CUDA")
+
+
 def test_sweep_covers_what_the_issue_asks():
     counts = {image_layout(h, w, DEFAULT).n_crops - 1 for h, w in SIZES}
     assert set(range(1, 13)) <= counts
@@ -227,6 +233,8 @@ b = preprocess_image(img, s, ids)
 c = preprocess_image(img, s, ids, backend="python")
 assert torch.equal(a.images, c.images) and torch.equal(b.images, c.images)
 print("available", native.native_available())
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+print("cuda kernel", has("molmoe::preprocess_crops", "CUDA"))
 try:
     preprocess_image(img, s, ids, backend="native")
 except native.NativeUnavailableError as e:
@@ -235,6 +243,7 @@ except native.NativeUnavailableError as e:
     r = _run(code, MOLMOE_NO_NATIVE="1")
     assert r.returncode == 0, r.stderr
     assert "available False" in r.stdout
+    assert "cuda kernel True" in r.stdout  # the GPU path needs no compiler
     assert "refused:" in r.stdout and "pip install --no-build-isolation" in r.stdout
     warnings = [line for line in r.stderr.splitlines()
                 if "native image preprocessing unavailable" in line]
