@@ -199,7 +199,8 @@ def table(report: dict) -> str:
             "PASS" if nat <= target and py / nat >= TARGET_SPEEDUP else "FAIL")
         goal = f"<={target:g}ms {ok}" if target else ""
         err = row["fast_decode_error"]
-        lines.append(f"{name:<10} {row['decode']['p50_ms']:7.1f} {row['decode_fast']['p50_ms']:8.1f}"
+        decode, fast = row["decode"]["p50_ms"], row["decode_fast"]["p50_ms"]
+        lines.append(f"{name:<10} {decode:7.1f} {fast:8.1f}"
                      f" {py:8.1f} {nat:8.2f} {cuda} {py / nat:7.1f}x  {goal:<12}"
                      f" {err['max']:.3f} / {err['mean']:.4f} "
                      f"(decoded {row['fast_decode_pixels'][1]}x{row['fast_decode_pixels'][0]})")

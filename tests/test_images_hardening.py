@@ -460,3 +460,27 @@ def test_float_tiff_with_nan_or_inf_is_refused(tmp_path, compat):
     finite = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)
     Image.fromarray(finite).save(tmp_path / "ok.tiff")
     assert load_image(tmp_path / "ok.tiff", compat=compat).size == (2, 2)
+
+
+def test_image_errors_carry_a_kind(tmp_path):
+    """Callers sort refusals by ImageError.kind (the server's 413 / 415 / 400), not by text."""
+    import io
+
+    from PIL import Image
+
+    from molmoe.processing import ImageError, load_image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buf, "PNG")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(buf.getvalue()[:60])
+    cases = [(big, {"max_pixels": 1000}, "too_large"), (text, {}, "unsupported"),
+             (broken, {}, "corrupt"), (tmp_path / "missing.png", {}, "invalid")]
+    for path, kw, kind in cases:
+        with pytest.raises(ImageError) as e:
+            load_image(path, **kw)
+        assert e.value.kind == kind, (path, e.value)

@@ -96,7 +96,7 @@ def _pil_errors(name: str, what: str):
     except ImageError:
         raise
     except _PIL_DATA_ERRORS as e:
-        raise ImageError(f"{name}: {what} ({_describe(e)})") from None
+        raise ImageError(f"{name}: {what} ({_describe(e)})", "corrupt") from None
 
 
 # What PIL's convert raises for a mode it cannot turn into RGB/RGBA (e.g. LAB).
@@ -118,7 +118,20 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class ImageError(MolmoeError):
-    """An image that cannot be used; the message names the file (or input kind) and the problem."""
+    """An image that cannot be used; the message names the file (or input kind) and the problem.
+
+    `kind` sorts the problem for callers that answer differently (the server's HTTP status):
+    "too_large" (over the pixel limit or the decode budget), "unsupported" (not an image, or a
+    format molmoe refuses to decode), "corrupt" (the decoder failed on the data), "invalid"
+    (anything else: a missing file, a bad array, a bad input type).
+    """
+
+    KINDS = ("too_large", "unsupported", "corrupt", "invalid")
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        assert kind in self.KINDS, kind
+        self.kind = kind
 
 
 class LoadedImage(NamedTuple):
@@ -189,7 +202,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> N
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of "
                          f"{max_pixels:,} (a decompression bomb or a very large image); raise "
-                         "max_pixels if the file is trusted")
+                         "max_pixels if the file is trusted", "too_large")
 
 
 def _decode_bytes(size: tuple[int, int], mode: str, decoder_bytes_per_pixel: int) -> int:
@@ -236,7 +249,8 @@ def _check_header(size: tuple[int, int], mode: str, decoder_bytes_per_pixel: int
         w, h = size
         raise ImageError(f"{name}: decoding this {w}x{h} {mode} image needs about {need:,} "
                          f"bytes, over the decode budget of {budget:,} bytes; raise "
-                         f"max_decode_bytes or {DECODE_BYTES_ENV} if the file is trusted")
+                         f"max_decode_bytes or {DECODE_BYTES_ENV} if the file is trusted",
+                         "too_large")
 
 
 def _open_regular(path: pathlib.Path) -> BinaryIO:
@@ -316,7 +330,7 @@ def _from_path(path: pathlib.Path, max_pixels: int | None, budget: int | None,
         with _pil_errors(str(path), "cannot open image"):
             img = _identify(f, before_open)
         if img is None:
-            raise ImageError(f"{path}: not an image file PIL can read")
+            raise ImageError(f"{path}: not an image file PIL can read", "unsupported")
         with img:
             return _from_pil(img, str(path), max_pixels, budget, compat, fast_decode)
 
@@ -348,7 +362,7 @@ def _icns_frame_header(img: Image.Image, name: str) -> tuple[tuple[int, int], st
         icns.fobj.seek(start)
         if icns.fobj.read(8) != PngImagePlugin._MAGIC:
             raise ImageError(f"{name}: ICNS icons stored as JPEG 2000 are not decoded (their "
-                             "size is not checked first); convert it to PNG first")
+                             "size is not checked first); convert it to PNG first", "unsupported")
         icns.fobj.seek(start)
         png = PngImagePlugin.PngImageFile(icns.fobj)
         return png.size, png.mode
@@ -433,10 +447,11 @@ def _check_before_load(img: Image.Image, name: str, max_pixels: int | None,
                        budget: int | None) -> None:
     if img.format in _EXTERNAL_DECODER_FORMATS:
         raise ImageError(f"{name}: {img.format} files are not decoded (PIL would run an external "
-                         "program on the file); convert it to PNG first")
+                         "program on the file); convert it to PNG first", "unsupported")
     if img.format in _UNSIZED_FORMATS:
         raise ImageError(f"{name}: {img.format} files are not decoded (they hold another image "
-                         "whose size is known only by decoding it); convert it to PNG first")
+                         "whose size is known only by decoding it); convert it to PNG first",
+                         "unsupported")
     _check_size(img, name, max_pixels, budget)
     if img.format == "ICNS" and getattr(img, "_im", None) is None:
         with _pil_errors(name, "cannot open image"):

@@ -160,6 +160,10 @@ def open_image(data: bytes, policy: ImagePolicy, name: str) -> Image.Image:
 # ----------------------------------------------------------------------------- decoding
 
 
+# ImageError.kind -> HTTP status; "corrupt" and "invalid" are the client's 400.
+_STATUS = {"too_large": 413, "unsupported": 415}
+
+
 def _load_bytes(data: bytes, name: str, max_pixels: int | None,
                 fast_decode: _images.DecodeTarget | None = None) -> _images.LoadedImage:
     """processing.images' `_from_path` for bytes in memory (load_image takes paths, PIL images
@@ -197,10 +201,7 @@ def _load_bytes(data: bytes, name: str, max_pixels: int | None,
                 # ICNS's embedded header, the decode, the re-check of the size, conversion.
                 return _images._from_pil(img, name, max_pixels, budget, "molmoe", fast_decode)
             except _images.ImageError as e:
-                msg = str(e)
-                status = 413 if ("over the limit" in msg or "decode budget" in msg) else \
-                    415 if "not decoded" in msg else 400
-                raise ImageInputError(status, msg) from None
+                raise ImageInputError(_STATUS.get(e.kind, 400), str(e)) from None
 
 
 # ----------------------------------------------------------------------------- data: URLs
