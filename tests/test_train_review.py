@@ -70,9 +70,19 @@ def test_export_that_cannot_be_written_is_refused_before_training(train_setup, t
     try:
         with pytest.raises(MolmoeError):
             train(_opts(train_setup, inside, export=True))
-        assert not (inside / "checkpoints").exists()
+        assert not inside.exists()  # made for the check, removed again (still empty)
     finally:
         shutil.rmtree(inside, ignore_errors=True)
+
+
+def test_bad_data_leaves_no_out_directory(train_setup, tmp_path):
+    """The data is scanned before OUT is made: a refused run leaves nothing behind."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "not a list"}\n')
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(MolmoeError, match="bad.jsonl"):
+        train(_opts(train_setup, out, data=str(bad)))
+    assert not out.exists() and not out.parent.exists()
 
 
 def test_a_finished_run_directory_is_accepted_again(train_setup, tmp_path):

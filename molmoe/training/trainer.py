@@ -46,7 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from molmoe.errors import UsageError, is_integral
+from molmoe.errors import MolmoeError, UsageError, is_integral
 from molmoe.training import checkpoint as ckpt
 from molmoe.training.flops import bf16_peak_tflops, train_flops
 from molmoe.training.loss import LB_COEF, Z_COEF, moe_layers, training_loss
@@ -457,16 +457,23 @@ def train(opts: TrainOptions) -> TrainResult:
         n_micro = env.world * accum
         rank0 = env.rank == 0
         _check_out(out)  # every rank: the same answer on the shared filesystem
+
+        torch.manual_seed(opts.seed)
+        processor = Processor.from_pretrained(model_dir)
+        # The data is scanned before OUT is made: bad data leaves no empty directory behind.
+        data = TrainingData(data_path, processor, max_length=opts.max_length,
+                            skip_bad=opts.skip_bad, workers=opts.workers)
+        made = rank0 and not os.path.lexists(out)
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if opts.export:
-            _check_export(model_dir, out / EXPORT)
-
-        torch.manual_seed(opts.seed)
-        processor = Processor.from_pretrained(model_dir)
-        data = TrainingData(data_path, processor, max_length=opts.max_length,
-                            skip_bad=opts.skip_bad, workers=opts.workers)
+            try:
+                _check_export(model_dir, out / EXPORT)
+            except MolmoeError:
+                if made:
+                    out.rmdir()  # still empty: nothing was written yet
+                raise
         if rank0 and opts.progress:
             print(data.report(), flush=True)
         sampler = BucketSampler(data.lengths, opts.batch, seed=opts.seed)
