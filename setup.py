@@ -9,6 +9,7 @@
   `pip install --no-build-isolation -e .` (scripts/bootstrap.sh does).
 """
 import os
+import pathlib
 import sys
 
 from setuptools import find_packages, setup
@@ -18,6 +19,9 @@ kwargs = {}
 
 
 def _skip(why: str) -> None:
+    # A library left from an earlier build would be loaded as if it were this source's.
+    for stale in pathlib.Path(__file__).resolve().parent.glob("molmoe/_native*.so"):
+        stale.unlink(missing_ok=True)
     print(f"molmoe: native preprocessing NOT built ({why}); molmoe will use the Python path. "
           "Build it with: pip install --no-build-isolation -e .", file=sys.stderr)
 

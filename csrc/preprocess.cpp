@@ -29,6 +29,7 @@
 // difference (<= 1e-6 on pixels, masks exact).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -38,7 +39,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace molmoe {
 namespace {
@@ -128,6 +133,7 @@ struct Job {
   float mean[3], std[3], pad[3];
   std::vector<float> mean3, std3;  // mean / std repeated along the widest resized row
   bool normalize;
+  bool fma_tail;  // ATen's build rounds the last taps of each sum as FMAs (see plain_steps)
   float* images;  // [T, P, p*p*3]
   int64_t patches_per_side;
 };
@@ -204,6 +210,101 @@ void resize_col_h(const float* __restrict b, const float* w, int64_t count, int6
   }
 }
 
+// How ATen's CPU kernel rounds one output's sum  acc = t0*w0; acc += tj*wj (j = 1..n-1).
+// Its DEFAULT build does every step as a multiply then an add. Its AVX2 and AVX512 builds
+// (compiled with FMA) unroll the loop by four: the unrolled steps stay a multiply then an add,
+// the remaining (n-1) % 4 steps, or all of them when there are fewer than four, are fused
+// multiply-adds. Found by matching ATen's outputs bit for bit on every tap count (docs/
+// preprocessing.md); tests/test_native_preprocess.py checks the op equals the Python path
+// exactly under each capability.
+inline int64_t plain_steps(int64_t count, bool fma_tail) {
+  const int64_t m = count - 1;
+  return !fma_tail ? m : (m >= 4 ? (m / 4) * 4 : 0);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The W pass for FMA-tail builds: as resize_row_w, each pixel switching to FMAs after its own
+// plain_steps (pixels of a group of four may have different tap counts; padded taps have
+// weight 0, and both acc + t*0 and fma(t, 0, acc) leave acc unchanged).
+// One step of a sum: a + t*w rounded twice, or fused (one rounding).
+__attribute__((target("avx2,fma"))) inline __m128 step(__m128 a, const float* p, float w,
+                                                      bool fused) {
+  const __m128 t = _mm_loadu_ps(p), wv = _mm_set1_ps(w);
+  return fused ? _mm_fmadd_ps(t, wv, a) : _mm_add_ps(a, _mm_mul_ps(t, wv));
+}
+
+__attribute__((target("avx2,fma")))
+void resize_row_w_fma(const float* f, const Axis& cols, int64_t new_w, float* out) {
+  const int64_t taps = cols.taps;
+  const int64_t* start = cols.start.data();
+  const int64_t* count = cols.count.data();
+  const float* weights = cols.w.data();
+  int64_t x = 0;
+  for (; x + 4 <= new_w; x += 4) {
+    const float* p[4];
+    const float* w[4];
+    int64_t k[4];
+    __m128 a[4];
+    int64_t n = 0, k0 = INT64_MAX, k1 = 0;
+    for (int q = 0; q < 4; ++q) {
+      p[q] = f + start[x + q] * 3;
+      w[q] = weights + (x + q) * taps;
+      k[q] = plain_steps(count[x + q], true);
+      a[q] = _mm_mul_ps(_mm_loadu_ps(p[q]), _mm_set1_ps(w[q][0]));
+      n = std::max(n, count[x + q]);
+      k0 = std::min(k0, k[q]);
+      k1 = std::max(k1, k[q]);
+    }
+    int64_t j = 1;
+    for (; j <= k0; ++j)
+      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], false);
+    for (; j <= k1; ++j)
+      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], j > k[q]);
+    for (; j < n; ++j)
+      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], true);
+    for (int q = 0; q < 4; ++q) _mm_storeu_ps(out + (x + q) * 3, a[q]);  // lane 3 spills
+  }
+  for (; x < new_w; ++x) {
+    const float* w = weights + x * taps;
+    const float* px = f + start[x] * 3;
+    const int64_t k = plain_steps(count[x], true);
+    __m128 a = _mm_mul_ps(_mm_loadu_ps(px), _mm_set1_ps(w[0]));
+    for (int64_t j = 1; j < count[x]; ++j) a = step(a, px + j * 3, w[j], j > k);
+    _mm_storeu_ps(out + x * 3, a);
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void resize_col_h_fma(const float* __restrict b, const float* w, int64_t count, int64_t n,
+                      float* __restrict a) {
+  const int64_t k = plain_steps(count, true);
+  const float w0 = w[0];
+  for (int64_t e = 0; e < n; ++e) a[e] = b[e] * w0;
+  for (int64_t j = 1; j < count; ++j) {
+    const float wj = w[j];
+    const float* bj = b + j * n;
+    if (j <= k) {
+      for (int64_t e = 0; e < n; ++e) a[e] += bj[e] * wj;
+    } else {
+      for (int64_t e = 0; e < n; ++e) a[e] = __builtin_fmaf(bj[e], wj, a[e]);
+    }
+  }
+}
+#endif
+
+// Whether this process's ATen kernels round with an FMA tail (x86 AVX2/AVX512 builds).
+bool aten_fma_tail() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool fused = [] {
+    const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return fused;
+#else
+  return false;  // other architectures: plain steps (exact where ATen's build does the same)
+#endif
+}
+
 // Canvas row y of a view, finished: `resized` is the resized row (new_w * 3 floats in [0, 1]
 // before the clamp), or null for a padding row. Clamp, pad, normalise, scatter into crops.
 // Clamp to [0, 1] and normalise n interleaved RGB values: (v - mean) / std, one division each
@@ -260,6 +361,22 @@ void finish_row(const Job& job, const View& view, int64_t y, const float* resize
   }
 }
 
+inline void resize_w(const Job& job, const float* f, const Axis& cols, int64_t new_w,
+                     float* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (job.fma_tail) return resize_row_w_fma(f, cols, new_w, out);
+#endif
+  resize_row_w(f, cols, new_w, out);
+}
+
+inline void resize_h(const Job& job, const float* b, const float* w, int64_t count, int64_t n,
+                     float* a) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (job.fma_tail) return resize_col_h_fma(b, w, count, n, a);
+#endif
+  resize_col_h(b, w, count, n, a);
+}
+
 // Scratch of one worker thread.
 struct Scratch {
   std::vector<float> line, row, acc, band[2];
@@ -288,8 +405,8 @@ void run_input_band(const Job& job, const View* views, int64_t r0, int64_t r1, S
     to_unit(job.src + r * in_w * 3, s.line.data(), in_w * 3);
     for (int v = 0; v < 2; ++v)
       if (r < need[v])
-        resize_row_w(s.line.data(), views[v].cols, views[v].new_w,
-                     s.band[v].data() + (r - r0) * views[v].new_w * 3);
+        resize_w(job, s.line.data(), views[v].cols, views[v].new_w,
+                 s.band[v].data() + (r - r0) * views[v].new_w * 3);
   }
   for (int v = 0; v < 2; ++v) {
     const View& view = views[v];
@@ -297,7 +414,7 @@ void run_input_band(const Job& job, const View* views, int64_t r0, int64_t r1, S
     s.acc.resize(nw3 + 4);
     float* a = s.acc.data();
     for (int64_t i = first[v]; i < last[v]; ++i) {
-      resize_col_h(s.band[v].data() + (view.rows.start[i] - r0) * nw3,
+      resize_h(job, s.band[v].data() + (view.rows.start[i] - r0) * nw3,
                    view.rows.w.data() + i * taps, view.rows.count[i], nw3, a);
       finish_row(job, view, view.top + i, a, s.row);
     }
@@ -341,6 +458,7 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
   job.stride = stride;
   job.patch = patch;
   job.normalize = normalize;
+  job.fma_tail = aten_fma_tail();
   job.images = images.data_ptr<float>();
   job.patches_per_side = pps;
   for (int c = 0; c < 3; ++c) {

@@ -98,8 +98,9 @@ def generate_many(engine, processor, items, config=None, *, workers: int = 2,
         return inputs, size, time.perf_counter() - t0
 
     items = iter(enumerate(items))
-    pending = []  # (index, future) in item order
-    running = {}  # Request -> (index, size, prepared_s)
+    pending = []  # (index, future) in item order: at most `ahead`
+    running = {}  # Request -> (index, size, prepared_s): at most the engine's rows
+    rows = engine.max_batch or engine.DEFAULT_MAX_BATCH
     with ThreadPoolExecutor(workers, thread_name_prefix="molmoe-prepare") as pool:
         def refill():
             while len(pending) < ahead:
@@ -112,8 +113,11 @@ def generate_many(engine, processor, items, config=None, *, workers: int = 2,
         try:
             refill()
             while pending or running:
-                # Hand every prepared item to the engine; wait only when it has nothing to do.
-                while pending and (pending[0][1].done() or not engine.has_work()):
+                # Hand prepared items to the engine, never more than its rows (the rest wait
+                # here, so memory stays bounded by rows + ahead items); block on the next one
+                # only when the engine has nothing to do.
+                while pending and len(running) < rows and (pending[0][1].done()
+                                                           or not engine.has_work()):
                     i, future = pending.pop(0)
                     try:
                         inputs, size, took = future.result()

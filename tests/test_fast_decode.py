@@ -103,3 +103,19 @@ def test_cli_generate_fast_decode(big_jpeg, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["image_size"] == [4032, 3024]
+
+
+def test_a_pil_image_passed_in_is_not_changed(big_jpeg):
+    img = Image.open(big_jpeg)
+    loaded = load_image(img, fast_decode=target)
+    assert img.size == (4032, 3024) and loaded.pixels.shape[:2] == (3024, 4032)
+
+
+def test_mpo_files_decode_fast(tmp_path):
+    """A JPEG with a second picture after it (MPO, as phones write) is still a JPEG to decode."""
+    path = tmp_path / "photo.mpo"
+    photo(2600, 1500).save(path, "MPO", save_all=True, append_images=[photo(2600, 1500, 1)],
+                           quality=90)
+    assert Image.open(path).format == "MPO"
+    fast = load_image(path, fast_decode=target)
+    assert fast.size == (2600, 1500) and fast.pixels.shape[0] < 1500

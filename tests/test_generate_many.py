@@ -91,3 +91,33 @@ def test_refuses_bad_arguments_and_cleans_up(pipeline):
     next(gen)
     gen.close()
     assert not engine.has_work()
+
+
+class CountingEngine(Engine):
+    """The engine, counting how many submitted requests are unfinished at once."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.live, self.peak = [], 0
+
+    def submit(self, *a, **kw):
+        request = super().submit(*a, **kw)
+        self.live.append(request)
+        self.peak = max(self.peak, sum(not r.finished for r in self.live))
+        return request
+
+
+def test_memory_is_bounded_by_rows_and_ahead(pipeline):
+    """Prepared items wait outside the engine: never more than its rows inside it (before, every
+    prepared item was queued in the engine, so `ahead` bounded nothing)."""
+    proc, model, eos = pipeline
+    engine = CountingEngine(model, proc.tokenizer, eos_token_id=eos, max_batch=1)
+    rec = Recording(proc)
+    seen = 0
+    for item in generate_many(engine, rec, _items(8), GenerationConfig(max_new_tokens=4),
+                              workers=2, ahead=2):
+        assert item.error is None
+        seen += 1
+        # prepared so far <= finished + in the engine (1 row) + waiting here (ahead 2)
+        assert len(rec.calls) <= seen + 1 + 2
+    assert seen == 8 and engine.peak == 1

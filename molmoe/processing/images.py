@@ -155,8 +155,9 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     `max_pixels=None` disables the pixel limit, `max_decode_bytes=None` the byte budget (only for
     trusted files); "default" is MOLMOE_MAX_DECODE_BYTES when set, else DEFAULT_MAX_DECODE_BYTES.
     compat: "molmoe" (default) or "released" (the released processor's pixels; module docstring).
-    fast_decode: opt-in, NOT bit-exact. For a JPEG whose decode target (this function of the
-    displayed size) is at least 2x smaller in both sides, PIL's draft mode decodes at 1/2, 1/4 or
+    fast_decode: opt-in, NOT bit-exact, for files (a PIL image passed in is used as it is). For a
+    JPEG whose decode target (this function of the displayed size) is at least 2x smaller in both
+    sides, PIL's draft mode decodes at 1/2, 1/4 or
     1/8 scale in the DCT (never below the target). `size` stays the full picture's; the pixels
     are the reduced decode. Its error and effect on answers: docs/preprocessing.md.
     """
@@ -165,8 +166,9 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
     if isinstance(image, Image.Image):
+        # No fast decode: draft mode would change the caller's own image object.
         name = f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
-        return _from_pil(image, name, max_pixels, budget, compat, fast_decode)
+        return _from_pil(image, name, max_pixels, budget, compat)
     if isinstance(image, (str, os.PathLike)):
         return _from_path(pathlib.Path(image), max_pixels, budget, compat, fast_decode)
     raise ImageError(f"unsupported image input of type {type(image).__name__}; pass a file path, "
@@ -429,7 +431,8 @@ def _from_pil(img: Image.Image, name: str, max_pixels: int | None, budget: int |
 def _draft(img: Image.Image, target: DecodeTarget, compat: str) -> bool:
     """PIL's JPEG draft mode (DCT scaling) when the target is at least 2x smaller; whether it
     was set. A JPEG's EXIF is read when it is opened, so its orientation is known here."""
-    if img.format != "JPEG" or getattr(img, "_im", None) is not None:  # not JPEG, or decoded
+    # JPEG, or MPO (a JPEG with more pictures after it: phones' HDR and depth photos).
+    if img.format not in ("JPEG", "MPO") or getattr(img, "_im", None) is not None:
         return False
     orientation = _orientation(img) if compat == "molmoe" else 1
     w, h = img.size

@@ -8,7 +8,8 @@ Three implementations of one contract (docs/preprocessing.md):
     against. It is what runs on the CPU when the extension is missing: `native_available()`
     says so, and the first use warns once, with how to build it.
 
-`MOLMOE_PREPROCESS=python` forces the Python path (to compare, or to rule the op out).
+`MOLMOE_PREPROCESS=python` forces the Python path on the CPU (to compare, or to rule the op out);
+a CUDA device always takes the CUDA path.
 """
 from __future__ import annotations
 
@@ -45,9 +46,17 @@ def _library_path() -> pathlib.Path | None:
     return None
 
 
-@functools.cache
+_LOCK = threading.Lock()  # first uses race in thread pools (serving, generate_many)
+
+
 def _load() -> str | None:
-    """Load the extension and register the CUDA path; the reason it is missing, else None."""
+    """Load the extension and register the CUDA path, once; the reason it is missing, else None."""
+    with _LOCK:
+        return _load_locked()
+
+
+@functools.cache
+def _load_locked() -> str | None:
     if os.environ.get("MOLMOE_NO_NATIVE") == "1":
         why = "MOLMOE_NO_NATIVE=1"
     elif (path := _library_path()) is None:
@@ -75,8 +84,13 @@ def native_available() -> bool:
     return _load() is None
 
 
-@functools.cache
 def _warn_fallback(why: str) -> None:
+    with _LOCK:
+        _warn_fallback_locked(why)
+
+
+@functools.cache
+def _warn_fallback_locked(why: str) -> None:
     # warn_explicit with a file that has no source line: one line on stderr, still a warning
     # (filterable, and pytest.warns sees it).
     warnings.warn_explicit(f"native image preprocessing unavailable ({why}); using the Python "
@@ -86,9 +100,12 @@ def _warn_fallback(why: str) -> None:
 
 def choose(backend: str | None, device) -> str:
     """"native", "python" or "cuda" for this call; warns once when native falls back."""
-    backend = backend or os.environ.get("MOLMOE_PREPROCESS") or "auto"
+    source = "preprocess backend"
+    if not backend and os.environ.get("MOLMOE_PREPROCESS"):
+        backend, source = os.environ["MOLMOE_PREPROCESS"], "MOLMOE_PREPROCESS"
+    backend = backend or "auto"
     if backend not in BACKENDS:
-        raise UsageError(f"preprocess backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        raise UsageError(f"{source} {backend!r} is not one of {', '.join(BACKENDS)}")
     if device is not None and torch.device(device).type == "cuda":
         _load()
         return "cuda"
