@@ -179,10 +179,12 @@ def _attn_fwd_kernel(
         b, m0, Sq, Sk, blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr,
         BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + dims[None, :],
+    # int64: b * stride passes 2^31 elements in big batches (32 x 16 heads x 32k x 128)
+    b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), hkv.to(tl.int64)
+    q = tl.load(q_ptr + (b64 * sq_b + h64 * sq_h) + rows[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # (BM, Dh)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
+    k_base = k_ptr + (b64 * sk_b + hkv64 * sk_h)
+    v_base = v_ptr + (b64 * sv_b + hkv64 * sv_h)
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -219,10 +221,10 @@ def _attn_fwd_kernel(
 
     has_key = l_i > 0.0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without a key: acc = 0 -> zeros
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_s + dims[None, :],
+    tl.store(o_ptr + (b64 * so_b + h64 * so_h) + rows[:, None] * so_s + dims[None, :],
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh * Sq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=row_ok)
     if COUNT_TILES:
         tl.store(count_ptr + bh * tl.num_programs(0) + m_tile, visited)
 
@@ -266,14 +268,15 @@ def _attn_bwd_dq_kernel(
         b, m0, Sq, Sk, blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr,
         BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + dims[None, :],
+    b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), hkv.to(tl.int64)  # as the forward
+    q = tl.load(q_ptr + (b64 * sq_b + h64 * sq_h) + rows[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_s + dims[None, :],
+    do = tl.load(do_ptr + (b64 * sdo_b + h64 * sdo_h) + rows[:, None] * sdo_s + dims[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + bh * Sq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Sq + rows, mask=row_ok, other=0.0)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
+    k_base = k_ptr + (b64 * sk_b + hkv64 * sk_h)
+    v_base = v_ptr + (b64 * sv_b + hkv64 * sv_h)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(lo, mid, BLOCK_N):
@@ -295,7 +298,7 @@ def _attn_bwd_dq_kernel(
                           rows_pos, q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
                           BLOCK_N, True, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
     dq = dq * scale
-    tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows[:, None] * sdq_s + dims[None, :],
+    tl.store(dq_ptr + (b64 * sdq_b + h64 * sdq_h) + rows[:, None] * sdq_s + dims[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -361,9 +364,10 @@ def _attn_bwd_dkdv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Sk
     dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_ptr + b * sk_b + hkv * sk_h + cols[:, None] * sk_s + dims[None, :],
+    b64, hkv64 = b.to(tl.int64), hkv.to(tl.int64)  # int64 bases, as the forward
+    k = tl.load(k_ptr + (b64 * sk_b + hkv64 * sk_h) + cols[:, None] * sk_s + dims[None, :],
                 mask=col_ok[:, None], other=0.0)  # (BN, Dh)
-    v = tl.load(v_ptr + b * sv_b + hkv * sv_h + cols[:, None] * sv_s + dims[None, :],
+    v = tl.load(v_ptr + (b64 * sv_b + hkv64 * sv_h) + cols[:, None] * sv_s + dims[None, :],
                 mask=col_ok[:, None], other=0.0)
 
     q_lo = n0 * 0
@@ -407,11 +411,11 @@ def _attn_bwd_dkdv_kernel(
     for t in range(0, G * n_masked):
         g = t // n_masked
         m0 = q_lo + (t - g * n_masked) * BLOCK_M
-        h = hkv * G + g
-        q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        lse_base = lse_ptr + (b * Hkv * G + h) * Sq
-        delta_base = delta_ptr + (b * Hkv * G + h) * Sq
+        h = hkv64 * G + g
+        q_base = q_ptr + (b64 * sq_b + h * sq_h)
+        do_base = do_ptr + (b64 * sdo_b + h * sdo_h)
+        lse_base = lse_ptr + (b64 * Hkv * G + h) * Sq
+        delta_base = delta_ptr + (b64 * Hkv * G + h) * Sq
         if CAUSAL and HAS_BLOCKS:
             # Query tiles wholly before the key tile reach it only through an image block.
             rows = m0 + tl.arange(0, BLOCK_M)
@@ -434,11 +438,11 @@ def _attn_bwd_dkdv_kernel(
     for t in range(0, G * n_full):
         g = t // n_full
         m0 = q_mid + (t - g * n_full) * BLOCK_M
-        h = hkv * G + g
-        q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        lse_base = lse_ptr + (b * Hkv * G + h) * Sq
-        delta_base = delta_ptr + (b * Hkv * G + h) * Sq
+        h = hkv64 * G + g
+        q_base = q_ptr + (b64 * sq_b + h * sq_h)
+        do_base = do_ptr + (b64 * sdo_b + h * sdo_h)
+        lse_base = lse_ptr + (b64 * Hkv * G + h) * Sq
+        delta_base = delta_ptr + (b64 * Hkv * G + h) * Sq
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
                             m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk, qk_scale,
                             blk_ptr, seqs_ptr, BLOCK_M, False, CAUSAL, HAS_BLOCKS, HAS_SEQ, IEEE)
@@ -448,9 +452,9 @@ def _attn_bwd_dkdv_kernel(
         pad = tl.load(kpm_ptr + b * Sk + cols, mask=col_ok, other=0)
         dk = tl.where((pad != 0)[:, None], dk, 0.0)
         dv = tl.where((pad != 0)[:, None], dv, 0.0)
-    tl.store(dk_ptr + b * sdk_b + hkv * sdk_h + cols[:, None] * sdk_s + dims[None, :],
+    tl.store(dk_ptr + (b64 * sdk_b + hkv64 * sdk_h) + cols[:, None] * sdk_s + dims[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptr + b * sdv_b + hkv * sdv_h + cols[:, None] * sdv_s + dims[None, :],
+    tl.store(dv_ptr + (b64 * sdv_b + hkv64 * sdv_h) + cols[:, None] * sdv_s + dims[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
     if COUNT_TILES:  # (query head, query tile) pairs computed, summed over the group
         tl.store(count_ptr + bh * tl.num_programs(0) + n_tile, visited)

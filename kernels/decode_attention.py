@@ -75,8 +75,9 @@ def _decode_split_kernel(
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    hkv = bh % Hkv
+    # int64: b * stride passes 2^31 elements in a big cache (32 x 16 heads x 32k x 128)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = (bh % Hkv).to(tl.int64)
 
     # Rows r = g*SQ + i: query head hkv*G + g, new token i. BLOCK_M >= 16 for tl.dot.
     rows = tl.arange(0, BLOCK_M)
@@ -148,7 +149,7 @@ def _decode_combine_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, Hq, so_b, so_h, so_s,
     SQ: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, head, tok) flattened over (B, Hq, SQ)
+    row = tl.program_id(0).to(tl.int64)  # (b, head, tok) flattened over (B, Hq, SQ)
     tok = row % SQ
     head = (row // SQ) % Hq
     b = row // (SQ * Hq)
