@@ -505,3 +505,26 @@ def test_training_loop_backward_equals_per_expert_indexing():
     assert torch.equal(got, want)
     for a, b in zip(torch.autograd.grad(want, leaves, gy), torch.autograd.grad(got, leaves, gy)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["grouped", "decode"])
+def test_fp16_overflow_saturates_instead_of_inf(path):
+    # gate = up = 400 make h = silu(gate) * up = 160000 > 65504: stored unclamped, h becomes inf
+    # in fp16 and the down GEMM's output inf / NaN. The kernels saturate h (and z, y) at fp16's
+    # largest finite value; the oracle does the same saturation in fp32 (issue 15).
+    T, D, F_, E = 3, 16, 16, 2
+    x = torch.full((T, D), 2.0)
+    router = torch.randn(E, D, generator=torch.Generator().manual_seed(0))
+    wg = torch.full((E, F_, D), 12.5)  # x . wg = 16 * 2 * 12.5 = 400
+    wu = torch.full((E, F_, D), 12.5)
+    wd = torch.randn(E, D, F_, generator=torch.Generator().manual_seed(1)) * 1e-3
+    args = [t.to(DEV, torch.float16) for t in (x, router, wg, wu, wd)]
+    y, aux = moe_ffn(*args, 1, path=path)
+    assert torch.isfinite(y).all(), "fp16 overflow reached the output"
+    xf, _, wgf, wuf, wdf = (t.float() for t in args)
+    e = aux["topk_idx"][:, 0]
+    g = torch.einsum("td,tfd->tf", xf, wgf[e])
+    h = (F.silu(g) * torch.einsum("td,tfd->tf", xf, wuf[e])).clamp(-65504, 65504).half()
+    want = torch.einsum("tf,tdf->td", h.float(), wdf[e]) * aux["topk_weights"][:, :1]
+    assert h.float().max() == 65504  # the case does overflow
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
