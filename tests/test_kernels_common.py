@@ -83,3 +83,68 @@ def test_pinned_autotune_config(monkeypatch):
     monkeypatch.setenv(ENV, "fast")
     with pytest.raises(ValueError, match=f"{ENV}='fast': expected 'BLOCK_S=16'"):
         pinned_autotune_config(ENV, "BLOCK_S=16")
+
+
+def _policy(**kw):
+    from molmoe.kernels._common import TilePolicy, element_size
+
+    def fits(c, ctx):  # a shared-memory rule scaled by the element size, as the kernels' are
+        return c["BLOCK_N"] * 1024 * element_size(ctx["dtype"]) <= 200_000
+
+    return TilePolicy("x", ENV, ("BLOCK_N", "num_warps"), example="BLOCK_N=64,num_warps=4",
+                      candidates=lambda ctx: [dict(BLOCK_N=n, num_warps=4) for n in (32, 64, 128)],
+                      fits=fits, default=lambda ctx: dict(BLOCK_N=128, num_warps=8),
+                      interpreter=lambda ctx: dict(BLOCK_N=16, num_warps=1), **kw)
+
+
+def test_tile_policy_prunes_by_dtype_and_fixes_the_default(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    p = _policy()
+    bf16, fp32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
+    assert [c["BLOCK_N"] for c in p.pruned(bf16)] == [32, 64]
+    assert [c["BLOCK_N"] for c in p.pruned(fp32)] == [32]  # twice the bytes per element
+    # the default (128) fits neither: the closest fitting candidate replaces it
+    assert p.config(bf16, on_gpu=True) == dict(BLOCK_N=32, num_warps=4)
+    assert p.config(bf16, on_gpu=False) == dict(BLOCK_N=16, num_warps=1)  # interpreter: fixed
+    # a pin overrides the names it gives, over whatever would be used
+    monkeypatch.setenv(ENV, "num_warps = 2")
+    assert p.config(bf16, on_gpu=True) == dict(BLOCK_N=32, num_warps=2)
+    assert p.config(bf16, on_gpu=False) == dict(BLOCK_N=16, num_warps=2)
+
+
+def test_tile_policy_pin_errors_name_the_valid_keys(monkeypatch):
+    p = _policy()
+    monkeypatch.setenv(ENV, "BLOK_N=64")
+    with pytest.raises(ValueError, match=rf"{ENV}='BLOK_N=64': unknown name\(s\) \['BLOK_N'\]; "
+                                         r"valid names: \['BLOCK_N', 'num_warps'\]"):
+        p.config(dict(dtype=torch.float16), on_gpu=True)
+    monkeypatch.setenv(ENV, "BLOCK_N=48")
+    with pytest.raises(ValueError, match="BLOCK_N=48 must be a power of two"):
+        p.pinned()
+    monkeypatch.setenv(ENV, "BLOCK_N")
+    with pytest.raises(ValueError, match="expected 'BLOCK_N=64,num_warps=4'"):
+        p.pinned()
+
+
+def test_tile_policy_autotune_skips_failures_and_remembers(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    p = _policy()
+    ctx = dict(dtype=torch.bfloat16)
+    seen = []
+
+    def bench(run):  # 32 "runs out of resources"; 64 is the fastest that runs
+        cfg = p.config(ctx, on_gpu=True)
+        seen.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] == 32:
+            raise RuntimeError("OutOfResources: shared memory")
+        return 1.0
+
+    assert p.autotune(ctx, lambda: None, bench=bench) == dict(BLOCK_N=64, num_warps=4)
+    assert seen == [32, 64]  # only pruned candidates are timed
+    assert p.config(ctx, on_gpu=True) == dict(BLOCK_N=64, num_warps=4)  # no tuning here
+
+    def fail(run):
+        raise RuntimeError("nothing compiles")
+
+    assert p.autotune(ctx, lambda: None, bench=fail) is None
+    assert p.config(ctx, on_gpu=True) == dict(BLOCK_N=32, num_warps=4)  # back to the default

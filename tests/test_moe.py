@@ -361,6 +361,31 @@ def test_configs_are_visible_pruned_and_pinnable(monkeypatch):
         default_config("down", torch.bfloat16, 2048, 1024, 32, on_gpu=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_configs_fit_sm90_for_their_dtype(dtype):
+    # The fp32 dx default (128 x 128 x 64, 3 stages) needed 262,144 B of shared memory against
+    # sm_90's 232,448 B: the default is pruned by the dtype's element size like any candidate
+    # (tests/test_moe_sm90.py compiles them).
+    from molmoe.kernels.moe_tuning import _smem_bytes, fits
+    from molmoe.kernels._common import SMEM_LIMIT
+
+    for kind in KINDS:
+        for block_m in ((0,) if kind.endswith("_decode") else (16, 32, 64, 128)):
+            cfg = default_config(kind, dtype, 2048, 1024, block_m, on_gpu=True)
+            assert fits(cfg, kind, block_m or 16, dtype), (kind, block_m, cfg)
+            assert _smem_bytes(cfg, kind, block_m or 16, dtype) <= SMEM_LIMIT
+
+
+def test_moe_pin_typos_are_errors(monkeypatch):
+    monkeypatch.setenv("MOLMOE_MOE_CONFIG", "dx:BLOK_N=64")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['BLOK_N'\]; valid names: "
+                                         r"\['BLOCK_K', 'BLOCK_M', 'BLOCK_N', 'GROUP_M'"):
+        default_config("dx", torch.bfloat16, 2048, 1024, 128, on_gpu=True)
+    monkeypatch.setenv("MOLMOE_MOE_CONFIG", "BLOCK_N=48")
+    with pytest.raises(ValueError, match="BLOCK_N=48 must be a power of two"):
+        default_config("dx", torch.bfloat16, 2048, 1024, 128, on_gpu=True)
+
+
 def test_pinned_tiles_are_used_and_correct(monkeypatch):
     # Another tiling end to end: 32-row tiles (other padding), 16-wide column tiles and 16-deep
     # K steps (several of each), dW tiles 16 x 16 over 8-row steps.
