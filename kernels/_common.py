@@ -165,20 +165,6 @@ class TilePolicy:
         return best
 
 
-def pinned_autotune_config(env: str, example: str, **defaults) -> tuple[dict, int] | None:
-    """For kernels tuned by `triton.autotune`: the (meta-parameters, num_warps) pinned by `env`
-    (spaces anywhere ignored; num_warps 4 and the given `defaults` where not named), or None
-    when `env` is unset."""
-    spec = os.environ.get(env)
-    if not spec:
-        return None
-    meta = parse_tile_config(env, spec, example, entry=spec.replace(" ", ""))
-    warps = meta.pop("num_warps", 4)
-    for name, value in defaults.items():
-        meta.setdefault(name, value)
-    return meta, warps
-
-
 def check_qkv(op: str, q, k, v, k_name: str = "k", v_name: str = "v"):
     """Checks shared by the attention ops: q (B, Hq, Sq, Dh), k == v (B, Hkv, Sk, Dh) shapes,
     Hq % Hkv == 0, Dh a power of two in 16..256, fp32/fp16/bf16 with one dtype for all three,

@@ -55,13 +55,13 @@ blocks). The backward recomputes the metadata tables (cheap) rather than saving 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 
 from molmoe.backends import reference_attention
-from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
+from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
+                                    on_interpreter)
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
@@ -73,12 +73,16 @@ _BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
 # ----------------------------------------------------------------------------- launch policy
 
 
-def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
+def kernel_configs(on_gpu: bool, backward: bool = False,
+                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Candidate tile configs. The interpreter gets one small one so tests stay fast; its
-    BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles."""
+    BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles. fp32 (IEEE dots,
+    run as FMAs with the operands in registers) gets 32 x 32 tiles on 8 warps only."""
     if not on_gpu:
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
+    if dtype == torch.float32:
+        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=s) for s in (2, 3)]
     if backward:
         # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
         # 32x64 even kept 16 B of stack there.
@@ -90,9 +94,15 @@ def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
 
 def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
                   backward: bool = False) -> list[dict]:
-    """Drop tiles whose pipelined K/V stages + q tile would overflow shared memory (~200 KiB on
-    an H100), and tiles that spill registers on sm_90 (255 per thread). The register rules are
-    calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64 and 128, GQA 1 and
+    """The configs that `fits` (the first if none does)."""
+    kept = [c for c in configs if fits(c, head_dim, elem_bytes, backward)]
+    return kept or configs[:1]
+
+
+def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> bool:
+    """Whether a tile fits sm_90: its pipelined K/V stages + q tile within SMEM_LIMIT at the
+    dtype's element size (fp32 twice bf16), and no register spills (255 per thread). The
+    register rules are calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64 and 128, GQA 1 and
     7, every mask on, causal only, none):
       * forward: the fp32 accumulator (BM x Dh), scores (BM x BN) and the K/V tile (BN x Dh),
         per thread, within 128 words: every config kept compiled without spills, every one
@@ -102,70 +112,68 @@ def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
         at Dh 128 and at 32x128 at Dh 64; with 8 warps, 64-row query tiles spilled at Dh 128
         and 64x128 (8 B, GQA 1, masks) at Dh 64. So: 8 warps, the query tile BM x Dh and the
         (BN, BM) score tiles BN x BM each within 32 x 128 elements. (1 stage is not offered.)"""
-    kept = []
-    for c in configs:
-        bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
-        smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
-        if backward:
-            regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
-        else:
-            regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
-        if smem <= 200_000 and regs_ok:
-            kept.append(c)
-    return kept or configs[:1]
+    bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
+    smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
+    if elem_bytes == 4:
+        # fp32: IEEE dots run as FMAs. Compiled for sm_90 (every mask on), 32 x 32 on 8 warps
+        # is spill-free at Dh 64 in all three kernels; 64 x 64 spilled 664..2056 B there. At
+        # Dh 128 every tile tried spilled (16x32 .. 64x64; 32 x 32 on 8 warps the least,
+        # 160..392 B): fp32 there is a correctness path, not a fast one.
+        return smem <= SMEM_LIMIT and bm * bn <= 32 * 32 and warps == 8
+    if backward:
+        regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
+    else:
+        regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
+    return smem <= SMEM_LIMIT and regs_ok
 
 
-def _pinned_config(env: str) -> dict | None:
-    spec = os.environ.get(env)
-    if not spec:
-        return None
-    cfg = parse_tile_config(env, spec, "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
-                            required=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-    for name in ("BLOCK_M", "BLOCK_N"):
-        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
-            raise ValueError(f"{env}={spec!r}: {name} must be a power of two >= 16")
-    return cfg
+def _gpu_default(backward: bool, head_dim: int) -> dict:
+    # Tutorial-06-like defaults, checked spill-free on sm_90 (tests/test_attention.py): wide
+    # query tiles forward (8 warps: with 4, Molmo's masks spill even at Dh 64); the backward's
+    # dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query tiles at Dh 128.
+    if backward:
+        return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
+                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
-_TUNED: dict[tuple, dict] = {}  # (backward, dtype, Dh, causal, masked) -> config, by `autotune`
+def _policy(backward: bool) -> TilePolicy:
+    # ctx: dtype, head_dim, causal, masked (what the best tile depends on)
+    return TilePolicy(
+        "attention", _BWD_CONFIG_ENV if backward else _CONFIG_ENV, _KEYS,
+        example="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
+        candidates=lambda ctx: kernel_configs(True, backward, ctx["dtype"]),
+        fits=lambda c, ctx: fits(c, ctx["head_dim"], element_size(ctx["dtype"]), backward),
+        default=lambda ctx: _gpu_default(backward, ctx["head_dim"]),
+        interpreter=lambda ctx: kernel_configs(False, backward)[0])
+
+
+_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+POLICIES = {False: _policy(False), True: _policy(True)}  # forward, backward
 
 
 def _tune_key(backward, dtype, head_dim, causal, masked):
     return (backward, dtype, head_dim, causal, masked)
 
 
+def _ctx(key: tuple) -> dict:
+    _, dtype, head_dim, causal, masked = key
+    return dict(dtype=dtype, head_dim=head_dim, causal=causal, masked=masked)
+
+
 def default_config(key: tuple, on_gpu: bool) -> dict:
-    """Pinned by env var, else tuned by `autotune`, else a fixed default (never timed here)."""
-    backward, dtype, head_dim = key[0], key[1], key[2]
-    pinned = _pinned_config(_BWD_CONFIG_ENV if backward else _CONFIG_ENV)
-    if pinned is not None:
-        return pinned
-    if key in _TUNED:
-        return _TUNED[key]
-    elem = 4 if dtype == torch.float32 else 2
-    configs = prune_configs(kernel_configs(on_gpu, backward), head_dim, elem, backward)
-    if not on_gpu:
-        return configs[0]
-    # Tutorial-06-like defaults, checked spill-free on sm_90 (tests/test_attention.py): wide
-    # query tiles forward (8 warps: with 4, Molmo's masks spill even at Dh 64); the backward's
-    # dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query tiles at Dh 128.
-    if backward:
-        want = (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
-                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
-    else:
-        want = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return want if want in configs else configs[0]
+    """Pinned names over tuned (`autotune`) over the default pruned for the dtype (never timed
+    here); key = `_tune_key(...)`."""
+    return POLICIES[key[0]].config(_ctx(key), on_gpu)
 
 
-def autotune(q, k, v, backward: bool = False, **kw) -> dict:
-    """Time every pruned config on these tensors (GPU only); remember and return the fastest."""
-    import triton.testing
-
+def autotune(q, k, v, backward: bool = False, **kw) -> dict | None:
+    """Time every config that fits on these tensors (GPU only), skipping any that fails;
+    remember and return the fastest."""
     causal = kw.get("causal", True)
     masked = any(kw.get(n) is not None for n in ("image_block_ids", "key_padding_mask",
                                                    "cu_seqlens"))
     key = _tune_key(backward, q.dtype, q.shape[-1], causal, masked)
-    elem = q.element_size()
     if backward:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         do = torch.randn_like(q)
@@ -175,20 +183,7 @@ def autotune(q, k, v, backward: bool = False, **kw) -> dict:
     else:
         def run():
             attention(q, k, v, **kw)
-    best, best_ms = None, float("inf")
-    for cfg in prune_configs(kernel_configs(True, backward), q.shape[-1], elem, backward):
-        _TUNED[key] = cfg
-        try:
-            ms = triton.testing.do_bench(run)
-        except Exception:  # out of resources for this tile: not a candidate
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:  # nothing compiled: fall back to the default rather than pin None
-        _TUNED.pop(key, None)
-    else:
-        _TUNED[key] = best
-    return best
+    return POLICIES[backward].autotune(_ctx(key), run)
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -369,14 +369,25 @@ def sm90_cases():
         tiles.append(("test", 7, 128, True, True,
                       dict(BLOCK_M=32 if backward else 128, BLOCK_N=64, num_warps=8,
                            num_stages=2)))
-        for (tag, G, Dh, causal, masks, cfg), shape in zip(tiles, shapes + (("d128_g7_masks",),)):
+        # fp16 and fp32 defaults (fp32 tiles take twice the shared memory; IEEE dots as FMAs)
+        for dtype, dname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+            for tag, G, Dh, causal, masks in (("d128_g7_masks", 7, 128, True, True),
+                                              ("d64_g1_vit", 1, 64, False, False)):
+                cfg = default_config(_tune_key(backward, dtype, Dh, causal, masks), True)
+                tiles.append((dname, G, Dh, causal, masks, cfg))
+        shape_names = [s[0] for s in shapes] + ["d128_g7_masks"] + \
+            ["d128_g7_masks", "d64_g1_vit"] * 2
+        for (tag, G, Dh, causal, masks, cfg), shape in zip(tiles, shape_names):
             consts = dict(G=G, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=causal, HAS_BLOCKS=masks, HAS_SEQ=masks, HAS_KPM=masks,
-                          IEEE=False, **extra)
-            name = f"{short}_{shape[0]}_{tag}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}" \
+                          IEEE=tag == "fp32", **extra)
+            name = f"{short}_{shape}_{tag}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}" \
                    f"_w{cfg['num_warps']}_s{cfg['num_stages']}"
+            elem = {"fp16": "*fp16", "fp32": "*fp32"}.get(tag)
+            io = {f"{n}_ptr": elem for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+                  if elem and f"{n}_ptr" in fn.arg_names}
             cases.append(Case(name, fn, consts, num_warps=cfg["num_warps"],
-                              num_stages=cfg["num_stages"], types={**types, **ptr_types},
+                              num_stages=cfg["num_stages"], types={**types, **ptr_types, **io},
                               divisible=strides))
     return cases
 
@@ -389,6 +400,8 @@ def sm90():
 
 
 def test_kernels_compile_for_h100_without_a_gpu(sm90):
+    from tests.sm90 import SMEM_LIMIT
+
     # The interpreter does not type-check like the compiler (loop-carried types, scalar ifs):
     # compile the three kernels for sm_90 down to a cubin, in a subprocess because
     # TRITON_INTERPRET=1 replaces @triton.jit functions in this one (tests/sm90.py).
@@ -396,7 +409,7 @@ def test_kernels_compile_for_h100_without_a_gpu(sm90):
     assert len(r) == len(sm90_cases())
     for name, res in r.items():
         assert "error" not in res, f"{name} does not compile for sm_90: {res['error']}"
-        assert res["cubin_bytes"] > 0 and res["shared"] <= 227 * 1024, (name, res)
+        assert res["cubin_bytes"] > 0 and res["shared"] <= SMEM_LIMIT, (name, res)
 
 
 def test_prune_drops_tiles_that_spilled_on_h100():
@@ -419,11 +432,39 @@ def test_prune_drops_tiles_that_spilled_on_h100():
                 assert default_config(key, True) in kept
 
 
+def test_defaults_fit_their_dtype_and_pins_are_checked(monkeypatch):
+    # The defaults were pruned at one element size: an fp32 128 x 64 forward in 3 stages needs
+    # (2*64*3 + 128) * 128 * 4 = 262,144 B at Dh 128, past sm_90's 232,448.
+    from molmoe.kernels.attention import POLICIES, fits
+    from molmoe.kernels._common import element_size
+
+    monkeypatch.delenv("MOLMOE_ATTENTION_CONFIG", raising=False)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for Dh in (64, 128):  # Molmo's (at 256 no backward candidate passes the spill rule)
+            for backward in (False, True):
+                for causal, masked in ((True, True), (True, False), (False, False)):
+                    cfg = default_config(_tune_key(backward, dtype, Dh, causal, masked), True)
+                    assert fits(cfg, Dh, element_size(dtype), backward), (dtype, Dh, cfg)
+    assert POLICIES[False].pruned(dict(dtype=torch.float32, head_dim=128, causal=True,
+                                       masked=False))
+    monkeypatch.setenv("MOLMOE_ATTENTION_CONFIG", "BLOCK_M=64,BLOK_N=64")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['BLOK_N'\]; valid names: "
+                                         r"\['BLOCK_M', 'BLOCK_N', 'num_stages', 'num_warps'\]"):
+        default_config(_tune_key(False, torch.float16, 64, True, False), True)
+
+
 def test_kernels_do_not_spill_on_h100(sm90):
-    from tests.sm90 import check
+    from tests.sm90 import SMEM_LIMIT, check
 
     for case in sm90_cases():  # and the K/V (q/do) loads pipelined: cp.async
-        check(sm90.get(case.name), case.name, tensor_core="mma_any", cp_async=True)
+        r = sm90.get(case.name)
+        if "_fp32_" in case.name and case.consts["HEAD_DIM"] == 128:
+            # Known limit (kernels/attention.py `fits`): fp32 IEEE dots at Dh 128 spill at
+            # every tile tried; only compile + shared memory are asserted there.
+            assert r and "error" not in r and r["shared"] <= SMEM_LIMIT, (case.name, r)
+            continue
+        fp32 = "_fp32_" in case.name  # IEEE dots: FMAs, no tensor cores
+        check(r, case.name, tensor_core=None if fp32 else "mma_any", cp_async=True)
 
 
 # ----------------------------------------------------------------------------- model
