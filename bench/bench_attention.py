@@ -16,7 +16,7 @@ Two decoder mask layouts:
           text tokens between them, as many as fit before a >= 32-token text tail (S=512: one
           block of 472); every sequence of the batch has this layout.
 Contenders, all on the same q, k, v:
-  reference    molmoe.backends.reference_attention (= attention_ref), the dense-mask SDPA path
+  reference    molmoe.ops.attention_ref (= attention_ref), the dense-mask SDPA path
   sdpa_flash   torch SDPA forced to its flash backend (causal and ViT; it cannot take a mask)
   sdpa_mask    torch SDPA with the explicit boolean mask, efficient (else math) backend (image;
                on the CPU PyTorch picks)
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, Record, time_fn,
                           write_results)
-from molmoe.backends import reference_attention
+from molmoe.ops import attention_ref
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def grid(gpu: bool, quick: bool) -> list[Case]:
 
 
 def reference_supports_image_blocks() -> bool:
-    return "image_block_ids" in inspect.signature(reference_attention).parameters
+    return "image_block_ids" in inspect.signature(attention_ref).parameters
 
 
 _FLEX = None
@@ -188,12 +188,12 @@ def implementations(case: Case, q, k, v, blk, *, gpu: bool, triton: bool) -> tup
     causal, gqa = case.causal, q.shape[1] != k.shape[1]
     tag = f"{case.model}/{case.layout}"
     if case.layout != "image":
-        impls["reference"] = lambda q, k, v: reference_attention(q, k, v, causal=causal)
+        impls["reference"] = lambda q, k, v: attention_ref(q, k, v, causal=causal)
     elif reference_supports_image_blocks():
-        impls["reference"] = lambda q, k, v: reference_attention(q, k, v, causal=True,
+        impls["reference"] = lambda q, k, v: attention_ref(q, k, v, causal=True,
                                                                  image_block_ids=blk)
     else:
-        notes.append(f"{tag}: reference_attention on this tree takes no image_block_ids "
+        notes.append(f"{tag}: attention_ref on this tree takes no image_block_ids "
                      "(issue 5 adds it): reference left out")
 
     if case.layout == "image":

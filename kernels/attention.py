@@ -6,7 +6,7 @@ What: softmax(q k^T * scale + mask) v without ever materialising the score matri
                          q heads [j*G, (j+1)*G), G = Hq / Hkv), Sq <= Sk
     -> o (B, Hq, Sq, Dh) in q's dtype
 
-Masks, combinable (the contract is `molmoe.backends.reference_attention`'s docstring):
+Masks, combinable (the contract: molmoe/ops/__init__.py; `attention_ref` is its reference):
     allowed(i, j) = (causal(i, j) OR same_image(i, j)) AND same_seq(i, j) AND key_padding_mask[j]
   * causal, aligned bottom-right: query i sits at key position Sk - Sq + i (chunked prefill
     against a KV cache);
@@ -59,13 +59,13 @@ import math
 import torch
 import triton
 
-from molmoe.backends import reference_attention
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
                                     on_interpreter)
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
-attention_ref = reference_attention  # ONE reference: the model's (molmoe.backends)
 
 _CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
 _BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
@@ -102,8 +102,8 @@ def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
 def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> bool:
     """Whether a tile fits sm_90: its pipelined K/V stages + q tile within SMEM_LIMIT at the
     dtype's element size (fp32 twice bf16), and no register spills (255 per thread). The
-    register rules are calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64 and 128, GQA 1 and
-    7, every mask on, causal only, none):
+    register rules are calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64
+    and 128, GQA 1 and 7, every mask on, causal only, none):
       * forward: the fp32 accumulator (BM x Dh), scores (BM x BN) and the K/V tile (BN x Dh),
         per thread, within 128 words: every config kept compiled without spills, every one
         dropped spilled (e.g. 128x128 with 8 warps 16 B, any 4-warp 128-row tile at Dh 128);

@@ -46,11 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
-from molmoe.backends import reference_decode_attention
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import decode_attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
                                     on_interpreter)
 
-decode_attention_ref = reference_decode_attention  # ONE reference: the model's (molmoe.backends)
 
 _SPLITS_ENV = "MOLMOE_DECODE_ATTENTION_SPLITS"
 _CONFIG_ENV = "MOLMOE_DECODE_ATTENTION_CONFIG"  # e.g. "BLOCK_N=64,num_warps=4,num_stages=2"

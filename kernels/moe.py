@@ -15,7 +15,7 @@ define them:
     z_loss  = mean_t logsumexp(logits[t])^2            (ST-MoE)
 transformers' `load_balancing_loss_func` divides counts by T, not T*K: it is K * lb_loss.
 Both are differentiable w.r.t. router_w (and x) through the router kernel's backward; the caller
-scales and adds them to its loss. `moe_ffn_ref` (= molmoe.backends.reference_moe_ffn, the released
+scales and adds them to its loss. `moe_ffn_ref` (= molmoe.ops.moe_ffn_ref, the released
 per-expert loop) has the same signature and aux.
 
 How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_tuning.py):
@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from molmoe.backends import reference_moe_ffn
+from molmoe.ops import moe_ffn_ref
 from molmoe.kernels._common import check_launch_device, on_interpreter
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
                                      _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
@@ -83,7 +83,6 @@ from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_
 from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, autotune, block_m_for,
                                        choose_path, default_config, kernel_configs, prune_configs)
 
-moe_ffn_ref = reference_moe_ffn  # ONE reference: the model's (molmoe.backends)
 
 __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
            "moe_experts", "aux_losses", "block_m_for", "choose_path", "kernel_configs",

@@ -1,7 +1,7 @@
 """Fused 2x2 attention pooling (spec §3.2, §3.3, §7.7): gather, pad-embedding add, mean query,
 4-key softmax per head and the weighted sum of V in one Triton kernel; projections stay GEMMs.
 
-The reference (`patch_pool_ref` = `molmoe.backends.reference_patch_pool`) adds the pad embeddings
+The reference (`patch_pool_ref` = `molmoe.ops.patch_pool_ref`) adds the pad embeddings
 to the whole feature map, copies the 4 members of every cell into an (M, 4, C) tensor, and runs
 M tiny attentions over 4 keys through SDPA with fp32 copies of q, k, v. Here:
 
@@ -62,10 +62,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from molmoe.backends import pad_masks, reference_patch_pool
+# patch_pool_ref: this op's reference, the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import pad_masks, patch_pool_ref  # noqa: F401
 from molmoe.kernels._common import TilePolicy, on_interpreter
 
-patch_pool_ref = reference_patch_pool
 
 _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
@@ -370,7 +370,7 @@ patch_pool_attend.register_autograd(_backward, setup_context=_setup_context)
 
 def patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo, num_heads,
                cast_back):
-    """Same contract as `molmoe.backends.reference_patch_pool`: (N, P, C) -> (N, P/4, E).
+    """Same contract as `molmoe.ops.patch_pool_ref`: (N, P, C) -> (N, P/4, E).
 
     `cast_back` (MolmoE's cast of f + pad to the feature dtype) needs no action here: the GEMMs
     read f in its own dtype and the pad terms enter after them, in fp32 (see the header)."""

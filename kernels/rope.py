@@ -4,7 +4,7 @@
     y[..., h:] = x2 * cos[h:] + x1 * sin[h:]
 
 in fp32 (q, k upcast, rotated, cast back to their dtype), exactly the arithmetic of
-`apply_rope_ref` (= `molmoe.backends.reference_apply_rope`, which builds rotate_half copies and
+`apply_rope_ref` (= `molmoe.ops.apply_rope_ref`, which builds rotate_half copies and
 four fp32 temporaries per tensor). One program takes BLOCK_S positions of one sequence and a
 group of HEADS heads from the list [q heads..., k heads...] (GQA: Hq != Hkv only moves the q/k
 boundary), loads the cos/sin rows of its positions once and rotates its heads, so the tables are
@@ -44,10 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from molmoe.backends import reference_apply_rope
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import apply_rope_ref  # noqa: F401
 from molmoe.kernels._common import TilePolicy, on_interpreter
 
-apply_rope_ref = reference_apply_rope
 
 _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 
@@ -241,5 +241,5 @@ _apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def apply_rope(q, k, cos, sin):
-    """Same contract as `molmoe.backends.reference_apply_rope`: (q, k) rotated, input dtypes."""
+    """Same contract as `molmoe.ops.apply_rope_ref`: (q, k) rotated, input dtypes."""
     return _apply_rope_op(q, k, cos, sin)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.attention import (_tune_key, attention, attention_ref,
                                       attention_tile_counts, default_config, kernel_configs,
                                       prune_configs)

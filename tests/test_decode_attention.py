@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.decode_attention import (decode_attention, decode_attention_ref,
                                              kernel_configs, num_splits_heuristic)
 from tests.tiny import random_inputs, random_model

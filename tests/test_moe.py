@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.moe import (DECODE_MAX_TOKENS, KINDS, aux_losses, block_m_for, choose_path,
                                 default_config, kernel_configs, moe_experts, moe_ffn, moe_ffn_ref,
                                 permute, prune_configs, route)
@@ -503,7 +503,7 @@ def test_training_loop_backward_equals_per_expert_indexing():
     """The training loop splits the stacked experts with one unbind (w[e] per expert made the
     backward zero-fill and add a whole (E, F, D) gradient per expert and projection); outputs
     and every gradient are bit-identical to indexing w[e], unused experts included."""
-    from molmoe.backends import _experts_loop
+    from molmoe.ops.moe import _experts_loop
 
     def indexed(x, w_gate, w_up, w_down, topk_w, topk_idx):
         y = torch.zeros_like(x)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.patch_pool import patch_pool, patch_pool_ref
 from tests.tiny import random_inputs, random_model
 

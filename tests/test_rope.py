@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.rope import apply_rope, apply_rope_ref
 from molmoe.model.layers import rope_tables
 from tests.tiny import random_inputs, random_model
