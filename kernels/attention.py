@@ -39,10 +39,17 @@ atomics: dq per query tile over the forward's key range; dk, dv per key tile of 
 summing its G query heads in registers, over the query tiles that reach it (causal onward, back
 to the first token of any image block in the key tile, within its sequence).
 
-Tiles: `kernel_configs` / `prune_configs` (keyed on dtype, Dh, causal, masks), `autotune` times
-them up front on a GPU (never on the launch path), MOLMOE_ATTENTION_CONFIG /
-MOLMOE_ATTENTION_BWD_CONFIG pin one ("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the
-interpreter uses one small fixed config.
+Hopper: the forward reads q, k, v and writes o through tensor descriptors
+(`tl.make_tensor_descriptor`, one (rows, Dh) descriptor per head: TMA bulk copies) when every
+base and batch/head/row stride is 16-byte aligned (`_tma_ok`; other views take pointer loads,
+same math), on 128 x 128 tiles by default (8 warps, 3 stages: wgmma n = 128). The backward
+kernels still use pointer loads.
+
+Tiles: the one tile policy of kernels/_common.py (`POLICIES`: candidates from `kernel_configs`,
+pruned by `fits` for the dtype against sm_90's shared memory and spill rules, keyed on dtype,
+Dh, causal, masks); `autotune` times them up front on a GPU (never on the launch path),
+MOLMOE_ATTENTION_CONFIG / MOLMOE_ATTENTION_BWD_CONFIG pin names
+("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the interpreter uses one small fixed config.
 
 Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
 Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
@@ -123,18 +130,25 @@ def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> boo
     if backward:
         regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
     else:
-        regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
+        # The forward reads K/V through tensor descriptors (TMA): the K/V tile lives in shared
+        # memory only, no pointer tile in registers, so the accumulator and the scores alone
+        # count. Compiled for sm_90 with TMA, 128 x 128 on 8 warps took 195..223 registers at
+        # Dh 128 (no spill) where the pointer loads spilled 16 B (masks). One warpgroup (4
+        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks).
+        regs_ok = (bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
     return smem <= SMEM_LIMIT and regs_ok
 
 
-def _gpu_default(backward: bool, head_dim: int) -> dict:
-    # Tutorial-06-like defaults, checked spill-free on sm_90 (tests/test_attention.py): wide
-    # query tiles forward (8 warps: with 4, Molmo's masks spill even at Dh 64); the backward's
-    # dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query tiles at Dh 128.
+def _gpu_default(backward: bool, head_dim: int, causal: bool = True,
+                 masked: bool = True) -> dict:
+    # Checked spill-free on sm_90 (tests/test_attention.py): 128 x 128 forward tiles on 8
+    # warps (QK^T and, at Dh 128, PV on wgmma with n = 128; K/V by TMA, 3 stages: 230,400 B of
+    # shared memory at Dh 128, 195..223 registers with every mask or none); the backward's dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query
+    # tiles at Dh 128.
     if backward:
         return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
                 dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def _policy(backward: bool) -> TilePolicy:
@@ -144,7 +158,8 @@ def _policy(backward: bool) -> TilePolicy:
         example="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
         candidates=lambda ctx: kernel_configs(True, backward, ctx["dtype"]),
         fits=lambda c, ctx: fits(c, ctx["head_dim"], element_size(ctx["dtype"]), backward),
-        default=lambda ctx: _gpu_default(backward, ctx["head_dim"]),
+        default=lambda ctx: _gpu_default(backward, ctx["head_dim"], ctx["causal"],
+                                         ctx["masked"]),
         interpreter=lambda ctx: kernel_configs(False, backward)[0])
 
 
@@ -261,6 +276,26 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors (TMA) need 16-byte aligned bases and 16-byte multiples as the batch,
+    head and row strides (the head dim has a unit stride); other views take the pointer loads."""
+    return all(t.data_ptr() % 16 == 0 and
+               all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """In-kernel tensor descriptors live in a small global scratch buffer Triton asks the
+    framework for at launch: give it torch's caching allocator (graph-capture safe), once."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream:
+                             torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale,
                 count_tiles=False):
     B, Hq, Sq, Dh = q.shape
@@ -276,6 +311,9 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     if Sq == 0:
         return o, lse, counts
     meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    tma = _tma_ok(q, k, v, o)
+    if tma and on_gpu:
+        _ensure_tma_allocator()
     _attn_fwd_kernel[(n_m, B * Hq)](
         q, k, v, o, lse, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], counts,
@@ -285,7 +323,8 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
         G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
         HAS_BLOCKS=causal and image_block_ids is not None, HAS_SEQ=cu_seqlens is not None,
         HAS_KPM=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
-        COUNT_TILES=count_tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        COUNT_TILES=count_tiles, TMA=tma, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return o, lse, counts
 

@@ -210,6 +210,30 @@ def test_strided_inputs():
     check(q, k, v, do, loop_mask(2, 33, 33, True), causal=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tma_and_pointer_paths_agree(dtype, monkeypatch):
+    # The forward reads q/k/v (and writes o) through tensor descriptors when every base and
+    # stride is 16-byte aligned (Triton's interpreter runs them too), else with pointer loads.
+    from molmoe.kernels import attention as A
+
+    q, k, v, do = make(1, 4, 2, 37, 37, 64, dtype, seed=8)
+
+    def shifted(t):  # the same values one element into a buffer: a misaligned base
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+        return buf.view(t.shape).copy_(t)
+
+    qs, ks, vs = map(shifted, (q, k, v))
+    assert A._tma_ok(q, k, v) and not A._tma_ok(qs, ks, vs)
+    chosen, real = [], A._tma_ok
+    monkeypatch.setattr(A, "_tma_ok", lambda *ts: chosen.append(real(*ts)) or chosen[-1])
+    mask = loop_mask(1, 37, 37, True)
+    by_tma = check(q, k, v, do, mask, causal=True)
+    by_pointer = check(qs, ks, vs, do, mask, causal=True)
+    assert chosen == [True, False]
+    for a, b in zip(by_tma, by_pointer):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- tile skipping
 
 
@@ -347,7 +371,8 @@ def sm90_cases():
     shapes = (("d128_g7_masks", 7, 128, True, True), ("d128_g7_causal", 7, 128, True, False),
               ("d128_g1_masks", 1, 128, True, True), ("d64_g1_vit", 1, 64, False, False),
               ("d64_g7_masks", 7, 64, True, True))
-    kernels = ((K._attn_fwd_kernel, "fwd", False, dict(COUNT_TILES=False)),
+    # The forward as launched on aligned tensors: q/k/v/o through tensor descriptors (TMA).
+    kernels = ((K._attn_fwd_kernel, "fwd", False, dict(COUNT_TILES=False, TMA=True)),
                (K._attn_bwd_dq_kernel, "dq", True, {}),
                (K._attn_bwd_dkdv_kernel, "dkdv", True, dict(COUNT_TILES=False)))
     cases = []
@@ -377,6 +402,11 @@ def sm90_cases():
                 tiles.append((dname, G, Dh, causal, masks, cfg))
         shape_names = [s[0] for s in shapes] + ["d128_g7_masks"] + \
             ["d128_g7_masks", "d64_g1_vit"] * 2
+        if not backward:  # every forward candidate the bf16 prune keeps, at the masked GQA-7
+            # decoder shape (the most registers): autotune may pick any of them
+            for cfg in prune_configs(kernel_configs(True), 128, 2):
+                tiles.append(("cand", 7, 128, True, True, cfg))
+                shape_names.append("d128_g7_masks")
         for (tag, G, Dh, causal, masks, cfg), shape in zip(tiles, shape_names):
             consts = dict(G=G, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=causal, HAS_BLOCKS=masks, HAS_SEQ=masks, HAS_KPM=masks,
@@ -416,9 +446,10 @@ def test_prune_drops_tiles_that_spilled_on_h100():
     # The register rules of prune_configs against tiles measured to spill on sm_90 (bf16, every
     # mask on): they must be dropped, and the GPU defaults (compiled above) must survive.
     fwd128 = prune_configs(kernel_configs(True), 128, 2)
-    assert dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2) not in fwd128  # 16 B
+    # 128 x 128 on 8 warps spilled 16 B with pointer loads; with K/V by TMA it took 223
+    # registers and is kept (compiled with every other kept candidate above)
+    assert dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3) in fwd128
     assert not [c for c in fwd128 if c["num_warps"] == 4 and c["BLOCK_M"] == 128]  # 88..1608 B
-    assert dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2) not in fwd128  # 8 B
     bwd128 = prune_configs(kernel_configs(True, True), 128, 2, backward=True)
     assert bwd128 and all(c["num_warps"] == 8 and c["BLOCK_M"] == 32 for c in bwd128)
     bwd64 = prune_configs(kernel_configs(True, True), 64, 2, backward=True)
@@ -451,6 +482,25 @@ def test_defaults_fit_their_dtype_and_pins_are_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown name\(s\) \['BLOK_N'\]; valid names: "
                                          r"\['BLOCK_M', 'BLOCK_N', 'num_stages', 'num_warps'\]"):
         default_config(_tune_key(False, torch.float16, 64, True, False), True)
+
+
+def test_forward_is_hopper_shaped_on_h100(sm90):
+    # Issue 15: the forward loads by TMA (cp.async.bulk.tensor) and its wgmma are 128 wide
+    # (n = 128: QK^T on 128-key tiles), for the default and every kept candidate (bf16/fp16;
+    # fp32 runs IEEE dots as FMAs, no wgmma).
+    for case in sm90_cases():
+        if not case.name.startswith("fwd_") or "_test_" in case.name:
+            continue
+        r = sm90[case.name]
+        assert r["tma"], f"{case.name}: no cp.async.bulk.tensor"
+        # n >= 128 where the tile allows it: 64 rows per warpgroup (with 8 warps and 64 rows
+        # the two warpgroups split n: 64x128 on 8 warps runs n = 64) and 128 keys or Dh 128
+        c = case.consts
+        if "_fp32_" not in case.name and c["BLOCK_M"] >= 16 * case.num_warps and \
+                max(c["BLOCK_N"], c["HEAD_DIM"]) >= 128:
+            assert r["wgmma_n"] >= 128, (case.name, r)
+    defaults = [c for c in sm90_cases() if c.name.startswith("fwd_") and "_default_" in c.name]
+    assert defaults and all(c.consts["BLOCK_M"] == c.consts["BLOCK_N"] == 128 for c in defaults)
 
 
 def test_kernels_do_not_spill_on_h100(sm90):
