@@ -67,6 +67,31 @@ def parse_tile_config(env: str, spec: str, example: str, required=(), *,
     return cfg
 
 
+def tma_ok(*tensors, strides: int | None = None) -> bool:
+    """Tensor descriptors (Hopper's TMA) need 16-byte aligned bases and every stride but the
+    last a multiple of 16 bytes (the last stride is 1); `strides`: how many leading strides
+    to check (all but the last by default). Views that fail take the pointer loads."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and
+               all(st * t.element_size() % 16 == 0
+                   for st in t.stride()[:strides if strides is not None else t.dim() - 1])
+               for t in tensors)
+
+
+_ALLOCATOR_SET = False
+
+
+def ensure_tma_allocator() -> None:
+    """In-kernel tensor descriptors live in a small global scratch buffer Triton asks the
+    framework for at launch: give it torch's caching allocator (graph-capture safe), once."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        import triton
+
+        triton.set_allocator(lambda size, alignment, stream:
+                             torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def _closest(configs: list[dict], want: dict) -> dict:
     """The config of `configs` sharing the most values with `want` (the first on a tie)."""
     return max(configs, key=lambda c: sum(c.get(k) == v for k, v in want.items()))

@@ -69,7 +69,7 @@ import triton
 # this op's reference: the contract's own function (molmoe.ops), re-exported
 from molmoe.ops import attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
-                                    on_interpreter)
+                                    ensure_tma_allocator, on_interpreter, tma_ok)
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
@@ -279,21 +279,7 @@ def _unit_stride(t):
 def _tma_ok(*tensors) -> bool:
     """Tensor descriptors (TMA) need 16-byte aligned bases and 16-byte multiples as the batch,
     head and row strides (the head dim has a unit stride); other views take the pointer loads."""
-    return all(t.data_ptr() % 16 == 0 and
-               all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
-
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_tma_allocator() -> None:
-    """In-kernel tensor descriptors live in a small global scratch buffer Triton asks the
-    framework for at launch: give it torch's caching allocator (graph-capture safe), once."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream:
-                             torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    return tma_ok(*tensors, strides=3)
 
 
 def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale,
@@ -313,7 +299,7 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
     tma = _tma_ok(q, k, v, o)
     if tma and on_gpu:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     _attn_fwd_kernel[(n_m, B * Hq)](
         q, k, v, o, lse, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], counts,

@@ -86,8 +86,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
                     K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, DECODE: tl.constexpr, SAVE_PRE: tl.constexpr,
-                    IEEE: tl.constexpr):
-    """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F."""
+                    IEEE: tl.constexpr, TMA: tl.constexpr = False):
+    """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F.
+    TMA: the weight tiles come through tensor descriptors of expert e's (F, D) slice (bulk
+    copies, zeros past its edge); the gathered x rows stay pointer loads."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
@@ -106,12 +108,25 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
     w_off = e.to(tl.int64) * F * D + cols[None, :] * D + ks[:, None]  # (BLOCK_K, BLOCK_N)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + ks) < D
-        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b_ok = k_ok[:, None] & col_ok[None, :]
-        acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
-        acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
+    if TMA:
+        e_off = e.to(tl.int64) * F * D
+        wg_desc = tl.make_tensor_descriptor(wg_ptr + e_off, shape=[F, D], strides=[D, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr + e_off, shape=[F, D], strides=[D, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            acc_g = _dot(a, tl.trans(wg_desc.load([n0, k0])), acc_g, IEEE)  # (BK, BN) view
+            acc_u = _dot(a, tl.trans(wu_desc.load([n0, k0])), acc_u, IEEE)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
+            acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
     out = row[:, None] * F + cols[None, :]
     out_ok = ok[:, None] & col_ok[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
@@ -125,9 +140,12 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
 def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N,
                  D, F, num_m, K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr):
+                 GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+                 TMA: tl.constexpr = False):
     """z[assign] = w[assign] * (h[row] @ w_down[e]^T): (BLOCK_M, BLOCK_N) over D, the routing
-    weight applied in fp32 before the one rounding, stored per assignment."""
+    weight applied in fp32 before the one rounding, stored per assignment. TMA: the weight
+    tiles and (grouped path) the sorted h rows come through tensor descriptors; padding rows
+    of h are read as they are (their outputs are never stored: rows are independent)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
@@ -139,11 +157,25 @@ def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr
     a_ptrs = h_ptr + row[:, None] * F + ks[None, :]
     b_ptrs = wd_ptr + e.to(tl.int64) * D * F + cols[None, :] * F + ks[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        k_ok = (k0 + ks) < F
-        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    if TMA:
+        wd_desc = tl.make_tensor_descriptor(wd_ptr + e.to(tl.int64) * D * F, shape=[D, F],
+                                            strides=[F, 1], block_shape=[BLOCK_N, BLOCK_K])
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_m * BLOCK_M, F], strides=[F, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, F, BLOCK_K):
+            if DECODE:  # rows are tokens / assignments, not a contiguous tile
+                k_ok = (k0 + ks) < F
+                a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            else:
+                a = h_desc.load([pid_m * BLOCK_M, k0])
+            acc = _dot(a, tl.trans(wd_desc.load([n0, k0])), acc, IEEE)
+    else:
+        for k0 in range(0, F, BLOCK_K):
+            k_ok = (k0 + ks) < F
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
     acc = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
     tl.store(z_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, z_ptr),
              mask=ok[:, None] & col_ok[None, :])

@@ -26,6 +26,7 @@ KINDS = ("gate_up", "down", "down_bwd", "dx", "dw_gate_up", "dw_down", "gate_up_
 # kernels that load two B tiles a step: two weights, or dw_down's gate and up
 _TWO_B_TILES = {"gate_up", "dx", "gate_up_decode", "dw_down"}
 _KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_TMA_KINDS = {"gate_up", "down", "gate_up_decode", "down_decode"}
 
 
 def kernel_configs(kind: str, on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
@@ -61,8 +62,12 @@ def _smem_bytes(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> int:
     bm = c["BLOCK_M"] or block_m
     n_b = 2 if kind in _TWO_B_TILES else 1
     n_a = 2 if kind in ("dx", "dw_gate_up") else 1
-    return (max(c["num_stages"] - 1, 1) * element_size(dtype) * c["BLOCK_K"]
-            * (n_a * bm + n_b * c["BLOCK_N"]))
+    # The forward GEMMs load their weights by TMA in 16-bit dtypes (kernels/moe.py `_use_tma`):
+    # those pipelines keep num_stages buffers (gate_up 128 x 128 x 64 in 4 stages compiled to
+    # 4 x 49,152 B), the cp.async ones num_stages - 1.
+    tma = kind in _TMA_KINDS and dtype != torch.float32
+    buffers = c["num_stages"] if tma else max(c["num_stages"] - 1, 1)
+    return buffers * element_size(dtype) * c["BLOCK_K"] * (n_a * bm + n_b * c["BLOCK_N"])
 
 
 def fits(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> bool:
@@ -112,8 +117,10 @@ def _gpu_default(kind: str, block_m: int) -> dict:
     stages need 262,144 B, past SMEM_LIMIT)."""
     big = block_m >= 128
     cfg = {
-        "gate_up": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
-                        num_stages=4),
+        # 128-row tiles: one 128 x 128 tile each for gate and up (wgmma n = 128; weights by
+        # TMA: 254 registers, 147,512 B of shared memory in bf16, no spill)
+        "gate_up": (dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3) if big
+                    else dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)),
         "down": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,
                      num_stages=4),
         "down_bwd": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,

@@ -553,3 +553,28 @@ def test_fp16_overflow_saturates_instead_of_inf(path):
     want = torch.einsum("tf,tdf->td", h.float(), wdf[e]) * aux["topk_weights"][:, :1]
     assert h.float().max() == 65504  # the case does overflow
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
+
+
+def test_tma_and_pointer_paths_agree(monkeypatch):
+    # fp16 weights with 16-byte aligned bases and rows go through tensor descriptors (Triton's
+    # interpreter runs them too), misaligned ones through pointer loads: same results, both
+    # paths (grouped and decode).
+    from molmoe.kernels import moe as M
+
+    inputs = make(20, 24, 40, 4, torch.float16, seed=21)  # rows of 48 / 80 bytes
+    x, router, wg, wu, wd = inputs
+
+    def shifted(t):  # the same values one element into a buffer: a misaligned base
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+        return buf.view(t.shape).copy_(t)
+
+    chosen, real = [], M._use_tma
+    monkeypatch.setattr(M, "_use_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    for path, T in (("grouped", 20), ("decode", 3)):
+        by_tma = moe_ffn(x[:T], router, wg, wu, wd, 2, path=path)[0]
+        by_ptr = moe_ffn(x[:T], router, *map(shifted, (wg, wu, wd)), 2, path=path)[0]
+        torch.testing.assert_close(by_tma, by_ptr, atol=1e-3, rtol=1e-3)
+        want = moe_ffn_ref(*(t.float() for t in (x[:T], router, wg, wu, wd)), 2)[0]
+        assert_within(by_tma, moe_ffn_ref(x[:T], router, wg, wu, wd, 2)[0], want,
+                      torch.float16, f"{path} via TMA")
+    assert chosen == [True, False, True, False]

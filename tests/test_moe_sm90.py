@@ -40,6 +40,7 @@ def case(name, kernel, consts, num_warps, num_stages, tensor_core):
 
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TMA_KINDS = ("gate_up", "down", "gate_up_decode", "down_decode")
 
 
 def _arg_names(kernel):
@@ -56,6 +57,8 @@ def gemm_case(kind, kernel, block_m, extra, dtype=torch.bfloat16, cfg=None, tag=
     bm = cfg["BLOCK_M"] or block_m
     consts = dict(K=K, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                   IEEE=dtype == torch.float32, **extra)
+    if kind in TMA_KINDS:  # as launched on aligned 16-bit weights (fp32: pointer loads)
+        consts["TMA"] = dtype != torch.float32
     if not kind.startswith("dw_"):
         consts["GROUP_M"] = cfg["GROUP_M"]
     name = DTYPES[dtype]
@@ -114,10 +117,33 @@ CASES += [gemm_case(kind, KERNELS[kind][0], 0 if kind.endswith("_decode") else 1
                     KERNELS[kind][1], torch.float32, c, f"-cand{i}")
           for kind, kept in _FP32.items() for i, c in enumerate(kept)]
 _FP32_DX = _FP32["dx"]
+# Every bf16 candidate kept for the TMA kernels at 128-row tiles: their shared memory counts
+# num_stages buffers (the estimate must hold for what autotune may pick).
+for _kind in ("gate_up", "down"):
+    CASES += [gemm_case(_kind, KERNELS[_kind][0], 128, KERNELS[_kind][1], torch.bfloat16, c,
+                        f"-cand{i}")
+              for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D,
+                                                       F=F_, block_m=128)))]
 
 
 def sm90_cases() -> list[Case]:
     return CASES
+
+
+def test_gate_up_default_is_128_wide(sm90):
+    # Issue 15: gate_up's wgmma with n >= 128 at the 128-row default (bf16 and fp16).
+    for name in ("gate_up@128", "gate_up@128-fp16"):
+        assert sm90[name]["wgmma_n"] >= 128, (name, sm90[name])
+
+
+def test_forward_gemms_load_weights_by_tma(sm90):
+    # Issue 15: cp.async.bulk.tensor in MoE gate_up and down (every dtype, default and kept
+    # fp32 candidates): the weight tiles (and down's sorted h rows) come by TMA.
+    cases = [c for c in CASES if c.consts.get("TMA")]
+    assert {c.name.split("@")[0] for c in cases} == set(TMA_KINDS)
+    assert {c.name for c in cases if "fp16" in c.name}  # bf16 and fp16
+    for c in cases:
+        assert sm90[c.name]["tma"], f"{c.name}: no cp.async.bulk.tensor"
 
 
 def test_fp32_dx_has_fitting_candidates():
