@@ -48,8 +48,10 @@ kernels still use pointer loads.
 Tiles: the one tile policy of kernels/_common.py (`POLICIES`: candidates from `kernel_configs`,
 pruned by `fits` for the dtype against sm_90's shared memory and spill rules, keyed on dtype,
 Dh, causal, masks); `autotune` times them up front on a GPU (never on the launch path),
-MOLMOE_ATTENTION_CONFIG / MOLMOE_ATTENTION_BWD_CONFIG pin names
-("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the interpreter uses one small fixed config.
+MOLMOE_ATTENTION_CONFIG / MOLMOE_ATTENTION_BWD_CONFIG (both backward kernels) /
+MOLMOE_ATTENTION_DQ_CONFIG (dq alone) pin names ("BLOCK_M=128,BLOCK_N=64,num_warps=8,
+num_stages=3"); the interpreter uses one small fixed config. The dq kernel has its own tile
+(`dq_config`: 128 x 64 on 8 warps by default, so its dots run on wgmma at Dh 128).
 
 Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
 Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
@@ -62,6 +64,7 @@ blocks). The backward recomputes the metadata tables (cheap) rather than saving 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -69,7 +72,8 @@ import triton
 # this op's reference: the contract's own function (molmoe.ops), re-exported
 from molmoe.ops import attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
-                                    ensure_tma_allocator, on_interpreter, tma_ok)
+                                    ensure_tma_allocator, on_interpreter, parse_tile_config,
+                                    tma_ok)
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
@@ -164,7 +168,50 @@ def _policy(backward: bool) -> TilePolicy:
 
 
 _KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-POLICIES = {False: _policy(False), True: _policy(True)}  # forward, backward
+def dq_configs(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Candidate tiles of the dq kernel, which has its own config (issue 15): 64 query rows
+    per warpgroup so its dots run on wgmma (the shared backward config's 32-row tiles at Dh 128
+    ran mma.sync)."""
+    if not on_gpu or dtype == torch.float32:
+        return kernel_configs(on_gpu, True, dtype)
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) for s in (2, 3)]
+
+
+def fits_dq(c: dict, head_dim: int, elem_bytes: int) -> bool:
+    """dq holds q, do and the dq accumulator (BM x Dh each) and one step's scores (BM x BN):
+    within 160 values a thread (compiled for sm_90 at Dh 128, masks on: 128 x 64 on 8 warps
+    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B),
+    64 rows per warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
+    if elem_bytes == 4:
+        return fits(c, head_dim, elem_bytes, backward=True)
+    bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
+    smem = (2 * bn * c["num_stages"] + 2 * bm) * head_dim * elem_bytes
+    return (smem <= SMEM_LIMIT and bm >= 16 * warps
+            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps)
+
+
+def _dq_pin(ctx: dict) -> dict:
+    # MOLMOE_ATTENTION_BWD_CONFIG pins both backward kernels; MOLMOE_ATTENTION_DQ_CONFIG
+    # then overrides names for the dq kernel alone.
+    out = {}
+    for env in (_BWD_CONFIG_ENV, _DQ_CONFIG_ENV):
+        spec = os.environ.get(env, "").replace(" ", "")
+        if spec:
+            out.update(parse_tile_config(env, spec, "BLOCK_M=128,BLOCK_N=64,num_warps=8,"
+                                         "num_stages=2", keys=_KEYS))
+    return out
+
+
+_DQ_CONFIG_ENV = "MOLMOE_ATTENTION_DQ_CONFIG"
+POLICIES = {False: _policy(False), True: _policy(True),  # forward, backward (dk/dv; dq pinned)
+            "dq": TilePolicy(
+                "attention dq", _DQ_CONFIG_ENV, _KEYS,
+                example="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=2",
+                candidates=lambda ctx: dq_configs(True, ctx["dtype"]),
+                fits=lambda c, ctx: fits_dq(c, ctx["head_dim"], element_size(ctx["dtype"])),
+                default=lambda ctx: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                interpreter=lambda ctx: kernel_configs(False, True)[0], pin=_dq_pin)}
 
 
 def _tune_key(backward, dtype, head_dim, causal, masked):
@@ -184,7 +231,7 @@ def default_config(key: tuple, on_gpu: bool) -> dict:
 
 def autotune(q, k, v, backward: bool = False, **kw) -> dict | None:
     """Time every config that fits on these tensors (GPU only), skipping any that fails;
-    remember and return the fastest."""
+    remember and return the fastest (backward: {"dkdv": ..., "dq": ...})."""
     causal = kw.get("causal", True)
     masked = any(kw.get(n) is not None for n in ("image_block_ids", "key_padding_mask",
                                                    "cu_seqlens"))
@@ -198,7 +245,15 @@ def autotune(q, k, v, backward: bool = False, **kw) -> dict | None:
     else:
         def run():
             attention(q, k, v, **kw)
-    return POLICIES[backward].autotune(_ctx(key), run)
+    best = POLICIES[backward].autotune(_ctx(key), run)
+    if backward:  # then the dq kernel's own tile, with the dk/dv choice in place
+        return dict(dkdv=best, dq=POLICIES["dq"].autotune(_ctx(key), run))
+    return best
+
+
+def dq_config(key: tuple, on_gpu: bool) -> dict:
+    """The dq kernel's tile (its own policy; key = `_tune_key(True, ...)`)."""
+    return POLICIES["dq"].config(_ctx(key), on_gpu)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -336,10 +391,13 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
                  num_stages=cfg["num_stages"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
+    dq_cfg = dq_config(_tune_key(True, q.dtype, Dh, causal, masked), on_gpu)
+    dq_flags = dict(flags, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
+                    num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"])
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, dq_cfg["BLOCK_M"]), B * Hq)](
         q, k, v, do, dq, lse, delta, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **flags)
+        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **dq_flags)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, meta["blk"], meta["bfirst"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], counts if counts is not None else delta,

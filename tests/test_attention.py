@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.attention import (_tune_key, attention, attention_ref,
-                                      attention_tile_counts, default_config, kernel_configs,
-                                      prune_configs)
+                                      attention_tile_counts, default_config, dq_config,
+                                      kernel_configs, prune_configs)
 from tests.tiny import random_inputs, random_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -387,8 +387,10 @@ def sm90_cases():
         # a kernel no launch runs (unpipelined, different registers).
         strides = frozenset(a for a in fn.arg_names if a.startswith("s") and "_" in a
                             and a.split("_")[1] in ("b", "h", "s"))
+        # the dq kernel launches with its own tile (`dq_config`), the others with theirs
+        tile_of = dq_config if short == "dq" else default_config
         tiles = [("default", G, Dh, causal, masks,
-                  default_config(_tune_key(backward, torch.bfloat16, Dh, causal, masks), True))
+                  tile_of(_tune_key(backward, torch.bfloat16, Dh, causal, masks), True))
                  for _, G, Dh, causal, masks in shapes]
         # the tiles this check started from (bwd: 32 x 64, 8 warps)
         tiles.append(("test", 7, 128, True, True,
@@ -398,7 +400,7 @@ def sm90_cases():
         for dtype, dname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
             for tag, G, Dh, causal, masks in (("d128_g7_masks", 7, 128, True, True),
                                               ("d64_g1_vit", 1, 64, False, False)):
-                cfg = default_config(_tune_key(backward, dtype, Dh, causal, masks), True)
+                cfg = tile_of(_tune_key(backward, dtype, Dh, causal, masks), True)
                 tiles.append((dname, G, Dh, causal, masks, cfg))
         shape_names = [s[0] for s in shapes] + ["d128_g7_masks"] + \
             ["d128_g7_masks", "d64_g1_vit"] * 2
@@ -501,6 +503,32 @@ def test_forward_is_hopper_shaped_on_h100(sm90):
             assert r["wgmma_n"] >= 128, (case.name, r)
     defaults = [c for c in sm90_cases() if c.name.startswith("fwd_") and "_default_" in c.name]
     assert defaults and all(c.consts["BLOCK_M"] == c.consts["BLOCK_N"] == 128 for c in defaults)
+
+
+def test_dq_runs_on_wgmma_at_head_dim_128(sm90):
+    # Issue 15: dq has its own config, 64 rows per warpgroup, so its dots are wgmma, not the
+    # mma.sync the shared 32-row backward tile compiled to.
+    for case in sm90_cases():
+        if case.name.startswith("dq_d128") and ("_default_" in case.name or "_fp16_" in case.name):
+            assert sm90[case.name]["wgmma"] and not sm90[case.name]["mma"], \
+                (case.name, sm90[case.name])
+
+
+def test_dq_has_its_own_pinnable_tile(monkeypatch):
+    from molmoe.kernels.attention import dq_config
+
+    key = _tune_key(True, torch.bfloat16, 128, True, True)
+    monkeypatch.delenv("MOLMOE_ATTENTION_BWD_CONFIG", raising=False)
+    monkeypatch.delenv("MOLMOE_ATTENTION_DQ_CONFIG", raising=False)
+    assert dq_config(key, True) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    assert default_config(key, True)["BLOCK_M"] == 32  # dk/dv keeps its 32-row query tiles
+    monkeypatch.setenv("MOLMOE_ATTENTION_BWD_CONFIG", "BLOCK_M=64,BLOCK_N=64")  # both kernels
+    monkeypatch.setenv("MOLMOE_ATTENTION_DQ_CONFIG", "num_warps=4")  # then dq alone
+    assert dq_config(key, True) == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    assert default_config(key, True)["num_warps"] == 8
+    monkeypatch.setenv("MOLMOE_ATTENTION_DQ_CONFIG", "BLOCK=64")
+    with pytest.raises(ValueError, match=r"MOLMOE_ATTENTION_DQ_CONFIG='BLOCK=64': unknown"):
+        dq_config(key, True)
 
 
 def test_kernels_do_not_spill_on_h100(sm90):
