@@ -1,13 +1,14 @@
 """Prefill / training attention: our Triton `attention` vs SDPA, FlexAttention and flash-attn.
 
-    python -m bench.bench_attention            # GPU: Molmo shapes, bf16, S = 512..4096; CPU: small
+    python -m bench.bench_attention            # GPU: Molmo shapes, bf16, S = 512..16384; CPU: small
     python -m bench.bench_attention --quick    # a few shapes
     python -m bench.bench_attention --no-triton  # GPU: baselines only (no molmoe.kernels.attention)
 
 Shapes (head dim, heads): MolmoE decoder 16 x 128; Molmo-7B-D decoder 28 query / 4 kv heads x 128
 (GQA 7); the ViT 16 x 64 over 577 tokens (576 patches + CLS), non-causal, 13 crops as the batch.
-Decoder sequence lengths S in {512, 1024, 2048, 4096} with B = 8192 // S sequences (the same
-tokens per step at every S), forward and forward+backward (dq, dk, dv via torch.autograd.grad).
+Decoder sequence lengths S in {512, 1024, 2048, 4096, 16384} with B = max(1, 8192 // S)
+sequences (the same tokens per step up to 8192), forward and forward+backward (dq, dk, dv via
+torch.autograd.grad); --quick on a GPU: S = 1024 and 16384 (issue 15's target shape).
 Two decoder mask layouts:
   causal  plain causal (Molmo 0924)
   image   causal OR same image block (Molmo 2's block_sequence_ids): 8 text tokens, then images
@@ -15,7 +16,7 @@ Two decoder mask layouts:
           text tokens between them, as many as fit before a >= 32-token text tail (S=512: one
           block of 472); every sequence of the batch has this layout.
 Contenders, all on the same q, k, v:
-  reference    molmoe.backends.reference_attention (= attention_ref), the dense-mask SDPA path
+  reference    molmoe.ops.attention_ref (= attention_ref), the dense-mask SDPA path
   sdpa_flash   torch SDPA forced to its flash backend (causal and ViT; it cannot take a mask)
   sdpa_mask    torch SDPA with the explicit boolean mask, efficient (else math) backend (image;
                on the CPU PyTorch picks)
@@ -27,7 +28,8 @@ Figures: TFLOP/s counts only the unmasked FLOPs: 4 * Dh * (allowed query-key pai
 sequence forward (QK^T and PV), the pair count taken from the mask itself (mask.sum()), and 3.5x
 that forward+backward (the backward recomputes QK^T and does 4 more matmuls: 2.5x); MFU = of
 this device's measured bf16 matmul rate (bench/common.py). Targets (issue 5), printed at the
-end: triton >= sdpa_flash on causal; triton >= 1.3x flex on image blocks.
+end: triton >= sdpa_flash on causal; triton >= 1.3x flex on image blocks; triton forward
+>= 450 TFLOP/s at S = 16384, causal (issue 15).
 Before timing (GPU), every contender is checked against the fp32 reference at S=1024 on each
 layout it runs (o, dq, dk, dv within 2x the bf16 reference's own error + a floor).
 
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, Record, time_fn,
                           write_results)
-from molmoe.backends import reference_attention
+from molmoe.ops import attention_ref
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,9 @@ class Model:
 
 
 MODELS = {"molmoe": Model(16, 16, 128), "7b-d": Model(28, 4, 128), "vit": Model(16, 16, 64)}
-SEQ_LENS = (512, 1024, 2048, 4096)
-TOKENS_PER_STEP = 8192  # B = TOKENS_PER_STEP // S for the decoder shapes
+SEQ_LENS = (512, 1024, 2048, 4096, 16384)  # 16384: issue 15's 450 TFLOP/s target shape
+TARGET_S, TARGET_FWD_TFLOPS = 16384, 450.0  # issue 15: triton forward, Dh 128, causal, 16k
+TOKENS_PER_STEP = 8192  # B = max(1, TOKENS_PER_STEP // S) for the decoder shapes
 VIT_TOKENS, VIT_CROPS = 577, 13
 IMAGE_TOKENS, TEXT_PREFIX, TEXT_BETWEEN, TEXT_TAIL = 740, 8, 2, 32
 FWD_BWD_FLOP_FACTOR = 3.5
@@ -149,8 +152,8 @@ def grid(gpu: bool, quick: bool) -> list[Case]:
             return [Case("molmoe", lay, 1, 256) for lay in ("causal", "image")]
         return ([Case(m, lay, 1, s) for m in ("molmoe", "7b-d") for lay in ("causal", "image")
                  for s in (256, 512)] + [Case("vit", "full", 1, VIT_TOKENS)])
-    seqs = (1024, 4096) if quick else SEQ_LENS
-    return ([Case(m, lay, TOKENS_PER_STEP // s, s) for m in ("molmoe", "7b-d")
+    seqs = (1024, TARGET_S) if quick else SEQ_LENS  # quick still measures the 16k target
+    return ([Case(m, lay, max(1, TOKENS_PER_STEP // s), s) for m in ("molmoe", "7b-d")
              for lay in ("causal", "image") for s in seqs]
             + [Case("vit", "full", VIT_CROPS, VIT_TOKENS)])
 
@@ -159,7 +162,7 @@ def grid(gpu: bool, quick: bool) -> list[Case]:
 
 
 def reference_supports_image_blocks() -> bool:
-    return "image_block_ids" in inspect.signature(reference_attention).parameters
+    return "image_block_ids" in inspect.signature(attention_ref).parameters
 
 
 _FLEX = None
@@ -185,12 +188,12 @@ def implementations(case: Case, q, k, v, blk, *, gpu: bool, triton: bool) -> tup
     causal, gqa = case.causal, q.shape[1] != k.shape[1]
     tag = f"{case.model}/{case.layout}"
     if case.layout != "image":
-        impls["reference"] = lambda q, k, v: reference_attention(q, k, v, causal=causal)
+        impls["reference"] = lambda q, k, v: attention_ref(q, k, v, causal=causal)
     elif reference_supports_image_blocks():
-        impls["reference"] = lambda q, k, v: reference_attention(q, k, v, causal=True,
+        impls["reference"] = lambda q, k, v: attention_ref(q, k, v, causal=True,
                                                                  image_block_ids=blk)
     else:
-        notes.append(f"{tag}: reference_attention on this tree takes no image_block_ids "
+        notes.append(f"{tag}: attention_ref on this tree takes no image_block_ids "
                      "(issue 5 adds it): reference left out")
 
     if case.layout == "image":
@@ -330,6 +333,12 @@ def targets(records: list[Record]) -> list[str]:
         speedup = other.timing.p50_ms / r.timing.p50_ms
         lines.append(f"target {model}/{layout} S={S} {ps}: triton {speedup:.2f}x {rival} "
                      f"(>= {need}x): {'met' if speedup >= need else 'NOT met'}")
+    for (impl, model, layout, S, ps), r in sorted(by.items(), key=lambda kv: kv[0][1:]):
+        if impl == "triton" and layout == "causal" and S == TARGET_S and ps == "fwd" and r.flops:
+            tflops = r.flops / (r.timing.p50_ms * 1e-3) / 1e12
+            lines.append(f"target {model}/causal S={S} fwd: triton {tflops:.0f} TFLOP/s "
+                         f"(>= {TARGET_FWD_TFLOPS:.0f}): "
+                         f"{'met' if tflops >= TARGET_FWD_TFLOPS else 'NOT met'}")
     if not lines:
         lines.append("targets: no Triton figures in this run (they need a GPU and "
                      "kernels/attention.py)")
@@ -408,6 +417,8 @@ def main(argv=None) -> pathlib.Path:
     if not gpu:
         notes.append("CPU run: reference, SDPA and compiled FlexAttention only, fp32, small sizes;"
                      " the Triton, sdpa_flash and flash-attn figures need a GPU")
+        notes.append(f"CPU run: S = 512..{TARGET_S} (the {TARGET_FWD_TFLOPS:.0f} TFLOP/s target "
+                     f"at S = {TARGET_S}) skipped; they need a GPU")
         print("No CUDA device: PyTorch paths only, small sizes. Triton figures need a GPU.")
     elif args.no_triton:
         notes.append("--no-triton: the Triton attention was not timed")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
                           time_fn, write_results)
-from molmoe.backends import reference_decode_attention
+from molmoe.ops import decode_attention_ref
 
 MODELS = {"molmoe": (16, 16), "7b-d": (28, 4), "72b": (64, 8)}  # (Hq, Hkv), Dh = 128
 HEAD_DIM = 128
@@ -40,7 +40,7 @@ def make_case(model, batch, cache_len, dtype, device):
 
 def implementations(q, k, v, kpm, seqlens):
     """name -> zero-argument callable; missing libraries or unsupported paths are left out."""
-    impls = {"reference": lambda: reference_decode_attention(q, k, v, key_padding_mask=kpm)}
+    impls = {"reference": lambda: decode_attention_ref(q, k, v, key_padding_mask=kpm)}
     mask = kpm[:, None, None, :]  # (B, 1, 1, Sk): one query, no causal part
 
     def sdpa():

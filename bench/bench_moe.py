@@ -1,14 +1,14 @@
 """MoE feed-forward layer: Triton `moe_ffn` vs the reference loop, torch._grouped_mm, megablocks.
 
     python -m bench.bench_moe              # GPU: MolmoE-1B layer, bf16, T = 1 .. 16384; CPU: small
-    python -m bench.bench_moe --quick      # a few token counts
+    python -m bench.bench_moe --quick      # a few token counts (GPU: T = 4 and the 16384 target)
     python -m bench.bench_moe --no-triton  # GPU: baselines only (a tree without molmoe.kernels.moe)
 
 Shapes: one MolmoE-1B MoE layer, D=2048, F=1024, E=64 experts, top-8 (spec §3.5), tokens T in
 {1, 4, 16, 128, 1024, 4096, 16384}; forward (under no_grad) and forward+backward (gradients for x,
 the router and the three expert weights, through torch.autograd.grad so no .grad accumulation is
 timed). Contenders, all on the SAME weights and tokens:
-  reference    molmoe.backends.reference_moe_ffn (= moe_ffn_ref): the per-expert Python loop
+  reference    molmoe.ops.moe_ffn_ref (= moe_ffn_ref): the per-expert Python loop
   grouped_mm   bench/moe_baselines.py: sort by expert + torch._grouped_mm (stock PyTorch)
   megablocks   megablocks' dMoE (GLU, grouped GEMMs) when importable, weights copied in
   triton       molmoe.kernels.moe.moe_ffn (issue 4), imported only on a GPU
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, Record, time_fn,
                           write_results)
 from bench.moe_baselines import grouped_mm_moe_ffn, megablocks_dmoe, megablocks_grads_in_our_layout
-from molmoe.backends import reference_moe_ffn
+from molmoe.ops import moe_ffn_ref
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def functional(name, fn, weights, K):
 def contenders(layer: Layer, weights: dict, *, gpu: bool, triton: bool) -> tuple[dict, list]:
     """name -> Contender, and notes on what was left out and why."""
     K = layer.K
-    out = {"reference": functional("reference", reference_moe_ffn, weights, K)}
+    out = {"reference": functional("reference", moe_ffn_ref, weights, K)}
     notes = []
     if hasattr(torch, "_grouped_mm"):
         out["grouped_mm"] = functional("grouped_mm", grouped_mm_moe_ffn, weights, K)
@@ -195,7 +195,7 @@ def check(cands: dict, layer: Layer, weights: dict, dtype) -> tuple[list[str], d
     gy = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(8),
                      device=x.device).to(dtype)
     w32 = {n: weights[n].float() for n in WEIGHT_NAMES}
-    ref32 = functional("reference_fp32", reference_moe_ffn, w32, layer.K)
+    ref32 = functional("reference_fp32", moe_ffn_ref, w32, layer.K)
     y32, g32 = ref32.grads(x.float(), gy.float())
     y_lp, g_lp = cands["reference"].grads(x, gy)
     lines, failed = [], {}
@@ -269,7 +269,7 @@ def main(argv=None) -> pathlib.Path:
         require_triton()
     layer = MOLMOE_1B if gpu else CPU_SMALL
     if gpu:
-        tokens = (4, 4096) if args.quick else TOKENS
+        tokens = (4, 16384) if args.quick else TOKENS  # quick keeps issue 15's T = 16k target
     else:
         tokens = (1, 16) if args.quick else (1, 4, 16, 128)
         print("No CUDA device: reference and grouped_mm only, small layer. Triton, megablocks "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
                           time_fn, write_results)
-from molmoe.backends import REFERENCE_OPS, reference_patch_pool
+from molmoe.ops import REFERENCE_OPS, patch_pool_ref
 from molmoe.config import VisionConfig
 from molmoe.model.vision import AttentionPool2x2
 
@@ -106,7 +106,7 @@ def implementations(module, feats, masks, pad_embed, backward):
         impls["triton"] = (with_ops(dataclasses.replace(REFERENCE_OPS, patch_pool=patch_pool)),
                            module_inputs)
         try:
-            compiled = torch.compile(reference_patch_pool, dynamic=False)
+            compiled = torch.compile(patch_pool_ref, dynamic=False)
             compiled(feats, masks, pad_embed, *weights, H, cast_back)  # compile outside timing
         except Exception as e:  # noqa: BLE001 - any compile failure only drops this row
             print(f"torch.compile of the reference unavailable: {type(e).__name__}: {e}")

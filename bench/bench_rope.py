@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bench.common import (bench_device, bench_parser, format_row, measured_peaks, on_gpu, Record,
                           time_fn, write_results)
-from molmoe.backends import reference_apply_rope
+from molmoe.ops import apply_rope_ref
 from molmoe.model.layers import rope_tables
 
 MODELS = {"molmoe": (16, 16, 10000.0), "7b-d": (28, 4, 1e6)}  # (Hq, Hkv, rope theta), Dh = 128
@@ -56,13 +56,13 @@ def rope_bytes(q, k, cos):
 
 def implementations(q, k, cos, sin):
     """name -> zero-argument callable; paths this machine cannot run are left out."""
-    impls = {"reference": lambda: reference_apply_rope(q, k, cos, sin)}
+    impls = {"reference": lambda: apply_rope_ref(q, k, cos, sin)}
     if on_gpu():
         from molmoe.kernels.rope import apply_rope
 
         impls["triton"] = lambda: apply_rope(q, k, cos, sin)
         try:
-            compiled = torch.compile(reference_apply_rope, dynamic=False)
+            compiled = torch.compile(apply_rope_ref, dynamic=False)
             compiled(q, k, cos, sin)  # compile outside the timing; a failure leaves it out
         except Exception as e:  # noqa: BLE001 - any compile failure only drops this row
             print(f"torch.compile of the reference unavailable: {type(e).__name__}: {e}")

@@ -1,6 +1,6 @@
 """Baselines for the MoE benchmark: a `torch._grouped_mm` MoE layer and megablocks' dMoE.
 
-Both compute the op of `molmoe.backends.reference_moe_ffn` (the `moe_ffn` contract):
+Both compute the op of `molmoe.ops.moe_ffn_ref` (the `moe_ffn` contract):
 
     x_TD, router_w_ED, w_gate_EFD, w_up_EFD, w_down_EDF, top_k -> y_TD
     y = sum_k w_k * down_e(silu(gate_e(x)) * up_e(x)), e = the k-th expert of the token

@@ -6,7 +6,7 @@ What: softmax(q k^T * scale + mask) v without ever materialising the score matri
                          q heads [j*G, (j+1)*G), G = Hq / Hkv), Sq <= Sk
     -> o (B, Hq, Sq, Dh) in q's dtype
 
-Masks, combinable (the contract is `molmoe.backends.reference_attention`'s docstring):
+Masks, combinable (the contract: molmoe/ops/__init__.py; `attention_ref` is its reference):
     allowed(i, j) = (causal(i, j) OR same_image(i, j)) AND same_seq(i, j) AND key_padding_mask[j]
   * causal, aligned bottom-right: query i sits at key position Sk - Sq + i (chunked prefill
     against a KV cache);
@@ -39,10 +39,19 @@ atomics: dq per query tile over the forward's key range; dk, dv per key tile of 
 summing its G query heads in registers, over the query tiles that reach it (causal onward, back
 to the first token of any image block in the key tile, within its sequence).
 
-Tiles: `kernel_configs` / `prune_configs` (keyed on dtype, Dh, causal, masks), `autotune` times
-them up front on a GPU (never on the launch path), MOLMOE_ATTENTION_CONFIG /
-MOLMOE_ATTENTION_BWD_CONFIG pin one ("BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"); the
-interpreter uses one small fixed config.
+Hopper: the forward reads q, k, v and writes o through tensor descriptors
+(`tl.make_tensor_descriptor`, one (rows, Dh) descriptor per head: TMA bulk copies) when every
+base and batch/head/row stride is 16-byte aligned (`_tma_ok`; other views take pointer loads,
+same math), on 128 x 128 tiles by default (8 warps, 3 stages: wgmma n = 128). The backward
+kernels still use pointer loads.
+
+Tiles: the one tile policy of kernels/_common.py (`POLICIES`: candidates from `kernel_configs`,
+pruned by `fits` for the dtype against sm_90's shared memory and spill rules, keyed on dtype,
+Dh, causal, masks); `autotune` times them up front on a GPU (never on the launch path),
+MOLMOE_ATTENTION_CONFIG / MOLMOE_ATTENTION_BWD_CONFIG (both backward kernels) /
+MOLMOE_ATTENTION_DQ_CONFIG (dq alone) pin names ("BLOCK_M=128,BLOCK_N=64,num_warps=8,
+num_stages=3"); the interpreter uses one small fixed config. The dq kernel has its own tile
+(`dq_config`: 128 x 64 on 8 warps by default, so its dots run on wgmma at Dh 128).
 
 Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
 Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
@@ -60,12 +69,14 @@ import os
 import torch
 import triton
 
-from molmoe.backends import reference_attention
-from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import attention_ref  # noqa: F401
+from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
+                                    ensure_tma_allocator, on_interpreter, parse_tile_config,
+                                    tma_ok)
 from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                               _attn_fwd_kernel)
 
-attention_ref = reference_attention  # ONE reference: the model's (molmoe.backends)
 
 _CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
 _BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
@@ -73,12 +84,16 @@ _BWD_CONFIG_ENV = "MOLMOE_ATTENTION_BWD_CONFIG"
 # ----------------------------------------------------------------------------- launch policy
 
 
-def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
+def kernel_configs(on_gpu: bool, backward: bool = False,
+                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Candidate tile configs. The interpreter gets one small one so tests stay fast; its
-    BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles."""
+    BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles. fp32 (IEEE dots,
+    run as FMAs with the operands in registers) gets 32 x 32 tiles on 8 warps only."""
     if not on_gpu:
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
+    if dtype == torch.float32:
+        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=s) for s in (2, 3)]
     if backward:
         # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
         # 32x64 even kept 16 B of stack there.
@@ -90,10 +105,16 @@ def kernel_configs(on_gpu: bool, backward: bool = False) -> list[dict]:
 
 def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
                   backward: bool = False) -> list[dict]:
-    """Drop tiles whose pipelined K/V stages + q tile would overflow shared memory (~200 KiB on
-    an H100), and tiles that spill registers on sm_90 (255 per thread). The register rules are
-    calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64 and 128, GQA 1 and
-    7, every mask on, causal only, none):
+    """The configs that `fits` (the first if none does)."""
+    kept = [c for c in configs if fits(c, head_dim, elem_bytes, backward)]
+    return kept or configs[:1]
+
+
+def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> bool:
+    """Whether a tile fits sm_90: its pipelined K/V stages + q tile within SMEM_LIMIT at the
+    dtype's element size (fp32 twice bf16), and no register spills (255 per thread). The
+    register rules are calibrated on ahead-of-time sm_90 compiles (tests/sm90.py; bf16, Dh 64
+    and 128, GQA 1 and 7, every mask on, causal only, none):
       * forward: the fp32 accumulator (BM x Dh), scores (BM x BN) and the K/V tile (BN x Dh),
         per thread, within 128 words: every config kept compiled without spills, every one
         dropped spilled (e.g. 128x128 with 8 warps 16 B, any 4-warp 128-row tile at Dh 128);
@@ -102,70 +123,119 @@ def prune_configs(configs: list[dict], head_dim: int, elem_bytes: int,
         at Dh 128 and at 32x128 at Dh 64; with 8 warps, 64-row query tiles spilled at Dh 128
         and 64x128 (8 B, GQA 1, masks) at Dh 64. So: 8 warps, the query tile BM x Dh and the
         (BN, BM) score tiles BN x BM each within 32 x 128 elements. (1 stage is not offered.)"""
-    kept = []
-    for c in configs:
-        bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
-        smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
-        if backward:
-            regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
-        else:
-            regs_ok = (bm * head_dim + bm * bn + bn * head_dim) <= 128 * 32 * warps
-        if smem <= 200_000 and regs_ok:
-            kept.append(c)
-    return kept or configs[:1]
+    bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
+    smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
+    if elem_bytes == 4:
+        # fp32: IEEE dots run as FMAs. Compiled for sm_90 (every mask on), 32 x 32 on 8 warps
+        # is spill-free at Dh 64 in all three kernels; 64 x 64 spilled 664..2056 B there. At
+        # Dh 128 every tile tried spilled (16x32 .. 64x64; 32 x 32 on 8 warps the least,
+        # 160..392 B): fp32 there is a correctness path, not a fast one.
+        return smem <= SMEM_LIMIT and bm * bn <= 32 * 32 and warps == 8
+    if backward:
+        regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
+    else:
+        # The forward reads K/V through tensor descriptors (TMA): the K/V tile lives in shared
+        # memory only, no pointer tile in registers, so the accumulator and the scores alone
+        # count. Compiled for sm_90 with TMA, 128 x 128 on 8 warps took 195..223 registers at
+        # Dh 128 (no spill) where the pointer loads spilled 16 B (masks). One warpgroup (4
+        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks).
+        regs_ok = (bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
+    return smem <= SMEM_LIMIT and regs_ok
 
 
-def _pinned_config(env: str) -> dict | None:
-    spec = os.environ.get(env)
-    if not spec:
-        return None
-    cfg = parse_tile_config(env, spec, "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
-                            required=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-    for name in ("BLOCK_M", "BLOCK_N"):
-        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
-            raise ValueError(f"{env}={spec!r}: {name} must be a power of two >= 16")
-    return cfg
+def _gpu_default(backward: bool, head_dim: int, causal: bool = True,
+                 masked: bool = True) -> dict:
+    # Checked spill-free on sm_90 (tests/test_attention.py): 128 x 128 forward tiles on 8
+    # warps (QK^T and, at Dh 128, PV on wgmma with n = 128; K/V by TMA, 3 stages: 230,400 B of
+    # shared memory at Dh 128, 195..223 registers with every mask or none); the backward's dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query
+    # tiles at Dh 128.
+    if backward:
+        return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
+                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
-_TUNED: dict[tuple, dict] = {}  # (backward, dtype, Dh, causal, masked) -> config, by `autotune`
+def _policy(backward: bool) -> TilePolicy:
+    # ctx: dtype, head_dim, causal, masked (what the best tile depends on)
+    return TilePolicy(
+        "attention", _BWD_CONFIG_ENV if backward else _CONFIG_ENV, _KEYS,
+        example="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
+        candidates=lambda ctx: kernel_configs(True, backward, ctx["dtype"]),
+        fits=lambda c, ctx: fits(c, ctx["head_dim"], element_size(ctx["dtype"]), backward),
+        default=lambda ctx: _gpu_default(backward, ctx["head_dim"], ctx["causal"],
+                                         ctx["masked"]),
+        interpreter=lambda ctx: kernel_configs(False, backward)[0])
+
+
+_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+def dq_configs(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Candidate tiles of the dq kernel, which has its own config (issue 15): 64 query rows
+    per warpgroup so its dots run on wgmma (the shared backward config's 32-row tiles at Dh 128
+    ran mma.sync)."""
+    if not on_gpu or dtype == torch.float32:
+        return kernel_configs(on_gpu, True, dtype)
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) for s in (2, 3)]
+
+
+def fits_dq(c: dict, head_dim: int, elem_bytes: int) -> bool:
+    """dq holds q, do and the dq accumulator (BM x Dh each) and one step's scores (BM x BN):
+    within 160 values a thread (compiled for sm_90 at Dh 128, masks on: 128 x 64 on 8 warps
+    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B),
+    64 rows per warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
+    if elem_bytes == 4:
+        return fits(c, head_dim, elem_bytes, backward=True)
+    bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
+    smem = (2 * bn * c["num_stages"] + 2 * bm) * head_dim * elem_bytes
+    return (smem <= SMEM_LIMIT and bm >= 16 * warps
+            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps)
+
+
+def _dq_pin(ctx: dict) -> dict:
+    # MOLMOE_ATTENTION_BWD_CONFIG pins both backward kernels; MOLMOE_ATTENTION_DQ_CONFIG
+    # then overrides names for the dq kernel alone.
+    out = {}
+    for env in (_BWD_CONFIG_ENV, _DQ_CONFIG_ENV):
+        spec = os.environ.get(env, "").replace(" ", "")
+        if spec:
+            out.update(parse_tile_config(env, spec, "BLOCK_M=128,BLOCK_N=64,num_warps=8,"
+                                         "num_stages=2", keys=_KEYS))
+    return out
+
+
+_DQ_CONFIG_ENV = "MOLMOE_ATTENTION_DQ_CONFIG"
+POLICIES = {False: _policy(False), True: _policy(True),  # forward, backward (dk/dv; dq pinned)
+            "dq": TilePolicy(
+                "attention dq", _DQ_CONFIG_ENV, _KEYS,
+                example="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=2",
+                candidates=lambda ctx: dq_configs(True, ctx["dtype"]),
+                fits=lambda c, ctx: fits_dq(c, ctx["head_dim"], element_size(ctx["dtype"])),
+                default=lambda ctx: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                interpreter=lambda ctx: kernel_configs(False, True)[0], pin=_dq_pin)}
 
 
 def _tune_key(backward, dtype, head_dim, causal, masked):
     return (backward, dtype, head_dim, causal, masked)
 
 
+def _ctx(key: tuple) -> dict:
+    _, dtype, head_dim, causal, masked = key
+    return dict(dtype=dtype, head_dim=head_dim, causal=causal, masked=masked)
+
+
 def default_config(key: tuple, on_gpu: bool) -> dict:
-    """Pinned by env var, else tuned by `autotune`, else a fixed default (never timed here)."""
-    backward, dtype, head_dim = key[0], key[1], key[2]
-    pinned = _pinned_config(_BWD_CONFIG_ENV if backward else _CONFIG_ENV)
-    if pinned is not None:
-        return pinned
-    if key in _TUNED:
-        return _TUNED[key]
-    elem = 4 if dtype == torch.float32 else 2
-    configs = prune_configs(kernel_configs(on_gpu, backward), head_dim, elem, backward)
-    if not on_gpu:
-        return configs[0]
-    # Tutorial-06-like defaults, checked spill-free on sm_90 (tests/test_attention.py): wide
-    # query tiles forward (8 warps: with 4, Molmo's masks spill even at Dh 64); the backward's
-    # dk/dv kernel holds dk, dv, k, v for its key tile and streams 32-row query tiles at Dh 128.
-    if backward:
-        want = (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if head_dim <= 64 else
-                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
-    else:
-        want = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return want if want in configs else configs[0]
+    """Pinned names over tuned (`autotune`) over the default pruned for the dtype (never timed
+    here); key = `_tune_key(...)`."""
+    return POLICIES[key[0]].config(_ctx(key), on_gpu)
 
 
-def autotune(q, k, v, backward: bool = False, **kw) -> dict:
-    """Time every pruned config on these tensors (GPU only); remember and return the fastest."""
-    import triton.testing
-
+def autotune(q, k, v, backward: bool = False, **kw) -> dict | None:
+    """Time every config that fits on these tensors (GPU only), skipping any that fails;
+    remember and return the fastest (backward: {"dkdv": ..., "dq": ...})."""
     causal = kw.get("causal", True)
     masked = any(kw.get(n) is not None for n in ("image_block_ids", "key_padding_mask",
                                                    "cu_seqlens"))
     key = _tune_key(backward, q.dtype, q.shape[-1], causal, masked)
-    elem = q.element_size()
     if backward:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         do = torch.randn_like(q)
@@ -175,20 +245,15 @@ def autotune(q, k, v, backward: bool = False, **kw) -> dict:
     else:
         def run():
             attention(q, k, v, **kw)
-    best, best_ms = None, float("inf")
-    for cfg in prune_configs(kernel_configs(True, backward), q.shape[-1], elem, backward):
-        _TUNED[key] = cfg
-        try:
-            ms = triton.testing.do_bench(run)
-        except Exception:  # out of resources for this tile: not a candidate
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:  # nothing compiled: fall back to the default rather than pin None
-        _TUNED.pop(key, None)
-    else:
-        _TUNED[key] = best
+    best = POLICIES[backward].autotune(_ctx(key), run)
+    if backward:  # then the dq kernel's own tile, with the dk/dv choice in place
+        return dict(dkdv=best, dq=POLICIES["dq"].autotune(_ctx(key), run))
     return best
+
+
+def dq_config(key: tuple, on_gpu: bool) -> dict:
+    """The dq kernel's tile (its own policy; key = `_tune_key(True, ...)`)."""
+    return POLICIES["dq"].config(_ctx(key), on_gpu)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -266,6 +331,12 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors (TMA) need 16-byte aligned bases and 16-byte multiples as the batch,
+    head and row strides (the head dim has a unit stride); other views take the pointer loads."""
+    return tma_ok(*tensors, strides=3)
+
+
 def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, scale,
                 count_tiles=False):
     B, Hq, Sq, Dh = q.shape
@@ -281,6 +352,9 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     if Sq == 0:
         return o, lse, counts
     meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
+    tma = _tma_ok(q, k, v, o)
+    if tma and on_gpu:
+        ensure_tma_allocator()
     _attn_fwd_kernel[(n_m, B * Hq)](
         q, k, v, o, lse, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], counts,
@@ -290,7 +364,8 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
         G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
         HAS_BLOCKS=causal and image_block_ids is not None, HAS_SEQ=cu_seqlens is not None,
         HAS_KPM=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
-        COUNT_TILES=count_tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        COUNT_TILES=count_tiles, TMA=tma, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return o, lse, counts
 
@@ -316,10 +391,13 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
                  num_stages=cfg["num_stages"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
+    dq_cfg = dq_config(_tune_key(True, q.dtype, Dh, causal, masked), on_gpu)
+    dq_flags = dict(flags, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
+                    num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"])
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, dq_cfg["BLOCK_M"]), B * Hq)](
         q, k, v, do, dq, lse, delta, meta["blk"], meta["blast"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **flags)
+        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, Sk, scale, **dq_flags)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, meta["blk"], meta["bfirst"], meta["seqs"], meta["seqe"],
         meta["kfirst"], meta["klast"], meta["kpm"], counts if counts is not None else delta,

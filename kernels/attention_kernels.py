@@ -117,13 +117,18 @@ def _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_
                     Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, TMA: tl.constexpr = False):
     """K and V of the key tile at `start` and the masked scores q k^T * qk_scale (BM, BN), in
     log2 units, -inf where not allowed; shared by the forward and the dq pass, which must visit
-    and mask key tiles identically."""
+    and mask key tiles identically. TMA: k_base / v_base are tensor descriptors of this head's
+    (Sk, Dh) keys / values (a bulk copy per tile, rows past Sk read as zeros; keys in [hi, Sk)
+    are real and masked by the scores like any other)."""
     cols = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        col_ok = cols < hi
+    col_ok = cols < hi
+    if TMA:
+        k = k_base.load([start, 0])
+        v = v_base.load([start, 0])
+    elif MASKED:
         k = tl.load(k_base + cols[:, None] * sk_s + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * sv_s + dims[None, :], mask=col_ok[:, None], other=0.0)
     else:  # a whole tile inside [lo, mid): no bounds to check
@@ -145,10 +150,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, row
               q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
-              IEEE: tl.constexpr):
+              IEEE: tl.constexpr, TMA: tl.constexpr):
     k, v, s = _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
                               q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
-                              CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
+                              CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE, TMA)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with every key masked so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,7 +173,11 @@ def _attn_fwd_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_KPM: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
+    """TMA: q, k, v and o are read and written through tensor descriptors (Hopper's bulk
+    copies: cp.async.bulk.tensor), one (rows, Dh) descriptor per head; the launcher sets it
+    where the bases and row strides are 16-byte aligned, else the pointer loads run."""
     m_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -179,10 +188,23 @@ def _attn_fwd_kernel(
         b, m0, Sq, Sk, blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr,
         BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + dims[None, :],
-                mask=row_ok[:, None], other=0.0)  # (BM, Dh)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
+    # int64: b * stride passes 2^31 elements in big batches (32 x 16 heads x 32k x 128)
+    b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), hkv.to(tl.int64)
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(q_ptr + (b64 * sq_b + h64 * sq_h), shape=[Sq, HEAD_DIM],
+                                           strides=[sq_s, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        q = q_desc.load([m0, 0])  # (BM, Dh); rows past Sq read as zeros
+        k_base = tl.make_tensor_descriptor(k_ptr + (b64 * sk_b + hkv64 * sk_h),
+                                           shape=[Sk, HEAD_DIM], strides=[sk_s, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_ptr + (b64 * sv_b + hkv64 * sv_h),
+                                           shape=[Sk, HEAD_DIM], strides=[sv_s, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        q = tl.load(q_ptr + (b64 * sq_b + h64 * sq_h) + rows[:, None] * sq_s + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)  # (BM, Dh)
+        k_base = k_ptr + (b64 * sk_b + hkv64 * sk_h)
+        v_base = v_ptr + (b64 * sv_b + hkv64 * sv_h)
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -194,7 +216,7 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims,
                                   rows_pos, q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr,
                                   kpm_ptr, BLOCK_N, False, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM,
-                                  IEEE)
+                                  IEEE, TMA)
         visited += 1
     # Stage 2: the diagonal, sequence edges and the keys only image blocks reach: masked.
     # Past the causal limit of the last row, a key tile without any of this tile's image
@@ -207,22 +229,27 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start,
                                           hi, dims, rows_pos, q_blk, q_seq, b, Sk, qk_scale,
                                           blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, True, CAUSAL,
-                                          HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
+                                          HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE, TMA)
                 visited += 1
     else:
         for start in range(mid, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi,
                                       dims, rows_pos, q_blk, q_seq, b, Sk, qk_scale, blk_ptr,
                                       seqs_ptr, kpm_ptr, BLOCK_N, True, CAUSAL, HAS_BLOCKS,
-                                      HAS_SEQ, HAS_KPM, IEEE)
+                                      HAS_SEQ, HAS_KPM, IEEE, TMA)
             visited += 1
 
     has_key = l_i > 0.0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without a key: acc = 0 -> zeros
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_s + dims[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if TMA:  # rows past Sq are not written (the bulk store clips at the descriptor's shape)
+        o_desc = tl.make_tensor_descriptor(o_ptr + (b64 * so_b + h64 * so_h), shape=[Sq, HEAD_DIM],
+                                           strides=[so_s, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc.store([m0, 0], o.to(o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_ptr + (b64 * so_b + h64 * so_h) + rows[:, None] * so_s + dims[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh * Sq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=row_ok)
     if COUNT_TILES:
         tl.store(count_ptr + bh * tl.num_programs(0) + m_tile, visited)
 
@@ -266,14 +293,15 @@ def _attn_bwd_dq_kernel(
         b, m0, Sq, Sk, blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr,
         BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + dims[None, :],
+    b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), hkv.to(tl.int64)  # as the forward
+    q = tl.load(q_ptr + (b64 * sq_b + h64 * sq_h) + rows[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_s + dims[None, :],
+    do = tl.load(do_ptr + (b64 * sdo_b + h64 * sdo_h) + rows[:, None] * sdo_s + dims[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + bh * Sq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Sq + rows, mask=row_ok, other=0.0)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
+    k_base = k_ptr + (b64 * sk_b + hkv64 * sk_h)
+    v_base = v_ptr + (b64 * sv_b + hkv64 * sv_h)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(lo, mid, BLOCK_N):
@@ -295,7 +323,7 @@ def _attn_bwd_dq_kernel(
                           rows_pos, q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
                           BLOCK_N, True, CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
     dq = dq * scale
-    tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows[:, None] * sdq_s + dims[None, :],
+    tl.store(dq_ptr + (b64 * sdq_b + h64 * sdq_h) + rows[:, None] * sdq_s + dims[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -361,9 +389,10 @@ def _attn_bwd_dkdv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Sk
     dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_ptr + b * sk_b + hkv * sk_h + cols[:, None] * sk_s + dims[None, :],
+    b64, hkv64 = b.to(tl.int64), hkv.to(tl.int64)  # int64 bases, as the forward
+    k = tl.load(k_ptr + (b64 * sk_b + hkv64 * sk_h) + cols[:, None] * sk_s + dims[None, :],
                 mask=col_ok[:, None], other=0.0)  # (BN, Dh)
-    v = tl.load(v_ptr + b * sv_b + hkv * sv_h + cols[:, None] * sv_s + dims[None, :],
+    v = tl.load(v_ptr + (b64 * sv_b + hkv64 * sv_h) + cols[:, None] * sv_s + dims[None, :],
                 mask=col_ok[:, None], other=0.0)
 
     q_lo = n0 * 0
@@ -407,11 +436,11 @@ def _attn_bwd_dkdv_kernel(
     for t in range(0, G * n_masked):
         g = t // n_masked
         m0 = q_lo + (t - g * n_masked) * BLOCK_M
-        h = hkv * G + g
-        q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        lse_base = lse_ptr + (b * Hkv * G + h) * Sq
-        delta_base = delta_ptr + (b * Hkv * G + h) * Sq
+        h = hkv64 * G + g
+        q_base = q_ptr + (b64 * sq_b + h * sq_h)
+        do_base = do_ptr + (b64 * sdo_b + h * sdo_h)
+        lse_base = lse_ptr + (b64 * Hkv * G + h) * Sq
+        delta_base = delta_ptr + (b64 * Hkv * G + h) * Sq
         if CAUSAL and HAS_BLOCKS:
             # Query tiles wholly before the key tile reach it only through an image block.
             rows = m0 + tl.arange(0, BLOCK_M)
@@ -434,11 +463,11 @@ def _attn_bwd_dkdv_kernel(
     for t in range(0, G * n_full):
         g = t // n_full
         m0 = q_mid + (t - g * n_full) * BLOCK_M
-        h = hkv * G + g
-        q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        lse_base = lse_ptr + (b * Hkv * G + h) * Sq
-        delta_base = delta_ptr + (b * Hkv * G + h) * Sq
+        h = hkv64 * G + g
+        q_base = q_ptr + (b64 * sq_b + h * sq_h)
+        do_base = do_ptr + (b64 * sdo_b + h * sdo_h)
+        lse_base = lse_ptr + (b64 * Hkv * G + h) * Sq
+        delta_base = delta_ptr + (b64 * Hkv * G + h) * Sq
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
                             m0, q_hi, off, dims, cols, col_ok, k_blk, k_seq, b, Sk, qk_scale,
                             blk_ptr, seqs_ptr, BLOCK_M, False, CAUSAL, HAS_BLOCKS, HAS_SEQ, IEEE)
@@ -448,9 +477,9 @@ def _attn_bwd_dkdv_kernel(
         pad = tl.load(kpm_ptr + b * Sk + cols, mask=col_ok, other=0)
         dk = tl.where((pad != 0)[:, None], dk, 0.0)
         dv = tl.where((pad != 0)[:, None], dv, 0.0)
-    tl.store(dk_ptr + b * sdk_b + hkv * sdk_h + cols[:, None] * sdk_s + dims[None, :],
+    tl.store(dk_ptr + (b64 * sdk_b + hkv64 * sdk_h) + cols[:, None] * sdk_s + dims[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptr + b * sdv_b + hkv * sdv_h + cols[:, None] * sdv_s + dims[None, :],
+    tl.store(dv_ptr + (b64 * sdv_b + hkv64 * sdv_h) + cols[:, None] * sdv_s + dims[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
     if COUNT_TILES:  # (query head, query tile) pairs computed, summed over the group
         tl.store(count_ptr + bh * tl.num_programs(0) + n_tile, visited)

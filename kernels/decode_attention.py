@@ -46,10 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
-from molmoe.backends import reference_decode_attention
-from molmoe.kernels._common import check_qkv, on_interpreter, parse_tile_config
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import decode_attention_ref  # noqa: F401
+from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
+                                    on_interpreter)
 
-decode_attention_ref = reference_decode_attention  # ONE reference: the model's (molmoe.backends)
 
 _SPLITS_ENV = "MOLMOE_DECODE_ATTENTION_SPLITS"
 _CONFIG_ENV = "MOLMOE_DECODE_ATTENTION_CONFIG"  # e.g. "BLOCK_N=64,num_warps=4,num_stages=2"
@@ -75,8 +76,9 @@ def _decode_split_kernel(
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    hkv = bh % Hkv
+    # int64: b * stride passes 2^31 elements in a big cache (32 x 16 heads x 32k x 128)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = (bh % Hkv).to(tl.int64)
 
     # Rows r = g*SQ + i: query head hkv*G + g, new token i. BLOCK_M >= 16 for tl.dot.
     rows = tl.arange(0, BLOCK_M)
@@ -148,7 +150,7 @@ def _decode_combine_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, Hq, so_b, so_h, so_s,
     SQ: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, head, tok) flattened over (B, Hq, SQ)
+    row = tl.program_id(0).to(tl.int64)  # (b, head, tok) flattened over (B, Hq, SQ)
     tok = row % SQ
     head = (row // SQ) % Hq
     b = row // (SQ * Hq)
@@ -182,57 +184,50 @@ def kernel_configs(on_gpu: bool) -> list[dict]:
             for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
-def prune_configs(configs: list[dict], head_dim: int, block_m: int) -> list[dict]:
-    """Drop tiles whose K+V stages would not fit in shared memory (~200 KiB usable on H100)."""
-    kept = [c for c in configs
-            if 2 * c["BLOCK_N"] * head_dim * 2 * c["num_stages"] + block_m * head_dim * 4 <= 200_000]
+def fits(c: dict, head_dim: int, block_m: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """K and V stages plus the q tile within sm_90's shared memory at the dtype's element size
+    (fp32 caches take twice bf16's bytes)."""
+    elem = element_size(dtype)
+    return (2 * c["BLOCK_N"] * head_dim * elem * c["num_stages"]
+            + block_m * head_dim * elem) <= SMEM_LIMIT
+
+
+def prune_configs(configs: list[dict], head_dim: int, block_m: int,
+                  dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The configs that `fit` (the first if none does)."""
+    kept = [c for c in configs if fits(c, head_dim, block_m, dtype)]
     return kept or configs[:1]
 
 
-def _pinned_config() -> dict | None:
-    spec = os.environ.get(_CONFIG_ENV)
-    if not spec:
-        return None
-    return parse_tile_config(_CONFIG_ENV, spec, "BLOCK_N=64,num_warps=4,num_stages=2",
-                             required=("BLOCK_N", "num_warps", "num_stages"))
+# ctx: dtype, head_dim, block_m (G*Sq rows rounded up). Decode is bandwidth-bound, so the
+# untuned default pipelines 64-key tiles three deep.
+POLICY = TilePolicy(
+    "decode_attention", _CONFIG_ENV, ("BLOCK_N", "num_warps", "num_stages"),
+    example="BLOCK_N=64,num_warps=4,num_stages=2",
+    candidates=lambda ctx: kernel_configs(True),
+    fits=lambda c, ctx: fits(c, ctx["head_dim"], ctx["block_m"], ctx["dtype"]),
+    default=lambda ctx: dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    interpreter=lambda ctx: kernel_configs(False)[0])
+_TUNED = POLICY.tuned
 
 
-_TUNED: dict[tuple, dict] = {}  # (dtype, Dh, BLOCK_M) -> config, filled by `autotune`
-
-
-def default_config(head_dim: int, block_m: int, on_gpu: bool, dtype=None) -> dict:
-    """The tile config for (dtype, Dh, M): pinned by env var, else tuned, else a fixed default.
+def default_config(head_dim: int, block_m: int, on_gpu: bool,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The tile config for (dtype, Dh, M): pinned names over tuned over the default (`POLICY`).
 
     The launch path never benchmarks (CUDA-graph capture, first-token latency): call `autotune`
     once at start-up (bench/bench_decode_attention.py --sweep does) to time the pruned configs.
-    Decode is bandwidth-bound, so the untuned default pipelines 64-key tiles three deep.
     """
-    pinned = _pinned_config()
-    if pinned is not None:
-        return pinned
-    if (dtype, head_dim, block_m) in _TUNED:
-        return _TUNED[(dtype, head_dim, block_m)]
-    configs = prune_configs(kernel_configs(on_gpu), head_dim, block_m)
-    if not on_gpu:
-        return configs[0]
-    want = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-    return want if want in configs else configs[0]
+    return POLICY.config(dict(dtype=dtype, head_dim=head_dim, block_m=block_m), on_gpu)
 
 
-def autotune(q, k_cache, v_cache, **kw) -> dict:
-    """Time every pruned config on these tensors (GPU only); remember and return the fastest."""
-    import triton.testing
-
+def autotune(q, k_cache, v_cache, **kw) -> dict | None:
+    """Time every config that fits for q's dtype on these tensors (GPU only), skipping any that
+    fails (out of resources); remember and return the fastest."""
     B, Hq, Sq, Dh = q.shape
     block_m = max(16, triton.next_power_of_2(Hq // k_cache.shape[1] * Sq))
-    best, best_ms = None, float("inf")
-    for cfg in prune_configs(kernel_configs(on_gpu=True), Dh, block_m):
-        _TUNED[(q.dtype, Dh, block_m)] = cfg
-        ms = triton.testing.do_bench(lambda: decode_attention(q, k_cache, v_cache, **kw))
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _TUNED[(q.dtype, Dh, block_m)] = best
-    return best
+    return POLICY.autotune(dict(dtype=q.dtype, head_dim=Dh, block_m=block_m),
+                           lambda: decode_attention(q, k_cache, v_cache, **kw))
 
 
 def num_splits_heuristic(batch_kv_heads: int, seq_len: int, sm_count: int, block_n: int) -> int:

@@ -15,7 +15,7 @@ define them:
     z_loss  = mean_t logsumexp(logits[t])^2            (ST-MoE)
 transformers' `load_balancing_loss_func` divides counts by T, not T*K: it is K * lb_loss.
 Both are differentiable w.r.t. router_w (and x) through the router kernel's backward; the caller
-scales and adds them to its loss. `moe_ffn_ref` (= molmoe.backends.reference_moe_ffn, the released
+scales and adds them to its loss. `moe_ffn_ref` (= molmoe.ops.moe_ffn_ref, the released
 per-expert loop) has the same signature and aux.
 
 How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_tuning.py):
@@ -44,6 +44,13 @@ Where the ideas come from: the sort-pad-grouped-GEMM layout of vLLM's fused_moe
 (moe_align_block_size), the separate gather/scatter of scattermoe and megablocks' dMoE (block
 sparse, padded per expert), the losses of Switch Transformer (Fedus et al. 2021) and ST-MoE
 (z-loss, Zoph et al. 2022) as OLMoE uses them. No code is copied from them.
+
+Hopper: in fp16/bf16 the forward GEMMs (gate_up, down; grouped and decode) read the expert
+weights -- and down its sorted h rows -- through tensor descriptors (`tl.make_tensor_descriptor`
+over expert e's (F, D) / (D, F) slice: TMA bulk copies) where bases and row strides are 16-byte
+aligned (`_use_tma`); gathered x rows stay pointer loads. gate_up at 128-row tiles runs one
+128 x 128 tile per projection (wgmma n = 128). Not yet: the interleaved (E, 2F, D) gate|up
+weight with one wide dot, a persistent tile loop, TMA in the backward kernels.
 
 Tiles: row tile BLOCK_M is shared by the permutation and the row-tiled kernels and picked from
 the expected rows per expert (T*K/E); each kernel kind has its own (BLOCK_N, BLOCK_K, GROUP_M,
@@ -74,8 +81,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from molmoe.backends import reference_moe_ffn
-from molmoe.kernels._common import check_launch_device, on_interpreter
+from molmoe.ops import moe_ffn_ref
+from molmoe.kernels._common import (check_launch_device, ensure_tma_allocator, on_interpreter,
+                                    tma_ok)
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
                                      _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
                                      _gate_up_bwd_dx_kernel, _gate_up_kernel)
@@ -83,7 +91,6 @@ from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_
 from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, autotune, block_m_for,
                                        choose_path, default_config, kernel_configs, prune_configs)
 
-moe_ffn_ref = reference_moe_ffn  # ONE reference: the model's (molmoe.backends)
 
 __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
            "moe_experts", "aux_losses", "block_m_for", "choose_path", "kernel_configs",
@@ -109,6 +116,17 @@ def _launch_kw(cfg, swizzled=True):
     return kw
 
 
+def _use_tma(w_gate, w_up, w_down, on_gpu) -> bool:
+    """Weights (and the sorted h rows, whose row stride is w_down's) through tensor descriptors
+    where their bases and row strides are 16-byte aligned (D and F multiples of 8 in bf16), in
+    fp16/bf16. Not fp32: its IEEE dots run as FMAs (no wgmma to feed), and the transposed
+    descriptor tiles spilled there on sm_90 (160..4536 B)."""
+    tma = w_gate.dtype != torch.float32 and tma_ok(w_gate, w_up, w_down)
+    if tma and on_gpu:
+        ensure_tma_allocator()
+    return tma
+
+
 def _combine(z, y, top_k, on_gpu):
     T, D = y.shape
     tile = _combine_tile(on_gpu)
@@ -131,15 +149,18 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
         return y, gate, up
     h = x.new_empty(R, F_)
     z = x.new_empty(N, D)  # weighted expert outputs per assignment
+    tma = _use_tma(w_gate, w_up, w_down, on_gpu)
     cfg = default_config("gate_up", x.dtype, D, F_, block_m, on_gpu)
     _gate_up_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
         x, w_gate, w_up, h, gate if save_pre else h, up if save_pre else h, tile_expert,
         sorted_assign, tile_expert, T, N, D, F_, num_m, x.stride(0), K=top_k, K_PAD=1, N_PAD=1,
-        BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, **_launch_kw(cfg))
+        BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, TMA=tma,
+        **_launch_kw(cfg))
     cfg = default_config("down", x.dtype, D, F_, block_m, on_gpu)
     _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
         h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
-        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, **_launch_kw(cfg))
+        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, TMA=tma,
+        **_launch_kw(cfg))
     _combine(z, y, top_k, on_gpu)
     return y, gate, up
 
@@ -158,7 +179,7 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
     idx = topk_idx.to(torch.int32).reshape(-1)
     common = dict(K=K, K_PAD=triton.next_power_of_2(K), N_PAD=triton.next_power_of_2(N),
                   BLOCK_M=max(_DECODE_BLOCK_M, triton.next_power_of_2(T)), DECODE=True,
-                  IEEE=x.dtype == torch.float32)
+                  IEEE=x.dtype == torch.float32, TMA=_use_tma(w_gate, w_up, w_down, on_gpu))
     cfg = default_config("gate_up_decode", x.dtype, D, F_, 0, on_gpu)
     _gate_up_kernel[(N * triton.cdiv(F_, cfg["BLOCK_N"]),)](
         x, w_gate, w_up, h, h, h, idx, idx, idx, T, N, D, F_, N, x.stride(0), SAVE_PRE=False,

@@ -29,6 +29,17 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _narrow(x, ptr):
+    """fp32 `x` in the element type of `ptr`, for a store. fp16 saturates at +-65504 instead of
+    rounding to inf: an inf in h, z or a saved pre-activation becomes NaN in the next GEMM
+    (inf * 0) and in the silu backward, where a saturated value stays finite. bf16 and fp32
+    have fp32's range: unchanged."""
+    if ptr.dtype.element_ty == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     # GROUP_M row tiles share each column tile in launch order: the expert weight tile and the
     # gathered activation rows both stay in L2 (the same expert's row tiles are adjacent).
@@ -75,8 +86,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
                     K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, DECODE: tl.constexpr, SAVE_PRE: tl.constexpr,
-                    IEEE: tl.constexpr):
-    """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F."""
+                    IEEE: tl.constexpr, TMA: tl.constexpr = False):
+    """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F.
+    TMA: the weight tiles come through tensor descriptors of expert e's (F, D) slice (bulk
+    copies, zeros past its edge); the gathered x rows stay pointer loads."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
@@ -95,28 +108,44 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
     w_off = e.to(tl.int64) * F * D + cols[None, :] * D + ks[:, None]  # (BLOCK_K, BLOCK_N)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + ks) < D
-        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b_ok = k_ok[:, None] & col_ok[None, :]
-        acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
-        acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
+    if TMA:
+        e_off = e.to(tl.int64) * F * D
+        wg_desc = tl.make_tensor_descriptor(wg_ptr + e_off, shape=[F, D], strides=[D, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr + e_off, shape=[F, D], strides=[D, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            acc_g = _dot(a, tl.trans(wg_desc.load([n0, k0])), acc_g, IEEE)  # (BK, BN) view
+            acc_u = _dot(a, tl.trans(wu_desc.load([n0, k0])), acc_u, IEEE)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
+            acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
     out = row[:, None] * F + cols[None, :]
     out_ok = ok[:, None] & col_ok[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
-    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(h_ptr + out, _narrow(h, h_ptr), mask=out_ok)
     if SAVE_PRE:  # training: the backward needs the pre-activations (padding rows: zeros)
-        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=col_ok[None, :])
-        tl.store(u_ptr + out, acc_u.to(u_ptr.dtype.element_ty), mask=col_ok[None, :])
+        tl.store(g_ptr + out, _narrow(acc_g, g_ptr), mask=col_ok[None, :])
+        tl.store(u_ptr + out, _narrow(acc_u, u_ptr), mask=col_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N,
                  D, F, num_m, K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr):
+                 GROUP_M: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+                 TMA: tl.constexpr = False):
     """z[assign] = w[assign] * (h[row] @ w_down[e]^T): (BLOCK_M, BLOCK_N) over D, the routing
-    weight applied in fp32 before the one rounding, stored per assignment."""
+    weight applied in fp32 before the one rounding, stored per assignment. TMA: the weight
+    tiles and (grouped path) the sorted h rows come through tensor descriptors; padding rows
+    of h are read as they are (their outputs are never stored: rows are independent)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
                                          N, K, K_PAD, N_PAD, BLOCK_M, DECODE)
@@ -128,13 +157,27 @@ def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr
     a_ptrs = h_ptr + row[:, None] * F + ks[None, :]
     b_ptrs = wd_ptr + e.to(tl.int64) * D * F + cols[None, :] * F + ks[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        k_ok = (k0 + ks) < F
-        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    if TMA:
+        wd_desc = tl.make_tensor_descriptor(wd_ptr + e.to(tl.int64) * D * F, shape=[D, F],
+                                            strides=[F, 1], block_shape=[BLOCK_N, BLOCK_K])
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_m * BLOCK_M, F], strides=[F, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, F, BLOCK_K):
+            if DECODE:  # rows are tokens / assignments, not a contiguous tile
+                k_ok = (k0 + ks) < F
+                a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            else:
+                a = h_desc.load([pid_m * BLOCK_M, k0])
+            acc = _dot(a, tl.trans(wd_desc.load([n0, k0])), acc, IEEE)
+    else:
+        for k0 in range(0, F, BLOCK_K):
+            k_ok = (k0 + ks) < F
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
     acc = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
-    tl.store(z_ptr + assign[:, None] * D + cols[None, :], acc.to(z_ptr.dtype.element_ty),
+    tl.store(z_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, z_ptr),
              mask=ok[:, None] & col_ok[None, :])
 
 
@@ -149,7 +192,7 @@ def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.const
     for k in range(K):
         zk = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
         acc += zk.to(tl.float32)
-    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], _narrow(acc, y_ptr),
              mask=ok)
 
 
@@ -204,8 +247,8 @@ def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dw_par
         dh = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
         # d silu(g)/dg = sig * (1 + g * (1 - sig))
         dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(dg_ptr + off, dgate.to(dg_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(du_ptr + off, (dh * gate * sig).to(du_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(dg_ptr + off, _narrow(dgate, dg_ptr), mask=out_ok)
+        tl.store(du_ptr + off, _narrow(dh * gate * sig, du_ptr), mask=out_ok)
 
 
 @triton.jit
@@ -234,7 +277,7 @@ def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_
                    tl.load(wg_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
         acc = _dot(tl.load(du_ptr + a_off + k0, mask=a_ok, other=0.0),
                    tl.load(wu_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
-    tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], acc.to(dxs_ptr.dtype.element_ty),
+    tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, dxs_ptr),
              mask=ok[:, None] & col_ok[None, :])
 
 

@@ -1,7 +1,7 @@
 """Fused 2x2 attention pooling (spec §3.2, §3.3, §7.7): gather, pad-embedding add, mean query,
 4-key softmax per head and the weighted sum of V in one Triton kernel; projections stay GEMMs.
 
-The reference (`patch_pool_ref` = `molmoe.backends.reference_patch_pool`) adds the pad embeddings
+The reference (`patch_pool_ref` = `molmoe.ops.patch_pool_ref`) adds the pad embeddings
 to the whole feature map, copies the 4 members of every cell into an (M, 4, C) tensor, and runs
 M tiny attentions over 4 keys through SDPA with fp32 copies of q, k, v. Here:
 
@@ -46,11 +46,12 @@ one register block (D <= 256); the cell order is hard-wired (row-major cells, §
 Mixed dtypes: the pad embeddings are projected in fp32 with autocast off (pad_u, (3, 2, E)), so
 an fp32 `pad_embed` beside low-precision features and weights works (MolmoE's cast_back case).
 
-Autotune: BLOCK_M x num_warps configs from `_configs()`, pruned by `_prune` (register budget, no
-tile taller than the cell count), keyed on (E, D) and the power-of-two bucket of M (M itself would
-re-tune per image); `MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,num_warps=4"` pins one; the interpreter
-(CPU) uses one small fixed config. Tuning times the kernel on the first call of each key (a host
-sync, and the kernels only store, so re-running them is harmless); later launches do not sync.
+Tiles: BLOCK_M x num_warps from `kernel_configs`, kept by `fits` (register budget, no tile
+taller than the cell count), under the one tile policy of kernels/_common.py (`POLICY`), keyed on
+(E, D) and the power-of-two bucket of M (M itself would re-tune per image);
+`MOLMOE_PATCH_POOL_CONFIG="BLOCK_M=32,num_warps=4"` pins names; the interpreter (CPU) uses one
+small fixed config. `autotune(...)` times the candidates once up front; a launch only looks its
+config up (no tuning on the first call, CUDA-graph safe).
 """
 from __future__ import annotations
 
@@ -61,51 +62,70 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from molmoe.backends import pad_masks, reference_patch_pool
-from molmoe.kernels._common import interpreter_enabled, pinned_autotune_config
+# patch_pool_ref: this op's reference, the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import pad_masks, patch_pool_ref  # noqa: F401
+from molmoe.kernels._common import TilePolicy, on_interpreter
 
-patch_pool_ref = reference_patch_pool
 
-_INTERPRET = interpreter_enabled()  # read once: the autotune configs are built at import
 _CONFIG_ENV = "MOLMOE_PATCH_POOL_CONFIG"  # e.g. "BLOCK_M=32,num_warps=4"
 
 
-# ------------------------------------------------------------------------------ autotune
+# ------------------------------------------------------------------------------ tile policy
 
 
-def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
-    pinned = pinned_autotune_config(_CONFIG_ENV, "BLOCK_M=32,num_warps=4")
-    if pinned:
-        meta, warps = pinned
-        return [triton.Config(meta, num_warps=warps)]
-    if interpret:
+def kernel_configs(on_gpu: bool) -> list[dict]:
+    """Candidate tiles (BLOCK_M cells, num_warps)."""
+    if not on_gpu:
         # 64 cells: the interpreter's cost is per program; crops of 9 or 144 cells still
         # straddle tile edges in the tests
-        return [triton.Config({"BLOCK_M": 64}, num_warps=1)]
+        return [dict(BLOCK_M=64, num_warps=1)]
     # No 2-warp configs: compiled for sm_90 (tests/test_kernels_sm90.py, E 1024, 16 heads) a
     # 2-warp program of 16 cells with pad embeddings spilled (255 registers + 320 B of stack,
     # forward and backward) and one of 8 cells took 168, where 4 and 8 warps stay spill-free
     # (at most 201 registers, the backward at 144 tile values per thread) up to the budget below.
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 16, 32, 64) for w in (4, 8)]
+    return [dict(BLOCK_M=bm, num_warps=w) for bm in (8, 16, 32, 64) for w in (4, 8)]
 
 
-def _prune(configs, named_args, **kwargs):
-    # A program holds 9 BLOCK_M x BLOCK_D fp32 tiles (q, 4 k, 4 v; the backward a few more):
-    # keep them within ~160 registers per thread so nothing spills, and no tile taller than the
-    # number of cells (one crop has only (g/2)^2 of them).
-    # The launcher passes the sizes as keywords (kwargs here), the tensors positionally.
-    args = {**named_args, **kwargs}
-    bd, M = args["BLOCK_D"], args["M"]
-    kept = [c for c in configs
-            if 9 * c.kwargs["BLOCK_M"] * bd <= 160 * 32 * c.num_warps
-            and c.kwargs["BLOCK_M"] <= max(8, triton.next_power_of_2(M))]
-    return kept or configs[:1]
+def fits(c: dict, M: int, block_d: int) -> bool:
+    """A program holds 9 BLOCK_M x BLOCK_D fp32 tiles (q, 4 k, 4 v; the backward a few more):
+    keep them within ~160 registers per thread so nothing spills, and no tile taller than the
+    number of cells (one crop has only (g/2)^2 of them). (No shared memory: no dot, no
+    pipelined loads.)"""
+    return (9 * c["BLOCK_M"] * block_d <= 160 * 32 * c["num_warps"]
+            and c["BLOCK_M"] <= max(8, triton.next_power_of_2(M)))
 
 
 def _m_bucket(M: int) -> int:
     # Tile choice depends on how many cells there are to spread over the SMs (1 crop: 144,
     # 13 crops: 1872, a batch: more), but keying on M itself would re-tune per image: bucket it.
     return min(triton.next_power_of_2(max(M, 1)), 1 << 16)
+
+
+# ctx: E, D, M_BUCKET, BLOCK_D (what the best tile depends on)
+POLICY = TilePolicy(
+    "patch_pool", _CONFIG_ENV, ("BLOCK_M", "num_warps"), example="BLOCK_M=32,num_warps=4",
+    candidates=lambda ctx: kernel_configs(True),
+    fits=lambda c, ctx: fits(c, ctx["M_BUCKET"], ctx["BLOCK_D"]),
+    default=lambda ctx: dict(BLOCK_M=32, num_warps=4),
+    interpreter=lambda ctx: kernel_configs(False)[0])
+
+
+def _ctx(sizes: dict) -> dict:
+    return {k: sizes[k] for k in ("E", "D", "M_BUCKET", "BLOCK_D")}
+
+
+def autotune(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads) -> dict | None:
+    """Time every config that fits on these (projected) tensors, forward + backward (one
+    config serves both), GPU only, skipping any that fails; remember and return the fastest.
+    Never on the launch path."""
+    _, sizes, _ = _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
+
+    def run():
+        o = patch_pool_attend(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads)
+        patch_pool_attend_bwd(torch.ones_like(o), q_raw, k_raw, v_raw, coef, pad_u, bias,
+                              num_heads)
+
+    return POLICY.autotune(_ctx(sizes), run)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -188,8 +208,6 @@ def _softmax4(q, k0, k1, k2, k3, scale):
     return e0 * inv, e1 * inv, e2 * inv, e3 * inv
 
 
-@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_fwd_kernel(q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, o_ptr, M, Gc, GW, G, P, E, D,
                      M_BUCKET, scale, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -207,8 +225,6 @@ def _member_grads(dk_ptr, dv_ptr, row, col, mask2, E, do, q, v, pj, dsj, scale):
     tl.store(dk_ptr + offs, (scale * dsj[:, None] * q).to(dk_ptr.dtype.element_ty), mask=mask2)
 
 
-@triton.autotune(configs=_configs(), key=["E", "D", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_bwd_kernel(do_ptr, q_ptr, k_ptr, v_ptr, coef_ptr, u_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr,
                      M, Gc, GW, G, P, E, D, M_BUCKET, scale, HAS_PAD: tl.constexpr,
@@ -278,10 +294,10 @@ def _launch_args(q_raw, k_raw, v_raw, coef, pad_u, bias, num_heads):
                  scale=1.0 / math.sqrt(D),
                  HAS_PAD=has_pad, BLOCK_D=triton.next_power_of_2(D))
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), num_heads)
-
-    return tensors, sizes, grid
+    # the tile: dictionary look-ups only (never tuned here: CUDA-graph capture)
+    cfg = POLICY.config(_ctx(sizes), not on_interpreter(q_raw.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), num_heads)
+    return tensors, dict(sizes, **cfg), grid
 
 
 @torch.library.custom_op("molmoe::patch_pool_attend", mutates_args=())
@@ -354,7 +370,7 @@ patch_pool_attend.register_autograd(_backward, setup_context=_setup_context)
 
 def patch_pool(feats, image_masks, pad_embed, wq, bq, wk, bk, wv, bv, wo, bo, num_heads,
                cast_back):
-    """Same contract as `molmoe.backends.reference_patch_pool`: (N, P, C) -> (N, P/4, E).
+    """Same contract as `molmoe.ops.patch_pool_ref`: (N, P, C) -> (N, P/4, E).
 
     `cast_back` (MolmoE's cast of f + pad to the feature dtype) needs no action here: the GEMMs
     read f in its own dtype and the pad terms enter after them, in fp32 (see the header)."""

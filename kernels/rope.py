@@ -4,7 +4,7 @@
     y[..., h:] = x2 * cos[h:] + x1 * sin[h:]
 
 in fp32 (q, k upcast, rotated, cast back to their dtype), exactly the arithmetic of
-`apply_rope_ref` (= `molmoe.backends.reference_apply_rope`, which builds rotate_half copies and
+`apply_rope_ref` (= `molmoe.ops.apply_rope_ref`, which builds rotate_half copies and
 four fp32 temporaries per tensor). One program takes BLOCK_S positions of one sequence and a
 group of HEADS heads from the list [q heads..., k heads...] (GQA: Hq != Hkv only moves the q/k
 boundary), loads the cos/sin rows of its positions once and rotates its heads, so the tables are
@@ -26,13 +26,13 @@ that the decoder's head split makes); outputs are contiguous (B, H, S, Dh). Limi
 
 Legend: B batch, S positions, Hq query heads, Hkv key/value heads, Dh head dim, h = Dh / 2.
 
-Autotune: (BLOCK_S, HEADS, num_warps) configs from `_configs()`, pruned by `_prune` (no tile
-longer than S, no group wider than all heads, cos/sin tiles within a register budget), keyed on
-(Dh, Hq, Hkv) and the power-of-two bucket of S (decode and prefill want different tiles; S
-itself would re-tune per prompt length).
-`MOLMOE_ROPE_CONFIG="BLOCK_S=16,HEADS=8,num_warps=4"` pins one; the interpreter (CPU) uses one
-small fixed config. Tuning times the kernel on the first call of each key (a host sync): warm up
-before capturing a CUDA graph; later launches do not synchronise.
+Tiles: (BLOCK_S, HEADS, num_warps) from `kernel_configs`, kept by `fits` (no tile longer
+than S, no group wider than all heads, cos/sin tiles within a register budget), under the one
+tile policy of kernels/_common.py (`POLICY`), keyed on (Dh, Hq, Hkv) and the power-of-two
+bucket of S (decode and prefill want different tiles; S itself would re-tune per prompt
+length). `MOLMOE_ROPE_CONFIG="BLOCK_S=16,HEADS=8,num_warps=4"` pins names; the interpreter (CPU)
+uses one small fixed config. `autotune(q, k, cos, sin)` times the candidates once at start-up;
+a launch only looks its config up (no tuning on the first call, CUDA-graph safe).
 
 Fused into the attention prologue instead? Issue 5 asks for whichever measures faster; that
 needs a GPU (bench/bench_rope.py reports RoPE time next to the causal attention it precedes).
@@ -44,57 +44,71 @@ import torch
 import triton
 import triton.language as tl
 
-from molmoe.backends import reference_apply_rope
-from molmoe.kernels._common import interpreter_enabled, pinned_autotune_config
+# this op's reference: the contract's own function (molmoe.ops), re-exported
+from molmoe.ops import apply_rope_ref  # noqa: F401
+from molmoe.kernels._common import TilePolicy, on_interpreter
 
-apply_rope_ref = reference_apply_rope
 
-_INTERPRET = interpreter_enabled()  # read once: the autotune configs are built at import
 _CONFIG_ENV = "MOLMOE_ROPE_CONFIG"  # e.g. "BLOCK_S=16,HEADS=8,num_warps=4"
 
 
-# ------------------------------------------------------------------------------ autotune
+# ------------------------------------------------------------------------------ tile policy
 
 
-def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
-    # HEADS defaults to all heads in one program
-    pinned = pinned_autotune_config(_CONFIG_ENV, "BLOCK_S=16,HEADS=8,num_warps=4", BLOCK_S=8,
-                                    HEADS=1 << 30)
-    if pinned:
-        meta, warps = pinned
-        return [triton.Config(meta, num_warps=warps)]
-    if interpret:
+def kernel_configs(on_gpu: bool) -> list[dict]:
+    """Candidate tiles (BLOCK_S positions, HEADS per program, num_warps)."""
+    if not on_gpu:
         # 32 positions (the interpreter's cost is per program); HEADS=3 on purpose: head
         # groups then straddle the q/k boundary (Hq=4: q0-2 | q3 k0 k1)
-        return [triton.Config({"BLOCK_S": 32, "HEADS": 3}, num_warps=1)]
-    return [triton.Config({"BLOCK_S": bs, "HEADS": hg}, num_warps=w)
+        return [dict(BLOCK_S=32, HEADS=3, num_warps=1)]
+    return [dict(BLOCK_S=bs, HEADS=hg, num_warps=w)
             for bs in (1, 2, 4, 8, 16, 32) for hg in (2, 4, 8, 16, 64) for w in (1, 2, 4, 8)]
 
 
 _TABLE_REGS = 64  # fp32 cos/sin values one thread may hold (4 tiles of BLOCK_S x BLOCK_H)
 
 
-def _prune(configs, named_args, **kwargs):
-    # No tile longer than the sequence (decode: S = 1), no head group wider than all heads, no
-    # more threads than elements in one head's tile (BLOCK_S x Dh/2), and the four cos/sin tiles
-    # a program keeps for all its heads within _TABLE_REGS registers per thread. Compiled for
-    # sm_90 at Dh 128 (tests/test_kernels_sm90.py): 64 per thread -> 118 registers; 128 -> 231;
-    # 256 (BLOCK_S 32 on one warp) spilled 640 bytes of stack at the 255-register cap.
-    args = {**named_args, **kwargs}  # sizes positional, constexprs as keywords
-    S, n_heads, half = args["S"], args["Hq"] + args["Hkv"], args["HALF"]
+def fits(c: dict, S: int, n_heads: int, half: int) -> bool:
+    """No tile longer than the sequence (decode: S = 1), no head group wider than all heads, no
+    more threads than elements in one head's tile (BLOCK_S x Dh/2), and the four cos/sin tiles
+    a program keeps for all its heads within _TABLE_REGS registers per thread. Compiled for
+    sm_90 at Dh 128 (tests/test_kernels_sm90.py): 64 per thread -> 118 registers; 128 -> 231;
+    256 (BLOCK_S 32 on one warp) spilled 640 bytes of stack at the 255-register cap. (No
+    shared memory: the kernel has no dot and no pipelined loads.)"""
     block_h = triton.next_power_of_2(half)
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_S"] <= max(1, triton.next_power_of_2(S))
-            and c.kwargs["HEADS"] <= 2 * max(1, triton.next_power_of_2(n_heads))
-            and 32 * c.num_warps <= max(32, c.kwargs["BLOCK_S"] * half)
-            and 4 * c.kwargs["BLOCK_S"] * block_h <= _TABLE_REGS * 32 * c.num_warps]
-    return kept or configs[:1]
+    return (c["BLOCK_S"] <= max(1, triton.next_power_of_2(S))
+            and c["HEADS"] <= 2 * max(1, triton.next_power_of_2(n_heads))
+            and 32 * c["num_warps"] <= max(32, c["BLOCK_S"] * half)
+            and 4 * c["BLOCK_S"] * block_h <= _TABLE_REGS * 32 * c["num_warps"])
 
 
 def _s_bucket(S: int) -> int:
     # The best tile differs between decode (S = 1) and prefill (S = 4096), but keying on S
     # itself would re-tune for every prompt length: key on its power-of-two bucket instead.
     return min(triton.next_power_of_2(max(S, 1)), 4096)
+
+
+# ctx: Dh, Hq, Hkv, S_BUCKET (the shapes the best tile depends on). HEADS defaults to 8 heads a
+# program; where the default does not fit (decode: one position, fewer warps) the closest
+# fitting candidate replaces it.
+POLICY = TilePolicy(
+    "apply_rope", _CONFIG_ENV, ("BLOCK_S", "HEADS", "num_warps"),
+    example="BLOCK_S=16,HEADS=8,num_warps=4",
+    candidates=lambda ctx: kernel_configs(True),
+    fits=lambda c, ctx: fits(c, ctx["S_BUCKET"], ctx["Hq"] + ctx["Hkv"], ctx["Dh"] // 2),
+    default=lambda ctx: dict(BLOCK_S=16, HEADS=8, num_warps=4),
+    interpreter=lambda ctx: kernel_configs(False)[0])
+
+
+def _ctx(q, k) -> dict:
+    return dict(Dh=q.shape[3], Hq=q.shape[1], Hkv=k.shape[1], S_BUCKET=_s_bucket(q.shape[2]))
+
+
+def autotune(q, k, cos, sin) -> dict | None:
+    """Time every config that fits on these tensors (GPU only; forward and backward share it),
+    skipping any that fails; remember and return the fastest. Never on the launch path."""
+    _check(q, k, cos, sin)
+    return POLICY.autotune(_ctx(q, k), lambda: _launch(q, k, cos, sin, backward=False))
 
 
 # ------------------------------------------------------------------------------ kernel
@@ -118,8 +132,6 @@ def _rotate_heads(x_ptr, y_ptr, h_lo, h_hi, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, 
         tl.store(yp + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["Dh", "Hq", "Hkv", "S_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, Hq, Hkv, Dh, S_BUCKET,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
@@ -174,14 +186,14 @@ def _launch(q, k, cos, sin, backward):
     if q.numel() == 0 and k.numel() == 0:
         return qo, ko
 
-    def grid(meta):
-        return (triton.cdiv(S, meta["BLOCK_S"]), B, triton.cdiv(Hq + Hkv, meta["HEADS"]))
-
+    cfg = POLICY.config(_ctx(q, k), not on_interpreter(q.device))  # look-ups only
+    grid = (triton.cdiv(S, cfg["BLOCK_S"]), B, triton.cdiv(Hq + Hkv, cfg["HEADS"]))
     _rope_kernel[grid](q, k, cos, sin, qo, ko, S, Hq, Hkv, Dh, _s_bucket(S),
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
                        cos.stride(0), cos.stride(1), HALF=Dh // 2,
-                       BLOCK_H=triton.next_power_of_2(Dh // 2), BACKWARD=backward)
+                       BLOCK_H=triton.next_power_of_2(Dh // 2), BACKWARD=backward,
+                       BLOCK_S=cfg["BLOCK_S"], HEADS=cfg["HEADS"], num_warps=cfg["num_warps"])
     return qo, ko
 
 
@@ -229,5 +241,5 @@ _apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def apply_rope(q, k, cos, sin):
-    """Same contract as `molmoe.backends.reference_apply_rope`: (q, k) rotated, input dtypes."""
+    """Same contract as `molmoe.ops.apply_rope_ref`: (q, k) rotated, input dtypes."""
     return _apply_rope_op(q, k, cos, sin)

@@ -55,7 +55,7 @@ SYNC_OPS = frozenset({
 
 class OpCounter(TorchDispatchMode):
     """Every aten op dispatched inside the block. A custom op whose body is plain PyTorch
-    (`molmoe.backends.TRANSPARENT_OPS`: the reference MoE's grouped experts) is counted by the
+    (`molmoe.ops.TRANSPARENT_OPS`: the reference MoE's grouped experts) is counted by the
     ops its body dispatches, not as one; a Triton kernel's custom op counts as one (a launch)."""
 
     def __init__(self):
@@ -63,7 +63,7 @@ class OpCounter(TorchDispatchMode):
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from molmoe.backends import TRANSPARENT_OPS
+        from molmoe.ops import TRANSPARENT_OPS
 
         body = TRANSPARENT_OPS.get(f"{func.namespace}::{func._opname}")
         if body is not None:

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -90,11 +91,16 @@ def resources(compiled) -> dict:
 
 
 def summarize(compiled) -> dict:
+    """Resources and the instructions that matter on Hopper: wgmma (and its widest n), mma.sync,
+    cp.async (pipelined loads), cp.async.bulk.tensor (TMA), local memory (spills)."""
     res, ptx = resources(compiled), compiled.asm["ptx"]
+    wgmma_n = [int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)]
     return {"regs": res["REG"], "stack": res["STACK"], "local": res.get("LOCAL", 0),
             "shared": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]),
-            "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx,
-            "cp_async": "cp.async" in ptx, "ld_local": "ld.local" in ptx or "st.local" in ptx}
+            "wgmma": "wgmma.mma_async" in ptx, "wgmma_n": max(wgmma_n, default=0),
+            "mma": "mma.sync" in ptx, "cp_async": "cp.async" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx,
+            "ld_local": "ld.local" in ptx or "st.local" in ptx}
 
 
 def _compile_all(cases) -> dict:

@@ -104,6 +104,19 @@ def test_bench_cpu_path_runs(tmp_path):
     assert (tmp_path / "attention.png").exists()
     if not torch.cuda.is_available():
         assert any("need a GPU" in n for n in payload["notes"])
+        # the 16k target shape is skipped here, and the run says so
+        assert any("16384" in n and "skipped" in n for n in payload["notes"])
+
+
+def test_bench_grid_covers_the_16k_target():
+    from bench.bench_attention import TARGET_S, grid
+
+    for quick in (False, True):  # a GPU run measures S = 16384, quick or not
+        cases = grid(True, quick)
+        assert {(c.model, c.layout) for c in cases if c.S == TARGET_S} >= {
+            ("molmoe", "causal"), ("7b-d", "causal"), ("molmoe", "image")}
+        assert all(c.B >= 1 for c in cases)
+    assert max(c.S for c in grid(False, True)) < TARGET_S  # the CPU run stays small
 
 
 def test_bench_correctness_gate_catches_a_wrong_contender(monkeypatch):
@@ -131,5 +144,8 @@ def test_bench_targets():
 
     lines = targets([rec("triton", "causal", 1.0), rec("sdpa_flash", "causal", 0.9),
                      rec("triton", "image", 1.0), rec("flex", "image", 1.4)])
+    r16 = Record("attention", "triton", {"model": "molmoe", "layout": "causal", "S": 16384,
+                                          "pass": "fwd"}, Timing(2.0, 2.0, 2.0), flops=1e12)
+    assert any("S=16384 fwd: triton 500 TFLOP/s (>= 450): met" in ln for ln in targets([r16]))
     assert any("causal" in ln and "0.90x sdpa_flash" in ln and "NOT met" in ln for ln in lines)
     assert any("image" in ln and "1.40x flex" in ln and ln.endswith(": met") for ln in lines)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.decode_attention import (decode_attention, decode_attention_ref,
                                              kernel_configs, num_splits_heuristic)
 from tests.tiny import random_inputs, random_model
@@ -132,6 +132,41 @@ def test_split_heuristic(monkeypatch):
     monkeypatch.setenv("MOLMOE_DECODE_ATTENTION_SPLITS", "many")
     with pytest.raises(ValueError, match="MOLMOE_DECODE_ATTENTION_SPLITS"):
         num_splits_heuristic(1, 16384, 132, 64)
+
+
+def test_tiles_are_pruned_for_the_dtype_and_tuning_skips_failures(monkeypatch):
+    # The autotune once assumed 2-byte elements and let an out-of-resources candidate abort it.
+    import triton.testing
+
+    from molmoe.kernels import decode_attention as DA
+    from molmoe.kernels._common import SMEM_LIMIT
+
+    monkeypatch.delenv("MOLMOE_DECODE_ATTENTION_CONFIG", raising=False)
+    ctx = dict(head_dim=256, block_m=64)
+    kept = {dt: DA.POLICY.pruned(dict(ctx, dtype=dt)) for dt in (torch.bfloat16, torch.float32)}
+    assert len(kept[torch.float32]) < len(kept[torch.bfloat16])  # 4-byte tiles: fewer fit
+    for c in kept[torch.float32]:  # K + V stages and the q tile at 4 bytes an element
+        assert (2 * c["BLOCK_N"] * c["num_stages"] + 64) * 256 * 4 <= SMEM_LIMIT
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for dh in (64, 128, 256):
+            for bm in (16, 64):
+                assert DA.fits(DA.default_config(dh, bm, True, dt), dh, bm, dt), (dt, dh, bm)
+
+    q, k, v = make(1, 4, 2, 1, 32, 64, torch.float32)
+    timed = []
+
+    def fake_bench(run):  # 128-key tiles "run out of resources", 64 are the fastest
+        cfg = DA.default_config(64, 16, True, torch.float32)
+        timed.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] == 128:
+            raise RuntimeError("triton OutOfResources: shared memory")
+        return 1.0 if cfg["BLOCK_N"] == 64 else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    best = DA.autotune(q, k, v)
+    assert best["BLOCK_N"] == 64 and 128 in timed
+    assert DA.default_config(64, 16, True, torch.float32) == best  # remembered, not re-timed
+    DA.POLICY.tuned.clear()
 
 
 def test_bad_inputs_name_the_problem():

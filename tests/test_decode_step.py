@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from molmoe.backends import REFERENCE_OPS, _experts_loop, grouped_experts, reference_moe_ffn
+from molmoe.ops import REFERENCE_OPS, grouped_experts, moe_ffn_ref
+from molmoe.ops.moe import _experts_loop
 from molmoe.errors import UsageError
 from molmoe.generation.step import DecodeRunner, decode_step, prefill
 from molmoe.profiling import OpCounter
@@ -142,7 +143,7 @@ def test_grouped_reference_moe_equals_released_loop(dtype, T):
     wg, wu = (torch.randn(E, F_, D, generator=g).to(dtype) * 0.2 for _ in range(2))
     wd = torch.randn(E, D, F_, generator=g).to(dtype) * 0.2
     with torch.no_grad():
-        y, aux = reference_moe_ffn(x, router, wg, wu, wd, K)
+        y, aux = moe_ffn_ref(x, router, wg, wu, wd, K)
         want = _experts_loop(x, wg, wu, wd, aux["topk_weights"], aux["topk_idx"])
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(y, want, **tol)

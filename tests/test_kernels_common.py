@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from molmoe.kernels._common import (check_launch_device, check_qkv, on_interpreter,
-                                    parse_tile_config, pinned_autotune_config)
+                                    parse_tile_config)
 
 ENV = "MOLMOE_X_CONFIG"
 
@@ -70,19 +70,6 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x, w = torch.randn(3, 16), torch.randn(2, 8, 16)
     with pytest.raises(ValueError, match="^moe_ffn: Triton needs CUDA tensors"):
         moe_ffn(x, torch.randn(2, 16), w, w, torch.randn(2, 16, 8), 1)
-
-
-def test_pinned_autotune_config(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
-    assert pinned_autotune_config(ENV, "BLOCK_S=16") is None
-    # spaces anywhere are ignored; num_warps 4 and the given defaults where not named
-    monkeypatch.setenv(ENV, "BLOCK_ S=16")
-    assert pinned_autotune_config(ENV, "BLOCK_S=16", HEADS=8) == (dict(BLOCK_S=16, HEADS=8), 4)
-    monkeypatch.setenv(ENV, "BLOCK_S=4,HEADS=2,num_warps=2")
-    assert pinned_autotune_config(ENV, "x", BLOCK_S=8, HEADS=8) == (dict(BLOCK_S=4, HEADS=2), 2)
-    monkeypatch.setenv(ENV, "fast")
-    with pytest.raises(ValueError, match=f"{ENV}='fast': expected 'BLOCK_S=16'"):
-        pinned_autotune_config(ENV, "BLOCK_S=16")
 
 
 def _policy(**kw):

@@ -3,8 +3,9 @@
 and decode attention's tl.dot GEMMs run on tensor cores (mma.sync or wgmma). Speed is not checked.
 
 Which configs: decode attention at the tile config its own `default_config` picks on a GPU for
-each row count M = G*Sq; RoPE and patch pooling at every config of their GPU autotune list that
-survives their own prune at Molmo shapes (the autotuner may pick any of those); for RoPE every
+each row count M = G*Sq; RoPE and patch pooling at every config of their candidate list that
+their tile policy keeps at Molmo shapes (`autotune` may pick any of those), and the default
+each launches untuned; for RoPE every
 surviving (BLOCK_S, num_warps) with its HEADS rotated through the surviving values (see
 `_rope_cases`). One config the RoPE prune drops is compiled as well, to show that the check
 sees a spill.
@@ -78,35 +79,33 @@ def _decode_cases() -> list[Case]:
     return cases
 
 
-def _config_key(c: triton.Config) -> tuple:
-    return tuple(sorted(c.kwargs.items())) + (("num_warps", c.num_warps),
-                                              ("num_stages", c.num_stages))
-
-
-def _surviving(configs, prune, shapes) -> list[triton.Config]:
-    """Union, in list order, of the configs `prune` keeps for each of `shapes` (its arguments)."""
-    keys = {_config_key(c) for s in shapes for c in prune(configs, {}, **s)}
-    return [c for c in configs if _config_key(c) in keys]
+def _surviving(policy, ctxs) -> list[dict]:
+    """Union, in list order, of the configs `policy` keeps for each of `ctxs`, and the config
+    it would launch for each (the default, pruned)."""
+    kept = [c for ctx in ctxs for c in policy.pruned(ctx)]
+    kept += [policy.config(ctx, on_gpu=True) for ctx in ctxs]
+    return [c for c in policy.candidates(ctxs[0]) if c in kept]
 
 
 def _rope_cases() -> list[Case]:
-    shapes = [dict(S=s, Hq=hq, Hkv=hkv, HALF=DH // 2) for s in ROPE_S for hq, hkv in ROPE_HEADS]
+    ctxs = [dict(Dh=DH, Hq=hq, Hkv=hkv, S_BUCKET=RO._s_bucket(s)) for s in ROPE_S
+            for hq, hkv in ROPE_HEADS]
     # HEADS only scales program_id into a head range (a runtime bound of the head loop), so it
     # does not change the code's shape: each surviving (BLOCK_S, num_warps) compiles once per
     # direction, at a HEADS that rotates through the surviving values so every value is
     # compiled too (all 5 HEADS per tile compiled to identical register counts, 2x the time).
-    tiles: dict[tuple, list[triton.Config]] = {}
-    for c in _surviving(RO._configs(interpret=False), RO._prune, shapes):
-        tiles.setdefault((c.kwargs["BLOCK_S"], c.num_warps, c.num_stages), []).append(c)
+    tiles: dict[tuple, list[dict]] = {}
+    for c in _surviving(RO.POLICY, ctxs):
+        tiles.setdefault((c["BLOCK_S"], c["num_warps"]), []).append(c)
     cases = []
     for i, group in enumerate(tiles.values()):
         c = group[i % len(group)]
         for backward in (False, True):
             consts = dict(HALF=DH // 2, BLOCK_H=triton.next_power_of_2(DH // 2),
-                          BACKWARD=backward, **c.kwargs)
-            name = (f"rope_{'bwd' if backward else 'fwd'}-S{c.kwargs['BLOCK_S']}"
-                    f"-H{c.kwargs['HEADS']}-w{c.num_warps}")
-            cases.append(Case(name, RO._rope_kernel, consts, c.num_warps, c.num_stages,
+                          BACKWARD=backward, BLOCK_S=c["BLOCK_S"], HEADS=c["HEADS"])
+            name = (f"rope_{'bwd' if backward else 'fwd'}-S{c['BLOCK_S']}"
+                    f"-H{c['HEADS']}-w{c['num_warps']}")
+            cases.append(Case(name, RO._rope_kernel, consts, c["num_warps"], 2,
                               types=dict(cos_ptr="*fp32", sin_ptr="*fp32"),
                               divisible=frozenset({"Dh", "sq_b", "sq_h", "sq_s", "sk_b", "sk_h",
                                                    "sk_s", "sqo_b", "sqo_h", "sqo_s", "sko_b",
@@ -116,16 +115,17 @@ def _rope_cases() -> list[Case]:
 
 def _pool_cases() -> list[Case]:
     block_d = triton.next_power_of_2(POOL_E // POOL_HEADS)
-    shapes = [dict(M=m, BLOCK_D=block_d) for m in POOL_M]
+    ctxs = [dict(E=POOL_E, D=POOL_E // POOL_HEADS, M_BUCKET=PP._m_bucket(m), BLOCK_D=block_d)
+            for m in POOL_M]
     cases = []
-    for c in _surviving(PP._configs(interpret=False), PP._prune, shapes):
+    for c in _surviving(PP.POLICY, ctxs):
         for kernel, kind in ((PP._pool_fwd_kernel, "fwd"), (PP._pool_bwd_kernel, "bwd")):
             for has_pad in (False, True):
-                consts = dict(HAS_PAD=has_pad, BLOCK_D=block_d, **c.kwargs)
+                consts = dict(HAS_PAD=has_pad, BLOCK_D=block_d, BLOCK_M=c["BLOCK_M"])
                 cases.append(Case(
-                    f"pool_{kind}-M{c.kwargs['BLOCK_M']}-w{c.num_warps}-"
-                    f"{'pad' if has_pad else 'nopad'}", kernel, consts, c.num_warps,
-                    c.num_stages, types=dict(coef_ptr="*fp32", u_ptr="*fp32", scale="fp32"),
+                    f"pool_{kind}-M{c['BLOCK_M']}-w{c['num_warps']}-"
+                    f"{'pad' if has_pad else 'nopad'}", kernel, consts, c["num_warps"],
+                    2, types=dict(coef_ptr="*fp32", u_ptr="*fp32", scale="fp32"),
                     divisible=frozenset({"Gc", "G", "P", "E", "D"})))
     return cases
 
@@ -163,8 +163,8 @@ def test_cases_cover_the_configs():
     assert {c.consts["BLOCK_M"] for c in CASES if c.name.startswith("decode_split")} == {16, 64}
     for prefix in ("rope_fwd", "rope_bwd", "pool_fwd", "pool_bwd"):
         assert sum(n.startswith(prefix) for n in names) > 2, prefix
-    gpu = RO._configs(interpret=False)
-    heads = {c.kwargs["HEADS"] for c in gpu}
+    gpu = RO.kernel_configs(on_gpu=True)
+    heads = {c["HEADS"] for c in gpu}
     assert {c.consts["HEADS"] for c in CASES if c.name.startswith("rope_fwd")} == heads
 
 
@@ -174,6 +174,5 @@ def test_the_spill_check_sees_a_spill(sm90):
     with pytest.raises(AssertionError, match="spills registers"):
         check(r, SPILLER.name)
     # and the prune drops it at prefill, where the same tile on 4 warps stays
-    spiller = triton.Config({"BLOCK_S": 32, "HEADS": 2}, num_warps=1)
-    fits = triton.Config({"BLOCK_S": 32, "HEADS": 2}, num_warps=4)
-    assert RO._prune([spiller, fits], {}, S=4096, Hq=16, Hkv=16, HALF=DH // 2) == [fits]
+    assert not RO.fits(dict(BLOCK_S=32, HEADS=2, num_warps=1), 4096, 32, DH // 2)
+    assert RO.fits(dict(BLOCK_S=32, HEADS=2, num_warps=4), 4096, 32, DH // 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.moe import (DECODE_MAX_TOKENS, KINDS, aux_losses, block_m_for, choose_path,
                                 default_config, kernel_configs, moe_experts, moe_ffn, moe_ffn_ref,
                                 permute, prune_configs, route)
@@ -361,6 +361,31 @@ def test_configs_are_visible_pruned_and_pinnable(monkeypatch):
         default_config("down", torch.bfloat16, 2048, 1024, 32, on_gpu=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_configs_fit_sm90_for_their_dtype(dtype):
+    # The fp32 dx default (128 x 128 x 64, 3 stages) needed 262,144 B of shared memory against
+    # sm_90's 232,448 B: the default is pruned by the dtype's element size like any candidate
+    # (tests/test_moe_sm90.py compiles them).
+    from molmoe.kernels.moe_tuning import _smem_bytes, fits
+    from molmoe.kernels._common import SMEM_LIMIT
+
+    for kind in KINDS:
+        for block_m in ((0,) if kind.endswith("_decode") else (16, 32, 64, 128)):
+            cfg = default_config(kind, dtype, 2048, 1024, block_m, on_gpu=True)
+            assert fits(cfg, kind, block_m or 16, dtype), (kind, block_m, cfg)
+            assert _smem_bytes(cfg, kind, block_m or 16, dtype) <= SMEM_LIMIT
+
+
+def test_moe_pin_typos_are_errors(monkeypatch):
+    monkeypatch.setenv("MOLMOE_MOE_CONFIG", "dx:BLOK_N=64")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['BLOK_N'\]; valid names: "
+                                         r"\['BLOCK_K', 'BLOCK_M', 'BLOCK_N', 'GROUP_M'"):
+        default_config("dx", torch.bfloat16, 2048, 1024, 128, on_gpu=True)
+    monkeypatch.setenv("MOLMOE_MOE_CONFIG", "BLOCK_N=48")
+    with pytest.raises(ValueError, match="BLOCK_N=48 must be a power of two"):
+        default_config("dx", torch.bfloat16, 2048, 1024, 128, on_gpu=True)
+
+
 def test_pinned_tiles_are_used_and_correct(monkeypatch):
     # Another tiling end to end: 32-row tiles (other padding), 16-wide column tiles and 16-deep
     # K steps (several of each), dW tiles 16 x 16 over 8-row steps.
@@ -478,7 +503,7 @@ def test_training_loop_backward_equals_per_expert_indexing():
     """The training loop splits the stacked experts with one unbind (w[e] per expert made the
     backward zero-fill and add a whole (E, F, D) gradient per expert and projection); outputs
     and every gradient are bit-identical to indexing w[e], unused experts included."""
-    from molmoe.backends import _experts_loop
+    from molmoe.ops.moe import _experts_loop
 
     def indexed(x, w_gate, w_up, w_down, topk_w, topk_idx):
         y = torch.zeros_like(x)
@@ -505,3 +530,51 @@ def test_training_loop_backward_equals_per_expert_indexing():
     assert torch.equal(got, want)
     for a, b in zip(torch.autograd.grad(want, leaves, gy), torch.autograd.grad(got, leaves, gy)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["grouped", "decode"])
+def test_fp16_overflow_saturates_instead_of_inf(path):
+    # gate = up = 400 make h = silu(gate) * up = 160000 > 65504: stored unclamped, h becomes inf
+    # in fp16 and the down GEMM's output inf / NaN. The kernels saturate h (and z, y) at fp16's
+    # largest finite value; the oracle does the same saturation in fp32 (issue 15).
+    T, D, F_, E = 3, 16, 16, 2
+    x = torch.full((T, D), 2.0)
+    router = torch.randn(E, D, generator=torch.Generator().manual_seed(0))
+    wg = torch.full((E, F_, D), 12.5)  # x . wg = 16 * 2 * 12.5 = 400
+    wu = torch.full((E, F_, D), 12.5)
+    wd = torch.randn(E, D, F_, generator=torch.Generator().manual_seed(1)) * 1e-3
+    args = [t.to(DEV, torch.float16) for t in (x, router, wg, wu, wd)]
+    y, aux = moe_ffn(*args, 1, path=path)
+    assert torch.isfinite(y).all(), "fp16 overflow reached the output"
+    xf, _, wgf, wuf, wdf = (t.float() for t in args)
+    e = aux["topk_idx"][:, 0]
+    g = torch.einsum("td,tfd->tf", xf, wgf[e])
+    h = (F.silu(g) * torch.einsum("td,tfd->tf", xf, wuf[e])).clamp(-65504, 65504).half()
+    want = torch.einsum("tf,tdf->td", h.float(), wdf[e]) * aux["topk_weights"][:, :1]
+    assert h.float().max() == 65504  # the case does overflow
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
+
+
+def test_tma_and_pointer_paths_agree(monkeypatch):
+    # fp16 weights with 16-byte aligned bases and rows go through tensor descriptors (Triton's
+    # interpreter runs them too), misaligned ones through pointer loads: same results, both
+    # paths (grouped and decode).
+    from molmoe.kernels import moe as M
+
+    inputs = make(20, 24, 40, 4, torch.float16, seed=21)  # rows of 48 / 80 bytes
+    x, router, wg, wu, wd = inputs
+
+    def shifted(t):  # the same values one element into a buffer: a misaligned base
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+        return buf.view(t.shape).copy_(t)
+
+    chosen, real = [], M._use_tma
+    monkeypatch.setattr(M, "_use_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    for path, T in (("grouped", 20), ("decode", 3)):
+        by_tma = moe_ffn(x[:T], router, wg, wu, wd, 2, path=path)[0]
+        by_ptr = moe_ffn(x[:T], router, *map(shifted, (wg, wu, wd)), 2, path=path)[0]
+        torch.testing.assert_close(by_tma, by_ptr, atol=1e-3, rtol=1e-3)
+        want = moe_ffn_ref(*(t.float() for t in (x[:T], router, wg, wu, wd)), 2)[0]
+        assert_within(by_tma, moe_ffn_ref(x[:T], router, wg, wu, wd, 2)[0], want,
+                      torch.float16, f"{path} via TMA")
+    assert chosen == [True, False, True, False]

@@ -10,7 +10,7 @@ import torch
 
 from bench.moe_baselines import (grouped_mm_loop, grouped_mm_moe_ffn, megablocks_dmoe,
                                  megablocks_grads_in_our_layout, sort_by_expert)
-from molmoe.backends import reference_moe_ffn
+from molmoe.ops import moe_ffn_ref
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 GMMS = [pytest.param(grouped_mm_loop, id="loop-emulation"),
@@ -106,7 +106,7 @@ def test_grouped_mm_moe_matches_reference_fp32(T, D, Fd, E, K, renorm, one, reas
         return
     args = make(T, D, Fd, E, one_expert=one)
     gy = torch.randn(T, D, generator=torch.Generator().manual_seed(9))
-    y_ref, aux_ref, g_ref = run(reference_moe_ffn, args, K, renorm, gy)
+    y_ref, aux_ref, g_ref = run(moe_ffn_ref, args, K, renorm, gy)
     fn = lambda *a: grouped_mm_moe_ffn(*a, gmm=gmm)  # noqa: E731
     y, aux, grads = run(fn, args, K, renorm, gy)
     if one is not None:
@@ -126,8 +126,8 @@ def test_grouped_mm_moe_bf16_error_within_twice_torch_own():
     args32 = make(48, 64, 32, 8)
     args = [a.to(torch.bfloat16) for a in args32]
     # Compare only tokens routed alike in fp32 and bf16: the expert math, not near-ties.
-    y32, aux32 = reference_moe_ffn(*[a.float() for a in args], 2)
-    y_lp, aux_lp = reference_moe_ffn(*args, 2)
+    y32, aux32 = moe_ffn_ref(*[a.float() for a in args], 2)
+    y_lp, aux_lp = moe_ffn_ref(*args, 2)
     y, _ = grouped_mm_moe_ffn(*args, 2)
     same = (torch.sort(aux32["topk_idx"]).values == torch.sort(aux_lp["topk_idx"]).values).all(-1)
     assert same.float().mean() > 0.8  # the comparison covers most tokens
@@ -148,7 +148,7 @@ def test_megablocks_dmoe_same_weights_matches_reference():
     torch.manual_seed(0)
     x, router_w, w_gate, w_up, w_down = (t.cuda().to(torch.bfloat16) for t in make(64, 256, 128, 8))
     layer, fn = megablocks_dmoe(router_w, w_gate, w_up, w_down, 2)
-    y_ref, _ = reference_moe_ffn(x, router_w, w_gate, w_up, w_down, 2)
+    y_ref, _ = moe_ffn_ref(x, router_w, w_gate, w_up, w_down, 2)
     y = fn(x)
     assert (y.float() - y_ref.float()).abs().max() < 3e-2 * y_ref.abs().max()
     params, maps = megablocks_grads_in_our_layout(layer, 8, 128, 256)
@@ -182,7 +182,7 @@ def test_bench_correctness_gate_passes_baselines_and_catches_a_wrong_contender(m
     w = bm.make_weights(layer, torch.float32, "cpu")
     cands, _ = bm.contenders(layer, w, gpu=False, triton=False)
     cands["off"] = bm.functional(
-        "off", lambda *a: (reference_moe_ffn(*a)[0] * 1.01, None), w, layer.K)
+        "off", lambda *a: (moe_ffn_ref(*a)[0] * 1.01, None), w, layer.K)
     lines, failed = bm.check(cands, layer, w, torch.float32)
     assert set(failed) == {"off"} and "y max error" in failed["off"]
     assert sum("ok" in ln for ln in lines) == len(cands) - 1

@@ -12,12 +12,14 @@ gives them at launch for these shapes; without it loads are not vectorised or pi
 The compiling and the resource reading are tests/sm90.py's: in a child process, since conftest
 turns on Triton's interpreter in this one and interpreted kernels cannot be compiled.
 """
+import inspect
+
 import pytest
 import torch
 
 from molmoe.kernels import moe_gemm as G
 from molmoe.kernels import moe_routing as R
-from molmoe.kernels.moe_tuning import default_config
+from molmoe.kernels.moe_tuning import POLICY, default_config
 from tests.sm90 import Case, check, report
 
 D, F_, K, E = 2048, 1024, 8, 64
@@ -37,15 +39,35 @@ def case(name, kernel, consts, num_warps, num_stages, tensor_core):
                 tensor_core=tensor_core)
 
 
-def gemm_case(kind, kernel, block_m, extra):
-    cfg = default_config(kind, torch.bfloat16, D, F_, block_m, on_gpu=True)
-    consts = dict(K=K, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                  IEEE=False, **extra)
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TMA_KINDS = ("gate_up", "down", "gate_up_decode", "down_decode")
+
+
+def _arg_names(kernel):
+    fn = kernel
+    while hasattr(fn, "fn"):  # the JIT (or interpreter) wrapper of the Python function
+        fn = fn.fn
+    return list(inspect.signature(fn).parameters)
+
+
+def gemm_case(kind, kernel, block_m, extra, dtype=torch.bfloat16, cfg=None, tag=""):
+    """`kind`'s kernel at `cfg` (default: its default config for `dtype`), activations and
+    weights in `dtype` (the integer and fp32 pointers as TYPES says)."""
+    cfg = cfg or default_config(kind, dtype, D, F_, block_m, on_gpu=True)
+    bm = cfg["BLOCK_M"] or block_m
+    consts = dict(K=K, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  IEEE=dtype == torch.float32, **extra)
+    if kind in TMA_KINDS:  # as launched on aligned 16-bit weights (fp32: pointer loads)
+        consts["TMA"] = dtype != torch.float32
     if not kind.startswith("dw_"):
         consts["GROUP_M"] = cfg["GROUP_M"]
+    name = DTYPES[dtype]
+    types = {**{a: f"*{name}" for a in _arg_names(kernel) if a.endswith("_ptr")}, **TYPES}
     # Hopper's wgmma takes 64-row warpgroup tiles; 16/32-row tiles use mma.sync.
-    return case(f"{kind}@{consts['BLOCK_M']}", kernel, consts, cfg["num_warps"], cfg["num_stages"],
-                "wgmma" if consts["BLOCK_M"] >= 64 else "mma")
+    return Case(f"{kind}@{bm}{'' if dtype == torch.bfloat16 else '-' + name}{tag}", kernel,
+                consts, cfg["num_warps"], cfg["num_stages"], types=types, divisible=DIV16,
+                # fp32 runs IEEE dots: FMAs, no tensor cores
+                tensor_core=None if dtype == torch.float32 else "wgmma" if bm >= 64 else "mma")
 
 
 GROUPED = dict(K_PAD=1, N_PAD=1, DECODE=False)
@@ -74,8 +96,58 @@ CASES = [
 ]
 
 
+# The defaults in every dtype: fp32 tiles take twice the shared memory of bf16 ones (the fp32 dx
+# default once needed 262,144 B against the 232,448 B limit and spilled).
+KERNELS = {"gate_up": (G._gate_up_kernel, dict(GROUPED, SAVE_PRE=True)),
+           "down": (G._down_kernel, GROUPED), "down_bwd": (G._down_bwd_kernel, dict(NEED_DH=True)),
+           "dx": (G._gate_up_bwd_dx_kernel, {}), "dw_gate_up": (G._dw_gate_up_kernel, {}),
+           "dw_down": (G._dw_down_kernel, {}),
+           "gate_up_decode": (G._gate_up_kernel, dict(DECODE, SAVE_PRE=False)),
+           "down_decode": (G._down_kernel, DECODE)}
+for _dtype in (torch.float16, torch.float32):
+    for _kind, (_kernel, _extra) in KERNELS.items():
+        CASES.append(gemm_case(_kind, _kernel, 0 if _kind.endswith("_decode") else 128, _extra,
+                               _dtype))
+# Every candidate the fp32 prune keeps, each kind at 128-row tiles: fp32 is where shared
+# memory (twice bf16's) and registers (IEEE dots run as FMAs) run out first.
+_FP32 = {kind: POLICY.pruned(dict(kind=kind, dtype=torch.float32, D=D, F=F_,
+                                  block_m=0 if kind.endswith("_decode") else 128))
+         for kind in KERNELS}
+CASES += [gemm_case(kind, KERNELS[kind][0], 0 if kind.endswith("_decode") else 128,
+                    KERNELS[kind][1], torch.float32, c, f"-cand{i}")
+          for kind, kept in _FP32.items() for i, c in enumerate(kept)]
+_FP32_DX = _FP32["dx"]
+# Every bf16 candidate kept for the TMA kernels at 128-row tiles: their shared memory counts
+# num_stages buffers (the estimate must hold for what autotune may pick).
+for _kind in ("gate_up", "down"):
+    CASES += [gemm_case(_kind, KERNELS[_kind][0], 128, KERNELS[_kind][1], torch.bfloat16, c,
+                        f"-cand{i}")
+              for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D,
+                                                       F=F_, block_m=128)))]
+
+
 def sm90_cases() -> list[Case]:
     return CASES
+
+
+def test_gate_up_default_is_128_wide(sm90):
+    # Issue 15: gate_up's wgmma with n >= 128 at the 128-row default (bf16 and fp16).
+    for name in ("gate_up@128", "gate_up@128-fp16"):
+        assert sm90[name]["wgmma_n"] >= 128, (name, sm90[name])
+
+
+def test_forward_gemms_load_weights_by_tma(sm90):
+    # Issue 15: cp.async.bulk.tensor in MoE gate_up and down (every dtype, default and kept
+    # fp32 candidates): the weight tiles (and down's sorted h rows) come by TMA.
+    cases = [c for c in CASES if c.consts.get("TMA")]
+    assert {c.name.split("@")[0] for c in cases} == set(TMA_KINDS)
+    assert {c.name for c in cases if "fp16" in c.name}  # bf16 and fp16
+    for c in cases:
+        assert sm90[c.name]["tma"], f"{c.name}: no cp.async.bulk.tensor"
+
+
+def test_fp32_dx_has_fitting_candidates():
+    assert _FP32_DX, "no fp32 dx candidate fits sm_90"
 
 
 @pytest.fixture(scope="module")
@@ -87,4 +159,4 @@ def sm90():
 def test_compiles_for_h100_without_spills(sm90, case):
     # GEMMs: the tensor-core instruction and cp.async pipelining (a pipeliner that gave up)
     check(sm90.get(case.name), case.name, case.tensor_core,
-          cp_async=case.tensor_core is not None)
+          cp_async="BLOCK_K" in case.consts)

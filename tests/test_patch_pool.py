@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.patch_pool import patch_pool, patch_pool_ref
 from tests.tiny import random_inputs, random_model
 
@@ -287,24 +287,30 @@ def test_bench_cpu_path_runs(tmp_path):
         assert any("need a GPU" in n for n in payload["notes"])
 
 
-def test_autotune_configs_and_prune(monkeypatch):
+def test_tile_policy_configs_prune_and_pins(monkeypatch):
     # The interpreter runs one config, so the GPU list and its pruning never run here: check
-    # them directly with the launcher's own arguments (tensors positional, sizes as keywords).
-    from molmoe.kernels.patch_pool import _configs, _launch_args, _m_bucket, _prune
+    # them directly with the launcher's own sizes. No triton.autotune: launches look up.
+    from molmoe.kernels.patch_pool import POLICY, _ctx, _launch_args, _m_bucket, kernel_configs
 
-    gpu = _configs(interpret=False)
+    monkeypatch.delenv("MOLMOE_PATCH_POOL_CONFIG", raising=False)
+    gpu = kernel_configs(on_gpu=True)
     for N, H in ((1, 16), (13, 16)):  # one crop (144 cells) and one 13-crop image
         q_raw, k_raw = torch.zeros(N, 144, 1024), torch.zeros(N, 576, 1024)
         _, sizes, _ = _launch_args(q_raw, k_raw, k_raw, None, None, torch.zeros(3, 1024), H)
-        kept = _prune(gpu, {}, **sizes)
+        kept = POLICY.pruned(_ctx(sizes))
         assert kept and len(kept) < len(gpu)
         # register budget: 9 fp32 tiles of BLOCK_M x 64 within ~160 registers per thread
-        assert all(9 * c.kwargs["BLOCK_M"] * 64 <= 160 * 32 * c.num_warps for c in kept)
-        assert all(c.kwargs["BLOCK_M"] <= 256 for c in kept)
+        assert all(9 * c["BLOCK_M"] * 64 <= 160 * 32 * c["num_warps"] for c in kept)
+        assert all(c["BLOCK_M"] <= 256 for c in kept)
+        assert POLICY.config(_ctx(sizes), on_gpu=True) in kept
     assert [_m_bucket(m) for m in (1, 144, 1872, 10**6)] == [1, 256, 2048, 1 << 16]
+    ctx = dict(E=1024, D=64, M_BUCKET=256, BLOCK_D=64)
     monkeypatch.setenv("MOLMOE_PATCH_POOL_CONFIG", "BLOCK_M=16,num_warps=2")
-    (pinned,) = _configs(interpret=False)
-    assert pinned.kwargs == {"BLOCK_M": 16} and pinned.num_warps == 2
+    assert POLICY.config(ctx, on_gpu=True) == dict(BLOCK_M=16, num_warps=2)
     monkeypatch.setenv("MOLMOE_PATCH_POOL_CONFIG", "BLOCK_M")
     with pytest.raises(ValueError, match="MOLMOE_PATCH_POOL_CONFIG"):
-        _configs(interpret=False)
+        POLICY.config(ctx, on_gpu=True)
+    monkeypatch.setenv("MOLMOE_PATCH_POOL_CONFIG", "BLOCKM=16")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['BLOCKM'\]; valid names: "
+                                         r"\['BLOCK_M', 'num_warps'\]"):
+        POLICY.config(ctx, on_gpu=True)

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from molmoe.backends import REFERENCE_OPS
+from molmoe.ops import REFERENCE_OPS
 from molmoe.kernels.rope import apply_rope, apply_rope_ref
 from molmoe.model.layers import rope_tables
 from tests.tiny import random_inputs, random_model
@@ -238,22 +238,38 @@ def test_bench_cpu_path_runs(tmp_path):
         assert any("need a GPU" in n for n in payload["notes"])
 
 
-def test_autotune_configs_and_prune(monkeypatch):
+def test_tile_policy_configs_prune_and_pins(monkeypatch):
     # The interpreter runs one config, so the GPU list and its pruning never run here: check
-    # them directly, with the arguments split as the launcher passes them (sizes positional,
-    # constexprs as keywords).
-    from molmoe.kernels.rope import _configs, _prune, _s_bucket
+    # them directly. No triton.autotune any more: a launch only looks its tile up.
+    from molmoe.kernels import rope as RO
 
-    gpu = _configs(interpret=False)
-    decode = _prune(gpu, {"S": 1, "Hq": 16, "Hkv": 16}, HALF=64, BLOCK_H=64, BACKWARD=False)
-    assert decode and all(c.kwargs["BLOCK_S"] == 1 and c.num_warps <= 2 for c in decode)
-    assert {c.kwargs["HEADS"] for c in decode} == {2, 4, 8, 16, 64}  # 64 >= 32 heads: one group
-    prefill = _prune(gpu, {"S": 4096, "Hq": 28, "Hkv": 4}, HALF=64, BLOCK_H=64, BACKWARD=False)
-    assert max(c.kwargs["BLOCK_S"] for c in prefill) == 32 and len(prefill) < len(gpu)
-    assert [_s_bucket(s) for s in (1, 7, 512, 513, 100000)] == [1, 8, 512, 1024, 4096]
+    monkeypatch.delenv("MOLMOE_ROPE_CONFIG", raising=False)
+    gpu = RO.kernel_configs(on_gpu=True)
+    ctx = dict(Dh=128, Hq=16, Hkv=16, S_BUCKET=1)
+    decode = RO.POLICY.pruned(ctx)
+    assert decode and all(c["BLOCK_S"] == 1 and c["num_warps"] <= 2 for c in decode)
+    assert {c["HEADS"] for c in decode} == {2, 4, 8, 16, 64}  # 64 >= 32 heads: one group
+    assert RO.POLICY.config(ctx, on_gpu=True) in decode  # the default, pruned for decode
+    prefill = RO.POLICY.pruned(dict(Dh=128, Hq=28, Hkv=4, S_BUCKET=4096))
+    assert max(c["BLOCK_S"] for c in prefill) == 32 and len(prefill) < len(gpu)
+    assert RO.POLICY.config(dict(Dh=128, Hq=28, Hkv=4, S_BUCKET=4096), True) == \
+        dict(BLOCK_S=16, HEADS=8, num_warps=4)
+    assert [RO._s_bucket(s) for s in (1, 7, 512, 513, 100000)] == [1, 8, 512, 1024, 4096]
     monkeypatch.setenv("MOLMOE_ROPE_CONFIG", "BLOCK_S=4,HEADS=2,num_warps=2")
-    (pinned,) = _configs(interpret=False)
-    assert pinned.kwargs == {"BLOCK_S": 4, "HEADS": 2} and pinned.num_warps == 2
+    assert RO.POLICY.config(ctx, on_gpu=True) == dict(BLOCK_S=4, HEADS=2, num_warps=2)
     monkeypatch.setenv("MOLMOE_ROPE_CONFIG", "fast")
     with pytest.raises(ValueError, match="MOLMOE_ROPE_CONFIG"):
-        _configs(interpret=False)
+        RO.POLICY.config(ctx, on_gpu=True)
+    monkeypatch.setenv("MOLMOE_ROPE_CONFIG", "BLOCK_S=4,HEAD=2")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['HEAD'\]; valid names: "
+                                         r"\['BLOCK_S', 'HEADS', 'num_warps'\]"):
+        RO.POLICY.config(ctx, on_gpu=True)
+
+
+def test_pinned_tile_runs_in_the_interpreter(monkeypatch):
+    # A pin reaches the launch: 4 positions, 2 heads a program (several programs each way).
+    monkeypatch.setenv("MOLMOE_ROPE_CONFIG", "BLOCK_S=4,HEADS=2")
+    q, k = decoder_qk(2, 9, 4, 2, 16, torch.float32, seed=7)
+    cos, sin = tables(torch.arange(9).repeat(2, 1), 16, 1e4)
+    for got, want in zip(apply_rope(q, k, cos, sin), apply_rope_ref(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)

@@ -8,7 +8,8 @@ import torch
 from tokenizers import Tokenizer
 
 import molmoe
-from molmoe.backends import REFERENCE_OPS, Ops, ops_for
+from molmoe.backends import ops_for
+from molmoe.ops import REFERENCE_OPS, Ops
 from molmoe.demo import build_tokenizer_json
 from molmoe.generation import Engine, GenerationConfig
 from tests.tiny import random_inputs, random_model, write_checkpoint

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from molmoe.backends import REFERENCE_OPS, Ops
+from molmoe.ops import REFERENCE_OPS, Ops
 from molmoe.config import TextConfig
 from molmoe.model.kv_cache import CacheStep, KVCache, LayerKV
 from molmoe.model.layers import RMSNorm, run_block, swiglu

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from molmoe.backends import Backend, Ops, ops_for
+from molmoe.backends import Backend, ops_for
+from molmoe.ops import Ops
 from molmoe.compat import check_compat
 from molmoe.config import MolmoConfig
 from molmoe.errors import UsageError

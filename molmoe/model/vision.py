@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from molmoe.backends import REFERENCE_OPS, Ops
+from molmoe.ops import REFERENCE_OPS, Ops
 from molmoe.config import MolmoConfig, VisionConfig
 from molmoe.model.layers import LayerNormFp32, run_block, swiglu
 
