@@ -12,6 +12,7 @@
 #   4. every benchmark in quick mode at the target shapes: MoE at T = 16384, attention at
 #      S = 16384 (plus 1024), decode attention, RoPE, patch pooling. Untuned default tiles
 #      (--no-autotune where a benchmark tunes: tuning every candidate would not fit the budget);
+#      Then image preprocessing (issue 16): Python path, native op and the CUDA path per size.
 #   5. the summary table against the targets (bench/gpu_summary.py): MoE fwd 450 / fwd+bwd 380
 #      TFLOP/s at T = 16k, attention fwd 450 TFLOP/s at 16k, decode attention >= 85% of the
 #      measured bandwidth.
@@ -88,6 +89,8 @@ bench attention 110 --no-autotune
 bench decode_attention 30
 bench rope 25
 bench patch_pool 25
+# issue 16: image preprocessing, the CUDA path beside the native op and the Python path
+bench preprocess 45 --sizes 640x480,1920x1080,4032x3024
 
 # Optional (PROFILE=1, past the 8-minute budget): `molmoe profile decode` for MolmoE-1B at real
 # shape (random weights, bf16), batch 1 with CUDA graphs, reference vs Triton vs transformers,

@@ -19,7 +19,8 @@ def test_dry_run_completes_and_says_what_it_skipped(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
     for part in ("pip install -e .", "gpu-marked tests", "sm_90 compile checks", "bench_moe",
-                 "bench_attention", "bench_decode_attention", "bench_rope", "bench_patch_pool"):
+                 "bench_attention", "bench_decode_attention", "bench_rope", "bench_patch_pool",
+                 "bench_preprocess"):
         assert any(ln.startswith("SKIP (dry):") and part in ln for ln in text.splitlines()), part
     assert "FAILED" not in text  # every benchmark at least starts (--help)
     assert "MoE fwd T=16384" in text and "missing" in text  # the table, nothing measured
