@@ -18,10 +18,16 @@ packages = find_packages(include=["molmoe", "molmoe.*"]) + ["molmoe.kernels"]
 kwargs = {}
 
 
+_SKIPPED = []
+
+
 def _skip(why: str) -> None:
     # A library left from an earlier build would be loaded as if it were this source's.
     for stale in pathlib.Path(__file__).resolve().parent.glob("molmoe/_native*.so"):
         stale.unlink(missing_ok=True)
+    if _SKIPPED:  # said once: a failed compile also fails the copy into the source tree
+        return
+    _SKIPPED.append(why)
     print(f"molmoe: native preprocessing NOT built ({why}); molmoe will use the Python path. "
           "Build it with: pip install --no-build-isolation -e .", file=sys.stderr)
 
