@@ -21,7 +21,7 @@
 //
 // Work is split into bands of output rows (of the tile canvas and of the global view); a band
 // resizes along W only the input rows its output rows read, so memory stays at a few bands per
-// thread whatever the input size. Bands run in parallel with at::parallel_for.
+// thread whatever the input size. Bands run in parallel on torch.get_num_threads() threads.
 //
 // Exactness: every float operation is the one the Python path performs, in the same order, so
 // results differ only where the compiler of ATen contracted a multiply-add into an FMA (one
@@ -36,10 +36,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -515,10 +518,16 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
       for (int64_t y = y0; y < y1; y += 64) items.push_back({v, y, std::min(y + 64, y1)});
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
+  // Threads of our own, as many as torch's intra-op setting (torch.set_num_threads): ATen's
+  // at::parallel_for is inlined from headers, and in an OpenMP build of torch its pragma only
+  // takes effect in code compiled with -fopenmp, which would link a second OpenMP runtime
+  // beside torch's bundled one. One spare thread costs ~20 us to start.
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t t0, int64_t t1) {
-    Scratch scratch;
-    for (int64_t t = t0; t < t1; ++t) {
+  std::exception_ptr failed;
+  std::mutex failed_lock;
+  auto work = [&] {
+    try {
+      Scratch scratch;
       for (int64_t k = next++; k < n_items; k = next++) {
         const Item& it = items[k];
         if (it.view < 0) {
@@ -528,8 +537,17 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
             finish_row(job, views[it.view], y, nullptr, scratch.row);
         }
       }
+    } catch (...) {  // bad_alloc: stop the others too, report it from the calling thread
+      next = n_items;
+      std::lock_guard<std::mutex> guard(failed_lock);
+      if (!failed) failed = std::current_exception();
     }
-  });
+  };
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < std::min(threads, n_items); ++t) helpers.emplace_back(work);
+  work();
+  for (auto& t : helpers) t.join();
+  if (failed) std::rethrow_exception(failed);
 
   // Masks (tiles only, legacy order): valid rows x valid columns of each patch, / p*p.
   const View& cv = views[1];
