@@ -47,6 +47,8 @@ else:
                 try:
                     super().build_extension(ext)
                 except Exception as e:  # compiler missing or broken: never a failed install
+                    # An earlier build's library must not be copied in as this one's.
+                    pathlib.Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
                     _skip(f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
 
             def run(self):

@@ -56,7 +56,19 @@ struct Axis {
   int64_t taps = 1;
   std::vector<int64_t> start, count;
   std::vector<float> w;
+  // For the AVX2 W pass: pixels (2q, 2q+1)'s weights of tap j as 8 floats, {w_2q[j] x 4,
+  // w_2q+1[j] x 4} at pair_w[(q * taps + j) * 8] (0 for a missing last pixel).
+  std::vector<float> pair_w;
 };
+
+void make_pair_weights(Axis& a) {
+  const int64_t n = static_cast<int64_t>(a.count.size()), pairs = (n + 1) / 2;
+  a.pair_w.assign(pairs * a.taps * 8, 0.0f);
+  for (int64_t x = 0; x < n; ++x)
+    for (int64_t j = 0; j < a.taps; ++j)
+      for (int l = 0; l < 4; ++l)
+        a.pair_w[((x / 2) * a.taps + j) * 8 + (x % 2) * 4 + l] = a.w[x * a.taps + j];
+}
 
 // The identity (torch skips the pass when the size is unchanged; x * 1.0f is exact).
 Axis identity_axis(int64_t n) {
@@ -236,36 +248,69 @@ __attribute__((target("avx2,fma"))) inline __m128 step(__m128 a, const float* p,
   return fused ? _mm_fmadd_ps(t, wv, a) : _mm_add_ps(a, _mm_mul_ps(t, wv));
 }
 
+// Two pixels in one 256-bit register (three channels and a spare lane each), two registers at
+// a time: per tap, one 16-byte load per pixel, one load of the paired weights, one FMA (or a
+// multiply and an add). Each pixel switches to fused steps after its own plain_steps.
+__attribute__((target("avx2,fma"))) inline __m256 load_pair(const float* a, const float* b) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
+}
+
+// All-ones lanes for the pixels whose step is fused (blendv reads the sign bit).
+__attribute__((target("avx2,fma"))) inline __m256 fused_lanes(bool first, bool second) {
+  const int m0 = first ? -1 : 0, m1 = second ? -1 : 0;
+  return _mm256_castsi256_ps(_mm256_setr_epi32(m0, m0, m0, m0, m1, m1, m1, m1));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 pair_step(__m256 acc, __m256 t, __m256 w,
+                                                            __m256 fused_lanes) {
+  const __m256 plain = _mm256_add_ps(acc, _mm256_mul_ps(t, w));
+  const __m256 fused = _mm256_fmadd_ps(t, w, acc);
+  return _mm256_blendv_ps(plain, fused, fused_lanes);
+}
+
 __attribute__((target("avx2,fma")))
 void resize_row_w_fma(const float* f, const Axis& cols, int64_t new_w, float* out) {
   const int64_t taps = cols.taps;
   const int64_t* start = cols.start.data();
   const int64_t* count = cols.count.data();
   const float* weights = cols.w.data();
+  const float* pw = cols.pair_w.data();
   int64_t x = 0;
-  for (; x + 4 <= new_w; x += 4) {
-    const float* p[4];
-    const float* w[4];
-    int64_t k[4];
-    __m128 a[4];
-    int64_t n = 0, k0 = INT64_MAX, k1 = 0;
+  for (; x + 4 <= new_w; x += 4) {  // pixels x, x+1 in A; x+2, x+3 in B
+    const float *p0 = f + start[x] * 3, *p1 = f + start[x + 1] * 3, *p2 = f + start[x + 2] * 3,
+                *p3 = f + start[x + 3] * 3;
+    const float *wa = pw + (x / 2) * taps * 8, *wb = wa + taps * 8;
+    int64_t k[4], n = 0, k0 = INT64_MAX, k1 = 0;
     for (int q = 0; q < 4; ++q) {
-      p[q] = f + start[x + q] * 3;
-      w[q] = weights + (x + q) * taps;
       k[q] = plain_steps(count[x + q], true);
-      a[q] = _mm_mul_ps(_mm_loadu_ps(p[q]), _mm_set1_ps(w[q][0]));
       n = std::max(n, count[x + q]);
       k0 = std::min(k0, k[q]);
       k1 = std::max(k1, k[q]);
     }
+    __m256 a = _mm256_mul_ps(load_pair(p0, p1), _mm256_loadu_ps(wa));
+    __m256 b = _mm256_mul_ps(load_pair(p2, p3), _mm256_loadu_ps(wb));
     int64_t j = 1;
-    for (; j <= k0; ++j)
-      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], false);
-    for (; j <= k1; ++j)
-      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], j > k[q]);
-    for (; j < n; ++j)
-      for (int q = 0; q < 4; ++q) a[q] = step(a[q], p[q] + j * 3, w[q][j], true);
-    for (int q = 0; q < 4; ++q) _mm_storeu_ps(out + (x + q) * 3, a[q]);  // lane 3 spills
+    for (; j <= k0; ++j) {
+      a = _mm256_add_ps(a, _mm256_mul_ps(load_pair(p0 + j * 3, p1 + j * 3),
+                                         _mm256_loadu_ps(wa + j * 8)));
+      b = _mm256_add_ps(b, _mm256_mul_ps(load_pair(p2 + j * 3, p3 + j * 3),
+                                         _mm256_loadu_ps(wb + j * 8)));
+    }
+    for (; j <= k1; ++j) {  // pixels whose plain steps end at different taps
+      a = pair_step(a, load_pair(p0 + j * 3, p1 + j * 3), _mm256_loadu_ps(wa + j * 8),
+                    fused_lanes(j > k[0], j > k[1]));
+      b = pair_step(b, load_pair(p2 + j * 3, p3 + j * 3), _mm256_loadu_ps(wb + j * 8),
+                    fused_lanes(j > k[2], j > k[3]));
+    }
+    for (; j < n; ++j) {
+      a = _mm256_fmadd_ps(load_pair(p0 + j * 3, p1 + j * 3), _mm256_loadu_ps(wa + j * 8), a);
+      b = _mm256_fmadd_ps(load_pair(p2 + j * 3, p3 + j * 3), _mm256_loadu_ps(wb + j * 8), b);
+    }
+    // In pixel order; lane 3 of each spills into the next pixel, which is written after it.
+    _mm_storeu_ps(out + x * 3, _mm256_castps256_ps128(a));
+    _mm_storeu_ps(out + x * 3 + 3, _mm256_extractf128_ps(a, 1));
+    _mm_storeu_ps(out + x * 3 + 6, _mm256_castps256_ps128(b));
+    _mm_storeu_ps(out + x * 3 + 9, _mm256_extractf128_ps(b, 1));
   }
   for (; x < new_w; ++x) {
     const float* w = weights + x * taps;
@@ -492,6 +537,7 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
     v.rows = aa_axis(job.in_h, nh);
     v.cols = aa_axis(job.in_w, nw);
     if (nw == 1 && nh != job.in_h) torch_width1_rows(v.rows);
+    if (job.fma_tail) make_pair_weights(v.cols);
     return v;
   };
   // The global view is crop 0, the tiles follow row-major.
