@@ -512,12 +512,13 @@ def _plan(rng: random.Random, kind: str, knobs: Knobs = DEFAULT_KNOBS
         required = required[:hi]
         n = rng.randint(max(lo, len(required)), hi)
         if knobs.distinct_colours:
-            used = {c for _, c in required} | {colour}
+            used = {c for _, c in required}
             specs = list(required)
             for _ in range(n - len(required)):
-                c = rng.choice([c for c in colours if c not in used])
-                used.add(c)
-                specs.append((rng.choice(SHAPES), c))
+                s_c = rng.choice([(s, c) for c in colours if c not in used for s in SHAPES
+                                  if (s, c) != (shape, colour)])
+                used.add(s_c[1])
+                specs.append(s_c)
         else:
             fill = [(s, c) for s in SHAPES for c in colours if (s, c) != (shape, colour)]
             specs = required + [rng.choice(fill) for _ in range(n - len(required))]

@@ -296,3 +296,73 @@ def test_cli(tmp_path, capsys):
     assert sorted(p.suffix for p in (out / "images").iterdir()) == [".png"] * 3
     assert main(["synth", "--out", str(out), "--n", "3"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- curriculum knobs
+
+
+def test_default_knobs_change_nothing():
+    for i in range(20):
+        a = S.make_sample(S._sample_rng(11, i), sides=SMALL)
+        b = S.make_sample(S._sample_rng(11, i), sides=SMALL, knobs=S.Knobs())
+        c = S.make_sample(S._sample_rng(11, i), sides=SMALL, knobs=S.Knobs.parse(""))
+        for x in (b, c):
+            assert (x.question, x.answer) == (a.question, a.answer)
+            assert x.scene.to_json() == a.scene.to_json()
+
+
+def test_knobs_parse():
+    k = S.Knobs.parse("objects=2-4,same_shape=1,same_colour=0,distinct_colours=1,"
+                      "backgrounds=plain+noisy,mix=single:3+count:1")
+    assert k.objects == (2, 4) and k.p_same_shape == 1 and k.p_same_colour == 0
+    assert k.distinct_colours and k.backgrounds == ("plain", "noisy")
+    assert k.mix == {"single": 3.0, "count": 1.0}
+    assert S.Knobs.parse("objects=3").objects == (3, 3)
+    for bad in ("objects=0-2", "objects=3-7", "colour=1", "mix=point:1", "backgrounds=wood",
+                "same_shape=2"):
+        with pytest.raises(UsageError):
+            S.Knobs.parse(bad)
+
+
+def _knob_samples(spec, n=120, seed=21):
+    k = S.Knobs.parse(spec)
+    return [S.make_sample(S._sample_rng(seed, i), sides=SMALL, knobs=k) for i in range(n)]
+
+
+def test_knobs_object_count_backgrounds_and_mix():
+    one = _knob_samples("objects=1-1,backgrounds=plain,mix=single:1")
+    assert all(len(s.scene.objects) == 1 for s in one)
+    assert all(s.scene.background.kind == "plain" for s in one)
+    assert all(s.target["kind"] == "single" for s in one)
+    few = _knob_samples("objects=2-3,mix=multi:1+count:1")
+    assert {len(s.scene.objects) for s in few} == {2, 3}
+    assert {s.target["kind"] for s in few} == {"multi", "count"}
+    # answers stay true to the scene whatever the knobs
+    for s in one + few:
+        assert s.target["count"] == len(s.target["indices"])
+        for i, p in zip(s.target["indices"], s.target["points"]):
+            assert S.point_in_object(s.scene, i, *p)
+
+
+def test_knobs_distinct_colours_and_distractors():
+    ss = _knob_samples("objects=2-6,distinct_colours=1,same_shape=1")
+    for s in ss:
+        colours = [o.colour for o in s.scene.objects]
+        assert len(set(colours)) == len(colours)
+        if s.target["kind"] == "single":  # every single scene holds a same-shape distractor
+            assert any(o.shape == s.target["shape"] and o.colour != s.target["colour"]
+                       for o in s.scene.objects)
+    none = _knob_samples("objects=1-6,same_shape=0,same_colour=0,mix=single:1", n=200)
+    planted = _knob_samples("objects=1-6,same_shape=1,same_colour=1,mix=single:1", n=200)
+
+    def rate(samples):
+        return np.mean([any(o.shape == s.target["shape"] and o.colour != s.target["colour"]
+                            for o in s.scene.objects) for s in samples])
+    assert rate(planted) == 1.0 and rate(none) < 0.5
+
+
+def test_knobs_deterministic_dataset(tmp_path):
+    k = S.Knobs.parse("objects=2-3,distinct_colours=1,mix=single:1")
+    a = S.write_dataset(tmp_path / "a", 8, seed=4, sizes=SMALL, knobs=k).parent
+    b = S.write_dataset(tmp_path / "b", 8, seed=4, sizes=SMALL, knobs=k).parent
+    assert _tree(a) == _tree(b)
