@@ -82,15 +82,33 @@ CURRICULA = {
 N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
 
 
-def train_tokenizer_json(texts, n_merges: int = N_MERGES) -> str:
+def content_words() -> tuple[str, ...]:
+    """The words a question is about: the generator's colours and shapes."""
+    from molmoe import synthetic as S
+
+    return tuple(S.COLOURS) + tuple(S.SHAPES)
+
+
+def train_tokenizer_json(texts, n_merges: int = N_MERGES,
+                         split_words: tuple[str, ...] | None = None) -> str:
     """A byte-level BPE trained on `texts` (see the module docstring); deterministic for the
-    same texts. Returns tokenizer.json's text."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    same texts. Returns tokenizer.json's text.
+
+    split_words: words that are always their own pieces (merges never span them), so that
+    "red" is one token wherever it occurs ("Point to the red circle." and "alt=\"red circle\""
+    share it). Without it, merges learned on a few dozen distinct questions swallow each whole
+    prompt (" User: Point to the red circle. Assistant:" became ONE token): every colour+shape
+    pair is then an unrelated symbol and nothing learnt about "red" carries to another shape."""
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            trainers)
 
     alphabet = _bytes_to_unicode()  # byte -> printable char (GPT-2's map)
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                            use_regex=False)])
+    steps = [pre_tokenizers.Digits(individual_digits=True)]
+    if split_words:
+        words = "|".join(sorted(split_words, key=lambda w: (-len(w), w)))
+        steps.append(pre_tokenizers.Split(Regex(f"({words})"), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    pre = pre_tokenizers.Sequence(steps)
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre
     trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2, show_progress=False,
@@ -267,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=0,
                     help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
+    ap.add_argument("--no-word-split", action="store_true",
+                    help="let merges span colour/shape words (runs r1-r9, d1: whole prompts "
+                         "became single tokens)")
     ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run r1)")
     ap.add_argument("--no-vision-init", action="store_true",
                     help="the demo's flat N(0, 0.05) vision init (runs r1-r4)")
@@ -315,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if init.exists():
         shutil.rmtree(init)
     texts = [t for d in datas for t in tokenizer_texts(d / "train.jsonl")]
-    tok = train_tokenizer_json(texts)
+    tok = train_tokenizer_json(texts, split_words=None if args.no_word_split
+                               else content_words())
     write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
                              sincos=not args.no_sincos, vision_init=not args.no_vision_init)
     print(f"data {t_data:.0f}s; init {init}", flush=True)
