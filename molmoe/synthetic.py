@@ -74,7 +74,9 @@ class Knobs:
     p_same_shape: float | None = None  # None: P_SAME_SHAPE (single/absent distractors)
     p_same_colour: float | None = None  # None: P_SAME_COLOUR
     distinct_colours: bool = False  # no two objects share a colour: the colour alone names one
-    backgrounds: tuple[str, ...] = BACKGROUNDS
+    backgrounds: tuple[str, ...] = BACKGROUNDS  # also "white" (plain white), for a first stage
+    size: tuple[float, float] = SIZE_RANGE  # object diameter, fraction of the shorter side
+    sides: tuple[int, int] | None = None  # image sides (None: the caller's `sides`)
 
     def __post_init__(self):
         lo, hi = self.objects
@@ -91,10 +93,16 @@ class Knobs:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
                 raise UsageError(f"{name} must be in [0, 1], got {v!r}")
-        if not self.backgrounds or any(b not in BACKGROUNDS for b in self.backgrounds):
+        if not self.backgrounds or any(b not in BACKGROUNDS + ("white",)
+                                       for b in self.backgrounds):
             raise UsageError(f"backgrounds {self.backgrounds}: expected some of "
-                             f"{', '.join(BACKGROUNDS)}")
+                             f"{', '.join(BACKGROUNDS)}, white")
         self.backgrounds = tuple(self.backgrounds)
+        if not 0.02 <= self.size[0] <= self.size[1] <= 0.5:
+            raise UsageError(f"size {self.size}: expected 2% <= min <= max <= 50% of the side")
+        self.size = (float(self.size[0]), float(self.size[1]))
+        if self.sides is not None and not MIN_SIDE <= self.sides[0] <= self.sides[1]:
+            raise UsageError(f"sides {self.sides}: expected {MIN_SIDE} <= min <= max")
         self.objects = (int(lo), int(hi))
 
     @property
@@ -117,11 +125,18 @@ class Knobs:
                 kw[key] = value.lower() in ("1", "true", "yes")
             elif key == "backgrounds":
                 kw[key] = tuple(value.split("+"))
+            elif key == "size":  # percent of the shorter side
+                lo, _, hi = value.partition("-")
+                kw[key] = (float(lo) / 100, float(hi or lo) / 100)
+            elif key == "sides":
+                lo, _, hi = value.partition("-")
+                kw[key] = (int(lo), int(hi or lo))
             elif key == "mix":
                 kw[key] = {k: float(v) for k, v in (kv.split(":") for kv in value.split("+"))}
             else:
                 raise UsageError(f"unknown generator knob {key!r} in {spec!r}; expected objects, "
-                                 "same_shape, same_colour, distinct_colours, backgrounds, mix")
+                                 "same_shape, same_colour, distinct_colours, backgrounds, size, "
+                                 "sides, mix")
         return cls(**kw)
 
 
@@ -305,6 +320,8 @@ def _background_colour(rng: random.Random) -> tuple[int, int, int]:
 
 def _make_background(rng: random.Random, kinds: tuple[str, ...] = BACKGROUNDS) -> Background:
     kind = rng.choice(kinds)
+    if kind == "white":
+        return Background("plain", ((255, 255, 255),))
     c0 = _background_colour(rng)
     gradient = kind == "gradient" or (kind == "noisy" and rng.random() < 0.5)
     if gradient:
@@ -344,7 +361,8 @@ def _render_background(bg: Background, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj], np.ndarray]:
+def _place(rng: random.Random, specs, width: int, height: int,
+           size_range: tuple[float, float] = SIZE_RANGE) -> tuple[list[Obj], np.ndarray]:
     """Objects for `specs` [(shape, colour), ...] in that drawing order, or ValueError."""
     short = min(width, height)
     labels = np.zeros((height, width), dtype=np.uint8)
@@ -353,7 +371,7 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
     visible: list[int] = []
     for j, (shape, colour) in enumerate(specs):
         for _ in range(_PLACE_TRIES):
-            size = rng.uniform(*SIZE_RANGE) * short
+            size = rng.uniform(*size_range) * short
             R = size / 2
             obj = Obj(shape, colour, rng.uniform(R + 1, width - R - 1),
                       rng.uniform(R + 1, height - R - 1), size,
@@ -387,7 +405,8 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
 
 def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None = None,
                sides: tuple[int, int] = SIDE_RANGE, background: Background | None = None,
-               backgrounds: tuple[str, ...] = BACKGROUNDS) -> Scene:
+               backgrounds: tuple[str, ...] = BACKGROUNDS,
+               size_range: tuple[float, float] = SIZE_RANGE) -> Scene:
     """A scene of the objects `specs` [(shape, colour), ...] (drawn in that order; default:
     1-6 random ones), on an image of `size` (W, H) or of random sides in `sides`."""
     width, height = size if size is not None else _image_size(rng, sides)
@@ -399,7 +418,7 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
     bg = background if background is not None else _make_background(rng, backgrounds)
     for _ in range(_SCENE_TRIES):
         try:
-            objs, labels = _place(rng, specs, width, height)
+            objs, labels = _place(rng, specs, width, height, size_range)
         except ValueError:
             continue
         return Scene(width, height, bg, objs, labels)
@@ -547,7 +566,8 @@ def make_sample(rng: random.Random, kind: str | None = None, *,
         mix = knobs.question_mix
         kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     specs, shape, colour = _plan(rng, kind, knobs)
-    scene = make_scene(rng, specs, sides=sides, backgrounds=knobs.backgrounds)
+    scene = make_scene(rng, specs, sides=knobs.sides or sides, backgrounds=knobs.backgrounds,
+                       size_range=knobs.size)
     q, a, target = make_example(rng, scene, kind, shape, colour)
     return Sample(scene, q, a, target)
 
