@@ -366,3 +366,16 @@ def test_knobs_deterministic_dataset(tmp_path):
     a = S.write_dataset(tmp_path / "a", 8, seed=4, sizes=SMALL, knobs=k).parent
     b = S.write_dataset(tmp_path / "b", 8, seed=4, sizes=SMALL, knobs=k).parent
     assert _tree(a) == _tree(b)
+
+
+def test_knobs_size_sides_white():
+    ss = _knob_samples("objects=1-2,backgrounds=white,size=20-30,sides=224,mix=single:1", n=40)
+    for s in ss:
+        assert s.scene.size == (224, 224)
+        assert s.scene.background.colours == ((255, 255, 255),)
+        assert all(0.2 * 224 <= o.size <= 0.3 * 224 for o in s.scene.objects)
+        i = s.target["indices"][0]
+        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+    for bad in ("size=1-10", "size=30-20", "sides=100-200"):
+        with pytest.raises(UsageError):
+            S.Knobs.parse(bad)
