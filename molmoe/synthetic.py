@@ -77,6 +77,8 @@ class Knobs:
     backgrounds: tuple[str, ...] = BACKGROUNDS  # also "white" (plain white), for a first stage
     size: tuple[float, float] = SIZE_RANGE  # object diameter, fraction of the shorter side
     sides: tuple[int, int] | None = None  # image sides (None: the caller's `sides`)
+    shapes: tuple[str, ...] = SHAPES  # the shapes and colours drawn from
+    colours: tuple[str, ...] = tuple(COLOURS)
 
     def __post_init__(self):
         lo, hi = self.objects
@@ -101,6 +103,11 @@ class Knobs:
         if not 0.02 <= self.size[0] <= self.size[1] <= 0.5:
             raise UsageError(f"size {self.size}: expected 2% <= min <= max <= 50% of the side")
         self.size = (float(self.size[0]), float(self.size[1]))
+        if not self.shapes or any(x not in SHAPES for x in self.shapes):
+            raise UsageError(f"shapes {self.shapes}: expected some of {', '.join(SHAPES)}")
+        if not self.colours or any(x not in COLOURS for x in self.colours):
+            raise UsageError(f"colours {self.colours}: expected some of {', '.join(COLOURS)}")
+        self.shapes, self.colours = tuple(self.shapes), tuple(self.colours)
         if self.sides is not None and not MIN_SIDE <= self.sides[0] <= self.sides[1]:
             raise UsageError(f"sides {self.sides}: expected {MIN_SIDE} <= min <= max")
         self.objects = (int(lo), int(hi))
@@ -123,7 +130,7 @@ class Knobs:
                 kw[f"p_{key}"] = float(value)
             elif key == "distinct_colours":
                 kw[key] = value.lower() in ("1", "true", "yes")
-            elif key == "backgrounds":
+            elif key in ("backgrounds", "shapes", "colours"):
                 kw[key] = tuple(value.split("+"))
             elif key == "size":  # percent of the shorter side
                 lo, _, hi = value.partition("-")
@@ -136,7 +143,7 @@ class Knobs:
             else:
                 raise UsageError(f"unknown generator knob {key!r} in {spec!r}; expected objects, "
                                  "same_shape, same_colour, distinct_colours, backgrounds, size, "
-                                 "sides, mix")
+                                 "sides, shapes, colours, mix")
         return cls(**kw)
 
 
@@ -515,33 +522,39 @@ def make_example(rng: random.Random, scene: Scene, kind: str | None = None,
 def _plan(rng: random.Random, kind: str, knobs: Knobs = DEFAULT_KNOBS
           ) -> tuple[list, str, str | None]:
     """Objects to draw for a question of `kind`: (specs in drawing order, shape, colour)."""
-    colours = list(COLOURS)
+    colours = list(knobs.colours)
+    shapes = knobs.shapes
     lo, hi = knobs.objects
     p_shape = P_SAME_SHAPE if knobs.p_same_shape is None else knobs.p_same_shape
     p_colour = P_SAME_COLOUR if knobs.p_same_colour is None else knobs.p_same_colour
-    shape, colour = rng.choice(SHAPES), rng.choice(colours)
-    others_shape = [s for s in SHAPES if s != shape]
+    shape, colour = rng.choice(shapes), rng.choice(colours)
+    others_shape = [s for s in shapes if s != shape]
     others_colour = [c for c in colours if c != colour]
     if kind in ("single", "absent"):
         required = [(shape, colour)] if kind == "single" else []
-        if rng.random() < p_shape:
-            required += [(shape, c) for c in rng.sample(others_colour, rng.randint(1, 2))]
-        if not knobs.distinct_colours and rng.random() < p_colour:
-            required += [(s, colour) for s in rng.sample(others_shape, rng.randint(1, 2))]
+        if rng.random() < p_shape and others_colour:
+            required += [(shape, c) for c in rng.sample(others_colour,
+                                                         min(len(others_colour), rng.randint(1, 2)))]
+        if not knobs.distinct_colours and rng.random() < p_colour and others_shape:
+            required += [(s, colour) for s in rng.sample(others_shape,
+                                                         min(len(others_shape), rng.randint(1, 2)))]
         required = required[:hi]
         n = rng.randint(max(lo, len(required)), hi)
         if knobs.distinct_colours:
             used = {c for _, c in required}
             specs = list(required)
             for _ in range(n - len(required)):
-                s_c = rng.choice([(s, c) for c in colours if c not in used for s in SHAPES
+                s_c = rng.choice([(s, c) for c in colours if c not in used for s in shapes
                                   if (s, c) != (shape, colour)])
                 used.add(s_c[1])
                 specs.append(s_c)
         else:
-            fill = [(s, c) for s in SHAPES for c in colours if (s, c) != (shape, colour)]
-            specs = required + [rng.choice(fill) for _ in range(n - len(required))]
+            fill = [(s, c) for s in shapes for c in colours if (s, c) != (shape, colour)]
+            specs = required + ([rng.choice(fill) for _ in range(n - len(required))]
+                                if fill else [])
     else:
+        if not others_shape:
+            raise UsageError(f"{kind} questions need at least two shapes, got {shapes}")
         k = rng.randint(1 if kind == "multi" else 0, hi)
         n = rng.randint(max(lo, k), hi)
         if knobs.distinct_colours:

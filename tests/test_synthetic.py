@@ -379,3 +379,15 @@ def test_knobs_size_sides_white():
     for bad in ("size=1-10", "size=30-20", "sides=100-200"):
         with pytest.raises(UsageError):
             S.Knobs.parse(bad)
+
+
+def test_knobs_shapes_colours():
+    ss = _knob_samples("objects=1-3,shapes=circle,colours=red,backgrounds=white,mix=single:1",
+                       n=20)
+    assert all(s.question == "Point to the red circle." for s in ss)
+    assert all(len(s.scene.objects) == 1 for s in ss)  # nothing else can be drawn
+    ss = _knob_samples("objects=2-4,shapes=circle+square,colours=red+blue", n=60)
+    assert all(o.shape in ("circle", "square") and o.colour in ("red", "blue")
+               for s in ss for o in s.scene.objects)
+    with pytest.raises(UsageError):
+        S.Knobs.parse("shapes=hexagon")
