@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"phases trained in turn ({', '.join(CURRICULA)}), or a spec "
                          "'KNOBS@N@STEPS;KNOBS@N@STEPS;...' (molmoe.synthetic.Knobs.parse); "
                          "replaces --mix/--n/--steps")
+    ap.add_argument("--init", type=pathlib.Path, default=None,
+                    help="start from this checkpoint instead of a new random one (a diagnostic "
+                         "continuation; its tokenizer must cover the data)")
     ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
     ap.add_argument("--connector-lr", type=float, default=None,
                     help="the connector's peak rate")
@@ -332,14 +335,18 @@ def main(argv: list[str] | None = None) -> int:
                             sizes=(160, args.max_side), knobs=S.Knobs.parse(spec))
         datas.append(data)
     t_data = time.perf_counter() - t0
-    init = work / "init"
-    if init.exists():
-        shutil.rmtree(init)
-    texts = [t for d in datas for t in tokenizer_texts(d / "train.jsonl")]
-    tok = train_tokenizer_json(texts, split_words=None if args.no_word_split
-                               else content_words())
-    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
-                             sincos=not args.no_sincos, vision_init=not args.no_vision_init)
+    if args.init:  # go on from a trained checkpoint (its tokenizer and architecture)
+        init = args.init
+    else:
+        init = work / "init"
+        if init.exists():
+            shutil.rmtree(init)
+        texts = [t for d in datas for t in tokenizer_texts(d / "train.jsonl")]
+        tok = train_tokenizer_json(texts, split_words=None if args.no_word_split
+                                   else content_words())
+        write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
+                                 sincos=not args.no_sincos,
+                                 vision_init=not args.no_vision_init)
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
     model = init
