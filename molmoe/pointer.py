@@ -70,6 +70,22 @@ DEFAULT_ARCH = "p14-112"
 # seed `seed + 100_000 * phase`). A phase: (name, generator knobs, examples, steps).
 # bench/RESULTS.md, "Issue 13", has the runs behind them.
 CURRICULA = {
+    # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
+    # start that left the blind plateau reliably), every colour and shape alone on white, then
+    # the domain widened with white scenes replayed (backgrounds, sizes, aspect ratios), then
+    # the colour, then the shape among 1-3 / 1-5 objects, then the issue's mix.
+    "c5": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 300),
+        ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
+                 "mix=single:1", 6000, 300),
+        ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
+                   "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 800),
+        ("shape", "objects=1-5,same_shape=0.5,same_colour=0.7,"
+                  "mix=single:3+absent:1", 12000, 600),
+        ("full", "", 20000, 800),
+    ],
     # the sanity task (one object on plain backgrounds), then the colour alone names the target,
     # then shapes among same-colour distractors, then the issue's full mix.
     "c4": [
