@@ -86,6 +86,19 @@ CURRICULA = {
                   "mix=single:3+absent:1", 12000, 600),
         ("full", "", 20000, 800),
     ],
+    # c5 shortened to fit the session, for a connector kept near its init (--connector-lr 2e-4):
+    # after c5's single-object phases at 2e-3 the trained connector had lost the objects' colour
+    # (a linear read-out of it from the object's image token fell from 81% at init to 45%).
+    "c6": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
+                 "mix=single:1", 6000, 300),
+        ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
+                   "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 700),
+        ("full", "", 15000, 700),
+    ],
     # the sanity task (one object on plain backgrounds), then the colour alone names the target,
     # then shapes among same-colour distractors, then the full mix.
     "c4": [
