@@ -64,18 +64,80 @@ ARCHS = {
     },
 }
 DEFAULT_ARCH = "p14-112"
+
+# Curricula: phases trained one after another, each from the previous phase's export (fresh
+# optimizer, its own warm-up and cosine), each on its own data (`molmoe.synthetic.Knobs`, synth
+# seed `seed + 100_000 * phase`). A phase: (name, generator knobs, examples, steps).
+# bench/RESULTS.md, "Issue 13", has the runs behind them.
+CURRICULA = {
+    # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
+    # start that left the blind plateau reliably), every colour and shape alone on white, then
+    # the domain widened with white scenes replayed (backgrounds, sizes, aspect ratios), then
+    # the colour, then the shape among 1-3 / 1-5 objects, then the issue's mix.
+    "c5": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 300),
+        ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
+                 "mix=single:1", 6000, 300),
+        ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
+                   "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 800),
+        ("shape", "objects=1-5,same_shape=0.5,same_colour=0.7,"
+                  "mix=single:3+absent:1", 12000, 600),
+        ("full", "", 20000, 800),
+    ],
+    # c5 shortened to fit the session, for a connector kept near its init (--connector-lr 2e-4):
+    # after c5's single-object phases at 2e-3 the trained connector had lost the objects' colour
+    # (a linear read-out of it from the object's image token fell from 81% at init to 45%).
+    "c6": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
+                 "mix=single:1", 6000, 300),
+        ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
+                   "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 700),
+        ("full", "", 15000, 700),
+    ],
+    # the sanity task (one object on plain backgrounds), then the colour alone names the target,
+    # then shapes among same-colour distractors, then the issue's full mix.
+    "c4": [
+        ("one", "objects=1-1,backgrounds=plain,mix=single:1", 6000, 300),
+        ("colour", "objects=2-4,distinct_colours=1,same_shape=0.7,mix=single:1", 10000, 500),
+        ("shape", "objects=2-5,same_shape=0.5,same_colour=0.9,mix=single:1", 12000, 700),
+        ("full", "", 40000, 1500),
+    ],
+}
 N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
 
 
-def train_tokenizer_json(texts, n_merges: int = N_MERGES) -> str:
+def content_words() -> tuple[str, ...]:
+    """The words a question is about: the generator's colours and shapes."""
+    from molmoe import synthetic as S
+
+    return tuple(S.COLOURS) + tuple(S.SHAPES)
+
+
+def train_tokenizer_json(texts, n_merges: int = N_MERGES,
+                         split_words: tuple[str, ...] | None = None) -> str:
     """A byte-level BPE trained on `texts` (see the module docstring); deterministic for the
-    same texts. Returns tokenizer.json's text."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    same texts. Returns tokenizer.json's text.
+
+    split_words: words that are always their own pieces (merges never span them), so that
+    "red" is one token wherever it occurs ("Point to the red circle." and "alt=\"red circle\""
+    share it). Without it, merges learned on a few dozen distinct questions swallow each whole
+    prompt (" User: Point to the red circle. Assistant:" became ONE token): every colour+shape
+    pair is then an unrelated symbol and nothing learnt about "red" carries to another shape."""
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            trainers)
 
     alphabet = _bytes_to_unicode()  # byte -> printable char (GPT-2's map)
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                            use_regex=False)])
+    steps = [pre_tokenizers.Digits(individual_digits=True)]
+    if split_words:
+        words = "|".join(sorted(split_words, key=lambda w: (-len(w), w)))
+        steps.append(pre_tokenizers.Split(Regex(f"({words})"), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    pre = pre_tokenizers.Sequence(steps)
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre
     trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2, show_progress=False,
@@ -213,6 +275,26 @@ def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
     torch.save(state, path)
 
 
+def parse_curriculum(spec: str) -> list[tuple[str, str, int, int]]:
+    """A CURRICULA name, or 'KNOBS@N@STEPS;...' -> [(name, knobs spec, examples, steps)]."""
+    from molmoe import synthetic as S
+
+    if spec in CURRICULA:
+        phases = list(CURRICULA[spec])
+    else:
+        phases = []
+        for k, part in enumerate(p for p in spec.split(";") if p.strip()):
+            knobs, n, steps = part.rsplit("@", 2)
+            phases.append((f"p{k}", knobs.strip(), int(n), int(steps)))
+    if not phases:
+        raise SystemExit(f"empty curriculum {spec!r}")
+    for _, knobs, n, steps in phases:
+        S.Knobs.parse(knobs)  # fail before any data is written
+        if n < 1 or steps < 1:
+            raise SystemExit(f"curriculum {spec!r}: examples and steps must be positive")
+    return phases
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="train the built-in pointing model from a seed")
     ap.add_argument("--work", required=True, type=pathlib.Path, help="work directory (new)")
@@ -232,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=0,
                     help="DataLoader workers (0: on 2 cores a worker process slows each step ~15x)")
+    ap.add_argument("--no-word-split", action="store_true",
+                    help="let merges span colour/shape words (runs r1-r9, d1: whole prompts "
+                         "became single tokens)")
     ap.add_argument("--no-sincos", action="store_true", help="random ViT positions (run r1)")
     ap.add_argument("--no-vision-init", action="store_true",
                     help="the demo's flat N(0, 0.05) vision init (runs r1-r4)")
@@ -240,6 +325,16 @@ def main(argv: list[str] | None = None) -> int:
                          "jobs load them (0.6 s/step vs 9 s/step measured)")
     ap.add_argument("--freeze", default="vit",
                     help="parts kept at their initial weights: vit, connector (comma list)")
+    ap.add_argument("--curriculum", default=None,
+                    help=f"phases trained in turn ({', '.join(CURRICULA)}), or a spec "
+                         "'KNOBS@N@STEPS;KNOBS@N@STEPS;...' (molmoe.synthetic.Knobs.parse); "
+                         "replaces --mix/--n/--steps")
+    ap.add_argument("--init", type=pathlib.Path, default=None,
+                    help="start from this checkpoint instead of a new random one (a diagnostic "
+                         "continuation; its tokenizer must cover the data)")
+    ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
+    ap.add_argument("--connector-lr", type=float, default=None,
+                    help="the connector's peak rate")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -254,39 +349,63 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = args.data or work / "data"
-    if not (data / "train.jsonl").exists():
-        saved = dict(S.QUESTION_MIX)
-        if args.mix:
-            mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
-            S.QUESTION_MIX.clear()
-            S.QUESTION_MIX.update(mix)
-        try:
-            S.write_dataset(data, n=args.n, seed=args.seed, sizes=(160, args.max_side))
-        finally:
-            S.QUESTION_MIX.clear()
-            S.QUESTION_MIX.update(saved)
+    if args.curriculum:
+        phases = parse_curriculum(args.curriculum)
+    else:
+        mix = ("mix=" + "+".join(kv.replace("=", ":") for kv in args.mix.split(","))
+               if args.mix else "")
+        phases = [("main", mix, args.n, args.steps)]
+    datas = []
+    for k, (name, spec, n, _) in enumerate(phases):
+        data = (args.data if args.data and len(phases) == 1
+                else work / ("data" if len(phases) == 1 else f"data-{k}-{name}"))
+        if not (data / "train.jsonl").exists():
+            S.write_dataset(data, n=n, seed=args.seed + 100_000 * k,
+                            sizes=(160, args.max_side), knobs=S.Knobs.parse(spec))
+        datas.append(data)
     t_data = time.perf_counter() - t0
-    init = work / "init"
-    if init.exists():
-        shutil.rmtree(init)
-    tok = train_tokenizer_json(tokenizer_texts(data / "train.jsonl"))
-    write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
-                             sincos=not args.no_sincos, vision_init=not args.no_vision_init)
+    if args.init:  # go on from a trained checkpoint (its tokenizer and architecture)
+        init = args.init
+    else:
+        init = work / "init"
+        if init.exists():
+            shutil.rmtree(init)
+        texts = [t for d in datas for t in tokenizer_texts(d / "train.jsonl")]
+        tok = train_tokenizer_json(texts, split_words=None if args.no_word_split
+                                   else content_words())
+        write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
+                                 sincos=not args.no_sincos,
+                                 vision_init=not args.no_vision_init)
     print(f"data {t_data:.0f}s; init {init}", flush=True)
-    opts = TrainOptions(model=str(init), data=str(data / "train.jsonl"), out=str(work / "run"),
-                        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                        min_lr_ratio=args.min_lr_ratio, seed=args.seed, workers=args.workers,
-                        save_every=max(args.steps // 4, 1), activation_checkpointing=False,
-                        device="cpu", resume=True,
-                        freeze=tuple(f for f in args.freeze.split(",") if f))
     t1 = time.perf_counter()
-    train(opts)
+    model = init
+    phase_s = []
+    for k, ((name, _, _, steps), data) in enumerate(zip(phases, datas)):
+        out = work / ("run" if len(phases) == 1 else f"run-{k}-{name}")
+        opts = TrainOptions(model=str(model), data=str(data / "train.jsonl"), out=str(out),
+                            steps=steps, batch=args.batch, lr=args.lr,
+                            vision_lr=args.vision_lr, connector_lr=args.connector_lr,
+                            warmup=min(args.warmup, steps), min_lr_ratio=args.min_lr_ratio,
+                            seed=args.seed, workers=args.workers,
+                            save_every=max(steps // 4, 1), activation_checkpointing=False,
+                            device="cpu", resume=True,
+                            freeze=tuple(f for f in args.freeze.split(",") if f))
+        tp = time.perf_counter()
+        train(opts)
+        phase_s.append(time.perf_counter() - tp)
+        print(f"phase {k} {name}: {steps} steps in {phase_s[-1]:.0f}s", flush=True)
+        model = out / "model"
+    final = work / "run" / "model"
+    if model != final:
+        if final.parent.exists():
+            shutil.rmtree(final.parent)
+        final.parent.mkdir(parents=True)
+        shutil.copytree(model, final)
     t_train = time.perf_counter() - t1
     print(f"training wall time {t_train:.0f}s ({t_train / 60:.1f} min)", flush=True)
     (work / "timing.json").write_text(json.dumps(
-        {"data_s": t_data, "train_s": t_train, "args": {k: str(v) for k, v in
-                                                        vars(args).items()}}, indent=2))
+        {"data_s": t_data, "train_s": t_train, "phase_s": phase_s,
+         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     if not args.no_eval:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
         from bench.eval_pointing import main as eval_main

@@ -61,6 +61,94 @@ QUESTION_MIX = {"single": 0.40, "multi": 0.20, "count": 0.25, "absent": 0.15}
 P_SAME_SHAPE = 0.7  # plant 1-2 objects of the target's shape in other colours
 P_SAME_COLOUR = 0.7  # plant 1-2 objects of the target's colour in other shapes
 
+
+
+@dataclass
+class Knobs:
+    """Generator settings for one stage of a training curriculum; the defaults are the issue's
+    generator (the same scenes, byte for byte, as passing no knobs). `Knobs.parse` reads the
+    command-line form, e.g. "objects=1-3,same_shape=1,same_colour=0,distinct_colours=1,
+    backgrounds=plain,mix=single:1"."""
+    mix: dict | None = None  # question kind -> share (None: QUESTION_MIX)
+    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)  # objects per scene, inclusive
+    p_same_shape: float | None = None  # None: P_SAME_SHAPE (single/absent distractors)
+    p_same_colour: float | None = None  # None: P_SAME_COLOUR
+    distinct_colours: bool = False  # no two objects share a colour: the colour alone names one
+    backgrounds: tuple[str, ...] = BACKGROUNDS  # also "white" (plain white), for a first stage
+    size: tuple[float, float] = SIZE_RANGE  # object diameter, fraction of the shorter side
+    sides: tuple[int, int] | None = None  # image sides (None: the caller's `sides`)
+    shapes: tuple[str, ...] = SHAPES  # the shapes and colours drawn from
+    colours: tuple[str, ...] = tuple(COLOURS)
+
+    def __post_init__(self):
+        lo, hi = self.objects
+        if not (MIN_OBJECTS <= lo <= hi <= MAX_OBJECTS):
+            raise UsageError(f"objects {self.objects}: expected {MIN_OBJECTS} <= min <= max <= "
+                             f"{MAX_OBJECTS}")
+        if self.mix is not None:
+            bad = [k for k in self.mix if k not in QUESTION_MIX]
+            if bad or not self.mix or any(v < 0 for v in self.mix.values()) \
+                    or sum(self.mix.values()) <= 0:
+                raise UsageError(f"mix {self.mix}: expected shares >= 0 of "
+                                 f"{', '.join(QUESTION_MIX)}")
+        for name in ("p_same_shape", "p_same_colour"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                raise UsageError(f"{name} must be in [0, 1], got {v!r}")
+        if not self.backgrounds or any(b not in BACKGROUNDS + ("white",)
+                                       for b in self.backgrounds):
+            raise UsageError(f"backgrounds {self.backgrounds}: expected some of "
+                             f"{', '.join(BACKGROUNDS)}, white")
+        self.backgrounds = tuple(self.backgrounds)
+        if not 0.02 <= self.size[0] <= self.size[1] <= 0.5:
+            raise UsageError(f"size {self.size}: expected 2% <= min <= max <= 50% of the side")
+        self.size = (float(self.size[0]), float(self.size[1]))
+        if not self.shapes or any(x not in SHAPES for x in self.shapes):
+            raise UsageError(f"shapes {self.shapes}: expected some of {', '.join(SHAPES)}")
+        if not self.colours or any(x not in COLOURS for x in self.colours):
+            raise UsageError(f"colours {self.colours}: expected some of {', '.join(COLOURS)}")
+        self.shapes, self.colours = tuple(self.shapes), tuple(self.colours)
+        if self.sides is not None and not MIN_SIDE <= self.sides[0] <= self.sides[1]:
+            raise UsageError(f"sides {self.sides}: expected {MIN_SIDE} <= min <= max")
+        self.objects = (int(lo), int(hi))
+
+    @property
+    def question_mix(self) -> dict:
+        return dict(self.mix) if self.mix is not None else dict(QUESTION_MIX)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Knobs":
+        kw: dict = {}
+        for item in (x.strip() for x in spec.split(",")):
+            if not item:
+                continue
+            key, _, value = item.partition("=")
+            if key == "objects":
+                lo, _, hi = value.partition("-")
+                kw["objects"] = (int(lo), int(hi or lo))
+            elif key in ("same_shape", "same_colour"):
+                kw[f"p_{key}"] = float(value)
+            elif key == "distinct_colours":
+                kw[key] = value.lower() in ("1", "true", "yes")
+            elif key in ("backgrounds", "shapes", "colours"):
+                kw[key] = tuple(value.split("+"))
+            elif key == "size":  # percent of the shorter side
+                lo, _, hi = value.partition("-")
+                kw[key] = (float(lo) / 100, float(hi or lo) / 100)
+            elif key == "sides":
+                lo, _, hi = value.partition("-")
+                kw[key] = (int(lo), int(hi or lo))
+            elif key == "mix":
+                kw[key] = {k: float(v) for k, v in (kv.split(":") for kv in value.split("+"))}
+            else:
+                raise UsageError(f"unknown generator knob {key!r} in {spec!r}; expected objects, "
+                                 "same_shape, same_colour, distinct_colours, backgrounds, size, "
+                                 "sides, shapes, colours, mix")
+        return cls(**kw)
+
+
+DEFAULT_KNOBS = Knobs()
+
 _POLY_SIDES = 96  # a circle is drawn as a regular 96-gon (max error 0.05% of its radius)
 _INRADIUS = {"circle": 1.0, "square": math.sqrt(0.5), "triangle": 0.5, "star": STAR_INNER}
 _PLACE_TRIES = 200
@@ -237,8 +325,10 @@ def _background_colour(rng: random.Random) -> tuple[int, int, int]:
             return c
 
 
-def _make_background(rng: random.Random) -> Background:
-    kind = rng.choice(BACKGROUNDS)
+def _make_background(rng: random.Random, kinds: tuple[str, ...] = BACKGROUNDS) -> Background:
+    kind = rng.choice(kinds)
+    if kind == "white":
+        return Background("plain", ((255, 255, 255),))
     c0 = _background_colour(rng)
     gradient = kind == "gradient" or (kind == "noisy" and rng.random() < 0.5)
     if gradient:
@@ -278,7 +368,8 @@ def _render_background(bg: Background, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj], np.ndarray]:
+def _place(rng: random.Random, specs, width: int, height: int,
+           size_range: tuple[float, float] = SIZE_RANGE) -> tuple[list[Obj], np.ndarray]:
     """Objects for `specs` [(shape, colour), ...] in that drawing order, or ValueError."""
     short = min(width, height)
     labels = np.zeros((height, width), dtype=np.uint8)
@@ -287,7 +378,7 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
     visible: list[int] = []
     for j, (shape, colour) in enumerate(specs):
         for _ in range(_PLACE_TRIES):
-            size = rng.uniform(*SIZE_RANGE) * short
+            size = rng.uniform(*size_range) * short
             R = size / 2
             obj = Obj(shape, colour, rng.uniform(R + 1, width - R - 1),
                       rng.uniform(R + 1, height - R - 1), size,
@@ -320,8 +411,9 @@ def _place(rng: random.Random, specs, width: int, height: int) -> tuple[list[Obj
 
 
 def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None = None,
-               sides: tuple[int, int] = SIDE_RANGE, background: Background | None = None
-               ) -> Scene:
+               sides: tuple[int, int] = SIDE_RANGE, background: Background | None = None,
+               backgrounds: tuple[str, ...] = BACKGROUNDS,
+               size_range: tuple[float, float] = SIZE_RANGE) -> Scene:
     """A scene of the objects `specs` [(shape, colour), ...] (drawn in that order; default:
     1-6 random ones), on an image of `size` (W, H) or of random sides in `sides`."""
     width, height = size if size is not None else _image_size(rng, sides)
@@ -330,10 +422,10 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
     if specs is None:
         n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
         specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(n)]
-    bg = background if background is not None else _make_background(rng)
+    bg = background if background is not None else _make_background(rng, backgrounds)
     for _ in range(_SCENE_TRIES):
         try:
-            objs, labels = _place(rng, specs, width, height)
+            objs, labels = _place(rng, specs, width, height, size_range)
         except ValueError:
             continue
         return Scene(width, height, bg, objs, labels)
@@ -427,39 +519,68 @@ def make_example(rng: random.Random, scene: Scene, kind: str | None = None,
     return question_text(kind, shape, colour), answer, target
 
 
-def _plan(rng: random.Random, kind: str) -> tuple[list, str, str | None]:
+def _plan(rng: random.Random, kind: str, knobs: Knobs = DEFAULT_KNOBS
+          ) -> tuple[list, str, str | None]:
     """Objects to draw for a question of `kind`: (specs in drawing order, shape, colour)."""
-    colours = list(COLOURS)
-    shape, colour = rng.choice(SHAPES), rng.choice(colours)
-    others_shape = [s for s in SHAPES if s != shape]
+    colours = list(knobs.colours)
+    shapes = knobs.shapes
+    lo, hi = knobs.objects
+    p_shape = P_SAME_SHAPE if knobs.p_same_shape is None else knobs.p_same_shape
+    p_colour = P_SAME_COLOUR if knobs.p_same_colour is None else knobs.p_same_colour
+    shape, colour = rng.choice(shapes), rng.choice(colours)
+    others_shape = [s for s in shapes if s != shape]
     others_colour = [c for c in colours if c != colour]
     if kind in ("single", "absent"):
         required = [(shape, colour)] if kind == "single" else []
-        if rng.random() < P_SAME_SHAPE:
-            required += [(shape, c) for c in rng.sample(others_colour, rng.randint(1, 2))]
-        if rng.random() < P_SAME_COLOUR:
-            required += [(s, colour) for s in rng.sample(others_shape, rng.randint(1, 2))]
-        n = rng.randint(max(MIN_OBJECTS, len(required)), MAX_OBJECTS)
-        fill = [(s, c) for s in SHAPES for c in colours if (s, c) != (shape, colour)]
-        specs = required + [rng.choice(fill) for _ in range(n - len(required))]
+        if rng.random() < p_shape and others_colour:
+            required += [(shape, c) for c in rng.sample(others_colour,
+                                                         min(len(others_colour), rng.randint(1, 2)))]
+        if not knobs.distinct_colours and rng.random() < p_colour and others_shape:
+            required += [(s, colour) for s in rng.sample(others_shape,
+                                                         min(len(others_shape), rng.randint(1, 2)))]
+        required = required[:hi]
+        n = rng.randint(max(lo, len(required)), hi)
+        if knobs.distinct_colours:
+            used = {c for _, c in required}
+            specs = list(required)
+            for _ in range(n - len(required)):
+                s_c = rng.choice([(s, c) for c in colours if c not in used for s in shapes
+                                  if (s, c) != (shape, colour)])
+                used.add(s_c[1])
+                specs.append(s_c)
+        else:
+            fill = [(s, c) for s in shapes for c in colours if (s, c) != (shape, colour)]
+            specs = required + ([rng.choice(fill) for _ in range(n - len(required))]
+                                if fill else [])
     else:
-        k = rng.randint(1 if kind == "multi" else 0, MAX_OBJECTS)
-        n = rng.randint(max(MIN_OBJECTS, k), MAX_OBJECTS)
-        specs = [(shape, rng.choice(colours)) for _ in range(k)]
-        specs += [(rng.choice(others_shape), rng.choice(colours)) for _ in range(n - k)]
+        if not others_shape:
+            raise UsageError(f"{kind} questions need at least two shapes, got {shapes}")
+        k = rng.randint(1 if kind == "multi" else 0, hi)
+        n = rng.randint(max(lo, k), hi)
+        if knobs.distinct_colours:
+            cs = rng.sample(colours, n)
+            specs = [(shape, c) for c in cs[:k]]
+            specs += [(rng.choice(others_shape), c) for c in cs[k:]]
+        else:
+            specs = [(shape, rng.choice(colours)) for _ in range(k)]
+            specs += [(rng.choice(others_shape), rng.choice(colours)) for _ in range(n - k)]
         colour = None
     rng.shuffle(specs)
     return specs, shape, colour
 
 
 def make_sample(rng: random.Random, kind: str | None = None, *,
-                sides: tuple[int, int] = SIDE_RANGE) -> Sample:
-    """A scene planned for a question (kind drawn by QUESTION_MIX unless given), the question,
-    its answer and its target."""
+                sides: tuple[int, int] = SIDE_RANGE, knobs: Knobs | None = None) -> Sample:
+    """A scene planned for a question (kind drawn by the knobs' mix, default QUESTION_MIX,
+    unless given), the question, its answer and its target. `knobs` (a curriculum stage):
+    object count range, distractor rates, distinct colours, background kinds."""
+    knobs = knobs or DEFAULT_KNOBS
     if kind is None:
-        kind = rng.choices(list(QUESTION_MIX), weights=list(QUESTION_MIX.values()))[0]
-    specs, shape, colour = _plan(rng, kind)
-    scene = make_scene(rng, specs, sides=sides)
+        mix = knobs.question_mix
+        kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+    specs, shape, colour = _plan(rng, kind, knobs)
+    scene = make_scene(rng, specs, sides=knobs.sides or sides, backgrounds=knobs.backgrounds,
+                       size_range=knobs.size)
     q, a, target = make_example(rng, scene, kind, shape, colour)
     return Sample(scene, q, a, target)
 
@@ -482,7 +603,7 @@ def write_image(image: Image.Image, path, fmt: str, quality: int = 90) -> None:
 
 
 def write_dataset(out_dir, n: int, seed: int, *, sizes: tuple[int, int] = SIDE_RANGE,
-                  formats=("png", "jpeg")) -> pathlib.Path:
+                  formats=("png", "jpeg"), knobs: Knobs | None = None) -> pathlib.Path:
     """Write `n` examples to out_dir: train.jsonl (one question per image, docs/training.md's
     format), scenes.jsonl (line k: example k's scene geometry, question, answer and target) and
     images/NNNNNN.{png,jpg}. Returns the path of train.jsonl.
@@ -510,7 +631,7 @@ def write_dataset(out_dir, n: int, seed: int, *, sizes: tuple[int, int] = SIDE_R
         with open(tmp / "train.jsonl", "w") as train, open(tmp / "scenes.jsonl", "w") as meta:
             for i in range(n):
                 rng = _sample_rng(seed, i)
-                sample = make_sample(rng, sides=(lo, hi))
+                sample = make_sample(rng, sides=(lo, hi), knobs=knobs)
                 fmt = rng.choice(formats)
                 quality = rng.randint(*JPEG_QUALITY) if fmt == "jpeg" else None
                 rel = f"images/{i:06d}.{'png' if fmt == 'png' else 'jpg'}"

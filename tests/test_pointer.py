@@ -58,3 +58,17 @@ def test_sincos_table():
     t = sincos_table(8, 96)
     assert t.shape == (65, 96) and torch.all(t[0] == 0)
     assert len({tuple(r.tolist()) for r in t[1:]}) == 64  # every patch position distinct
+
+
+def test_parse_curriculum():
+    import pytest
+
+    from molmoe.pointer import CURRICULA, parse_curriculum
+
+    for name in CURRICULA:
+        assert parse_curriculum(name) == list(CURRICULA[name])
+    p = parse_curriculum("objects=1-1,mix=single:1@100@10; @200@20")
+    assert p == [("p0", "objects=1-1,mix=single:1", 100, 10), ("p1", "", 200, 20)]
+    for bad in ("objects=9@1@1", "@0@1", ""):
+        with pytest.raises((SystemExit, Exception)):
+            parse_curriculum(bad)

@@ -296,3 +296,98 @@ def test_cli(tmp_path, capsys):
     assert sorted(p.suffix for p in (out / "images").iterdir()) == [".png"] * 3
     assert main(["synth", "--out", str(out), "--n", "3"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- curriculum knobs
+
+
+def test_default_knobs_change_nothing():
+    for i in range(20):
+        a = S.make_sample(S._sample_rng(11, i), sides=SMALL)
+        b = S.make_sample(S._sample_rng(11, i), sides=SMALL, knobs=S.Knobs())
+        c = S.make_sample(S._sample_rng(11, i), sides=SMALL, knobs=S.Knobs.parse(""))
+        for x in (b, c):
+            assert (x.question, x.answer) == (a.question, a.answer)
+            assert x.scene.to_json() == a.scene.to_json()
+
+
+def test_knobs_parse():
+    k = S.Knobs.parse("objects=2-4,same_shape=1,same_colour=0,distinct_colours=1,"
+                      "backgrounds=plain+noisy,mix=single:3+count:1")
+    assert k.objects == (2, 4) and k.p_same_shape == 1 and k.p_same_colour == 0
+    assert k.distinct_colours and k.backgrounds == ("plain", "noisy")
+    assert k.mix == {"single": 3.0, "count": 1.0}
+    assert S.Knobs.parse("objects=3").objects == (3, 3)
+    for bad in ("objects=0-2", "objects=3-7", "colour=1", "mix=point:1", "backgrounds=wood",
+                "same_shape=2"):
+        with pytest.raises(UsageError):
+            S.Knobs.parse(bad)
+
+
+def _knob_samples(spec, n=120, seed=21):
+    k = S.Knobs.parse(spec)
+    return [S.make_sample(S._sample_rng(seed, i), sides=SMALL, knobs=k) for i in range(n)]
+
+
+def test_knobs_object_count_backgrounds_and_mix():
+    one = _knob_samples("objects=1-1,backgrounds=plain,mix=single:1")
+    assert all(len(s.scene.objects) == 1 for s in one)
+    assert all(s.scene.background.kind == "plain" for s in one)
+    assert all(s.target["kind"] == "single" for s in one)
+    few = _knob_samples("objects=2-3,mix=multi:1+count:1")
+    assert {len(s.scene.objects) for s in few} == {2, 3}
+    assert {s.target["kind"] for s in few} == {"multi", "count"}
+    # answers stay true to the scene whatever the knobs
+    for s in one + few:
+        assert s.target["count"] == len(s.target["indices"])
+        for i, p in zip(s.target["indices"], s.target["points"]):
+            assert S.point_in_object(s.scene, i, *p)
+
+
+def test_knobs_distinct_colours_and_distractors():
+    ss = _knob_samples("objects=2-6,distinct_colours=1,same_shape=1")
+    for s in ss:
+        colours = [o.colour for o in s.scene.objects]
+        assert len(set(colours)) == len(colours)
+        if s.target["kind"] == "single":  # every single scene holds a same-shape distractor
+            assert any(o.shape == s.target["shape"] and o.colour != s.target["colour"]
+                       for o in s.scene.objects)
+    none = _knob_samples("objects=1-6,same_shape=0,same_colour=0,mix=single:1", n=200)
+    planted = _knob_samples("objects=1-6,same_shape=1,same_colour=1,mix=single:1", n=200)
+
+    def rate(samples):
+        return np.mean([any(o.shape == s.target["shape"] and o.colour != s.target["colour"]
+                            for o in s.scene.objects) for s in samples])
+    assert rate(planted) == 1.0 and rate(none) < 0.5
+
+
+def test_knobs_deterministic_dataset(tmp_path):
+    k = S.Knobs.parse("objects=2-3,distinct_colours=1,mix=single:1")
+    a = S.write_dataset(tmp_path / "a", 8, seed=4, sizes=SMALL, knobs=k).parent
+    b = S.write_dataset(tmp_path / "b", 8, seed=4, sizes=SMALL, knobs=k).parent
+    assert _tree(a) == _tree(b)
+
+
+def test_knobs_size_sides_white():
+    ss = _knob_samples("objects=1-2,backgrounds=white,size=20-30,sides=224,mix=single:1", n=40)
+    for s in ss:
+        assert s.scene.size == (224, 224)
+        assert s.scene.background.colours == ((255, 255, 255),)
+        assert all(0.2 * 224 <= o.size <= 0.3 * 224 for o in s.scene.objects)
+        i = s.target["indices"][0]
+        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+    for bad in ("size=1-10", "size=30-20", "sides=100-200"):
+        with pytest.raises(UsageError):
+            S.Knobs.parse(bad)
+
+
+def test_knobs_shapes_colours():
+    ss = _knob_samples("objects=1-3,shapes=circle,colours=red,backgrounds=white,mix=single:1",
+                       n=20)
+    assert all(s.question == "Point to the red circle." for s in ss)
+    assert all(len(s.scene.objects) == 1 for s in ss)  # nothing else can be drawn
+    ss = _knob_samples("objects=2-4,shapes=circle+square,colours=red+blue", n=60)
+    assert all(o.shape in ("circle", "square") and o.colour in ("red", "blue")
+               for s in ss for o in s.scene.objects)
+    with pytest.raises(UsageError):
+        S.Knobs.parse("shapes=hexagon")
