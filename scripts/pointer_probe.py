@@ -4,7 +4,7 @@ vs with another scene's picture (a model that ignores the image scores both alik
 
     python scripts/pointer_probe.py MODEL_DIR [N] [KNOBS]
 """
-import random, sys, pathlib, torch
+import sys, pathlib, torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
