@@ -1,6 +1,5 @@
 """Opt-in fast JPEG decode (PIL draft mode): fewer pixels, the full picture's size and layout,
 close to the exact path; never used where it would not halve the decode, or on other formats."""
-import io
 import json
 import subprocess
 import sys

@@ -131,7 +131,7 @@ def test_bright_many_tap_images(hw):
 def test_exact_under_each_aten_capability(capability):
     """ATen's DEFAULT build sums taps as multiply-then-add, its AVX2/AVX512 builds end each sum
     with fused multiply-adds; the op follows whichever this process runs."""
-    code = f"""
+    code = """
 import numpy as np, torch
 from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
 cap = torch.backends.cpu.get_cpu_capability()
