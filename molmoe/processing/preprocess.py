@@ -386,7 +386,8 @@ def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageT
                        tokens=tokens, layout=layout)
 
 
-def _canvas_size(layout: Layout, settings: ImageSettings) -> tuple[int, int]:
+def canvas_size(layout: Layout, settings: ImageSettings) -> tuple[int, int]:
+    """(H, W) of the tile canvas: tiles every window_size pixels, plus the margins."""
     th, tw = layout.tiling
     stride, margin = settings.window_size, settings.margin_pixels
     return th * stride + margin, tw * stride + margin
@@ -396,7 +397,7 @@ def _crops_op(image_HWC: np.ndarray, size: tuple[int, int], layout: Layout,
               settings: ImageSettings, device) -> tuple[torch.Tensor, torch.Tensor]:
     """images and masks through molmoe::preprocess_crops (native CPU op, or the CUDA path)."""
     height, width = size
-    canvas = _canvas_size(layout, settings)
+    canvas = canvas_size(layout, settings)
     src = torch.from_numpy(image_HWC) if image_HWC.flags.writeable else \
         torch.from_numpy(image_HWC.copy())
     crop = settings.crop_size
@@ -415,7 +416,7 @@ def _crops_python(image_HWC: np.ndarray, size: tuple[int, int], layout: Layout,
     """images and masks by the reference Python path (the released processor's arithmetic)."""
     th, tw = layout.tiling
     crop, stride, p = settings.crop_size, settings.window_size, settings.image_patch_size
-    canvas_HWC, canvas_mask_HW = resize_and_pad(image_HWC, _canvas_size(layout, settings),
+    canvas_HWC, canvas_mask_HW = resize_and_pad(image_HWC, canvas_size(layout, settings),
                                                 settings, device, size=size)
     global_HWC, _ = resize_and_pad(image_HWC, settings.base_image_input_size, settings, device,
                                    size=size)

@@ -29,8 +29,9 @@ from molmoe.errors import MolmoeError, UsageError
 from molmoe.fileio import read_json
 from molmoe.processing import native
 from molmoe.processing.images import DEFAULT_MAX_PIXELS, ImageInput, LoadedImage, load_image
-from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, image_layout,
-                                          n_image_tokens, preprocess_image, scaled_size)
+from molmoe.processing.preprocess import (ImageSettings, ImageTokenIds, canvas_size,
+                                          image_layout, n_image_tokens, preprocess_image,
+                                          scaled_size)
 from molmoe.processing.tokenizer import Tokenizer
 
 
@@ -55,9 +56,8 @@ def decode_target(settings: ImageSettings, size: tuple[int, int]) -> tuple[int, 
     """(W, H) the largest resize of an image of displayed size (W, H) goes to: the tile canvas's
     resized image (the global view is smaller). A fast decode needs no more pixels than this."""
     width, height = size
-    th, tw = image_layout(height, width, settings).tiling
-    stride, margin = settings.window_size, settings.margin_pixels
-    new_h, new_w = scaled_size(height, width, th * stride + margin, tw * stride + margin)
+    canvas = canvas_size(image_layout(height, width, settings), settings)
+    new_h, new_w = scaled_size(height, width, *canvas)
     return new_w, new_h
 
 
