@@ -100,7 +100,6 @@ def answer_changes(checkpoint: str, data: pathlib.Path, n: int, upscale: int,
     from molmoe.pipeline import generate_many, load_pipeline
     from molmoe.points import parse_points
 
-    torch.set_grad_enabled(False)
     proc, model, eos = load_pipeline(checkpoint, device="cpu")
     engine = Engine(model, proc.tokenizer, eos_token_id=eos, max_batch=32)
     config = GenerationConfig(max_new_tokens=48)
@@ -116,10 +115,11 @@ def answer_changes(checkpoint: str, data: pathlib.Path, n: int, upscale: int,
     for fast in (False, True):
         proc.fast_decode = fast
         out = [None] * len(items)
-        for item in generate_many(engine, proc, items, config):
-            if item.error is not None:
-                raise item.error
-            out[item.index] = item.result.text
+        with torch.no_grad():
+            for item in generate_many(engine, proc, items, config):
+                if item.error is not None:
+                    raise item.error
+                out[item.index] = item.result.text
         answers[fast] = out
         if fast:
             decoded = list(proc.load(items[0][1]).pixels.shape[:2])

@@ -212,7 +212,6 @@ def run_model(model_dir: str, prompts: list[tuple[str, str]], *, batch: int = 64
     from molmoe.generation.engine import Engine, GenerationConfig
     from molmoe.pipeline import generate_many, load_pipeline
 
-    torch.set_grad_enabled(False)
     proc, model, eos = load_pipeline(model_dir, device="cpu")
     if max_new_tokens is None:  # room for the longest expected answer, and some
         longest = max((len(proc.tokenizer.encode_text(" " + a)) for a in answers_for_length),
@@ -223,10 +222,11 @@ def run_model(model_dir: str, prompts: list[tuple[str, str]], *, batch: int = 64
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     out = [None] * len(prompts)
     # Images are decoded and preprocessed on worker threads while the engine decodes.
-    for item in generate_many(engine, proc, prompts, config, max_length=limit):
-        if item.error is not None:
-            raise item.error
-        out[item.index] = item.result.text
+    with torch.no_grad():  # not switched off globally: callers may train afterwards
+        for item in generate_many(engine, proc, prompts, config, max_length=limit):
+            if item.error is not None:
+                raise item.error
+            out[item.index] = item.result.text
     return out
 
 

@@ -61,3 +61,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """A test that switches autograd off globally (torch.set_grad_enabled(False)) breaks every
+    later test that trains or takes gradients, far from the cause: fail the culprit instead."""
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    torch.set_grad_enabled(before)
+    assert after == before, "this test left autograd switched off (torch.set_grad_enabled)"

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from molmoe.errors import MolmoeError, UsageError
 from molmoe.generation import Engine, GenerationConfig
@@ -17,8 +16,7 @@ from tests.train_fixtures import tiny_checkpoint
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     directory = tiny_checkpoint(tmp_path_factory.mktemp("gm") / "ckpt")
-    torch.set_grad_enabled(False)
-    return load_pipeline(directory, device="cpu")
+    return load_pipeline(directory, device="cpu")  # (never switch grad off globally: it leaks)
 
 
 class Recording:
