@@ -189,6 +189,12 @@ def scaled_size(height: int, width: int, target_h: int, target_w: int) -> tuple[
     return max(1, int(_f32(height) * scale)), max(1, int(_f32(width) * scale))
 
 
+def _as_tensor(image_HWC: np.ndarray) -> torch.Tensor:
+    """A tensor view of the array; a copy when it is read-only (torch refuses to view read-only
+    arrays, e.g. PIL's)."""
+    return torch.from_numpy(image_HWC if image_HWC.flags.writeable else image_HWC.copy())
+
+
 def _resize_channels(image_HWC: np.ndarray, new_h: int, new_w: int,
                      device: torch.device | str | None) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [3, new_h, new_w] in [0, 1], on the CPU: to float, / 255,
@@ -201,8 +207,7 @@ def _resize_channels(image_HWC: np.ndarray, new_h: int, new_w: int,
     input pixel with the uint8 input, where resizing [3, H, W] at once took about 30 (issue 10).
     """
     height, width = image_HWC.shape[:2]
-    src_HWC = torch.from_numpy(image_HWC) if image_HWC.flags.writeable else \
-        torch.from_numpy(image_HWC.copy())  # torch refuses to view read-only (PIL) arrays
+    src_HWC = _as_tensor(image_HWC)
     out_CHW = torch.empty(3, new_h, new_w, dtype=torch.float32)
     for c in range(3):
         x_HW = src_HWC[:, :, c]
@@ -398,8 +403,7 @@ def _crops_op(image_HWC: np.ndarray, size: tuple[int, int], layout: Layout,
     """images and masks through molmoe::preprocess_crops (native CPU op, or the CUDA path)."""
     height, width = size
     canvas = canvas_size(layout, settings)
-    src = torch.from_numpy(image_HWC) if image_HWC.flags.writeable else \
-        torch.from_numpy(image_HWC.copy())
+    src = _as_tensor(image_HWC)
     crop = settings.crop_size
     args = dict(
         canvas=canvas, canvas_resized=scaled_size(height, width, *canvas),
