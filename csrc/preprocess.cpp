@@ -56,18 +56,32 @@ struct Axis {
   int64_t taps = 1;
   std::vector<int64_t> start, count;
   std::vector<float> w;
-  // For the AVX2 W pass: pixels (2q, 2q+1)'s weights of tap j as 8 floats, {w_2q[j] x 4,
-  // w_2q+1[j] x 4} at pair_w[(q * taps + j) * 8] (0 for a missing last pixel).
-  std::vector<float> pair_w;
+  // For the AVX2 W pass: the output pixels in groups of kGroup with the same tap count (so the
+  // same rounding steps, see plain_steps), a class's last group padded by repeating its last
+  // pixel (computed and stored twice, the same value). Group q: pixels group_x[kGroup * q ..],
+  // tap count group_n[q].
+  std::vector<int32_t> group_x, group_n;
 };
 
-void make_pair_weights(Axis& a) {
-  const int64_t n = static_cast<int64_t>(a.count.size()), pairs = (n + 1) / 2;
-  a.pair_w.assign(pairs * a.taps * 8, 0.0f);
-  for (int64_t x = 0; x < n; ++x)
-    for (int64_t j = 0; j < a.taps; ++j)
-      for (int l = 0; l < 4; ++l)
-        a.pair_w[((x / 2) * a.taps + j) * 8 + (x % 2) * 4 + l] = a.w[x * a.taps + j];
+// Three pixels per group: three channels each, nine independent sums in registers.
+constexpr int kGroup = 3;
+
+void make_groups(Axis& a) {
+  const int64_t n = static_cast<int64_t>(a.count.size());
+  std::vector<int32_t> order(n);
+  for (int64_t x = 0; x < n; ++x) order[x] = static_cast<int32_t>(x);
+  // by tap count, then by position (stable): neighbours share a group where the counts allow
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t p, int32_t q) { return a.count[p] < a.count[q]; });
+  a.group_x.clear();
+  a.group_n.clear();
+  for (int64_t b = 0, e = 0; b < n; b = e) {
+    while (e < n && a.count[order[e]] == a.count[order[b]]) ++e;  // one class: [b, e)
+    for (int64_t i = b; i < e; i += kGroup) {
+      a.group_n.push_back(static_cast<int32_t>(std::max<int64_t>(a.count[order[i]], 1)));
+      for (int q = 0; q < kGroup; ++q) a.group_x.push_back(order[std::min(i + q, e - 1)]);
+    }
+  }
 }
 
 // The identity (torch skips the pass when the size is unchanged; x * 1.0f is exact).
@@ -149,6 +163,7 @@ struct Job {
   std::vector<float> mean3, std3;  // mean / std repeated along the widest resized row
   bool normalize;
   bool fma_tail;  // ATen's build rounds the last taps of each sum as FMAs (see plain_steps)
+  bool newton;    // the FMA path's uint8 -> float / 255 by div255's corrected reciprocal
   float* images;  // [T, P, p*p*3]
   int64_t patches_per_side;
 };
@@ -212,15 +227,16 @@ void resize_row_w(const float* f, const Axis& cols, int64_t new_w, float* out) {
   }
 }
 
-// One output row along H: a[k] = sum_j b[j * n + k] * w[j], taps in order.
+// One output row along H: a[k] = sum_j rows[j][k] * w[j], taps in order.
 __attribute__((target_clones("avx2", "default")))
-void resize_col_h(const float* __restrict b, const float* w, int64_t count, int64_t n,
+void resize_col_h(const float* const* rows, const float* w, int64_t count, int64_t n,
                   float* __restrict a) {
   const float w0 = w[0];
+  const float* __restrict b = rows[0];
   for (int64_t k = 0; k < n; ++k) a[k] = b[k] * w0;
   for (int64_t j = 1; j < count; ++j) {
     const float wj = w[j];
-    const float* bj = b + j * n;
+    const float* __restrict bj = rows[j];
     for (int64_t k = 0; k < n; ++k) a[k] += bj[k] * wj;
   }
 }
@@ -238,99 +254,209 @@ inline int64_t plain_steps(int64_t count, bool fma_tail) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// The W pass for FMA-tail builds: as resize_row_w, each pixel switching to FMAs after its own
-// plain_steps (pixels of a group of four may have different tap counts; padded taps have
-// weight 0, and both acc + t*0 and fma(t, 0, acc) leave acc unchanged).
-// One step of a sum: a + t*w rounded twice, or fused (one rounding).
-__attribute__((target("avx2,fma"))) inline __m128 step(__m128 a, const float* p, float w,
-                                                      bool fused) {
-  const __m128 t = _mm_loadu_ps(p), wv = _mm_set1_ps(w);
-  return fused ? _mm_fmadd_ps(t, wv, a) : _mm_add_ps(a, _mm_mul_ps(t, wv));
+// The FMA-tail builds' W pass runs on blocks of eight input rows, one row per lane: the rows are
+// converted to float and transposed so that each value of a row block is one 8-float vector
+// (T[k][l] = row l's value k, k = x * 3 + c), every tap is then one vector load, a broadcast
+// weight and a multiply and an add (or an FMA) for 8 output values, and the results are
+// transposed back into rows for the H pass. Each value takes exactly the steps and roundings of
+// the row-wise pass (the lanes are independent), with about a third of its loads.
+
+// x / 255 for x in 0..255 as q = x * (1/255), corrected once with the exact residual
+// x - 255q (an FMA): the IEEE quotient for every one of the 256 values (checked once, below;
+// a division is used instead if the check fails), at the cost of a multiply and two FMAs.
+__attribute__((target("avx2,fma"))) inline __m256 div255(__m256 v, bool newton) {
+  if (!newton) return _mm256_div_ps(v, _mm256_set1_ps(255.0f));
+  const __m256 r = _mm256_set1_ps(1.0f / 255.0f);
+  const __m256 q = _mm256_mul_ps(v, r);
+  const __m256 e = _mm256_fnmadd_ps(q, _mm256_set1_ps(255.0f), v);
+  return _mm256_fmadd_ps(e, r, q);
 }
 
-// Two pixels in one 256-bit register (three channels and a spare lane each), two registers at
-// a time: per tap, one 16-byte load per pixel, one load of the paired weights, one FMA (or a
-// multiply and an add). Each pixel switches to fused steps after its own plain_steps.
-__attribute__((target("avx2,fma"))) inline __m256 load_pair(const float* a, const float* b) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
+__attribute__((target("avx2,fma"))) bool newton_div255_exact() {
+  alignas(32) float got[8];
+  for (int b = 0; b < 256; b += 8) {
+    _mm256_store_ps(got, div255(_mm256_setr_ps(b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6,
+                                               b + 7), true));
+    for (int l = 0; l < 8; ++l) {
+      volatile float x = static_cast<float>(b + l);  // a real division, not folded
+      if (got[l] != x / 255.0f) return false;
+    }
+  }
+  return true;
 }
 
-// All-ones lanes for the pixels whose step is fused (blendv reads the sign bit).
-__attribute__((target("avx2,fma"))) inline __m256 fused_lanes(bool first, bool second) {
-  const int m0 = first ? -1 : 0, m1 = second ? -1 : 0;
-  return _mm256_castsi256_ps(_mm256_setr_epi32(m0, m0, m0, m0, m1, m1, m1, m1));
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 pair_step(__m256 acc, __m256 t, __m256 w,
-                                                            __m256 fused_lanes) {
-  const __m256 plain = _mm256_add_ps(acc, _mm256_mul_ps(t, w));
-  const __m256 fused = _mm256_fmadd_ps(t, w, acc);
-  return _mm256_blendv_ps(plain, fused, fused_lanes);
-}
-
+// Eight uint8 rows of n bytes (null: a row of zeros) -> T[k][8] = row[k] / 255 as float.
+// 16 bytes of each row at a time: a byte transpose (three rounds of unpacks) gives, for each k,
+// the eight rows' bytes side by side.
 __attribute__((target("avx2,fma")))
-void resize_row_w_fma(const float* f, const Axis& cols, int64_t new_w, float* out) {
-  const int64_t taps = cols.taps;
+void block_to_unit(const uint8_t* const* rows, int64_t n, float* T, bool newton) {
+  alignas(16) uint8_t tail[8][16];
+  for (int64_t k = 0; k < n; k += 16) {
+    const int64_t m = std::min<int64_t>(16, n - k);
+    __m128i a[8];
+    for (int l = 0; l < 8; ++l) {
+      if (!rows[l]) {
+        a[l] = _mm_setzero_si128();
+      } else if (m == 16) {
+        a[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[l] + k));
+      } else {  // the row's last bytes: never read past its end
+        std::memset(tail[l], 0, 16);
+        std::memcpy(tail[l], rows[l] + k, m);
+        a[l] = _mm_load_si128(reinterpret_cast<const __m128i*>(tail[l]));
+      }
+    }
+    __m128i t[8], u[8], q[8];
+    for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1 byte-interleaved: k 0-7, k 8-15
+      t[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+      t[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: k 0-3, 4-7, 8-11, 12-15
+      u[4 * h + 0] = _mm_unpacklo_epi16(t[4 * h + 0], t[4 * h + 2]);
+      u[4 * h + 1] = _mm_unpackhi_epi16(t[4 * h + 0], t[4 * h + 2]);
+      u[4 * h + 2] = _mm_unpacklo_epi16(t[4 * h + 1], t[4 * h + 3]);
+      u[4 * h + 3] = _mm_unpackhi_epi16(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {  // q[2i]: k 4i, 4i+1; q[2i+1]: k 4i+2, 4i+3 (8 rows each)
+      q[2 * i] = _mm_unpacklo_epi32(u[i], u[4 + i]);
+      q[2 * i + 1] = _mm_unpackhi_epi32(u[i], u[4 + i]);
+    }
+    for (int i = 0; i < 8 && 2 * i < m; ++i) {  // q[i]: k + 2i (low half), k + 2i + 1 (high)
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i]));
+      _mm256_storeu_ps(T + (k + 2 * i) * 8, div255(lo, newton));
+      if (2 * i + 1 < m) {
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q[i], q[i])));
+        _mm256_storeu_ps(T + (k + 2 * i + 1) * 8, div255(hi, newton));
+      }
+    }
+  }
+}
+
+// The W pass of a row block: T[x * 3 + c][8] -> O[x * 3 + c][8] for every output pixel x, by
+// groups of three pixels with the same tap count (Axis::group_*), the taps in order: a multiply
+// and an add for the plain steps, then FMAs (plain_steps).
+__attribute__((target("avx2,fma")))
+void resize_block_w(const float* T, const Axis& cols, float* O) {
+  static_assert(kGroup == 3, "three pixels of three channels: nine sums");
+  const int64_t groups = static_cast<int64_t>(cols.group_n.size()), taps = cols.taps;
+  const int32_t* gx = cols.group_x.data();
   const int64_t* start = cols.start.data();
-  const int64_t* count = cols.count.data();
   const float* weights = cols.w.data();
-  const float* pw = cols.pair_w.data();
-  int64_t x = 0;
-  for (; x + 4 <= new_w; x += 4) {  // pixels x, x+1 in A; x+2, x+3 in B
-    const float *p0 = f + start[x] * 3, *p1 = f + start[x + 1] * 3, *p2 = f + start[x + 2] * 3,
-                *p3 = f + start[x + 3] * 3;
-    const float *wa = pw + (x / 2) * taps * 8, *wb = wa + taps * 8;
-    int64_t k[4], n = 0, k0 = INT64_MAX, k1 = 0;
-    for (int q = 0; q < 4; ++q) {
-      k[q] = plain_steps(count[x + q], true);
-      n = std::max(n, count[x + q]);
-      k0 = std::min(k0, k[q]);
-      k1 = std::max(k1, k[q]);
-    }
-    __m256 a = _mm256_mul_ps(load_pair(p0, p1), _mm256_loadu_ps(wa));
-    __m256 b = _mm256_mul_ps(load_pair(p2, p3), _mm256_loadu_ps(wb));
+  for (int64_t g = 0; g < groups; ++g) {
+    const int32_t* x = gx + kGroup * g;
+    const int64_t n = cols.group_n[g], k = plain_steps(n, true);
+    const float *b0 = T + start[x[0]] * 24, *b1 = T + start[x[1]] * 24,
+                *b2 = T + start[x[2]] * 24;
+    const float *w0 = weights + x[0] * taps, *w1 = weights + x[1] * taps,
+                *w2 = weights + x[2] * taps;
+    __m256 wa = _mm256_broadcast_ss(w0), wb = _mm256_broadcast_ss(w1),
+           wc = _mm256_broadcast_ss(w2);
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(b0), wa),
+           a1 = _mm256_mul_ps(_mm256_loadu_ps(b0 + 8), wa),
+           a2 = _mm256_mul_ps(_mm256_loadu_ps(b0 + 16), wa),
+           c0 = _mm256_mul_ps(_mm256_loadu_ps(b1), wb),
+           c1 = _mm256_mul_ps(_mm256_loadu_ps(b1 + 8), wb),
+           c2 = _mm256_mul_ps(_mm256_loadu_ps(b1 + 16), wb),
+           e0 = _mm256_mul_ps(_mm256_loadu_ps(b2), wc),
+           e1 = _mm256_mul_ps(_mm256_loadu_ps(b2 + 8), wc),
+           e2 = _mm256_mul_ps(_mm256_loadu_ps(b2 + 16), wc);
     int64_t j = 1;
-    for (; j <= k0; ++j) {
-      a = _mm256_add_ps(a, _mm256_mul_ps(load_pair(p0 + j * 3, p1 + j * 3),
-                                         _mm256_loadu_ps(wa + j * 8)));
-      b = _mm256_add_ps(b, _mm256_mul_ps(load_pair(p2 + j * 3, p3 + j * 3),
-                                         _mm256_loadu_ps(wb + j * 8)));
-    }
-    for (; j <= k1; ++j) {  // pixels whose plain steps end at different taps
-      a = pair_step(a, load_pair(p0 + j * 3, p1 + j * 3), _mm256_loadu_ps(wa + j * 8),
-                    fused_lanes(j > k[0], j > k[1]));
-      b = pair_step(b, load_pair(p2 + j * 3, p3 + j * 3), _mm256_loadu_ps(wb + j * 8),
-                    fused_lanes(j > k[2], j > k[3]));
+    for (; j <= k; ++j) {
+      const int64_t o = j * 24;
+      wa = _mm256_broadcast_ss(w0 + j);
+      wb = _mm256_broadcast_ss(w1 + j);
+      wc = _mm256_broadcast_ss(w2 + j);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(b0 + o), wa));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(b0 + o + 8), wa));
+      a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(b0 + o + 16), wa));
+      c0 = _mm256_add_ps(c0, _mm256_mul_ps(_mm256_loadu_ps(b1 + o), wb));
+      c1 = _mm256_add_ps(c1, _mm256_mul_ps(_mm256_loadu_ps(b1 + o + 8), wb));
+      c2 = _mm256_add_ps(c2, _mm256_mul_ps(_mm256_loadu_ps(b1 + o + 16), wb));
+      e0 = _mm256_add_ps(e0, _mm256_mul_ps(_mm256_loadu_ps(b2 + o), wc));
+      e1 = _mm256_add_ps(e1, _mm256_mul_ps(_mm256_loadu_ps(b2 + o + 8), wc));
+      e2 = _mm256_add_ps(e2, _mm256_mul_ps(_mm256_loadu_ps(b2 + o + 16), wc));
     }
     for (; j < n; ++j) {
-      a = _mm256_fmadd_ps(load_pair(p0 + j * 3, p1 + j * 3), _mm256_loadu_ps(wa + j * 8), a);
-      b = _mm256_fmadd_ps(load_pair(p2 + j * 3, p3 + j * 3), _mm256_loadu_ps(wb + j * 8), b);
+      const int64_t o = j * 24;
+      wa = _mm256_broadcast_ss(w0 + j);
+      wb = _mm256_broadcast_ss(w1 + j);
+      wc = _mm256_broadcast_ss(w2 + j);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + o), wa, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + o + 8), wa, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + o + 16), wa, a2);
+      c0 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + o), wb, c0);
+      c1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + o + 8), wb, c1);
+      c2 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + o + 16), wb, c2);
+      e0 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + o), wc, e0);
+      e1 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + o + 8), wc, e1);
+      e2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + o + 16), wc, e2);
     }
-    // In pixel order; lane 3 of each spills into the next pixel, which is written after it.
-    _mm_storeu_ps(out + x * 3, _mm256_castps256_ps128(a));
-    _mm_storeu_ps(out + x * 3 + 3, _mm256_extractf128_ps(a, 1));
-    _mm_storeu_ps(out + x * 3 + 6, _mm256_castps256_ps128(b));
-    _mm_storeu_ps(out + x * 3 + 9, _mm256_extractf128_ps(b, 1));
-  }
-  for (; x < new_w; ++x) {
-    const float* w = weights + x * taps;
-    const float* px = f + start[x] * 3;
-    const int64_t k = plain_steps(count[x], true);
-    __m128 a = _mm_mul_ps(_mm_loadu_ps(px), _mm_set1_ps(w[0]));
-    for (int64_t j = 1; j < count[x]; ++j) a = step(a, px + j * 3, w[j], j > k);
-    _mm_storeu_ps(out + x * 3, a);
+    float *o0 = O + x[0] * 24, *o1 = O + x[1] * 24, *o2 = O + x[2] * 24;
+    _mm256_storeu_ps(o0, a0);
+    _mm256_storeu_ps(o0 + 8, a1);
+    _mm256_storeu_ps(o0 + 16, a2);
+    _mm256_storeu_ps(o1, c0);
+    _mm256_storeu_ps(o1 + 8, c1);
+    _mm256_storeu_ps(o1 + 16, c2);
+    _mm256_storeu_ps(o2, e0);
+    _mm256_storeu_ps(o2 + 8, e1);
+    _mm256_storeu_ps(o2 + 16, e2);
   }
 }
 
+// The row-wise W pass for FMA-tail builds, one pixel at a time (only for inputs too wide for
+// row blocks, see kBlockMaxWidth): each step a multiply and an add, then FMAs.
 __attribute__((target("avx2,fma")))
-void resize_col_h_fma(const float* __restrict b, const float* w, int64_t count, int64_t n,
+void resize_row_w_fma(const float* f, const Axis& cols, int64_t new_w, float* out) {
+  for (int64_t x = 0; x < new_w; ++x) {
+    const float* w = cols.w.data() + x * cols.taps;
+    const float* p = f + cols.start[x] * 3;
+    const int64_t n = cols.count[x], k = plain_steps(n, true);
+    __m128 a = _mm_mul_ps(_mm_loadu_ps(p), _mm_set1_ps(w[0]));
+    for (int64_t j = 1; j < n; ++j) {
+      const __m128 t = _mm_loadu_ps(p + j * 3), wj = _mm_set1_ps(w[j]);
+      a = j > k ? _mm_fmadd_ps(t, wj, a) : _mm_add_ps(a, _mm_mul_ps(t, wj));
+    }
+    _mm_storeu_ps(out + x * 3, a);  // lane 3 spills into the next pixel, written after it
+  }
+}
+
+// O[k][8] (k < n) -> rows[l][k]: 8 x 8 transposes, the last n % 8 values one by one.
+__attribute__((target("avx2,fma")))
+void block_to_rows(const float* O, int64_t n, float* const* rows) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const float* o = O + k * 8;
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(o + i * 8);
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0x44);
+      u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0xEE);
+      u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+      u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(rows[i] + k, _mm256_permute2f128_ps(u[i], u[4 + i], 0x20));
+      _mm256_storeu_ps(rows[4 + i] + k, _mm256_permute2f128_ps(u[i], u[4 + i], 0x31));
+    }
+  }
+  for (; k < n; ++k)
+    for (int l = 0; l < 8; ++l) rows[l][k] = O[k * 8 + l];
+}
+
+__attribute__((target("avx2,fma")))
+void resize_col_h_fma(const float* const* rows, const float* w, int64_t count, int64_t n,
                       float* __restrict a) {
   const int64_t k = plain_steps(count, true);
   const float w0 = w[0];
+  const float* __restrict b = rows[0];
   for (int64_t e = 0; e < n; ++e) a[e] = b[e] * w0;
   for (int64_t j = 1; j < count; ++j) {
     const float wj = w[j];
-    const float* bj = b + j * n;
+    const float* __restrict bj = rows[j];
     if (j <= k) {
       for (int64_t e = 0; e < n; ++e) a[e] += bj[e] * wj;
     } else {
@@ -409,62 +535,116 @@ void finish_row(const Job& job, const View& view, int64_t y, const float* resize
   }
 }
 
-inline void resize_w(const Job& job, const float* f, const Axis& cols, int64_t new_w,
-                     float* out) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (job.fma_tail) return resize_row_w_fma(f, cols, new_w, out);
-#endif
-  resize_row_w(f, cols, new_w, out);
-}
 
-inline void resize_h(const Job& job, const float* b, const float* w, int64_t count, int64_t n,
-                     float* a) {
+inline void resize_h(const Job& job, const float* const* rows, const float* w, int64_t count,
+                     int64_t n, float* a) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (job.fma_tail) return resize_col_h_fma(b, w, count, n, a);
+  if (job.fma_tail) return resize_col_h_fma(rows, w, count, n, a);
 #endif
-  resize_col_h(b, w, count, n, a);
+  resize_col_h(rows, w, count, n, a);
 }
 
 // Scratch of one worker thread.
 struct Scratch {
-  std::vector<float> line, row, acc, band[2];
+  std::vector<float> line, row, acc, ring[2], tin, tout;
+  std::vector<const float*> taps;
 };
 
-// The output rows whose first tap is an input row in [r0, r1), for both views. Each input row
-// the band reads is converted to float once and resized along W for each view that needs it.
+// The output rows whose first tap is an input row in [r0, r1), for both views, streamed: input
+// rows are read in order, each converted to float once and resized along W into a ring of rows
+// per view (the most one output row reads, plus one row block); an output row is resized along
+// H and finished as soon as its last tap has arrived. A tap window's end never decreases with
+// the output row (ATen's first and last taps are both non-decreasing; the width-1 quirk repeats
+// one window), so a row's taps are still in the ring when it is finished. The working set is a
+// few rows per view whatever the band size: it stays in the core's cache beside the crop rows
+// being written.
 void run_input_band(const Job& job, const View* views, int64_t r0, int64_t r1, Scratch& s) {
-  int64_t first[2], last[2], need[2];
-  int64_t hi = r0;
+  // FMA-tail builds on x86: W pass by blocks of eight rows (block_to_unit, resize_block_w),
+  // whose float copy of a block takes 96 bytes per input column; wider inputs (slivers) go
+  // row by row at 12 bytes per column.
+  constexpr int64_t kBlock = 8, kBlockMaxWidth = 1 << 16;
+#if defined(__x86_64__) || defined(__i386__)
+  const bool blocks = job.fma_tail && job.in_w <= kBlockMaxWidth;
+#else
+  const bool blocks = false;
+#endif
+  int64_t next[2], last[2], lo[2], need[2], cap[2];
+  int64_t from = r1, hi = r0;
   for (int v = 0; v < 2; ++v) {
-    const auto& st = views[v].rows.start;
+    const Axis& rows = views[v].rows;
+    const auto& st = rows.start;
     // start is non-decreasing in the output row, so the rows owned here are one range.
-    first[v] = std::lower_bound(st.begin(), st.end(), r0) - st.begin();
+    next[v] = std::lower_bound(st.begin(), st.end(), r0) - st.begin();
     last[v] = std::lower_bound(st.begin(), st.end(), r1) - st.begin();
-    need[v] = r0;
-    for (int64_t i = first[v]; i < last[v]; ++i)
-      need[v] = std::max(need[v], st[i] + views[v].rows.count[i]);
+    lo[v] = next[v] < last[v] ? st[next[v]] : r1;
+    need[v] = lo[v];
+    for (int64_t i = next[v]; i < last[v]; ++i)
+      need[v] = std::max(need[v], st[i] + std::max<int64_t>(rows.count[i], 1));
+    from = std::min(from, lo[v]);
     hi = std::max(hi, need[v]);
-    s.band[v].resize((need[v] - r0) * views[v].new_w * 3 + 4);
+    // blocks: eight rows arrive at once; rows: resize_row_w's last pixel writes one float past
+    // the row, into the next slot, whose row (the one `taps` back) is never needed again
+    cap[v] = std::max<int64_t>(rows.taps, 1) + (blocks ? kBlock : 1);
+    s.ring[v].resize(cap[v] * views[v].new_w * 3 + 4);
   }
+  s.taps.resize(std::max(cap[0], cap[1]));
+  // Finish view v's owned output rows whose last tap is an input row <= r.
+  auto emit = [&](int v, int64_t r) {
+    const View& view = views[v];
+    const Axis& rows = view.rows;
+    const int64_t nw3 = view.new_w * 3;
+    for (; next[v] < last[v]; ++next[v]) {
+      const int64_t i = next[v], st = rows.start[i], n = std::max<int64_t>(rows.count[i], 1);
+      if (st + n - 1 > r) break;  // its last tap is still to come
+      for (int64_t j = 0; j < n; ++j)
+        s.taps[j] = s.ring[v].data() + ((st + j) % cap[v]) * nw3;
+      s.acc.resize(nw3 + 4);
+      resize_h(job, s.taps.data(), rows.w.data() + i * rows.taps, rows.count[i], nw3,
+               s.acc.data());
+      finish_row(job, view, view.top + i, s.acc.data(), s.row);
+    }
+  };
   const int64_t in_w = job.in_w;
+#if defined(__x86_64__) || defined(__i386__)
+  if (blocks) {
+    s.tin.resize(in_w * 3 * kBlock);
+    s.tout.resize(std::max(views[0].new_w, views[1].new_w) * 3 * kBlock);
+    for (int64_t r = from; r < hi; r += kBlock) {
+      const uint8_t* src[kBlock];
+      for (int64_t l = 0; l < kBlock; ++l)
+        src[l] = r + l < hi ? job.src + (r + l) * in_w * 3 : nullptr;
+      block_to_unit(src, in_w * 3, s.tin.data(), job.newton);
+      const int64_t end = std::min(r + kBlock, hi);  // rows [r, end) are real
+      for (int v = 0; v < 2; ++v) {
+        if (end <= lo[v] || r >= need[v]) continue;
+        const View& view = views[v];
+        const int64_t nw3 = view.new_w * 3;
+        resize_block_w(s.tin.data(), view.cols, s.tout.data());
+        float* dst[kBlock];
+        for (int64_t l = 0; l < kBlock; ++l)
+          dst[l] = s.ring[v].data() + ((r + l) % cap[v]) * nw3;
+        block_to_rows(s.tout.data(), nw3, dst);
+        emit(v, end - 1);
+      }
+    }
+    return;
+  }
+#endif
   const int64_t max_taps = std::max(views[0].cols.taps, views[1].cols.taps);
   s.line.assign((in_w + max_taps + 2) * 3, 0.0f);  // zero tail for padded taps
-  for (int64_t r = r0; r < hi; ++r) {
+  for (int64_t r = from; r < hi; ++r) {
     to_unit(job.src + r * in_w * 3, s.line.data(), in_w * 3);
-    for (int v = 0; v < 2; ++v)
-      if (r < need[v])
-        resize_w(job, s.line.data(), views[v].cols, views[v].new_w,
-                 s.band[v].data() + (r - r0) * views[v].new_w * 3);
-  }
-  for (int v = 0; v < 2; ++v) {
-    const View& view = views[v];
-    const int64_t nw3 = view.new_w * 3, taps = view.rows.taps;
-    s.acc.resize(nw3 + 4);
-    float* a = s.acc.data();
-    for (int64_t i = first[v]; i < last[v]; ++i) {
-      resize_h(job, s.band[v].data() + (view.rows.start[i] - r0) * nw3,
-                   view.rows.w.data() + i * taps, view.rows.count[i], nw3, a);
-      finish_row(job, view, view.top + i, a, s.row);
+    for (int v = 0; v < 2; ++v) {
+      if (r < lo[v] || r >= need[v]) continue;
+      const View& view = views[v];
+      float* out = s.ring[v].data() + (r % cap[v]) * view.new_w * 3;
+#if defined(__x86_64__) || defined(__i386__)
+      if (job.fma_tail)
+        resize_row_w_fma(s.line.data(), view.cols, view.new_w, out);
+      else
+#endif
+        resize_row_w(s.line.data(), view.cols, view.new_w, out);
+      emit(v, r);
     }
   }
 }
@@ -507,6 +687,12 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
   job.patch = patch;
   job.normalize = normalize;
   job.fma_tail = aten_fma_tail();
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool newton = job.fma_tail && newton_div255_exact();
+  job.newton = newton;
+#else
+  job.newton = false;
+#endif
   job.images = images.data_ptr<float>();
   job.patches_per_side = pps;
   for (int c = 0; c < 3; ++c) {
@@ -537,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
     v.rows = aa_axis(job.in_h, nh);
     v.cols = aa_axis(job.in_w, nw);
     if (nw == 1 && nh != job.in_h) torch_width1_rows(v.rows);
-    if (job.fma_tail) make_pair_weights(v.cols);
+    if (job.fma_tail) make_groups(v.cols);
     return v;
   };
   // The global view is crop 0, the tiles follow row-major.
