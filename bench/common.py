@@ -82,7 +82,10 @@ def time_fn(fn, *, warmup: int = 3, reps: int = 20, min_seconds: float = 0.0) ->
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    # "inclusive": within the samples' range (the default extrapolates past it on few samples,
+    # down to a negative p20 when one rep is an outlier)
+    q = (statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1
+         else samples * 9)
     return Timing(statistics.median(samples), q[1], q[7])
 
 

@@ -36,6 +36,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
 #include <exception>
 #include <mutex>
 #include <cmath>
@@ -649,6 +651,89 @@ void run_input_band(const Job& job, const View* views, int64_t r0, int64_t r1, S
   }
 }
 
+// A unit of work: view -1 finishes the output rows whose first tap is an input row in [a, b)
+// (run_input_band); view v >= 0 finishes view v's padding rows [a, b).
+struct Item {
+  int view;
+  int64_t a, b;
+};
+
+// Each thread's scratch lives as long as the thread: the calling thread's, and those of torch's
+// inter-op pool (below), so a call allocates nothing but its outputs. Buffers that grew past
+// kKeepBytes (inputs of tens of thousands of columns) are released after the call.
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+void trim_scratch(Scratch& s) {
+  constexpr size_t kKeepBytes = size_t{16} << 20;
+  size_t bytes = (s.line.capacity() + s.row.capacity() + s.acc.capacity() + s.tin.capacity() +
+                  s.tout.capacity() + s.ring[0].capacity() + s.ring[1].capacity()) *
+                 sizeof(float);
+  if (bytes > kKeepBytes) s = Scratch();
+}
+
+// The items, taken in turn by the calling thread and threads-1 tasks on torch's inter-op pool
+// (at::launch: threads that persist across calls, unlike threads started per call, which cost
+// a clone, a fresh stack and page faults every call; at::parallel_for is inlined from headers
+// and in an OpenMP build of torch takes effect only in code compiled with -fopenmp, which would
+// link a second OpenMP runtime). Items are claimed from an atomic counter, so the caller alone
+// finishes them if the pool is busy; it returns when every item is done. A task that starts
+// after that finds nothing to claim and touches nothing but the shared counters it co-owns.
+void run_items(const Job& job, const View* views, const std::vector<Item>& items,
+               int64_t threads) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<bool> stop{false};
+    int64_t n = 0;
+    const Job* job = nullptr;
+    const View* views = nullptr;
+    const Item* items = nullptr;
+    std::mutex lock;
+    std::condition_variable all_done;
+    std::exception_ptr failed;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->n = static_cast<int64_t>(items.size());
+  shared->job = &job;
+  shared->views = views;
+  shared->items = items.data();
+  auto work = [](Shared& st) {
+    Scratch& scratch = thread_scratch();
+    for (int64_t k = st.next++; k < st.n; k = st.next++) {
+      if (!st.stop.load()) {
+        try {
+          const Item& it = st.items[k];
+          if (it.view < 0) {
+            run_input_band(*st.job, st.views, it.a, it.b, scratch);
+          } else {
+            for (int64_t y = it.a; y < it.b; ++y)
+              finish_row(*st.job, st.views[it.view], y, nullptr, scratch.row);
+          }
+        } catch (...) {  // bad_alloc: the rest is skipped, the caller rethrows it
+          std::lock_guard<std::mutex> guard(st.lock);
+          if (!st.failed) st.failed = std::current_exception();
+          st.stop = true;
+        }
+      }
+      if (++st.done == st.n) {
+        std::lock_guard<std::mutex> guard(st.lock);
+        st.all_done.notify_all();
+      }
+    }
+    trim_scratch(scratch);
+  };
+  for (int64_t t = 1; t < std::min(threads, shared->n); ++t)
+    at::launch([shared, work] { work(*shared); });
+  work(*shared);
+  {
+    std::unique_lock<std::mutex> guard(shared->lock);
+    shared->all_done.wait(guard, [&] { return shared->done.load() == shared->n; });
+  }
+  if (shared->failed) std::rethrow_exception(shared->failed);
+}
+
 std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
     const at::Tensor& image, c10::IntArrayRef canvas, c10::IntArrayRef canvas_resized,
     c10::IntArrayRef global_resized, c10::IntArrayRef tiling, int64_t crop, int64_t stride,
@@ -734,13 +819,16 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
   // Work items: bands of input rows (each finishes the output rows whose first tap it holds,
   // for both views), then chunks of padding rows. Items differ in cost (a band of a view that
   // is only padded costs nothing), so threads take the next item as they finish one instead of
-  // a fixed share: about eight bands per thread keeps the tail short; each band re-reads the
-  // taps of its last rows (a few rows), which bounds how small bands are worth making.
-  struct Item { int view; int64_t a, b; };  // view -1: input rows [a, b); else pad rows
+  // a fixed share: BANDS_PER_THREAD bands per thread keep the tail short; each band re-reads
+  // the taps of its last rows (up to a row block more), which bounds how small bands are worth
+  // making.
   std::vector<Item> items;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t band_rows =
-      std::clamp<int64_t>((job.in_h + 8 * threads - 1) / (8 * threads), 16, 256);
+#ifndef BANDS_PER_THREAD
+#define BANDS_PER_THREAD 4
+#endif
+  const int64_t per = BANDS_PER_THREAD * threads;
+  const int64_t band_rows = std::clamp<int64_t>((job.in_h + per - 1) / per, 32, 512);
   for (int64_t r = 0; r < job.in_h; r += band_rows)
     items.push_back({-1, r, std::min(r + band_rows, job.in_h)});
   for (int v = 0; v < 2; ++v) {
@@ -749,37 +837,7 @@ std::tuple<at::Tensor, at::Tensor> preprocess_crops_cpu(
                           std::pair<int64_t, int64_t>{view.top + view.new_h, view.out_h}})
       for (int64_t y = y0; y < y1; y += 64) items.push_back({v, y, std::min(y + 64, y1)});
   }
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  // Threads of our own, as many as torch's intra-op setting (torch.set_num_threads): ATen's
-  // at::parallel_for is inlined from headers, and in an OpenMP build of torch its pragma only
-  // takes effect in code compiled with -fopenmp, which would link a second OpenMP runtime
-  // beside torch's bundled one. One spare thread costs ~20 us to start.
-  std::atomic<int64_t> next{0};
-  std::exception_ptr failed;
-  std::mutex failed_lock;
-  auto work = [&] {
-    try {
-      Scratch scratch;
-      for (int64_t k = next++; k < n_items; k = next++) {
-        const Item& it = items[k];
-        if (it.view < 0) {
-          run_input_band(job, views, it.a, it.b, scratch);
-        } else {
-          for (int64_t y = it.a; y < it.b; ++y)
-            finish_row(job, views[it.view], y, nullptr, scratch.row);
-        }
-      }
-    } catch (...) {  // bad_alloc: stop the others too, report it from the calling thread
-      next = n_items;
-      std::lock_guard<std::mutex> guard(failed_lock);
-      if (!failed) failed = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < std::min(threads, n_items); ++t) helpers.emplace_back(work);
-  work();
-  for (auto& t : helpers) t.join();
-  if (failed) std::rethrow_exception(failed);
+  run_items(job, views, items, threads);
 
   // Masks (tiles only, legacy order): valid rows x valid columns of each patch, / p*p.
   const View& cv = views[1];

@@ -192,6 +192,29 @@ def test_threads_and_concurrent_calls():
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
+def test_works_in_a_forked_child():
+    """The op's helper threads come from torch's inter-op pool: a process forked after using
+    them (a DataLoader worker) still gets the same result with 2 threads, and does not hang."""
+    code = """
+import os, numpy as np, torch
+torch.set_num_threads(2)
+from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
+s, ids = ImageSettings(), ImageTokenIds(1, 2, 3, 4)
+img = np.random.default_rng(0).integers(0, 256, (700, 1300, 3), dtype=np.uint8)
+a = preprocess_image(img, s, ids, backend="native").images
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(2)
+    b = preprocess_image(img, s, ids, backend="native").images
+    os._exit(0 if torch.equal(a, b) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    r = _run(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "child 0" in r.stdout, r.stdout
+
+
 def test_op_refuses_bad_arguments():
     img = torch.zeros(10, 10, 3, dtype=torch.uint8)
     args = dict(canvas=[336, 336], canvas_resized=[10, 10], global_resized=[10, 10],
