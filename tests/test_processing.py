@@ -316,3 +316,19 @@ def test_tiles_are_exact_canvas_windows():
             assert np.array_equal(tile, want[224 * i: 224 * i + 336, 224 * j: 224 * j + 336]), (i, j)
     # No padding anywhere on the canvas: every tile mask is 1 (then the legacy -1 row).
     assert (out.image_masks[:6] == 1).all() and (out.image_masks[6] == -1).all()
+
+
+def test_token_layout_cache_hands_out_copies():
+    """Tokens and feature positions are built once per layout and cached; each call gets arrays
+    of its own, so a caller that edits them cannot change what the next image of that size gets."""
+    from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
+    settings, ids = ImageSettings(), ImageTokenIds(start=1, end=2, patch=3, col=4)
+    img = np.zeros((300, 500, 3), dtype=np.uint8)
+    a = preprocess_image(img, settings, ids, backend="python")
+    want_tokens, want_idx = a.tokens.copy(), a.image_input_idx.copy()
+    a.tokens[:] = -7
+    a.image_input_idx[:] = -7
+    b = preprocess_image(img, settings, ids, backend="python")
+    assert np.array_equal(b.tokens, want_tokens)
+    assert np.array_equal(b.image_input_idx, want_idx)
+    assert b.tokens.flags.writeable and b.image_input_idx.flags.writeable

@@ -17,6 +17,7 @@ Dp pixels per patch (14*14*3 = 588); K pooled tokens per crop (12*12 = 144); C c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -250,16 +251,25 @@ def resize_and_pad(image_HWC: np.ndarray, target: tuple[int, int], settings: Ima
     return out_HWC, mask_HW
 
 
+@functools.lru_cache(maxsize=64)
+def _tiling_candidates(window: int, max_crops: int) -> tuple[list, np.ndarray]:
+    """Every (i, j) with i * j <= max_crops, by crop count then rows, and their sizes in pixels
+    (read-only): O(max_crops log max_crops) pairs, not max_crops**2; built once per geometry,
+    not per image (select_tiling runs for every request)."""
+    pairs = ((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops // i + 1))
+    tilings = sorted(pairs, key=lambda t: (t[0] * t[1], t[0]))
+    cand_N2 = np.array(tilings, dtype=np.int32) * window
+    cand_N2.flags.writeable = False
+    return tilings, cand_N2
+
+
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
     """(rows, cols) of tiles for an image whose margin-reduced size is h x w (§4.3).
 
     h and w may be <= 0 for images under 112 px: float32 division then yields inf or negative
     scales, which the rules below handle just as the released code does.
     """
-    # All (i, j) with i * j <= max_crops: O(max_crops log max_crops) pairs, not max_crops**2.
-    pairs = ((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops // i + 1))
-    tilings = sorted(pairs, key=lambda t: (t[0] * t[1], t[0]))
-    cand_N2 = np.array(tilings, dtype=np.int32) * window
+    tilings, cand_N2 = _tiling_candidates(window, max_crops)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale_N2 = cand_N2.astype(np.float32) / np.array([h, w], dtype=np.float32)
     scale_N = scale_N2.min(axis=-1)
@@ -385,10 +395,22 @@ def preprocess_image(image_HWC: np.ndarray, settings: ImageSettings, ids: ImageT
         images_TPD, masks_TP = _crops_python(image_HWC, size, layout, settings, device)
     else:
         images_TPD, masks_TP = _crops_op(image_HWC, size, layout, settings, device)
+    tokens, input_idx = _token_layout(layout, settings, ids)
+    # copies: the caller owns what it is given (the cached arrays are read-only)
+    return ImageInputs(images=images_TPD, image_masks=masks_TP, image_input_idx=input_idx.copy(),
+                       tokens=tokens.copy(), layout=layout)
+
+
+@functools.lru_cache(maxsize=256)
+def _token_layout(layout: Layout, settings: ImageSettings,
+                  ids: ImageTokenIds) -> tuple[np.ndarray, np.ndarray]:
+    """image_tokens and image_input_idx of a layout (no pixels involved), read-only: images of
+    one size, as a camera or a batch sends them, reuse them instead of rebuilding them."""
     tokens = image_tokens(layout, settings, ids)
-    return ImageInputs(images=images_TPD, image_masks=masks_TP,
-                       image_input_idx=image_input_idx(tokens, layout, settings, ids),
-                       tokens=tokens, layout=layout)
+    input_idx = image_input_idx(tokens, layout, settings, ids)
+    tokens.flags.writeable = False
+    input_idx.flags.writeable = False
+    return tokens, input_idx
 
 
 def canvas_size(layout: Layout, settings: ImageSettings) -> tuple[int, int]:
