@@ -19,14 +19,18 @@
 //      division of an exact integer count), in the legacy order: tile masks first, then a row of
 //      -1 (spec 4.5). Here: from the geometry, without touching pixels.
 //
-// Work is split into bands of output rows (of the tile canvas and of the global view); a band
-// resizes along W only the input rows its output rows read, so memory stays at a few bands per
-// thread whatever the input size. Bands run in parallel on torch.get_num_threads() threads.
+// Work is split into bands of input rows, each finishing the output rows (of both views) whose
+// first tap it holds, streamed through a ring of a few resized rows per view (run_input_band);
+// bands run on the calling thread and torch's inter-op pool (run_items). On x86 builds of
+// torch that round with an FMA tail the W pass runs on blocks of eight rows, one row per
+// vector lane (block_to_unit, resize_block_w, block_to_rows); finished rows reach the crops a
+// patch row at a time (Stage). docs/preprocessing.md explains each choice and its measured
+// effect.
 //
-// Exactness: every float operation is the one the Python path performs, in the same order, so
-// results differ only where the compiler of ATen contracted a multiply-add into an FMA (one
-// rounding instead of two). This file is built with -ffp-contract=off; tests bound the
-// difference (<= 1e-6 on pixels, masks exact).
+// Exactness: every float operation is the one the Python path performs, in the same order,
+// rounded as ATen's running build rounds it (plain_steps): bit for bit on x86, tested under
+// each ATen capability. This file is built with -ffp-contract=off; elsewhere the contract is
+// 1e-6 on pixels, masks exact.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Version.h>
