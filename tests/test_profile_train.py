@@ -54,9 +54,12 @@ def test_cli_writes_json_and_trace_with_sane_figures(tmp_path, capsys):
         report["trainable_tensors"] > 0
     trace = r["profile"]["trace"]
     with open(trace) as fh:
-        assert json.loads(fh.read())["traceEvents"]
-    assert 0 < len(r["profile"]["rows"]) <= 6
-    assert any("mm" in row["name"] for row in r["profile"]["rows"])
+        events = json.loads(fh.read())["traceEvents"]
+    # the trace holds the step's matmuls (which ops make the time-ranked top 6 of a tiny model
+    # on a shared CPU varies from run to run: a test must not depend on it)
+    assert any("mm" in str(ev.get("name", "")) for ev in events)
+    rows = r["profile"]["rows"]
+    assert 0 < len(rows) <= 6 and all(row["name"] for row in rows)
     m = report["moe_layer"]
     assert m["tokens"] == 64 and m["ours"]["reference"]["p50_ms"] > 0
     assert "megablocks" in m and ("skipped" in m["megablocks"] or "ms" in m["megablocks"])
