@@ -55,7 +55,8 @@ num_stages=3"); the interpreter uses one small fixed config. The dq kernel has i
 
 Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
 Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
-accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU. Inputs
+accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU (its
+tiles are small to stay spill-free: 32 x 32 at Dh 64, 16 x 16 at Dh 128). Inputs
 without a unit stride on Dh are copied (other strides are passed through). Holes in the key padding (not leading / trailing) are masked, not skipped.
 With image blocks, a key tile past the causal limit is visited if a block id in the query tile's
 [min, max] id range occurs in it (a range test: a conservative skip with many interleaved
@@ -88,12 +89,14 @@ def kernel_configs(on_gpu: bool, backward: bool = False,
                    dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Candidate tile configs. The interpreter gets one small one so tests stay fast; its
     BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles. fp32 (IEEE dots,
-    run as FMAs with the operands in registers) gets 32 x 32 tiles on 8 warps only."""
+    run as FMAs with the operands in registers) gets 32 x 32 and 16 x 16 tiles on 8 warps only
+    (`fits` keeps 16 x 16 alone at Dh 128)."""
     if not on_gpu:
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
     if dtype == torch.float32:
-        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=s) for s in (2, 3)]
+        return [dict(BLOCK_M=t, BLOCK_N=t, num_warps=8, num_stages=s)
+                for t in (32, 16) for s in (2, 3)]
     if backward:
         # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
         # 32x64 even kept 16 B of stack there.
@@ -126,11 +129,15 @@ def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> boo
     bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
     smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
     if elem_bytes == 4:
-        # fp32: IEEE dots run as FMAs. Compiled for sm_90 (every mask on), 32 x 32 on 8 warps
-        # is spill-free at Dh 64 in all three kernels; 64 x 64 spilled 664..2056 B there. At
-        # Dh 128 every tile tried spilled (16x32 .. 64x64; 32 x 32 on 8 warps the least,
-        # 160..392 B): fp32 there is a correctness path, not a fast one.
-        return smem <= SMEM_LIMIT and bm * bn <= 32 * 32 and warps == 8
+        # fp32: IEEE dots run as FMAs, each thread holding its rows of q and columns of k over
+        # the whole head dim, so the score tile per thread is what spills. Compiled for sm_90
+        # (every mask on and none), 32 x 32 on 8 warps is spill-free at Dh 64 in all three
+        # kernels; 64 x 64 spilled 664..2056 B there. At Dh 128, 32 x 32 on 8 warps spilled
+        # 160..688 B (fwd, dq, dk/dv), and so did 16 x 32, 32 x 16 and 16 x 16 on 2, 4 or 16
+        # warps; 16 x 16 on 8 warps is the one tile found spill-free in all three (200..217
+        # registers, 2 or 3 stages). fp32 is a correctness path, not a fast one.
+        return smem <= SMEM_LIMIT and warps == 8 and \
+            bm * bn <= (32 * 32 if head_dim <= 64 else 16 * 16)
     if backward:
         regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
     else:
@@ -138,8 +145,10 @@ def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> boo
         # memory only, no pointer tile in registers, so the accumulator and the scores alone
         # count. Compiled for sm_90 with TMA, 128 x 128 on 8 warps took 195..223 registers at
         # Dh 128 (no spill) where the pointer loads spilled 16 B (masks). One warpgroup (4
-        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks).
-        regs_ok = (bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
+        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks), and
+        # at most 64 x 64 scores: 64 x 128 at Dh 64 spilled 456..472 B (masks).
+        regs_ok = ((bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
+                   and (warps >= 8 or bm * bn <= 64 * 64))
     return smem <= SMEM_LIMIT and regs_ok
 
 
@@ -181,14 +190,16 @@ def dq_configs(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
 def fits_dq(c: dict, head_dim: int, elem_bytes: int) -> bool:
     """dq holds q, do and the dq accumulator (BM x Dh each) and one step's scores (BM x BN):
     within 160 values a thread (compiled for sm_90 at Dh 128, masks on: 128 x 64 on 8 warps
-    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B),
-    64 rows per warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
+    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B;
+    at Dh 64 it spilled 552 B, so one warpgroup takes at most 64 x 64 scores), 64 rows per
+    warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
     if elem_bytes == 4:
         return fits(c, head_dim, elem_bytes, backward=True)
     bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
     smem = (2 * bn * c["num_stages"] + 2 * bm) * head_dim * elem_bytes
     return (smem <= SMEM_LIMIT and bm >= 16 * warps
-            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps)
+            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps
+            and (warps >= 8 or bm * bn <= 64 * 64))
 
 
 def _dq_pin(ctx: dict) -> dict:
