@@ -95,8 +95,8 @@ def kernel_configs(on_gpu: bool, backward: bool = False,
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
     if dtype == torch.float32:
-        return [dict(BLOCK_M=t, BLOCK_N=t, num_warps=8, num_stages=s)
-                for t in (32, 16) for s in (2, 3)]
+        # 2 stages: with 3, 32 x 32 (fwd) and 16 x 16 (dq) at Dh 64 kept 8 B of stack
+        return [dict(BLOCK_M=t, BLOCK_N=t, num_warps=8, num_stages=2) for t in (32, 16)]
     if backward:
         # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
         # 32x64 even kept 16 B of stack there.
@@ -472,12 +472,20 @@ def _backward(ctx, do, _dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _scale(q, scale) -> float:
+    """1 / sqrt(Dh) unless given; positive and finite (the kernels take the row max of the raw
+    scores and scale it, which is the max of the scaled scores only for a positive scale)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"attention: scale must be positive and finite, got {scale}")
+    return scale
+
+
 def attention(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None,
               cu_seqlens=None, scale=None):
     """q (B, Hq, Sq, Dh), k/v (B, Hkv, Sk, Dh) -> (B, Hq, Sq, Dh); contract in the header."""
     _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _scale(q, scale)
     o, _lse = _attention_op(q, k, v, image_block_ids, key_padding_mask, cu_seqlens,
                             bool(causal), float(scale))
     return o
@@ -489,7 +497,7 @@ def attention_tile_counts(q, k, v, *, causal=True, image_block_ids=None, key_pad
     tiles per (batch, q head, query tile), (BLOCK_M, BLOCK_N)). backward=True: (dk, (query
     head, query tile) pairs the dk/dv kernel computed per (batch, kv head, key tile), tiles)."""
     _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _scale(q, scale)
     masks = (image_block_ids, key_padding_mask, cu_seqlens)
     o, lse, counts = _launch_fwd(q, k, v, *masks, bool(causal), scale, count_tiles=True)
     on_gpu = not on_interpreter(q.device)

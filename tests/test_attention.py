@@ -540,6 +540,32 @@ def test_dq_runs_on_wgmma_at_head_dim_128(sm90):
                 (case.name, sm90[case.name])
 
 
+def test_softmax_scale_is_one_fma_and_unguarded_without_masks(sm90):
+    # Issue 15: the scale is not a pass over the score tile of its own: every kernel computes
+    # exp2(fma(s, scale * log2 e, -max)) (fwd) / exp2(fma(s, c, -lse)) (dq, dk/dv), one math.fma
+    # per stage in the IR. The forward's guard against a row max of -inf (`m == -inf`, a float
+    # equality compare and select per row and tile) is compiled only where a row can have no key
+    # (packed sequences, key padding); plain causal, image blocks and the ViT have none.
+    for case in sm90_cases():
+        r, c = sm90[case.name], case.consts
+        assert r["fma"] >= 1, (case.name, r)
+        if case.name.startswith("fwd_"):
+            if c["HAS_SEQ"] or c["HAS_KPM"]:
+                assert r["cmpf_oeq"] >= 1, (case.name, r)  # the guard is there where needed
+            else:
+                assert r["cmpf_oeq"] == 0, (case.name, r)
+    unmasked = [c for c in sm90_cases() if c.name.startswith("fwd_") and not c.consts["HAS_KPM"]]
+    assert {c.consts["CAUSAL"] for c in unmasked} == {True, False}
+
+
+def test_scale_must_be_positive():
+    # The kernels scale the raw row max (max(s) * c == max(s * c) only for c > 0).
+    q, k, v, _ = make(1, 2, 2, 8, 8, 16, torch.float32)
+    for bad in (0.0, -0.125, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            attention(q, k, v, scale=bad)
+
+
 def test_dq_has_its_own_pinnable_tile(monkeypatch):
     from molmoe.kernels.attention import dq_config
 
