@@ -34,8 +34,9 @@ log2 e folded into the scale). Tiles a mask makes empty are skipped, not compute
   torch ops on the device: no host synchronisation, so the launch can be graph-captured.
   `attention_tile_counts` returns how many tiles each program computed (a constexpr-guarded
   debug counter), which the tests compare with a brute-force count of non-empty tiles.
-Backward, FlashAttention-2 style: delta = rowsum(o * do) (fp32), then two kernels, neither with
-atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
+Backward, FlashAttention-2 style: delta = rowsum(o * do) in fp32 by a small kernel of its own
+(`attention_delta`, reference `attention_delta_ref`: o and do read once in their dtype, no fp32
+copies), then two kernels, neither with atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
 summing its G query heads in registers, over the query tiles that reach it (causal onward, back
 to the first token of any image block in the key tile, within its sequence).
 
@@ -75,8 +76,8 @@ from molmoe.ops import attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
                                     ensure_tma_allocator, on_interpreter, parse_tile_config,
                                     tma_ok)
-from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                              _attn_fwd_kernel)
+from molmoe.kernels.attention_kernels import (_attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel,
+                                              _attn_bwd_dq_kernel, _attn_fwd_kernel)
 
 
 _CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
@@ -381,6 +382,34 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     return o, lse, counts
 
 
+def attention_delta_ref(o, do):
+    """delta (B, Hq, Sq) fp32 = rowsum(o * do), FlashAttention-2's backward preprocessing
+    (delta_i = sum_d o_id do_id = sum_j p_ij dp_ij): the reference of `attention_delta`."""
+    return (o.float() * do.float()).sum(-1)
+
+
+def delta_block_m(head_dim: int) -> int:
+    """Rows per program of the delta kernel: 2048 elements of o and of do per 4-warp program
+    (16 values a thread each, for any head dim). A fixed tile, not a tuned one: the kernel reads
+    each element once, and its only choice is how much of a row block one program holds."""
+    return max(1, 2048 // head_dim)
+
+
+def attention_delta(o, do):
+    """`attention_delta_ref` as one Triton kernel: o and do (B, Hq, Sq, Dh) read once in their
+    dtype (any strides with a unit head-dim stride), fp32 accumulation, delta contiguous."""
+    B, Hq, Sq, Dh = o.shape
+    o, do = _unit_stride(o), _unit_stride(do)
+    delta = torch.empty(B, Hq, Sq, device=o.device, dtype=torch.float32)
+    if delta.numel() == 0:
+        return delta
+    block_m = delta_block_m(Dh)
+    _attn_bwd_delta_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), Hq, Sq, HEAD_DIM=Dh, BLOCK_M=block_m, num_warps=4)
+    return delta
+
+
 def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens, causal,
                 scale, counts=None):
     B, Hq, Sq, Dh = q.shape
@@ -392,8 +421,7 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if Sq == 0:
         return dq, dk.zero_(), dv.zero_()
-    # FlashAttention-2 preprocessing: delta_i = sum_d o_id do_id = sum_j p_ij dp_ij, in fp32.
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, Hq, Sq)
+    delta = attention_delta(o, do)  # (B, Hq, Sq) fp32
     meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
     flags = dict(G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  CAUSAL=causal, HAS_BLOCKS=causal and image_block_ids is not None,

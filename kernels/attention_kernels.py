@@ -271,6 +271,27 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s,
+                           Hq, Sq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """FlashAttention-2's preprocessing: delta_i = sum_d o_id do_id (= sum_j p_ij dp_ij), in
+    fp32, for BLOCK_M rows of one (batch, q head); delta is (B, Hq, Sq) contiguous. Reads o and
+    do once in their own dtype (no fp32 copies of them)."""
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq
+    dims = tl.arange(0, HEAD_DIM)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)  # int64 bases, as the other kernels
+    o = tl.load(o_ptr + (b64 * so_b + h64 * so_h) + rows[:, None] * so_s + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + (b64 * sdo_b + h64 * sdo_h) + rows[:, None] * sdo_s + dims[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * Sq + rows, delta, mask=row_ok)
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos,
              q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,

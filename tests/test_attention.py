@@ -365,7 +365,7 @@ def sm90_cases():
     candidate each kernel's tile policy keeps for bf16, fp16 and fp32 at Dh 64 and 128;
     compiled by tests/sm90.py."""
     from molmoe.kernels import attention_kernels as K
-    from molmoe.kernels.attention import POLICIES
+    from molmoe.kernels.attention import POLICIES, delta_block_m
     from tests.sm90 import Case
 
     types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "scale": "fp32"}
@@ -432,6 +432,14 @@ def sm90_cases():
             cases.append(Case(name, fn, consts, num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"], types={**types, **ptr_types, **io},
                               divisible=strides))
+    # The backward's delta = rowsum(o * do) kernel, at its fixed tile, each dtype and head dim.
+    for dname, elem in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32")):
+        for Dh in (64, 128):
+            cases.append(Case(f"delta_d{Dh}_{dname}", K._attn_bwd_delta_kernel,
+                              dict(HEAD_DIM=Dh, BLOCK_M=delta_block_m(Dh)), num_warps=4,
+                              types=dict(o_ptr=elem, do_ptr=elem, delta_ptr="*fp32"),
+                              divisible=frozenset({"so_b", "so_h", "so_s", "sdo_b", "sdo_h",
+                                                   "sdo_s"})))
     return cases
 
 
@@ -547,6 +555,8 @@ def test_softmax_scale_is_one_fma_and_unguarded_without_masks(sm90):
     # equality compare and select per row and tile) is compiled only where a row can have no key
     # (packed sequences, key padding); plain causal, image blocks and the ViT have none.
     for case in sm90_cases():
+        if case.name.startswith("delta_"):
+            continue
         r, c = sm90[case.name], case.consts
         assert r["fma"] >= 1, (case.name, r)
         if case.name.startswith("fwd_"):
@@ -556,6 +566,41 @@ def test_softmax_scale_is_one_fma_and_unguarded_without_masks(sm90):
                 assert r["cmpf_oeq"] == 0, (case.name, r)
     unmasked = [c for c in sm90_cases() if c.name.startswith("fwd_") and not c.consts["HAS_KPM"]]
     assert {c.consts["CAUSAL"] for c in unmasked} == {True, False}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_kernel_matches_its_reference(dtype):
+    # delta = rowsum(o * do) in fp32 (the backward's preprocessing) by its own kernel: one row,
+    # rows not a multiple of its tile (16 at Dh 128, 32 at Dh 64), transposed (strided) views
+    from molmoe.kernels.attention import attention_delta, attention_delta_ref, delta_block_m
+
+    g = torch.Generator().manual_seed(11)
+    for B, H, S, Dh in ((1, 1, 1, 16), (2, 3, 37, 64), (1, 2, 45, 128), (1, 2, 3, 256)):
+        o, do = (torch.randn(B, S, H, Dh, generator=g).to(DEV, dtype).transpose(1, 2)
+                 for _ in range(2))
+        if S > 1:  # what each shape is for
+            assert S % delta_block_m(Dh) and not o.is_contiguous()
+        got = attention_delta(o, do)
+        want = attention_delta_ref(o, do)
+        assert got.dtype == torch.float32 and got.shape == (B, H, S) and got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-5 * Dh ** 0.5, rtol=1e-5)
+    assert attention_delta(o[:, :, :0], do[:, :, :0]).shape == (B, H, 0)
+
+
+def test_backward_takes_delta_from_the_kernel(monkeypatch):
+    # The backward calls attention_delta once (no fp32 copies of o and do in torch); a wrong
+    # delta must show in dq / dk (so the gradients test the kernel's delta, not a recompute).
+    from molmoe.kernels import attention as A
+
+    q, k, v, do = make(1, 2, 1, 20, 20, 16, torch.float32, seed=3)
+    calls, real = [], A.attention_delta
+    monkeypatch.setattr(A, "attention_delta", lambda o, d: calls.append(1) or real(o, d))
+    got = run_kernel(q, k, v, do, causal=True)
+    assert calls == [1]
+    monkeypatch.setattr(A, "attention_delta", lambda o, d: real(o, d) + 1.0)
+    wrong = run_kernel(q, k, v, do, causal=True)
+    assert torch.equal(got[0], wrong[0]) and torch.equal(got[3], wrong[3])  # o, dv: no delta
+    assert not torch.allclose(got[1], wrong[1]) and not torch.allclose(got[2], wrong[2])
 
 
 def test_scale_must_be_positive():
@@ -598,9 +643,13 @@ def test_kernels_do_not_spill_on_h100(sm90):
     assert any("_fp32_16x16_" in n and n.startswith("dkdv_d128") for n in names)
     for case in sm90_cases():
         r = sm90.get(case.name)
+        if case.name.startswith("delta_"):  # no GEMM, no loop to pipeline
+            check(r, case.name)
+            continue
         fp32 = "_fp32_" in case.name  # IEEE dots: FMAs, no tensor cores
         check(r, case.name, tensor_core=None if fp32 else "mma_any", cp_async=True)
         assert r["shared"] <= SMEM_LIMIT
+    assert len([c for c in sm90_cases() if c.name.startswith("delta_")]) == 6
 
 
 # ----------------------------------------------------------------------------- model
