@@ -93,8 +93,8 @@ def resources(compiled) -> dict:
 def summarize(compiled) -> dict:
     """Resources and the instructions that matter on Hopper: wgmma (and its widest n), mma.sync,
     cp.async (pipelined loads), cp.async.bulk.tensor (TMA), local memory (spills); from the
-    Triton IR, the explicit multiply-adds (`tl.fma`: "fma") and float equality compares
-    ("cmpf_oeq", e.g. a guard `m == -inf`)."""
+    Triton IR, the explicit multiply-adds (`tl.fma`: "fma"), float equality compares
+    ("cmpf_oeq", e.g. a guard `m == -inf`) and the tl.dot ops ("dots")."""
     res, ptx, ttir = resources(compiled), compiled.asm["ptx"], compiled.asm["ttir"]
     wgmma_n = [int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)]
     return {"regs": res["REG"], "stack": res["STACK"], "local": res.get("LOCAL", 0),
@@ -103,7 +103,8 @@ def summarize(compiled) -> dict:
             "mma": "mma.sync" in ptx, "cp_async": "cp.async" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx,
             "ld_local": "ld.local" in ptx or "st.local" in ptx,
-            "fma": ttir.count("math.fma"), "cmpf_oeq": ttir.count("arith.cmpf oeq")}
+            "fma": ttir.count("math.fma"), "cmpf_oeq": ttir.count("arith.cmpf oeq"),
+            "dots": len(re.findall(r"= tt\.dot ", ttir))}
 
 
 _CASES: list = []  # the cases of this child, read by forked workers by index

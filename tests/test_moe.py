@@ -555,6 +555,37 @@ def test_fp16_overflow_saturates_instead_of_inf(path):
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
 
 
+def test_interleaved_gate_up_weight_layout_and_cache():
+    # The gate_up kernel reads w_gu (E, 2F, D), rows 2f / 2f+1 = gate / up of column f, built
+    # behind the kernel boundary once per weight pair and version (kernels/moe.py header).
+    import gc
+
+    from molmoe.kernels import moe as M
+
+    x, router, wg, wu, wd = make(11, 24, 20, 4, seed=31)
+    w_gu = M.interleave_gate_up(wg, wu)
+    assert w_gu.shape == (4, 40, 24) and w_gu.is_contiguous()
+    assert torch.equal(w_gu[:, 0::2], wg) and torch.equal(w_gu[:, 1::2], wu)
+    assert all(torch.equal(a, b) for a, b in zip(w_gu.view(4, 20, 2, 24).unbind(2), (wg, wu)))
+    first = M._gate_up_weight(wg, wu)
+    assert M._gate_up_weight(wg, wu) is first and torch.equal(first, w_gu)  # built once
+    other_up = wu.clone()
+    assert M._gate_up_weight(wg, other_up) is not first  # another w_up: rebuilt
+    # An in-place write (an optimizer step, a load) bumps the version: rebuilt, never stale.
+    y0 = moe_ffn(x, router, wg, wu, wd, 2)[0]
+    with torch.no_grad():
+        wu.mul_(-1.0)
+    assert torch.equal(M._gate_up_weight(wg, wu)[:, 1::2], wu)
+    y1 = moe_ffn(x, router, wg, wu, wd, 2)[0]
+    torch.testing.assert_close(y1, moe_ffn_ref(x, router, wg, wu, wd, 2)[0], atol=1e-5,
+                               rtol=1e-5)
+    assert not torch.allclose(y0, y1)
+    n = len(M._GATE_UP)
+    del wg, first
+    gc.collect()
+    assert len(M._GATE_UP) == n - 1  # a freed weight drops its entry (and its copy)
+
+
 def test_tma_and_pointer_paths_agree(monkeypatch):
     # fp16 weights with 16-byte aligned bases and rows go through tensor descriptors (Triton's
     # interpreter runs them too), misaligned ones through pointer loads: same results, both

@@ -130,10 +130,20 @@ def sm90_cases() -> list[Case]:
     return CASES
 
 
-def test_gate_up_default_is_128_wide(sm90):
-    # Issue 15: gate_up's wgmma with n >= 128 at the 128-row default (bf16 and fp16).
+def test_gate_up_is_one_wide_dot(sm90):
+    # Issue 15: gate_up reads the interleaved (E, 2F, D) gate|up weight and runs ONE dot per K
+    # step (not one per projection), 2 BLOCK_N wide: wgmma n = 256 at the 128-row default
+    # (bf16 and fp16), n >= 128 for every 16-bit gate_up case on wgmma (64+ rows: defaults and
+    # every kept bf16 candidate), with TMA still feeding it (test below).
     for name in ("gate_up@128", "gate_up@128-fp16"):
-        assert sm90[name]["wgmma_n"] >= 128, (name, sm90[name])
+        assert sm90[name]["wgmma_n"] == 256, (name, sm90[name])
+    gate_up = [c for c in CASES if c.name.startswith("gate_up")]
+    assert len(gate_up) >= 8
+    for c in gate_up:
+        r = sm90[c.name]
+        assert r["dots"] == 1, (c.name, r)
+        if c.tensor_core == "wgmma":
+            assert r["wgmma_n"] >= 128 and r["wgmma_n"] == 2 * c.consts["BLOCK_N"], (c.name, r)
 
 
 def test_forward_gemms_load_weights_by_tma(sm90):
