@@ -61,7 +61,14 @@ against w_up's identity, both tensors' in-place version counters and data pointe
 step or a load re-interleaves, a freed weight drops its entry). Cost: one more (E, 2F, D) copy
 of the gate and up weights while the model lives (training: refreshed once per step); a writer
 that bypasses the version counter (`w.data.copy_`) is not seen. The backward (dx, dW) reads
-w_gate and w_up as they are. Not yet: a persistent tile loop, TMA in the backward kernels.
+w_gate and w_up as they are.
+In fp16/bf16 the grouped forward GEMMs (gate_up, down) run persistent: a fixed grid (SMs x the
+blocks shared memory allows per SM; `persistent_programs`) strides over the real row tiles
+only, their count read on the device from the permutation's last expert (no host sync), so no
+program is launched for the padding tiles of the static bound; gate_up's programs then zero the
+saved gate / up rows of those tiles (training). MOLMOE_MOE_PERSISTENT=0 launches one program
+per tile instead (the fallback; same results bit for bit). Not yet: TMA in the backward
+kernels, warp specialization, row-split dW kernels.
 
 Tiles: row tile BLOCK_M is shared by the permutation and the row-tiled kernels and picked from
 the expected rows per expert (T*K/E); each kernel kind has its own (BLOCK_N, BLOCK_K, GROUP_M,
@@ -88,6 +95,7 @@ defaults in moe_tuning.default_config are reasoned from tile sizes, not measured
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -95,19 +103,22 @@ import torch.nn.functional as F
 import triton
 
 from molmoe.ops import moe_ffn_ref
-from molmoe.kernels._common import (check_launch_device, ensure_tma_allocator, on_interpreter,
-                                    tma_ok)
+from molmoe.kernels._common import (SMEM_LIMIT, check_launch_device, ensure_tma_allocator,
+                                    on_interpreter, tma_ok)
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
-                                     _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
-                                     _gate_up_bwd_dx_kernel, _gate_up_kernel)
+                                     _down_persistent_kernel, _dw_down_kernel,
+                                     _dw_gate_up_kernel, _dw_reduce_kernel,
+                                     _gate_up_bwd_dx_kernel, _gate_up_kernel,
+                                     _gate_up_persistent_kernel)
 from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
-from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, autotune, block_m_for,
-                                       choose_path, default_config, kernel_configs, prune_configs)
+from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _smem_bytes, autotune,
+                                       block_m_for, choose_path, default_config, kernel_configs,
+                                       prune_configs)
 
 
 __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
-           "moe_experts", "aux_losses", "interleave_gate_up", "block_m_for", "choose_path", "kernel_configs",
-           "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS", "KINDS"]
+           "moe_experts", "aux_losses", "interleave_gate_up", "block_m_for", "choose_path",
+           "kernel_configs", "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS", "KINDS"]
 
 _DECODE_BLOCK_M = 16  # tl.dot's smallest M
 
@@ -184,6 +195,25 @@ def _use_tma(w_gu, w_down, on_gpu) -> bool:
     return tma
 
 
+_PERSISTENT_ENV = "MOLMOE_MOE_PERSISTENT"
+_INTERPRETER_PROGRAMS = 3  # few programs, several tiles each: the interpreter runs the loop
+
+
+def persistent_programs(num_tiles: int, kind: str, cfg: dict, block_m: int, dtype,
+                        device) -> int:
+    """Programs of a persistent grouped GEMM launch (0: launch one per tile instead, the
+    fallback, always taken in fp32; MOLMOE_MOE_PERSISTENT=0 forces it). `num_tiles`: the static bound on (row tile,
+    column tile) pairs; the programs stride over the real ones, counted on the device. GPU: as
+    many as fit at once, the SM count times the blocks per SM that shared memory allows."""
+    if os.environ.get(_PERSISTENT_ENV, "1") == "0" or dtype == torch.float32:
+        return 0  # fp32 (IEEE dots as FMAs, a correctness path): some kept tiles spilled
+    if on_interpreter(device):
+        return min(_INTERPRETER_PROGRAMS, num_tiles)
+    per_sm = max(1, min(4, SMEM_LIMIT // max(_smem_bytes(cfg, kind, block_m, dtype), 1)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(sms * per_sm, num_tiles)
+
+
 def _combine(z, y, top_k, on_gpu):
     T, D = y.shape
     tile = _combine_tile(on_gpu)
@@ -191,8 +221,8 @@ def _combine(z, y, top_k, on_gpu):
         z, y, T, D, y.stride(0), K=top_k, **tile)
 
 
-def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k, block_m,
-                 save_pre):
+def _experts_fwd(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                 tile_expert, top_k, block_m, save_pre):
     T, D = x.shape
     F_ = w_gate.shape[1]
     N, R = T * top_k, sorted_assign.shape[0]
@@ -208,17 +238,33 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
     z = x.new_empty(N, D)  # weighted expert outputs per assignment
     w_gu = _gate_up_weight(w_gate, w_up)
     tma = _use_tma(w_gu, w_down, on_gpu)
+    E = w_gate.shape[0]
+    g_out, u_out = (gate, up) if save_pre else (h, h)
     cfg = default_config("gate_up", x.dtype, D, F_, block_m, on_gpu)
-    _gate_up_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
-        x, w_gu, h, gate if save_pre else h, up if save_pre else h, tile_expert,
-        sorted_assign, tile_expert, T, N, D, F_, num_m, x.stride(0), K=top_k, K_PAD=1, N_PAD=1,
-        BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, TMA=tma,
-        **_launch_kw(cfg))
+    tiles = num_m * triton.cdiv(F_, cfg["BLOCK_N"])
+    programs = persistent_programs(tiles, "gate_up", cfg, block_m, x.dtype, x.device)
+    if programs:
+        _gate_up_persistent_kernel[(programs,)](
+            x, w_gu, h, g_out, u_out, tile_expert, sorted_assign, expert_start, counts, T, N, D,
+            F_, E, num_m, x.stride(0), K=top_k, BLOCK_M=block_m, SAVE_PRE=save_pre, IEEE=ieee,
+            TMA=tma, **_launch_kw(cfg))
+    else:
+        _gate_up_kernel[(tiles,)](
+            x, w_gu, h, g_out, u_out, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+            x.stride(0), K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False,
+            SAVE_PRE=save_pre, IEEE=ieee, TMA=tma, **_launch_kw(cfg))
     cfg = default_config("down", x.dtype, D, F_, block_m, on_gpu)
-    _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
-        h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
-        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, TMA=tma,
-        **_launch_kw(cfg))
+    tiles = num_m * triton.cdiv(D, cfg["BLOCK_N"])
+    programs = persistent_programs(tiles, "down", cfg, block_m, x.dtype, x.device)
+    if programs:
+        _down_persistent_kernel[(programs,)](
+            h, w_down, topk_w, z, tile_expert, sorted_assign, expert_start, counts, T, N, D, F_,
+            E, num_m, K=top_k, BLOCK_M=block_m, IEEE=ieee, TMA=tma, **_launch_kw(cfg))
+    else:
+        _down_kernel[(tiles,)](
+            h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+            K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, TMA=tma,
+            **_launch_kw(cfg))
     _combine(z, y, top_k, on_gpu)
     return y, gate, up
 
@@ -365,8 +411,8 @@ def _experts_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
                 topk_w: torch.Tensor, counts: torch.Tensor, expert_start: torch.Tensor,
                 sorted_assign: torch.Tensor, tile_expert: torch.Tensor, top_k: int, block_m: int,
                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k,
-                        block_m, save_pre)
+    return _experts_fwd(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                        tile_expert, top_k, block_m, save_pre)
 
 
 @_experts_op.register_fake

@@ -66,12 +66,20 @@ def compile_sm90(case: Case):
     unknown = set(case.consts) - set(names)
     if unknown:
         raise ValueError(f"{case.name}: {sorted(unknown)} are not arguments of {fn.__name__}")
-    sig = {a: "constexpr" if a in case.consts else case.types.get(a) or
+    # A constexpr the case leaves out takes its default, as at a launch that omits it (left
+    # out of the constexprs it would compile as a runtime integer: both sides of every
+    # `if FLAG:` at once); one without a default is an error.
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    consts.update(case.consts)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    if missing:
+        raise ValueError(f"{case.name}: constexpr {missing} of {fn.__name__} not given")
+    sig = {a: "constexpr" if a in consts else case.types.get(a) or
            ("*bf16" if a.endswith("_ptr") else "i32") for a in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-             if a not in case.consts and (sig[a].startswith("*") or a in case.divisible)}
+             if a not in consts and (sig[a].startswith("*") or a in case.divisible)}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(names.index(c),): v for c, v in case.consts.items()})
+                    constexprs={(names.index(c),): v for c, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
 
