@@ -36,9 +36,10 @@ log2 e folded into the scale). Tiles a mask makes empty are skipped, not compute
   debug counter), which the tests compare with a brute-force count of non-empty tiles.
 Backward, FlashAttention-2 style: delta = rowsum(o * do) in fp32 by a small kernel of its own
 (`attention_delta`, reference `attention_delta_ref`: o and do read once in their dtype, no fp32
-copies), then two kernels, neither with atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
-summing its G query heads in registers, over the query tiles that reach it (causal onward, back
-to the first token of any image block in the key tile, within its sequence).
+copies), then two kernels, neither with atomics: dq per query tile over the forward's key
+range; dk, dv per key tile of a kv head, summing its G query heads in registers, over the
+query tiles that reach it (causal onward, back to the first token of any image block in the key
+tile, within its sequence).
 
 Hopper: the forward reads q, k, v and writes o through tensor descriptors
 (`tl.make_tensor_descriptor`, one (rows, Dh) descriptor per head: TMA bulk copies) when every

@@ -21,7 +21,7 @@ the backward pass (zero gradients, no NaN).
 Padding rows of a query tile (past Sq) take the positions after the last query (off + row):
 never stored, they see at least the keys the last row sees, so without sequence bounds or key
 padding no row of a tile is ever fully masked and the forward needs no guard against a row
-max of -inf (`EMPTY_ROWS`: the guard is compiled only with HAS_SEQ or HAS_KPM).
+max of -inf (`_fwd_tile` compiles that guard only with HAS_SEQ or HAS_KPM).
 """
 import triton
 import triton.language as tl

@@ -56,8 +56,8 @@ each step is one dot of the x tile with a (2 BLOCK_N, BLOCK_K) weight tile, 128 
 gate and up. Where it is built: behind the kernel boundary. The op's contract, the model's
 parameters and the checkpoint keep w_gate and w_up (E, F, D) (the state dict on disk is
 unchanged); the forward custom ops interleave them once per (w_gate, w_up) pair and weight
-version and keep the result (`_gate_up_weight`: a cache keyed weakly on the w_gate tensor, checked
-against w_up's identity, both tensors' in-place version counters and data pointers; an optimizer
+version and keep the result (`_gate_up_weight`: a cache keyed on the w_gate tensor's identity
+through a weak reference, checked against w_up's identity, both tensors' in-place version counters and data pointers; an optimizer
 step or a load re-interleaves, a freed weight drops its entry). Cost: one more (E, 2F, D) copy
 of the gate and up weights while the model lives (training: refreshed once per step); a writer
 that bypasses the version counter (`w.data.copy_`) is not seen. The backward (dx, dW) reads
@@ -118,7 +118,8 @@ from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _smem_bytes, au
 
 __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
            "moe_experts", "aux_losses", "interleave_gate_up", "block_m_for", "choose_path",
-           "kernel_configs", "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS", "KINDS"]
+           "kernel_configs", "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS",
+           "KINDS"]
 
 _DECODE_BLOCK_M = 16  # tl.dot's smallest M
 
@@ -202,9 +203,10 @@ _INTERPRETER_PROGRAMS = 3  # few programs, several tiles each: the interpreter r
 def persistent_programs(num_tiles: int, kind: str, cfg: dict, block_m: int, dtype,
                         device) -> int:
     """Programs of a persistent grouped GEMM launch (0: launch one per tile instead, the
-    fallback, always taken in fp32; MOLMOE_MOE_PERSISTENT=0 forces it). `num_tiles`: the static bound on (row tile,
-    column tile) pairs; the programs stride over the real ones, counted on the device. GPU: as
-    many as fit at once, the SM count times the blocks per SM that shared memory allows."""
+    fallback, always taken in fp32; MOLMOE_MOE_PERSISTENT=0 forces it). `num_tiles`: the static
+    bound on (row tile, column tile) pairs; the programs stride over the real ones, counted on
+    the device. GPU: as many as fit at once, the SM count times the blocks per SM that shared
+    memory allows."""
     if os.environ.get(_PERSISTENT_ENV, "1") == "0" or dtype == torch.float32:
         return 0  # fp32 (IEEE dots as FMAs, a correctness path): some kept tiles spilled
     if on_interpreter(device):
