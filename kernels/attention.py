@@ -34,10 +34,12 @@ log2 e folded into the scale). Tiles a mask makes empty are skipped, not compute
   torch ops on the device: no host synchronisation, so the launch can be graph-captured.
   `attention_tile_counts` returns how many tiles each program computed (a constexpr-guarded
   debug counter), which the tests compare with a brute-force count of non-empty tiles.
-Backward, FlashAttention-2 style: delta = rowsum(o * do) (fp32), then two kernels, neither with
-atomics: dq per query tile over the forward's key range; dk, dv per key tile of a kv head,
-summing its G query heads in registers, over the query tiles that reach it (causal onward, back
-to the first token of any image block in the key tile, within its sequence).
+Backward, FlashAttention-2 style: delta = rowsum(o * do) in fp32 by a small kernel of its own
+(`attention_delta`, reference `attention_delta_ref`: o and do read once in their dtype, no fp32
+copies), then two kernels, neither with atomics: dq per query tile over the forward's key
+range; dk, dv per key tile of a kv head, summing its G query heads in registers, over the
+query tiles that reach it (causal onward, back to the first token of any image block in the key
+tile, within its sequence).
 
 Hopper: the forward reads q, k, v and writes o through tensor descriptors
 (`tl.make_tensor_descriptor`, one (rows, Dh) descriptor per head: TMA bulk copies) when every
@@ -55,7 +57,8 @@ num_stages=3"); the interpreter uses one small fixed config. The dq kernel has i
 
 Limits: cu_seqlens[-1] must equal Sk (not checked: reading it would sync the host).
 Dh a power of two 16..256 (Molmo: 64 ViT, 128 decoder). fp32/fp16/bf16 in, fp32
-accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU. Inputs
+accumulation; fp32 inputs use IEEE dots (not TF32), so the fp32 path is slow on a GPU (its
+tiles are small to stay spill-free: 32 x 32 at Dh 64, 16 x 16 at Dh 128). Inputs
 without a unit stride on Dh are copied (other strides are passed through). Holes in the key padding (not leading / trailing) are masked, not skipped.
 With image blocks, a key tile past the causal limit is visited if a block id in the query tile's
 [min, max] id range occurs in it (a range test: a conservative skip with many interleaved
@@ -74,8 +77,8 @@ from molmoe.ops import attention_ref  # noqa: F401
 from molmoe.kernels._common import (SMEM_LIMIT, TilePolicy, check_qkv, element_size,
                                     ensure_tma_allocator, on_interpreter, parse_tile_config,
                                     tma_ok)
-from molmoe.kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                              _attn_fwd_kernel)
+from molmoe.kernels.attention_kernels import (_attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel,
+                                              _attn_bwd_dq_kernel, _attn_fwd_kernel)
 
 
 _CONFIG_ENV = "MOLMOE_ATTENTION_CONFIG"
@@ -88,12 +91,14 @@ def kernel_configs(on_gpu: bool, backward: bool = False,
                    dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Candidate tile configs. The interpreter gets one small one so tests stay fast; its
     BLOCK_M != BLOCK_N on purpose, so no code path may assume square tiles. fp32 (IEEE dots,
-    run as FMAs with the operands in registers) gets 32 x 32 tiles on 8 warps only."""
+    run as FMAs with the operands in registers) gets 32 x 32 and 16 x 16 tiles on 8 warps only
+    (`fits` keeps 16 x 16 alone at Dh 128)."""
     if not on_gpu:
         return [dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1) if backward else
                 dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)]
     if dtype == torch.float32:
-        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=s) for s in (2, 3)]
+        # 2 stages: with 3, 32 x 32 (fwd) and 16 x 16 (dq) at Dh 64 kept 8 B of stack
+        return [dict(BLOCK_M=t, BLOCK_N=t, num_warps=8, num_stages=2) for t in (32, 16)]
     if backward:
         # 2 stages: with 1 the loads are not pipelined (no cp.async on sm_90), and dq at
         # 32x64 even kept 16 B of stack there.
@@ -126,11 +131,15 @@ def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> boo
     bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
     smem = (2 * bn * max(c["num_stages"], 1) + bm) * head_dim * elem_bytes
     if elem_bytes == 4:
-        # fp32: IEEE dots run as FMAs. Compiled for sm_90 (every mask on), 32 x 32 on 8 warps
-        # is spill-free at Dh 64 in all three kernels; 64 x 64 spilled 664..2056 B there. At
-        # Dh 128 every tile tried spilled (16x32 .. 64x64; 32 x 32 on 8 warps the least,
-        # 160..392 B): fp32 there is a correctness path, not a fast one.
-        return smem <= SMEM_LIMIT and bm * bn <= 32 * 32 and warps == 8
+        # fp32: IEEE dots run as FMAs, each thread holding its rows of q and columns of k over
+        # the whole head dim, so the score tile per thread is what spills. Compiled for sm_90
+        # (every mask on and none), 32 x 32 on 8 warps is spill-free at Dh 64 in all three
+        # kernels; 64 x 64 spilled 664..2056 B there. At Dh 128, 32 x 32 on 8 warps spilled
+        # 160..688 B (fwd, dq, dk/dv), and so did 16 x 32, 32 x 16 and 16 x 16 on 2, 4 or 16
+        # warps; 16 x 16 on 8 warps is the one tile found spill-free in all three (200..217
+        # registers, 2 or 3 stages). fp32 is a correctness path, not a fast one.
+        return smem <= SMEM_LIMIT and warps == 8 and \
+            bm * bn <= (32 * 32 if head_dim <= 64 else 16 * 16)
     if backward:
         regs_ok = warps == 8 and bm * head_dim <= 32 * 128 and bm * bn <= 32 * 128
     else:
@@ -138,8 +147,10 @@ def fits(c: dict, head_dim: int, elem_bytes: int, backward: bool = False) -> boo
         # memory only, no pointer tile in registers, so the accumulator and the scores alone
         # count. Compiled for sm_90 with TMA, 128 x 128 on 8 warps took 195..223 registers at
         # Dh 128 (no spill) where the pointer loads spilled 16 B (masks). One warpgroup (4
-        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks).
-        regs_ok = (bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
+        # warps) gets 96 values a thread: 64 x 128 there, at 128, spilled 680 B (masks), and
+        # at most 64 x 64 scores: 64 x 128 at Dh 64 spilled 456..472 B (masks).
+        regs_ok = ((bm * head_dim + bm * bn) <= (128 if warps >= 8 else 96) * 32 * warps
+                   and (warps >= 8 or bm * bn <= 64 * 64))
     return smem <= SMEM_LIMIT and regs_ok
 
 
@@ -181,14 +192,16 @@ def dq_configs(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
 def fits_dq(c: dict, head_dim: int, elem_bytes: int) -> bool:
     """dq holds q, do and the dq accumulator (BM x Dh each) and one step's scores (BM x BN):
     within 160 values a thread (compiled for sm_90 at Dh 128, masks on: 128 x 64 on 8 warps
-    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B),
-    64 rows per warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
+    238 registers, 64 x 64 on 4 warps 253, no spill; 64 x 128 on 4 warps, 192, spilled 1128 B;
+    at Dh 64 it spilled 552 B, so one warpgroup takes at most 64 x 64 scores), 64 rows per
+    warpgroup (wgmma), K/V stages + q/do tiles within shared memory."""
     if elem_bytes == 4:
         return fits(c, head_dim, elem_bytes, backward=True)
     bm, bn, warps = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]
     smem = (2 * bn * c["num_stages"] + 2 * bm) * head_dim * elem_bytes
     return (smem <= SMEM_LIMIT and bm >= 16 * warps
-            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps)
+            and (2 * bm * head_dim + bm * bn) <= 160 * 32 * warps
+            and (warps >= 8 or bm * bn <= 64 * 64))
 
 
 def _dq_pin(ctx: dict) -> dict:
@@ -370,6 +383,34 @@ def _launch_fwd(q, k, v, image_block_ids, key_padding_mask, cu_seqlens, causal, 
     return o, lse, counts
 
 
+def attention_delta_ref(o, do):
+    """delta (B, Hq, Sq) fp32 = rowsum(o * do), FlashAttention-2's backward preprocessing
+    (delta_i = sum_d o_id do_id = sum_j p_ij dp_ij): the reference of `attention_delta`."""
+    return (o.float() * do.float()).sum(-1)
+
+
+def delta_block_m(head_dim: int) -> int:
+    """Rows per program of the delta kernel: 2048 elements of o and of do per 4-warp program
+    (16 values a thread each, for any head dim). A fixed tile, not a tuned one: the kernel reads
+    each element once, and its only choice is how much of a row block one program holds."""
+    return max(1, 2048 // head_dim)
+
+
+def attention_delta(o, do):
+    """`attention_delta_ref` as one Triton kernel: o and do (B, Hq, Sq, Dh) read once in their
+    dtype (any strides with a unit head-dim stride), fp32 accumulation, delta contiguous."""
+    B, Hq, Sq, Dh = o.shape
+    o, do = _unit_stride(o), _unit_stride(do)
+    delta = torch.empty(B, Hq, Sq, device=o.device, dtype=torch.float32)
+    if delta.numel() == 0:
+        return delta
+    block_m = delta_block_m(Dh)
+    _attn_bwd_delta_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), Hq, Sq, HEAD_DIM=Dh, BLOCK_M=block_m, num_warps=4)
+    return delta
+
+
 def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqlens, causal,
                 scale, counts=None):
     B, Hq, Sq, Dh = q.shape
@@ -381,8 +422,7 @@ def _launch_bwd(do, q, k, v, o, lse, image_block_ids, key_padding_mask, cu_seqle
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if Sq == 0:
         return dq, dk.zero_(), dv.zero_()
-    # FlashAttention-2 preprocessing: delta_i = sum_d o_id do_id = sum_j p_ij dp_ij, in fp32.
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, Hq, Sq)
+    delta = attention_delta(o, do)  # (B, Hq, Sq) fp32
     meta = _metadata(B, Sq, Sk, q.device, causal, image_block_ids, key_padding_mask, cu_seqlens)
     flags = dict(G=Hq // Hkv, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  CAUSAL=causal, HAS_BLOCKS=causal and image_block_ids is not None,
@@ -461,12 +501,20 @@ def _backward(ctx, do, _dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _scale(q, scale) -> float:
+    """1 / sqrt(Dh) unless given; positive and finite (the kernels take the row max of the raw
+    scores and scale it, which is the max of the scaled scores only for a positive scale)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"attention: scale must be positive and finite, got {scale}")
+    return scale
+
+
 def attention(q, k, v, *, causal=True, image_block_ids=None, key_padding_mask=None,
               cu_seqlens=None, scale=None):
     """q (B, Hq, Sq, Dh), k/v (B, Hkv, Sk, Dh) -> (B, Hq, Sq, Dh); contract in the header."""
     _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _scale(q, scale)
     o, _lse = _attention_op(q, k, v, image_block_ids, key_padding_mask, cu_seqlens,
                             bool(causal), float(scale))
     return o
@@ -478,7 +526,7 @@ def attention_tile_counts(q, k, v, *, causal=True, image_block_ids=None, key_pad
     tiles per (batch, q head, query tile), (BLOCK_M, BLOCK_N)). backward=True: (dk, (query
     head, query tile) pairs the dk/dv kernel computed per (batch, kv head, key tile), tiles)."""
     _check(q, k, v, causal, image_block_ids, key_padding_mask, cu_seqlens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _scale(q, scale)
     masks = (image_block_ids, key_padding_mask, cu_seqlens)
     o, lse, counts = _launch_fwd(q, k, v, *masks, bool(causal), scale, count_tiles=True)
     on_gpu = not on_interpreter(q.device)

@@ -11,9 +11,17 @@ Per-token metadata, precomputed on the device by the launcher (no host sync):
     kfirst, klast (B,) int32  first attendable key / one past the last (key padding)
     kpm    (B, Sk) uint8  key padding mask, 1 = attend
 
-All scores are kept in log2 units (s * scale * log2 e) so the softmax uses exp2. lse is stored
-in those units; a row with no key to attend stores lse = +inf, which makes every recomputed
-probability exp2(s - lse) exactly 0 in the backward pass (zero gradients, no NaN).
+All scores are kept in log2 units (s * scale * log2 e) so the softmax uses exp2. The scale is
+not applied to the score tile on its own: the row max is taken on the raw scores and scaled
+(scale > 0, checked by the launcher), and each probability is exp2(fma(s, scale * log2 e, -m)),
+one multiply-add per score (forward, dq and dk/dv alike). lse is stored in log2 units; a row
+with no key to attend stores lse = +inf, which makes every recomputed probability exactly 0 in
+the backward pass (zero gradients, no NaN).
+
+Padding rows of a query tile (past Sq) take the positions after the last query (off + row):
+never stored, they see at least the keys the last row sees, so without sequence bounds or key
+padding no row of a tile is ever fully masked and the forward needs no guard against a row
+max of -inf (`_fwd_tile` compiles that guard only with HAS_SEQ or HAS_KPM).
 """
 import triton
 import triton.language as tl
@@ -33,7 +41,7 @@ def _allowed(rows_pos, q_blk, q_seq, cols, col_ok, b, Sk, blk_ptr, seqs_ptr, kpm
              CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
              HAS_KPM: tl.constexpr):
     """(BM, BN) bool: (causal OR same image) AND same sequence AND key not padding AND col_ok."""
-    ok = col_ok[None, :] & (rows_pos[:, None] >= 0)
+    ok = col_ok[None, :]  # (1, BN) until a row-dependent mask joins (every row is real)
     if CAUSAL:
         allow = cols[None, :] <= rows_pos[:, None]
         if HAS_BLOCKS:
@@ -62,7 +70,7 @@ def _q_tile_setup(b, m0, Sq, Sk, blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_
     off = Sk - Sq
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < Sq
-    rows_pos = tl.where(row_ok, off + rows, -1)  # -1: padding row of the tile (never stored)
+    rows_pos = off + rows  # padding rows (past Sq, never stored) sit after the last query
     p_first = off + m0
     p_last = off + tl.minimum(m0 + BLOCK_M, Sq) - 1
     lo = p_first * 0
@@ -114,12 +122,13 @@ def _reaches(start, p_last, cols, col_ok, b, Sk, blk_ptr, bmin, bmax):
 
 @triton.jit
 def _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk, q_seq, b,
-                    Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
+                    Sk, blk_ptr, seqs_ptr, kpm_ptr,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
                     IEEE: tl.constexpr, TMA: tl.constexpr = False):
-    """K and V of the key tile at `start` and the masked scores q k^T * qk_scale (BM, BN), in
-    log2 units, -inf where not allowed; shared by the forward and the dq pass, which must visit
+    """K and V of the key tile at `start` and the masked raw scores q k^T (BM, BN), unscaled
+    (the caller scales them inside its exp2's multiply-add), -inf where not allowed; shared by
+    the forward and the dq pass, which must visit
     and mask key tiles identically. TMA: k_base / v_base are tensor descriptors of this head's
     (Sk, Dh) keys / values (a bulk copy per tile, rows past Sk read as zeros; keys in [hi, Sk)
     are real and masked by the scores like any other)."""
@@ -134,7 +143,7 @@ def _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_
     else:  # a whole tile inside [lo, mid): no bounds to check
         k = tl.load(k_base + cols[:, None] * sk_s + dims[None, :])
         v = tl.load(v_base + cols[:, None] * sv_s + dims[None, :])
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    s = _dot(q, tl.trans(k), IEEE)
     if MASKED:
         ok = _allowed(rows_pos, q_blk, q_seq, cols, col_ok, b, Sk, blk_ptr, seqs_ptr, kpm_ptr,
                       CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM)
@@ -152,13 +161,17 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, start, hi, dims, row
               HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
               IEEE: tl.constexpr, TMA: tl.constexpr):
     k, v, s = _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
-                              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
+                              q_seq, b, Sk, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
                               CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE, TMA)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A row with every key masked so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    # max(s) * c == max(s * c) for c > 0 (rounding is monotonic): the row max in log2 units
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    if HAS_SEQ or HAS_KPM:
+        # Another sequence's keys or key padding can mask a row's every key so far: m stays
+        # -inf; subtract 0 instead to avoid inf - inf. Without them no row is ever empty
+        # (header), and this select is not compiled.
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))  # scale and max subtraction: one FMA
+    alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, l_i, m_new
@@ -258,15 +271,37 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s,
+                           Hq, Sq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """FlashAttention-2's preprocessing: delta_i = sum_d o_id do_id (= sum_j p_ij dp_ij), in
+    fp32, for BLOCK_M rows of one (batch, q head); delta is (B, Hq, Sq) contiguous. Reads o and
+    do once in their own dtype (no fp32 copies of them)."""
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq
+    dims = tl.arange(0, HEAD_DIM)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)  # int64 bases, as the other kernels
+    o = tl.load(o_ptr + (b64 * so_b + h64 * so_h) + rows[:, None] * so_s + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + (b64 * sdo_b + h64 * sdo_h) + rows[:, None] * sdo_s + dims[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * Sq + rows, delta, mask=row_ok)
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos,
              q_blk, q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
              HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_KPM: tl.constexpr,
              IEEE: tl.constexpr):
     k, v, s = _kv_tile_scores(q, k_base, v_base, sk_s, sv_s, start, hi, dims, rows_pos, q_blk,
-                              q_seq, b, Sk, qk_scale, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
+                              q_seq, b, Sk, blk_ptr, seqs_ptr, kpm_ptr, BLOCK_N, MASKED,
                               CAUSAL, HAS_BLOCKS, HAS_SEQ, HAS_KPM, IEEE)
-    p = tl.exp2(s - lse[:, None])  # (BM, BN); 0 where masked or for rows with lse = +inf
+    # (BM, BN); 0 where masked or for rows with lse = +inf; scale and lse: one FMA
+    p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, IEEE)
@@ -343,7 +378,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
     do = tl.load(do_base + rows[:, None] * sdo_s + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BN, BM)
+    s_t = _dot(k, tl.trans(q), IEEE)  # (BN, BM), raw: scaled in the exp2's FMA
     if MASKED:
         pos = off + rows
         ok = row_ok[None, :] & col_ok[:, None]
@@ -357,7 +392,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_s, sdo_s,
             q_seq = tl.load(seqs_ptr + pos, mask=row_ok, other=-2)
             ok = ok & (k_seq[:, None] == q_seq[None, :])
         s_t = tl.where(ok, s_t, float("-inf"))
-    p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
+    p_t = tl.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))  # (BN, BM)
     dv = dv + _dot(p_t.to(do.dtype), do, IEEE)
     dp_t = _dot(v, tl.trans(do), IEEE)  # (BN, BM)
     ds_t = p_t * (dp_t - delta[None, :])

@@ -27,7 +27,8 @@ How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_t
      assignments sorted by expert, each expert padded to BLOCK_M rows; gather and scatter indices
      and the expert of every row tile. Deterministic, no atomics, no host sync (static sizes).
   3. Grouped GEMMs over the sorted rows (x rows gathered in the GEMM, never copied): gate and up
-     in one pass (two accumulators sharing the gathered x tile) with the silu(gate)*up epilogue;
+     in one wide dot per step over the interleaved gate|up weight (below), split into gate and
+     up in the epilogue, which applies silu(gate)*up;
      the down projection with the routing weight applied in its fp32 epilogue writes z per
      assignment; a combine kernel gathers each token's K rows and sums them in fp32 (slot order:
      deterministic, no atomics).
@@ -48,9 +49,26 @@ sparse, padded per expert), the losses of Switch Transformer (Fedus et al. 2021)
 Hopper: in fp16/bf16 the forward GEMMs (gate_up, down; grouped and decode) read the expert
 weights -- and down its sorted h rows -- through tensor descriptors (`tl.make_tensor_descriptor`
 over expert e's (F, D) / (D, F) slice: TMA bulk copies) where bases and row strides are 16-byte
-aligned (`_use_tma`); gathered x rows stay pointer loads. gate_up at 128-row tiles runs one
-128 x 128 tile per projection (wgmma n = 128). Not yet: the interleaved (E, 2F, D) gate|up
-weight with one wide dot, a persistent tile loop, TMA in the backward kernels.
+aligned (`_use_tma`); gathered x rows stay pointer loads. gate_up reads one interleaved gate|up
+weight w_gu (E, 2F, D), row 2f = w_gate[:, f], row 2f+1 = w_up[:, f] (`interleave_gate_up`):
+each step is one dot of the x tile with a (2 BLOCK_N, BLOCK_K) weight tile, 128 x 256 at the
+128-row default (wgmma n = 256), and the epilogue splits the accumulator's column pairs into
+gate and up. Where it is built: behind the kernel boundary. The op's contract, the model's
+parameters and the checkpoint keep w_gate and w_up (E, F, D) (the state dict on disk is
+unchanged); the forward custom ops interleave them once per (w_gate, w_up) pair and weight
+version and keep the result (`_gate_up_weight`: a cache keyed on the w_gate tensor's identity
+through a weak reference, checked against w_up's identity, both tensors' in-place version counters and data pointers; an optimizer
+step or a load re-interleaves, a freed weight drops its entry). Cost: one more (E, 2F, D) copy
+of the gate and up weights while the model lives (training: refreshed once per step); a writer
+that bypasses the version counter (`w.data.copy_`) is not seen. The backward (dx, dW) reads
+w_gate and w_up as they are.
+In fp16/bf16 the grouped forward GEMMs (gate_up, down) run persistent: a fixed grid (SMs x the
+blocks shared memory allows per SM; `persistent_programs`) strides over the real row tiles
+only, their count read on the device from the permutation's last expert (no host sync), so no
+program is launched for the padding tiles of the static bound; gate_up's programs then zero the
+saved gate / up rows of those tiles (training). MOLMOE_MOE_PERSISTENT=0 launches one program
+per tile instead (the fallback; same results bit for bit). Not yet: TMA in the backward
+kernels, warp specialization, row-split dW kernels.
 
 Tiles: row tile BLOCK_M is shared by the permutation and the row-tiled kernels and picked from
 the expected rows per expert (T*K/E); each kernel kind has its own (BLOCK_N, BLOCK_K, GROUP_M,
@@ -77,24 +95,31 @@ defaults in moe_tuning.default_config are reasoned from tile sizes, not measured
 """
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 import torch.nn.functional as F
 import triton
 
 from molmoe.ops import moe_ffn_ref
-from molmoe.kernels._common import (check_launch_device, ensure_tma_allocator, on_interpreter,
-                                    tma_ok)
+from molmoe.kernels._common import (SMEM_LIMIT, check_launch_device, ensure_tma_allocator,
+                                    on_interpreter, tma_ok)
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
-                                     _dw_down_kernel, _dw_gate_up_kernel, _dw_reduce_kernel,
-                                     _gate_up_bwd_dx_kernel, _gate_up_kernel)
+                                     _down_persistent_kernel, _dw_down_kernel,
+                                     _dw_gate_up_kernel, _dw_reduce_kernel,
+                                     _gate_up_bwd_dx_kernel, _gate_up_kernel,
+                                     _gate_up_persistent_kernel)
 from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
-from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, autotune, block_m_for,
-                                       choose_path, default_config, kernel_configs, prune_configs)
+from molmoe.kernels.moe_tuning import (DECODE_MAX_TOKENS, KINDS, _smem_bytes, autotune,
+                                       block_m_for, choose_path, default_config, kernel_configs,
+                                       prune_configs)
 
 
 __all__ = ["moe_ffn", "moe_ffn_ref", "route", "route_backward", "permute", "padded_rows_bound",
-           "moe_experts", "aux_losses", "block_m_for", "choose_path", "kernel_configs",
-           "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS", "KINDS"]
+           "moe_experts", "aux_losses", "interleave_gate_up", "block_m_for", "choose_path",
+           "kernel_configs", "prune_configs", "default_config", "autotune", "DECODE_MAX_TOKENS",
+           "KINDS"]
 
 _DECODE_BLOCK_M = 16  # tl.dot's smallest M
 
@@ -116,15 +141,79 @@ def _launch_kw(cfg, swizzled=True):
     return kw
 
 
-def _use_tma(w_gate, w_up, w_down, on_gpu) -> bool:
+def interleave_gate_up(w_gate, w_up):
+    """w_gu (E, 2F, D): row 2f = w_gate[:, f], row 2f+1 = w_up[:, f], contiguous. The layout
+    the gate_up kernel reads (its reference: `w_gu.view(E, F, 2, D).unbind(2)` gives back
+    (w_gate, w_up))."""
+    E, F_, D = w_gate.shape
+    return torch.stack((w_gate, w_up), dim=2).reshape(E, 2 * F_, D)
+
+
+# id(w_gate) -> (weakref to w_gate, weakref to w_up, (versions, data pointers), w_gu). Keyed by
+# id, checked by identity (a WeakKeyDictionary would compare tensors with ==); the entry goes
+# when w_gate is freed.
+_GATE_UP: dict = {}
+
+
+def _weight_state(w_gate, w_up):
+    try:
+        return (w_gate._version, w_up._version, w_gate.data_ptr(), w_up.data_ptr())
+    except RuntimeError:  # inference tensors track no version: not cached
+        return None
+
+
+def _drop_gate_up(key, ref):
+    entry = _GATE_UP.get(key)
+    if entry is not None and entry[0] is ref:
+        del _GATE_UP[key]
+
+
+def _gate_up_weight(w_gate, w_up):
+    """`interleave_gate_up(w_gate, w_up)`, built once per pair of weight tensors and kept while
+    neither is written in place (see the header: where the layout is built and what it costs).
+    Called inside the forward custom ops, so torch.compile never traces the cache."""
+    state = _weight_state(w_gate, w_up)
+    hit = _GATE_UP.get(id(w_gate)) if state is not None else None
+    if hit is not None and hit[0]() is w_gate and hit[1]() is w_up and hit[2] == state:
+        return hit[3]
+    with torch.no_grad():
+        w_gu = interleave_gate_up(w_gate.detach(), w_up.detach())
+    if state is not None:
+        key = id(w_gate)
+        ref = weakref.ref(w_gate, lambda r, key=key: _drop_gate_up(key, r))
+        _GATE_UP[key] = (ref, weakref.ref(w_up), state, w_gu)
+    return w_gu
+
+
+def _use_tma(w_gu, w_down, on_gpu) -> bool:
     """Weights (and the sorted h rows, whose row stride is w_down's) through tensor descriptors
     where their bases and row strides are 16-byte aligned (D and F multiples of 8 in bf16), in
     fp16/bf16. Not fp32: its IEEE dots run as FMAs (no wgmma to feed), and the transposed
     descriptor tiles spilled there on sm_90 (160..4536 B)."""
-    tma = w_gate.dtype != torch.float32 and tma_ok(w_gate, w_up, w_down)
+    tma = w_gu.dtype != torch.float32 and tma_ok(w_gu, w_down)
     if tma and on_gpu:
         ensure_tma_allocator()
     return tma
+
+
+_PERSISTENT_ENV = "MOLMOE_MOE_PERSISTENT"
+_INTERPRETER_PROGRAMS = 3  # few programs, several tiles each: the interpreter runs the loop
+
+
+def persistent_programs(num_tiles: int, kind: str, cfg: dict, block_m: int, dtype,
+                        device) -> int:
+    """Programs of a persistent grouped GEMM launch (0: launch one per tile instead, the
+    fallback, always taken in fp32; MOLMOE_MOE_PERSISTENT=0 forces it). `num_tiles`: the static
+    bound on (row tile, column tile) pairs; the programs stride over the real ones, counted on
+    the device. GPU: as many as fit at once, the SM count times the blocks per SM that shared
+    memory allows."""
+    if os.environ.get(_PERSISTENT_ENV, "1") == "0" or dtype == torch.float32:
+        return 0  # fp32 (IEEE dots as FMAs, a correctness path): some kept tiles spilled
+    if on_interpreter(device):
+        return min(_INTERPRETER_PROGRAMS, num_tiles)
+    per_sm = max(1, min(4, SMEM_LIMIT // max(_smem_bytes(cfg, kind, block_m, dtype), 1)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(sms * per_sm, num_tiles)
 
 
 def _combine(z, y, top_k, on_gpu):
@@ -134,8 +223,8 @@ def _combine(z, y, top_k, on_gpu):
         z, y, T, D, y.stride(0), K=top_k, **tile)
 
 
-def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k, block_m,
-                 save_pre):
+def _experts_fwd(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                 tile_expert, top_k, block_m, save_pre):
     T, D = x.shape
     F_ = w_gate.shape[1]
     N, R = T * top_k, sorted_assign.shape[0]
@@ -149,18 +238,35 @@ def _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, to
         return y, gate, up
     h = x.new_empty(R, F_)
     z = x.new_empty(N, D)  # weighted expert outputs per assignment
-    tma = _use_tma(w_gate, w_up, w_down, on_gpu)
+    w_gu = _gate_up_weight(w_gate, w_up)
+    tma = _use_tma(w_gu, w_down, on_gpu)
+    E = w_gate.shape[0]
+    g_out, u_out = (gate, up) if save_pre else (h, h)
     cfg = default_config("gate_up", x.dtype, D, F_, block_m, on_gpu)
-    _gate_up_kernel[(num_m * triton.cdiv(F_, cfg["BLOCK_N"]),)](
-        x, w_gate, w_up, h, gate if save_pre else h, up if save_pre else h, tile_expert,
-        sorted_assign, tile_expert, T, N, D, F_, num_m, x.stride(0), K=top_k, K_PAD=1, N_PAD=1,
-        BLOCK_M=block_m, DECODE=False, SAVE_PRE=save_pre, IEEE=ieee, TMA=tma,
-        **_launch_kw(cfg))
+    tiles = num_m * triton.cdiv(F_, cfg["BLOCK_N"])
+    programs = persistent_programs(tiles, "gate_up", cfg, block_m, x.dtype, x.device)
+    if programs:
+        _gate_up_persistent_kernel[(programs,)](
+            x, w_gu, h, g_out, u_out, tile_expert, sorted_assign, expert_start, counts, T, N, D,
+            F_, E, num_m, x.stride(0), K=top_k, BLOCK_M=block_m, SAVE_PRE=save_pre, IEEE=ieee,
+            TMA=tma, **_launch_kw(cfg))
+    else:
+        _gate_up_kernel[(tiles,)](
+            x, w_gu, h, g_out, u_out, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+            x.stride(0), K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False,
+            SAVE_PRE=save_pre, IEEE=ieee, TMA=tma, **_launch_kw(cfg))
     cfg = default_config("down", x.dtype, D, F_, block_m, on_gpu)
-    _down_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
-        h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
-        K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, TMA=tma,
-        **_launch_kw(cfg))
+    tiles = num_m * triton.cdiv(D, cfg["BLOCK_N"])
+    programs = persistent_programs(tiles, "down", cfg, block_m, x.dtype, x.device)
+    if programs:
+        _down_persistent_kernel[(programs,)](
+            h, w_down, topk_w, z, tile_expert, sorted_assign, expert_start, counts, T, N, D, F_,
+            E, num_m, K=top_k, BLOCK_M=block_m, IEEE=ieee, TMA=tma, **_launch_kw(cfg))
+    else:
+        _down_kernel[(tiles,)](
+            h, w_down, topk_w, z, tile_expert, sorted_assign, tile_expert, T, N, D, F_, num_m,
+            K=top_k, K_PAD=1, N_PAD=1, BLOCK_M=block_m, DECODE=False, IEEE=ieee, TMA=tma,
+            **_launch_kw(cfg))
     _combine(z, y, top_k, on_gpu)
     return y, gate, up
 
@@ -177,12 +283,13 @@ def _experts_decode(x, w_gate, w_up, w_down, topk_w, topk_idx):
     h = x.new_empty(N, F_)  # rows per assignment
     z = x.new_empty(N, D)
     idx = topk_idx.to(torch.int32).reshape(-1)
+    w_gu = _gate_up_weight(w_gate, w_up)
     common = dict(K=K, K_PAD=triton.next_power_of_2(K), N_PAD=triton.next_power_of_2(N),
                   BLOCK_M=max(_DECODE_BLOCK_M, triton.next_power_of_2(T)), DECODE=True,
-                  IEEE=x.dtype == torch.float32, TMA=_use_tma(w_gate, w_up, w_down, on_gpu))
+                  IEEE=x.dtype == torch.float32, TMA=_use_tma(w_gu, w_down, on_gpu))
     cfg = default_config("gate_up_decode", x.dtype, D, F_, 0, on_gpu)
     _gate_up_kernel[(N * triton.cdiv(F_, cfg["BLOCK_N"]),)](
-        x, w_gate, w_up, h, h, h, idx, idx, idx, T, N, D, F_, N, x.stride(0), SAVE_PRE=False,
+        x, w_gu, h, h, h, idx, idx, idx, T, N, D, F_, N, x.stride(0), SAVE_PRE=False,
         **common, **_launch_kw(cfg))
     cfg = default_config("down_decode", x.dtype, D, F_, 0, on_gpu)
     _down_kernel[(N * triton.cdiv(D, cfg["BLOCK_N"]),)](
@@ -306,8 +413,8 @@ def _experts_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
                 topk_w: torch.Tensor, counts: torch.Tensor, expert_start: torch.Tensor,
                 sorted_assign: torch.Tensor, tile_expert: torch.Tensor, top_k: int, block_m: int,
                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _experts_fwd(x, w_gate, w_up, w_down, topk_w, sorted_assign, tile_expert, top_k,
-                        block_m, save_pre)
+    return _experts_fwd(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
+                        tile_expert, top_k, block_m, save_pre)
 
 
 @_experts_op.register_fake

@@ -12,7 +12,10 @@ h / gate / up buffers: the sorted row when grouped, the assignment when decoding
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, N = T*K,
 R padded sorted rows. Weights are the loader's: w_gate, w_up (E, F, D), w_down (E, D, F),
-contiguous. Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
+contiguous; the forward's gate_up kernel reads them interleaved, w_gu (E, 2F, D) with row 2f =
+w_gate[:, f] and row 2f+1 = w_up[:, f] (kernels/moe.py `interleave_gate_up`, built once per
+weight version), so one (2 BLOCK_N, BLOCK_K) tile feeds one wide dot. Accumulation is fp32;
+fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
 
@@ -81,14 +84,17 @@ def _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T, N, K: tl.c
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
+def _gate_up_kernel(x_ptr, wgu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
                     sorted_assign_ptr, idx_ptr, T, N, D, F, num_m, s_xt,
                     K: tl.constexpr, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, DECODE: tl.constexpr, SAVE_PRE: tl.constexpr,
                     IEEE: tl.constexpr, TMA: tl.constexpr = False):
     """h[row] = silu(x[tok] @ w_gate[e]^T) * (x[tok] @ w_up[e]^T): (BLOCK_M, BLOCK_N) over F.
-    TMA: the weight tiles come through tensor descriptors of expert e's (F, D) slice (bulk
+    One dot per step: x (BLOCK_M, BLOCK_K) times the interleaved w_gu rows [2 n0, 2 n0 + 2
+    BLOCK_N) (gate and up of the tile's BLOCK_N columns, alternating) into one (BLOCK_M,
+    2 BLOCK_N) accumulator, split into gate and up in the epilogue (wgmma n = 2 BLOCK_N).
+    TMA: the weight tiles come through a tensor descriptor of expert e's (2F, D) slice (bulk
     copies, zeros past its edge); the gathered x rows stay pointer loads."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr, idx_ptr, T,
@@ -105,28 +111,26 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
         return
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * s_xt + ks[None, :]
-    w_off = e.to(tl.int64) * F * D + cols[None, :] * D + ks[:, None]  # (BLOCK_K, BLOCK_N)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    wrows = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # w_gu rows: 2f gate, 2f+1 up
+    e_off = e.to(tl.int64) * 2 * F * D
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
     if TMA:
-        e_off = e.to(tl.int64) * F * D
-        wg_desc = tl.make_tensor_descriptor(wg_ptr + e_off, shape=[F, D], strides=[D, 1],
-                                            block_shape=[BLOCK_N, BLOCK_K])
-        wu_desc = tl.make_tensor_descriptor(wu_ptr + e_off, shape=[F, D], strides=[D, 1],
-                                            block_shape=[BLOCK_N, BLOCK_K])
-        n0 = pid_n * BLOCK_N
+        wgu_desc = tl.make_tensor_descriptor(wgu_ptr + e_off, shape=[2 * F, D], strides=[D, 1],
+                                             block_shape=[2 * BLOCK_N, BLOCK_K])
         for k0 in range(0, D, BLOCK_K):
             k_ok = (k0 + ks) < D
             a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            acc_g = _dot(a, tl.trans(wg_desc.load([n0, k0])), acc_g, IEEE)  # (BK, BN) view
-            acc_u = _dot(a, tl.trans(wu_desc.load([n0, k0])), acc_u, IEEE)
+            acc = _dot(a, tl.trans(wgu_desc.load([pid_n * 2 * BLOCK_N, k0])), acc, IEEE)
     else:
+        w_off = e_off + wrows[None, :] * D + ks[:, None]  # (BLOCK_K, 2 BLOCK_N)
+        w_ok = (wrows < 2 * F)[None, :]
         for k0 in range(0, D, BLOCK_K):
             k_ok = (k0 + ks) < D
             a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b_ok = k_ok[:, None] & col_ok[None, :]
-            acc_g = _dot(a, tl.load(wg_ptr + w_off + k0, mask=b_ok, other=0.0), acc_g, IEEE)
-            acc_u = _dot(a, tl.load(wu_ptr + w_off + k0, mask=b_ok, other=0.0), acc_u, IEEE)
+            acc = _dot(a, tl.load(wgu_ptr + w_off + k0, mask=k_ok[:, None] & w_ok, other=0.0),
+                       acc, IEEE)
+    # columns 2j, 2j+1 of the accumulator: gate and up of column cols[j]
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     out = row[:, None] * F + cols[None, :]
     out_ok = ok[:, None] & col_ok[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
@@ -194,6 +198,147 @@ def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.const
         acc += zk.to(tl.float32)
     tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], _narrow(acc, y_ptr),
              mask=ok)
+
+
+# ----------------------------------------------------------------------------- persistent
+
+
+@triton.jit
+def _real_tiles(expert_start_ptr, counts_ptr, E, BLOCK_M: tl.constexpr):
+    """Row tiles that hold work: the sorted layout ends where the last expert's padded rows end
+    (tiles past it have tile_expert = -1; kernels/moe_routing.py `_offsets_kernel`)."""
+    last_rows = tl.cdiv(tl.load(counts_ptr + E - 1), BLOCK_M) * BLOCK_M
+    return (tl.load(expert_start_ptr + E - 1) + last_rows) // BLOCK_M
+
+
+@triton.jit
+def _gate_up_work(e, tok, row, ok, pid_n, x_ptr, wgu_ptr, h_ptr, g_ptr, u_ptr, D, F, s_xt,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SAVE_PRE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) output tile of expert e >= 0 (see `_gate_up_kernel`)."""
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * s_xt + ks[None, :]
+    wrows = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # w_gu rows: 2f gate, 2f+1 up
+    e_off = e.to(tl.int64) * 2 * F * D
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
+    if TMA:
+        wgu_desc = tl.make_tensor_descriptor(wgu_ptr + e_off, shape=[2 * F, D], strides=[D, 1],
+                                             block_shape=[2 * BLOCK_N, BLOCK_K])
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(a, tl.trans(wgu_desc.load([pid_n * 2 * BLOCK_N, k0])), acc, IEEE)
+    else:
+        w_off = e_off + wrows[None, :] * D + ks[:, None]  # (BLOCK_K, 2 BLOCK_N)
+        w_ok = (wrows < 2 * F)[None, :]
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + ks) < D
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(a, tl.load(wgu_ptr + w_off + k0, mask=k_ok[:, None] & w_ok, other=0.0),
+                       acc, IEEE)
+    # columns 2j, 2j+1 of the accumulator: gate and up of column cols[j]
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    out = row[:, None] * F + cols[None, :]
+    out_ok = ok[:, None] & col_ok[None, :]
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up in fp32, rounded once
+    tl.store(h_ptr + out, _narrow(h, h_ptr), mask=out_ok)
+    if SAVE_PRE:  # training: the backward needs the pre-activations (padding rows: zeros)
+        tl.store(g_ptr + out, _narrow(acc_g, g_ptr), mask=col_ok[None, :])
+        tl.store(u_ptr + out, _narrow(acc_u, u_ptr), mask=col_ok[None, :])
+
+
+@triton.jit
+def _zero_pre(row, pid_n, g_ptr, u_ptr, F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The saved gate / up rows of a tile past the work hold zeros, not garbage (reproducible
+    saved outputs; nothing reads them)."""
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    tl.store(g_ptr + row[:, None] * F + cols[None, :], zero.to(g_ptr.dtype.element_ty),
+             mask=col_ok[None, :])
+    tl.store(u_ptr + row[:, None] * F + cols[None, :], zero.to(u_ptr.dtype.element_ty),
+             mask=col_ok[None, :])
+
+
+@triton.jit
+def _gate_up_persistent_kernel(x_ptr, wgu_ptr, h_ptr, g_ptr, u_ptr, tile_expert_ptr,
+                               sorted_assign_ptr, expert_start_ptr, counts_ptr, T, N, D, F, E,
+                               num_m, s_xt, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+                               TMA: tl.constexpr):
+    """`_gate_up_kernel` (grouped path) on a fixed grid: each program strides over the real
+    (row tile, column tile) pairs only -- `_real_tiles` x column tiles, read on the device, so no
+    program runs for a padding tile of the static bound -- then zero-fills the saved gate / up
+    of the padding tiles (SAVE_PRE). Same tile math as `_gate_up_kernel` (whose body stays
+    inline: as a shared helper it spilled 16 B in fp32 on sm_90), bit for bit."""
+    num_n = tl.cdiv(F, BLOCK_N)
+    num_real = _real_tiles(expert_start_ptr, counts_ptr, E, BLOCK_M)
+    for tile in range(tl.program_id(0), num_real * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_real, num_n, GROUP_M)
+        e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
+                                             sorted_assign_ptr, T, N, K, 1, 1, BLOCK_M, False)
+        _gate_up_work(e, tok, row, ok, pid_n, x_ptr, wgu_ptr, h_ptr, g_ptr, u_ptr, D, F, s_xt,
+                      BLOCK_M, BLOCK_N, BLOCK_K, SAVE_PRE, IEEE, TMA)
+    if SAVE_PRE:
+        for tile in range(num_real * num_n + tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+            row = ((tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            _zero_pre(row, tile % num_n, g_ptr, u_ptr, F, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _down_work(e, assign, row, ok, pid_m, pid_n, h_ptr, wd_ptr, w_ptr, z_ptr, D, F, num_m,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DECODE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) output tile of expert e >= 0 (see `_down_kernel`)."""
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + row[:, None] * F + ks[None, :]
+    b_ptrs = wd_ptr + e.to(tl.int64) * D * F + cols[None, :] * F + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if TMA:
+        wd_desc = tl.make_tensor_descriptor(wd_ptr + e.to(tl.int64) * D * F, shape=[D, F],
+                                            strides=[F, 1], block_shape=[BLOCK_N, BLOCK_K])
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_m * BLOCK_M, F], strides=[F, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, F, BLOCK_K):
+            if DECODE:  # rows are tokens / assignments, not a contiguous tile
+                k_ok = (k0 + ks) < F
+                a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            else:
+                a = h_desc.load([pid_m * BLOCK_M, k0])
+            acc = _dot(a, tl.trans(wd_desc.load([n0, k0])), acc, IEEE)
+    else:
+        for k0 in range(0, F, BLOCK_K):
+            k_ok = (k0 + ks) < F
+            a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
+    acc = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
+    tl.store(z_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, z_ptr),
+             mask=ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_persistent_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr,
+                            expert_start_ptr, counts_ptr, T, N, D, F, E, num_m,
+                            K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+                            TMA: tl.constexpr):
+    """`_down_kernel` (grouped path) on a fixed grid striding over the real tiles only, as
+    `_gate_up_persistent_kernel`."""
+    num_n = tl.cdiv(D, BLOCK_N)
+    num_real = _real_tiles(expert_start_ptr, counts_ptr, E, BLOCK_M)
+    for tile in range(tl.program_id(0), num_real * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_real, num_n, GROUP_M)
+        e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
+                                             sorted_assign_ptr, T, N, K, 1, 1, BLOCK_M, False)
+        _down_work(e, assign, row, ok, pid_m, pid_n, h_ptr, wd_ptr, w_ptr, z_ptr, D, F, num_m,
+                   BLOCK_M, BLOCK_N, BLOCK_K, False, IEEE, TMA)
 
 
 # ----------------------------------------------------------------------------- backward

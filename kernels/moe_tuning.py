@@ -83,6 +83,10 @@ def fits(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> bool:
         n_acc = 3  # (fp32 128 x 128 on 8 warps, 192 a thread, spilled 440 B)
     threads = 32 * c["num_warps"]
     ok = n_acc * bm * c["BLOCK_N"] / threads <= 128
+    if kind in ("gate_up", "gate_up_decode"):
+        # one (2 BLOCK_N, BLOCK_K) tile of the interleaved gate|up weight: a TMA box holds at
+        # most 256 rows, and wgmma's n is at most 256
+        ok = ok and 2 * c["BLOCK_N"] <= 256
     if dtype == torch.float32:
         n_b = 2 if kind in _TWO_B_TILES else 1
         n_a = 2 if kind in ("dx", "dw_gate_up") else 1
@@ -117,8 +121,8 @@ def _gpu_default(kind: str, block_m: int) -> dict:
     stages need 262,144 B, past SMEM_LIMIT)."""
     big = block_m >= 128
     cfg = {
-        # 128-row tiles: one 128 x 128 tile each for gate and up (wgmma n = 128; weights by
-        # TMA: 254 registers, 147,512 B of shared memory in bf16, no spill)
+        # 128-row tiles: one 128 x 256 dot over the interleaved gate|up tile (128 columns of
+        # each: wgmma n = 256; weights by TMA)
         "gate_up": (dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3) if big
                     else dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)),
         "down": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if big else 4,

@@ -66,12 +66,20 @@ def compile_sm90(case: Case):
     unknown = set(case.consts) - set(names)
     if unknown:
         raise ValueError(f"{case.name}: {sorted(unknown)} are not arguments of {fn.__name__}")
-    sig = {a: "constexpr" if a in case.consts else case.types.get(a) or
+    # A constexpr the case leaves out takes its default, as at a launch that omits it (left
+    # out of the constexprs it would compile as a runtime integer: both sides of every
+    # `if FLAG:` at once); one without a default is an error.
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    consts.update(case.consts)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    if missing:
+        raise ValueError(f"{case.name}: constexpr {missing} of {fn.__name__} not given")
+    sig = {a: "constexpr" if a in consts else case.types.get(a) or
            ("*bf16" if a.endswith("_ptr") else "i32") for a in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-             if a not in case.consts and (sig[a].startswith("*") or a in case.divisible)}
+             if a not in consts and (sig[a].startswith("*") or a in case.divisible)}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(names.index(c),): v for c, v in case.consts.items()})
+                    constexprs={(names.index(c),): v for c, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
 
@@ -92,29 +100,50 @@ def resources(compiled) -> dict:
 
 def summarize(compiled) -> dict:
     """Resources and the instructions that matter on Hopper: wgmma (and its widest n), mma.sync,
-    cp.async (pipelined loads), cp.async.bulk.tensor (TMA), local memory (spills)."""
-    res, ptx = resources(compiled), compiled.asm["ptx"]
+    cp.async (pipelined loads), cp.async.bulk.tensor (TMA), local memory (spills); from the
+    Triton IR, the explicit multiply-adds (`tl.fma`: "fma"), float equality compares
+    ("cmpf_oeq", e.g. a guard `m == -inf`) and the tl.dot ops ("dots")."""
+    res, ptx, ttir = resources(compiled), compiled.asm["ptx"], compiled.asm["ttir"]
     wgmma_n = [int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)]
     return {"regs": res["REG"], "stack": res["STACK"], "local": res.get("LOCAL", 0),
             "shared": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]),
             "wgmma": "wgmma.mma_async" in ptx, "wgmma_n": max(wgmma_n, default=0),
             "mma": "mma.sync" in ptx, "cp_async": "cp.async" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx,
-            "ld_local": "ld.local" in ptx or "st.local" in ptx}
+            "ld_local": "ld.local" in ptx or "st.local" in ptx,
+            "fma": ttir.count("math.fma"), "cmpf_oeq": ttir.count("arith.cmpf oeq"),
+            "dots": len(re.findall(r"= tt\.dot ", ttir))}
+
+
+_CASES: list = []  # the cases of this child, read by forked workers by index
+
+
+def _compile_one(i: int) -> dict:
+    t0 = time.perf_counter()
+    try:
+        out = summarize(compile_sm90(_CASES[i]))
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+    except Exception as exc:  # reported, and the test names it
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
 def _compile_all(cases) -> dict:
-    out = {}
-    for case in cases:
-        if case.name in out:
-            raise ValueError(f"two cases named {case.name}")
-        t0 = time.perf_counter()
-        try:
-            out[case.name] = summarize(compile_sm90(case))
-            out[case.name]["seconds"] = round(time.perf_counter() - t0, 2)
-        except Exception as exc:  # reported, and the test names it
-            out[case.name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-    return out
+    """Every case compiled, on MOLMOE_SM90_JOBS processes (default: every CPU; the cases are
+    independent, and a fresh Triton cache makes a few hundred of them minutes of ptxas)."""
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two cases named {sorted(n for n in names if names.count(n) > 1)[0]}")
+    _CASES[:] = cases
+    jobs = min(len(cases), int(os.environ.get("MOLMOE_SM90_JOBS", 0)) or os.cpu_count() or 1)
+    if jobs <= 1:
+        results = [_compile_one(i) for i in range(len(cases))]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile_one, range(len(cases)), chunksize=1)
+    return dict(zip(names, results))
 
 
 def child_env() -> dict:
@@ -124,7 +153,7 @@ def child_env() -> dict:
             and not (k.startswith("MOLMOE_") and k.endswith(("_CONFIG", "_SPLITS")))}
 
 
-def report(module: str, timeout: float = 300) -> dict:
+def report(module: str, timeout: float = 1200) -> dict:
     """Compile `module.sm90_cases()` for sm_90 in a child process: name -> `summarize` dict (or
     {"error": ...}). Skips the calling test where this Triton cannot compile ahead of time."""
     import pytest

@@ -360,9 +360,12 @@ def test_opcheck():
 
 def sm90_cases():
     """The three kernels for sm_90 at Molmo's shapes (bf16; Dh 128 decoder with GQA 7 and 1, Dh
-    64 ViT), every mask on and none, at the shipped GPU default tiles (`default_config`), plus
-    the test tiles used since the kernels were written; compiled by tests/sm90.py."""
+    64 ViT), every mask on and none, at the shipped GPU default tiles (`default_config`; fp16
+    and fp32 defaults too), the test tiles used since the kernels were written, and every
+    candidate each kernel's tile policy keeps for bf16, fp16 and fp32 at Dh 64 and 128;
+    compiled by tests/sm90.py."""
     from molmoe.kernels import attention_kernels as K
+    from molmoe.kernels.attention import POLICIES, delta_block_m
     from tests.sm90 import Case
 
     types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "scale": "fp32"}
@@ -399,28 +402,44 @@ def sm90_cases():
         # fp16 and fp32 defaults (fp32 tiles take twice the shared memory; IEEE dots as FMAs)
         for dtype, dname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
             for tag, G, Dh, causal, masks in (("d128_g7_masks", 7, 128, True, True),
+                                              ("d128_g7_causal", 7, 128, True, False),
                                               ("d64_g1_vit", 1, 64, False, False)):
                 cfg = tile_of(_tune_key(backward, dtype, Dh, causal, masks), True)
                 tiles.append((dname, G, Dh, causal, masks, cfg))
         shape_names = [s[0] for s in shapes] + ["d128_g7_masks"] + \
-            ["d128_g7_masks", "d64_g1_vit"] * 2
-        if not backward:  # every forward candidate the bf16 prune keeps, at the masked GQA-7
-            # decoder shape (the most registers): autotune may pick any of them
-            for cfg in prune_configs(kernel_configs(True), 128, 2):
-                tiles.append(("cand", 7, 128, True, True, cfg))
-                shape_names.append("d128_g7_masks")
+            ["d128_g7_masks", "d128_g7_causal", "d64_g1_vit"] * 2
+        # Every candidate the kernel's policy keeps (`pruned`: autotune may pick any of them),
+        # for each dtype at Molmo's two head dims, at the masked GQA-7 shape (the most
+        # registers). bf16 and fp16 share one prune (2-byte elements); both are compiled.
+        policy = POLICIES["dq" if short == "dq" else backward]
+        for dtype, dname in ((torch.bfloat16, "cand"), (torch.float16, "cand_fp16"),
+                             (torch.float32, "cand_fp32")):
+            for Dh in (64, 128):
+                for cfg in policy.pruned(dict(dtype=dtype, head_dim=Dh, causal=True,
+                                              masked=True)):
+                    tiles.append((dname, 7, Dh, True, True, cfg))
+                    shape_names.append(f"d{Dh}_g7_masks")
         for (tag, G, Dh, causal, masks, cfg), shape in zip(tiles, shape_names):
+            fp32, fp16 = tag.endswith("fp32"), tag.endswith("fp16")
             consts = dict(G=G, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=causal, HAS_BLOCKS=masks, HAS_SEQ=masks, HAS_KPM=masks,
-                          IEEE=tag == "fp32", **extra)
+                          IEEE=fp32, **extra)
             name = f"{short}_{shape}_{tag}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}" \
                    f"_w{cfg['num_warps']}_s{cfg['num_stages']}"
-            elem = {"fp16": "*fp16", "fp32": "*fp32"}.get(tag)
+            elem = "*fp32" if fp32 else "*fp16" if fp16 else None
             io = {f"{n}_ptr": elem for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
                   if elem and f"{n}_ptr" in fn.arg_names}
             cases.append(Case(name, fn, consts, num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"], types={**types, **ptr_types, **io},
                               divisible=strides))
+    # The backward's delta = rowsum(o * do) kernel, at its fixed tile, each dtype and head dim.
+    for dname, elem in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32")):
+        for Dh in (64, 128):
+            cases.append(Case(f"delta_d{Dh}_{dname}", K._attn_bwd_delta_kernel,
+                              dict(HEAD_DIM=Dh, BLOCK_M=delta_block_m(Dh)), num_warps=4,
+                              types=dict(o_ptr=elem, do_ptr=elem, delta_ptr="*fp32"),
+                              divisible=frozenset({"so_b", "so_h", "so_s", "sdo_b", "sdo_h",
+                                                   "sdo_s"})))
     return cases
 
 
@@ -445,6 +464,8 @@ def test_kernels_compile_for_h100_without_a_gpu(sm90):
 
 
 def test_prune_drops_tiles_that_spilled_on_h100():
+    from molmoe.kernels.attention import dq_configs, fits_dq
+
     # The register rules of prune_configs against tiles measured to spill on sm_90 (bf16, every
     # mask on): they must be dropped, and the GPU defaults (compiled above) must survive.
     fwd128 = prune_configs(kernel_configs(True), 128, 2)
@@ -452,6 +473,19 @@ def test_prune_drops_tiles_that_spilled_on_h100():
     # registers and is kept (compiled with every other kept candidate above)
     assert dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3) in fwd128
     assert not [c for c in fwd128 if c["num_warps"] == 4 and c["BLOCK_M"] == 128]  # 88..1608 B
+    # one warpgroup with 64 x 128 scores spilled at Dh 64 too (fwd 456..472 B, dq 552 B)
+    fwd64 = prune_configs(kernel_configs(True), 64, 2)
+    assert not [c for c in fwd64 if c["num_warps"] == 4 and c["BLOCK_N"] == 128]
+    assert dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2) in fwd64
+    dq64 = [c for c in dq_configs(True) if fits_dq(c, 64, 2)]
+    assert dq64 and not [c for c in dq64 if c["num_warps"] == 4 and c["BLOCK_N"] == 128]
+    # fp32 (IEEE dots as FMAs): at Dh 128 only 16 x 16 on 8 warps compiled spill-free, in all
+    # three kernels (32 x 32 on 8 warps spilled 160..688 B); Dh 64 keeps 32 x 32
+    for backward in (False, True):
+        f128 = prune_configs(kernel_configs(True, backward, torch.float32), 128, 4, backward)
+        assert {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in f128} == {(16, 16, 8)}
+        f64 = prune_configs(kernel_configs(True, backward, torch.float32), 64, 4, backward)
+        assert (32, 32, 8) in {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in f64}
     bwd128 = prune_configs(kernel_configs(True, True), 128, 2, backward=True)
     assert bwd128 and all(c["num_warps"] == 8 and c["BLOCK_M"] == 32 for c in bwd128)
     bwd64 = prune_configs(kernel_configs(True, True), 64, 2, backward=True)
@@ -514,6 +548,69 @@ def test_dq_runs_on_wgmma_at_head_dim_128(sm90):
                 (case.name, sm90[case.name])
 
 
+def test_softmax_scale_is_one_fma_and_unguarded_without_masks(sm90):
+    # Issue 15: the scale is not a pass over the score tile of its own: every kernel computes
+    # exp2(fma(s, scale * log2 e, -max)) (fwd) / exp2(fma(s, c, -lse)) (dq, dk/dv), one math.fma
+    # per stage in the IR. The forward's guard against a row max of -inf (`m == -inf`, a float
+    # equality compare and select per row and tile) is compiled only where a row can have no key
+    # (packed sequences, key padding); plain causal, image blocks and the ViT have none.
+    for case in sm90_cases():
+        if case.name.startswith("delta_"):
+            continue
+        r, c = sm90[case.name], case.consts
+        assert r["fma"] >= 1, (case.name, r)
+        if case.name.startswith("fwd_"):
+            if c["HAS_SEQ"] or c["HAS_KPM"]:
+                assert r["cmpf_oeq"] >= 1, (case.name, r)  # the guard is there where needed
+            else:
+                assert r["cmpf_oeq"] == 0, (case.name, r)
+    unmasked = [c for c in sm90_cases() if c.name.startswith("fwd_") and not c.consts["HAS_KPM"]]
+    assert {c.consts["CAUSAL"] for c in unmasked} == {True, False}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_kernel_matches_its_reference(dtype):
+    # delta = rowsum(o * do) in fp32 (the backward's preprocessing) by its own kernel: one row,
+    # rows not a multiple of its tile (16 at Dh 128, 32 at Dh 64), transposed (strided) views
+    from molmoe.kernels.attention import attention_delta, attention_delta_ref, delta_block_m
+
+    g = torch.Generator().manual_seed(11)
+    for B, H, S, Dh in ((1, 1, 1, 16), (2, 3, 37, 64), (1, 2, 45, 128), (1, 2, 3, 256)):
+        o, do = (torch.randn(B, S, H, Dh, generator=g).to(DEV, dtype).transpose(1, 2)
+                 for _ in range(2))
+        if S > 1:  # what each shape is for
+            assert S % delta_block_m(Dh) and not o.is_contiguous()
+        got = attention_delta(o, do)
+        want = attention_delta_ref(o, do)
+        assert got.dtype == torch.float32 and got.shape == (B, H, S) and got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-5 * Dh ** 0.5, rtol=1e-5)
+    assert attention_delta(o[:, :, :0], do[:, :, :0]).shape == (B, H, 0)
+
+
+def test_backward_takes_delta_from_the_kernel(monkeypatch):
+    # The backward calls attention_delta once (no fp32 copies of o and do in torch); a wrong
+    # delta must show in dq / dk (so the gradients test the kernel's delta, not a recompute).
+    from molmoe.kernels import attention as A
+
+    q, k, v, do = make(1, 2, 1, 20, 20, 16, torch.float32, seed=3)
+    calls, real = [], A.attention_delta
+    monkeypatch.setattr(A, "attention_delta", lambda o, d: calls.append(1) or real(o, d))
+    got = run_kernel(q, k, v, do, causal=True)
+    assert calls == [1]
+    monkeypatch.setattr(A, "attention_delta", lambda o, d: real(o, d) + 1.0)
+    wrong = run_kernel(q, k, v, do, causal=True)
+    assert torch.equal(got[0], wrong[0]) and torch.equal(got[3], wrong[3])  # o, dv: no delta
+    assert not torch.allclose(got[1], wrong[1]) and not torch.allclose(got[2], wrong[2])
+
+
+def test_scale_must_be_positive():
+    # The kernels scale the raw row max (max(s) * c == max(s * c) only for c > 0).
+    q, k, v, _ = make(1, 2, 2, 8, 8, 16, torch.float32)
+    for bad in (0.0, -0.125, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            attention(q, k, v, scale=bad)
+
+
 def test_dq_has_its_own_pinnable_tile(monkeypatch):
     from molmoe.kernels.attention import dq_config
 
@@ -534,15 +631,25 @@ def test_dq_has_its_own_pinnable_tile(monkeypatch):
 def test_kernels_do_not_spill_on_h100(sm90):
     from tests.sm90 import SMEM_LIMIT, check
 
-    for case in sm90_cases():  # and the K/V (q/do) loads pipelined: cp.async
+    # Every case: the defaults of each dtype and every candidate each policy keeps for bf16,
+    # fp16 and fp32 at Dh 64 and 128 (fp32 at Dh 128 included: 16 x 16 tiles there): compiled,
+    # no spill, shared memory within the limit, K/V (q/do) loads pipelined (cp.async).
+    names = [c.name for c in sm90_cases()]
+    for dtype in ("cand_", "cand_fp16_", "cand_fp32_"):
+        for Dh in (64, 128):
+            for short in ("fwd", "dq", "dkdv"):
+                assert any(n.startswith(f"{short}_d{Dh}_g7_masks_{dtype}") for n in names), \
+                    (short, Dh, dtype)  # no kernel is left without a checked candidate
+    assert any("_fp32_16x16_" in n and n.startswith("dkdv_d128") for n in names)
+    for case in sm90_cases():
         r = sm90.get(case.name)
-        if "_fp32_" in case.name and case.consts["HEAD_DIM"] == 128:
-            # Known limit (kernels/attention.py `fits`): fp32 IEEE dots at Dh 128 spill at
-            # every tile tried; only compile + shared memory are asserted there.
-            assert r and "error" not in r and r["shared"] <= SMEM_LIMIT, (case.name, r)
+        if case.name.startswith("delta_"):  # no GEMM, no loop to pipeline
+            check(r, case.name)
             continue
         fp32 = "_fp32_" in case.name  # IEEE dots: FMAs, no tensor cores
         check(r, case.name, tensor_core=None if fp32 else "mma_any", cp_async=True)
+        assert r["shared"] <= SMEM_LIMIT
+    assert len([c for c in sm90_cases() if c.name.startswith("delta_")]) == 6
 
 
 # ----------------------------------------------------------------------------- model

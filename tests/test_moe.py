@@ -555,6 +555,82 @@ def test_fp16_overflow_saturates_instead_of_inf(path):
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
 
 
+def test_interleaved_gate_up_weight_layout_and_cache():
+    # The gate_up kernel reads w_gu (E, 2F, D), rows 2f / 2f+1 = gate / up of column f, built
+    # behind the kernel boundary once per weight pair and version (kernels/moe.py header).
+    import gc
+
+    from molmoe.kernels import moe as M
+
+    x, router, wg, wu, wd = make(11, 24, 20, 4, seed=31)
+    w_gu = M.interleave_gate_up(wg, wu)
+    assert w_gu.shape == (4, 40, 24) and w_gu.is_contiguous()
+    assert torch.equal(w_gu[:, 0::2], wg) and torch.equal(w_gu[:, 1::2], wu)
+    assert all(torch.equal(a, b) for a, b in zip(w_gu.view(4, 20, 2, 24).unbind(2), (wg, wu)))
+    first = M._gate_up_weight(wg, wu)
+    assert M._gate_up_weight(wg, wu) is first and torch.equal(first, w_gu)  # built once
+    other_up = wu.clone()
+    assert M._gate_up_weight(wg, other_up) is not first  # another w_up: rebuilt
+    # An in-place write (an optimizer step, a load) bumps the version: rebuilt, never stale.
+    y0 = moe_ffn(x, router, wg, wu, wd, 2)[0]
+    with torch.no_grad():
+        wu.mul_(-1.0)
+    assert torch.equal(M._gate_up_weight(wg, wu)[:, 1::2], wu)
+    y1 = moe_ffn(x, router, wg, wu, wd, 2)[0]
+    torch.testing.assert_close(y1, moe_ffn_ref(x, router, wg, wu, wd, 2)[0], atol=1e-5,
+                               rtol=1e-5)
+    assert not torch.allclose(y0, y1)
+    n = len(M._GATE_UP)
+    del wg, first
+    gc.collect()
+    assert len(M._GATE_UP) == n - 1  # a freed weight drops its entry (and its copy)
+
+
+def test_persistent_forward_equals_one_program_per_tile(monkeypatch):
+    # In fp16/bf16 the grouped forward GEMMs run a fixed grid striding over the real row tiles
+    # only (the interpreter: 3 programs); MOLMOE_MOE_PERSISTENT=0 (and fp32) launch one program
+    # per tile of the static bound. Skewed routing leaves padding tiles: the same outputs bit
+    # for bit, saved gate / up rows past the work zeroed by the persistent programs too, and
+    # gradients equal.
+    from molmoe.kernels import moe as M
+
+    E, K, bm = 6, 2, 16
+    x, router, wg, wu, wd = make(37, 24, 24, E, torch.float16, seed=41, dominant=True)
+    assert M.persistent_programs(100, "gate_up", {}, bm, torch.float32, x.device) == 0
+    probs = torch.softmax(x @ router.T, dim=-1)
+    topk_w, topk_idx = torch.topk(probs, K, dim=-1)
+    topk_w, topk_idx = topk_w.float().contiguous(), topk_idx.to(torch.int32)
+    counts, start, sorted_assign, _, tile_expert = M.permute(topk_idx, E, bm)
+    work_rows = int(start[-1]) + -(-int(counts[-1]) // bm) * bm
+    assert work_rows < sorted_assign.numel() and (tile_expert[work_rows // bm:] == -1).all()
+    launched, real = [], M.persistent_programs
+    monkeypatch.setattr(M, "persistent_programs",
+                        lambda n, *a: launched.append((n, real(n, *a))) or launched[-1][1])
+    outs, grad = {}, {}
+    dy = torch.randn(37, 24, generator=torch.Generator().manual_seed(2)).to(DEV, x.dtype)
+    # every buffer the forward allocates starts as NaN: what is not written shows
+    x_nan = x.clone()
+    x_nan.new_empty = lambda *size, dtype=x.dtype, device=DEV: torch.full(
+        size, float("nan"), dtype=dtype, device=device)
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MOLMOE_MOE_PERSISTENT", mode)
+        outs[mode] = M._experts_fwd(x_nan, wg, wu, wd, topk_w, counts, start, sorted_assign,
+                                    tile_expert, K, bm, True)
+        for saved in outs[mode][1:]:  # gate, up: zeros past the work, no NaN anywhere
+            assert saved[work_rows:].eq(0).all() and not saved.isnan().any()
+        grad[mode] = grads(moe_ffn, (x, router, wg, wu, wd), K, False, dy)
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a, b)
+    for a, b in zip((grad["1"][0], *grad["1"][2]), (grad["0"][0], *grad["0"][2])):
+        assert torch.equal(a, b)
+    (gu_tiles, gu_programs), (down_tiles, down_programs) = launched[:2]
+    assert gu_programs == down_programs == 3 and 3 < gu_tiles and 3 < down_tiles
+    assert all(p == 0 for _, p in launched[-2:])  # the fallback: one program per tile
+    want = moe_ffn_ref(*(t.float() for t in (x, router, wg, wu, wd)), K)[0]
+    assert_within(grad["1"][0], moe_ffn_ref(x, router, wg, wu, wd, K)[0], want, torch.float16,
+                  "persistent fp16")
+
+
 def test_tma_and_pointer_paths_agree(monkeypatch):
     # fp16 weights with 16-byte aligned bases and rows go through tensor descriptors (Triton's
     # interpreter runs them too), misaligned ones through pointer loads: same results, both

@@ -126,14 +126,54 @@ for _kind in ("gate_up", "down"):
                                                        F=F_, block_m=128)))]
 
 
+# The grouped forward GEMMs as launched by default in fp16/bf16: persistent kernels (a fixed
+# grid striding over the real tiles; fp32 keeps one program per tile). The default of each
+# 16-bit dtype at 128-, 64- and 16-row tiles and every bf16 candidate the policy keeps at 128
+# rows, each as `<case>-persistent`; the one-program-per-tile kernels are the cases above.
+PERSISTENT_KERNELS = {"gate_up": (G._gate_up_persistent_kernel, dict(SAVE_PRE=True)),
+                      "down": (G._down_persistent_kernel, {})}
+PERSISTENT = []
+for _kind, (_kernel, _extra) in PERSISTENT_KERNELS.items():
+    for _dtype in (torch.bfloat16, torch.float16):
+        for _bm in (128, 64, 16):
+            PERSISTENT.append(gemm_case(_kind, _kernel, _bm, _extra, _dtype, tag="-persistent"))
+    for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D, F=F_,
+                                             block_m=128))):
+        PERSISTENT.append(gemm_case(_kind, _kernel, 128, _extra, torch.bfloat16, c,
+                                    f"-cand{i}-persistent"))
+CASES += PERSISTENT
+
+
+def test_forward_gemms_have_a_persistent_form(sm90):
+    # Issue 15: the persistent grouped forward (the 16-bit default) compiles for bf16 / fp16 and
+    # every kept bf16 candidate without spills (test_compiles_for_h100_without_spills), with
+    # TMA and gate_up's one 2 BLOCK_N wide dot (the tests above), and its tile loop is there.
+    assert len(PERSISTENT) >= 2 * 2 * 3 + 8
+    for c in PERSISTENT:
+        r = sm90[c.name]
+        assert "error" not in r and r["tma"] and r["dots"] == 1, (c.name, r)
+    for name in ("gate_up@128-persistent", "down@128-persistent"):
+        assert sm90[name]["wgmma"] and sm90[name]["wgmma_n"] >= 128, (name, sm90[name])
+
+
 def sm90_cases() -> list[Case]:
     return CASES
 
 
-def test_gate_up_default_is_128_wide(sm90):
-    # Issue 15: gate_up's wgmma with n >= 128 at the 128-row default (bf16 and fp16).
+def test_gate_up_is_one_wide_dot(sm90):
+    # Issue 15: gate_up reads the interleaved (E, 2F, D) gate|up weight and runs ONE dot per K
+    # step (not one per projection), 2 BLOCK_N wide: wgmma n = 256 at the 128-row default
+    # (bf16 and fp16), n >= 128 for every 16-bit gate_up case on wgmma (64+ rows: defaults and
+    # every kept bf16 candidate), with TMA still feeding it (test below).
     for name in ("gate_up@128", "gate_up@128-fp16"):
-        assert sm90[name]["wgmma_n"] >= 128, (name, sm90[name])
+        assert sm90[name]["wgmma_n"] == 256, (name, sm90[name])
+    gate_up = [c for c in CASES if c.name.startswith("gate_up")]
+    assert len(gate_up) >= 8
+    for c in gate_up:
+        r = sm90[c.name]
+        assert r["dots"] == 1, (c.name, r)
+        if c.tensor_core == "wgmma":
+            assert r["wgmma_n"] >= 128 and r["wgmma_n"] == 2 * c.consts["BLOCK_N"], (c.name, r)
 
 
 def test_forward_gemms_load_weights_by_tma(sm90):
