@@ -53,15 +53,21 @@ aligned (`_use_tma`); gathered x rows stay pointer loads. gate_up reads one inte
 weight w_gu (E, 2F, D), row 2f = w_gate[:, f], row 2f+1 = w_up[:, f] (`interleave_gate_up`):
 each step is one dot of the x tile with a (2 BLOCK_N, BLOCK_K) weight tile, 128 x 256 at the
 128-row default (wgmma n = 256), and the epilogue splits the accumulator's column pairs into
-gate and up. Where it is built: behind the kernel boundary. The op's contract, the model's
-parameters and the checkpoint keep w_gate and w_up (E, F, D) (the state dict on disk is
-unchanged); the forward custom ops interleave them once per (w_gate, w_up) pair and weight
-version and keep the result (`_gate_up_weight`: a cache keyed on the w_gate tensor's identity
-through a weak reference, checked against w_up's identity, both tensors' in-place version counters and data pointers; an optimizer
-step or a load re-interleaves, a freed weight drops its entry). Cost: one more (E, 2F, D) copy
-of the gate and up weights while the model lives (training: refreshed once per step); a writer
-that bypasses the version counter (`w.data.copy_`) is not seen. The backward (dx, dW) reads
-w_gate and w_up as they are.
+gate and up. Where it comes from: a model loaded with `molmoe.load` (or after
+`Molmo.set_backend`) keeps w_gate and w_up as the even and odd rows of one (E, 2F, D) buffer
+(`MoEFFN.interleave_`: the same Parameters and values, the state dict on disk unchanged), and
+the kernel reads that buffer as it is (`molmoe.ops.moe.interleaved_view`: no copy, no extra
+memory; the backward's dx reads the two halves with a row stride of 2D, fp32 from contiguous
+copies since its tiles spilled there). Other callers pass two separate tensors (tests, a model
+moved with `.to()` since, FSDP's unsharded parameters in training): the forward custom ops then
+interleave them once per (w_gate, w_up) pair and weight version and keep the result
+(`_gate_up_weight`: a cache keyed on the w_gate tensor's identity through a weak reference,
+checked against w_up's identity, both tensors' in-place version counters and data pointers; an
+optimizer step or a load re-interleaves, a freed weight drops its entry). That costs one more
+(E, 2F, D) copy of the gate and up weights while they live (about 8 GiB for MolmoE-1B in bf16;
+in FSDP training a copy per layer whose unsharded parameters stay allocated, rebuilt after each
+all-gather writes them); a writer that bypasses the version counter (`w.data.copy_`) is not
+seen.
 In fp16/bf16 the grouped forward GEMMs (gate_up, down) run persistent: a fixed grid (SMs x the
 blocks shared memory allows per SM; `persistent_programs`) strides over the real row tiles
 only, their count read on the device from the permutation's last expert (no host sync), so no
@@ -103,6 +109,7 @@ import torch.nn.functional as F
 import triton
 
 from molmoe.ops import moe_ffn_ref
+from molmoe.ops.moe import interleaved_layout, interleaved_view
 from molmoe.kernels._common import (SMEM_LIMIT, check_launch_device, ensure_tma_allocator,
                                     on_interpreter, tma_ok)
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
@@ -169,9 +176,14 @@ def _drop_gate_up(key, ref):
 
 
 def _gate_up_weight(w_gate, w_up):
-    """`interleave_gate_up(w_gate, w_up)`, built once per pair of weight tensors and kept while
-    neither is written in place (see the header: where the layout is built and what it costs).
-    Called inside the forward custom ops, so torch.compile never traces the cache."""
+    """The interleaved gate|up weight: a view when the weights already are (`interleaved_view`:
+    a model loaded with `molmoe.load` or after `set_backend`), else `interleave_gate_up(w_gate,
+    w_up)` built once per pair of weight tensors and kept while neither is written in place (see
+    the header: where the layout is built and what it costs). Called inside the forward custom
+    ops, so torch.compile never traces the cache."""
+    view = interleaved_view(w_gate, w_up)
+    if view is not None:
+        return view
     state = _weight_state(w_gate, w_up)
     hit = _GATE_UP.get(id(w_gate)) if state is not None else None
     if hit is not None and hit[0]() is w_gate and hit[1]() is w_up and hit[2] == state:
@@ -332,8 +344,12 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
     if need_dx:
         dxs = x.new_empty(N, D)
         cfg = default_config("dx", x.dtype, D, F_, block_m, on_gpu)
+        interleaved = w_gate.stride(1) == 2 * D  # MoEFFN.interleave_'s layout: rows 2D apart
+        if interleaved and ieee:  # fp32 tiles spill 8 B reading rows 2D apart (sm_90): copies
+            w_gate, w_up, interleaved = w_gate.contiguous(), w_up.contiguous(), False
         _gate_up_bwd_dx_kernel[(num_m * triton.cdiv(D, cfg["BLOCK_N"]),)](
             dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
+            INTERLEAVED=interleaved,
             BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
         _combine(dxs, dx, top_k, on_gpu)
     if need_dw:
@@ -532,7 +548,9 @@ def moe_experts(x, w_gate, w_up, w_down, topk_w, topk_idx, *, path=None):
     T = x.shape[0]
     E, K = w_gate.shape[0], topk_idx.shape[1]
     path = choose_path(T, _needs_grad(x, w_gate, w_up, w_down, topk_w), path)
-    w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    if not interleaved_layout(w_gate, w_up):  # interleaved weights stay as they are
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    w_down = w_down.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_w = topk_w.to(torch.float32).contiguous()  # read flat, by assignment
     if path == "decode":

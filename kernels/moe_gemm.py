@@ -400,9 +400,12 @@ def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dw_par
 def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_ptr,
                            sorted_assign_ptr, D, F, num_m, K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+                           GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+                           INTERLEAVED: tl.constexpr = False):
     """dxs[assign] = d gate[row] @ w_gate[e] + d up[row] @ w_up[e] over D (summed per token
-    by `_combine_kernel` afterwards)."""
+    by `_combine_kernel` afterwards). w_gate / w_up rows are D apart, or 2D for the two halves
+    of an interleaved gate|up weight (INTERLEAVED); experts F rows apart."""
+    s_wf = 2 * D if INTERLEAVED else D
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     e, tok, assign, row, ok = _tile_rows(pid_m, tile_expert_ptr, sorted_assign_ptr,
                                          sorted_assign_ptr, 0, 0, K, 1, 1, BLOCK_M, False)
@@ -412,16 +415,16 @@ def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_
     col_ok = cols < D
     ks = tl.arange(0, BLOCK_K)
     a_off = row[:, None] * F + ks[None, :]
-    b_off = e.to(tl.int64) * F * D + ks[:, None] * D + cols[None, :]
+    b_off = e.to(tl.int64) * F * s_wf + ks[:, None] * s_wf + cols[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, F, BLOCK_K):
         k_ok = (k0 + ks) < F
         a_ok = ok[:, None] & k_ok[None, :]
         b_ok = k_ok[:, None] & col_ok[None, :]
         acc = _dot(tl.load(dg_ptr + a_off + k0, mask=a_ok, other=0.0),
-                   tl.load(wg_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
+                   tl.load(wg_ptr + b_off + k0 * s_wf, mask=b_ok, other=0.0), acc, IEEE)
         acc = _dot(tl.load(du_ptr + a_off + k0, mask=a_ok, other=0.0),
-                   tl.load(wu_ptr + b_off + k0 * D, mask=b_ok, other=0.0), acc, IEEE)
+                   tl.load(wu_ptr + b_off + k0 * s_wf, mask=b_ok, other=0.0), acc, IEEE)
     tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, dxs_ptr),
              mask=ok[:, None] & col_ok[None, :])
 

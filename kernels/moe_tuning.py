@@ -65,8 +65,11 @@ def _smem_bytes(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> int:
     # The forward GEMMs load their weights by TMA in 16-bit dtypes (kernels/moe.py `_use_tma`):
     # those pipelines keep num_stages buffers (gate_up 128 x 128 x 64 in 4 stages compiled to
     # 4 x 49,152 B), the cp.async ones num_stages - 1.
-    tma = kind in _TMA_KINDS and dtype != torch.float32
-    buffers = c["num_stages"] if tma else max(c["num_stages"] - 1, 1)
+    # In 16-bit dtypes every kernel's pipeline keeps num_stages buffers too: the bf16 dx
+    # candidates 128 x 64 x 128 in 3 stages and 128 x 128 x 64 in 4 compiled to 3 x 98,304 and
+    # 4 x 65,536 B (over the limit while this counted num_stages - 1). fp32's FMA dots keep
+    # num_stages - 1 (the 262,144 B above).
+    buffers = c["num_stages"] if dtype != torch.float32 else max(c["num_stages"] - 1, 1)
     return buffers * element_size(dtype) * c["BLOCK_K"] * (n_a * bm + n_b * c["BLOCK_N"])
 
 
@@ -82,7 +85,10 @@ def fits(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> bool:
     if kind == "down_bwd":  # its epilogue holds gate and up beside the accumulator
         n_acc = 3  # (fp32 128 x 128 on 8 warps, 192 a thread, spilled 440 B)
     threads = 32 * c["num_warps"]
-    ok = n_acc * bm * c["BLOCK_N"] / threads <= 128
+    per_thread = n_acc * bm * c["BLOCK_N"] / threads
+    # 128 a thread fits on 8 warps (gate_up's 128 x 256 wide dot: 254 registers) but not on
+    # one warpgroup (bf16 dw_down 128 x 128 x 64 on 4 warps: 255 registers, spilled 40 B)
+    ok = per_thread < 128 if c["num_warps"] <= 4 else per_thread <= 128
     if kind in ("gate_up", "gate_up_decode"):
         # one (2 BLOCK_N, BLOCK_K) tile of the interleaved gate|up weight: a TMA box holds at
         # most 256 rows, and wgmma's n is at most 256

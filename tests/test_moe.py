@@ -586,6 +586,62 @@ def test_interleaved_gate_up_weight_layout_and_cache():
     assert len(M._GATE_UP) == n - 1  # a freed weight drops its entry (and its copy)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interleaved_weights_are_read_without_a_copy(dtype):
+    # Weights that already are the even / odd rows of one (E, 2F, D) buffer (MoEFFN.interleave_,
+    # what molmoe.load and set_backend make) are the kernel's gate|up weight as they are: no
+    # cached copy is built, the backward's dx reads rows 2D apart, and every output and
+    # gradient equals the separate-weights run bit for bit.
+    from molmoe.kernels import moe as M
+    from molmoe.ops.moe import interleaved_layout, interleaved_view
+
+    x, router, wg0, wu0, wd = make(37, 24, 20, 4, dtype, seed=43)
+    both = torch.stack((wg0, wu0), dim=2)  # (E, F, 2, D)
+    wg, wu = both[:, :, 0], both[:, :, 1]
+    assert interleaved_layout(wg, wu) and interleaved_view(wg, wu).data_ptr() == wg.data_ptr()
+    assert interleaved_view(wg0, wu0) is None and interleaved_view(wu, wg) is None
+    assert interleaved_view(wg, both[:, :, 1].clone()) is None  # same strides, other storage
+    wg.requires_grad_()
+    wu.requires_grad_()
+    sep = [t.detach().clone().requires_grad_() for t in (x, wg0, wu0)]
+    x.requires_grad_()
+    n = len(M._GATE_UP)
+    y = moe_ffn(x, router, wg, wu, wd, 2)[0]
+    assert len(M._GATE_UP) == n  # nothing cached: read in place
+    y_sep = moe_ffn(sep[0], router, sep[1], sep[2], wd, 2)[0]
+    assert torch.equal(y, y_sep)
+    g = torch.randn_like(y)
+    (y.float() * g.float()).sum().backward()
+    (y_sep.float() * g.float()).sum().backward()
+    for got, want in zip((x.grad, wg.grad, wu.grad), (s.grad for s in sep)):
+        assert torch.equal(got, want)
+
+
+def test_model_weights_interleaved_in_place_by_set_backend():
+    # set_backend lays each MoE layer's w_gate / w_up out interleaved: same Parameter objects
+    # (an optimizer keeps working), same values, same state dict; `.to()` separates them again
+    # and the next set_backend interleaves again.
+    from molmoe.model.decoder import MoEFFN
+    from molmoe.ops.moe import interleaved_view
+
+    model = random_model("tiny-molmoe")
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert layers
+    params = [(m.w_gate, m.w_up) for m in layers]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_backend("reference")
+    for m, (g, u) in zip(layers, params):
+        assert m.w_gate is g and m.w_up is u
+        assert interleaved_view(m.w_gate, m.w_up) is not None
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    model.to(torch.float64)
+    assert interleaved_view(layers[0].w_gate, layers[0].w_up) is None
+    model.set_backend("reference")
+    assert all(interleaved_view(m.w_gate, m.w_up) is not None for m in layers)
+
+
 def test_persistent_forward_equals_one_program_per_tile(monkeypatch):
     # In fp16/bf16 the grouped forward GEMMs run a fixed grid striding over the real row tiles
     # only (the interpreter: 3 programs); MOLMOE_MOE_PERSISTENT=0 (and fp32) launch one program

@@ -117,6 +117,23 @@ CASES += [gemm_case(kind, KERNELS[kind][0], 0 if kind.endswith("_decode") else 1
                     KERNELS[kind][1], torch.float32, c, f"-cand{i}")
           for kind, kept in _FP32.items() for i, c in enumerate(kept)]
 _FP32_DX = _FP32["dx"]
+# dx reading an interleaved gate|up weight (rows 2D apart; MoEFFN.interleave_'s layout, which
+# models loaded by molmoe.load have) at the bf16 / fp16 defaults and every kept bf16 candidate.
+# fp32 copies the two weights instead (an fp32 candidate spilled 8 B reading rows 2D apart).
+CASES += [gemm_case("dx", G._gate_up_bwd_dx_kernel, 128, dict(INTERLEAVED=True), dt,
+                    tag="-interleaved") for dt in (torch.bfloat16, torch.float16)]
+CASES += [gemm_case("dx", G._gate_up_bwd_dx_kernel, 128, dict(INTERLEAVED=True), torch.bfloat16,
+                    c, f"-cand{i}-interleaved")
+          for i, c in enumerate(POLICY.pruned(dict(kind="dx", dtype=torch.bfloat16, D=D, F=F_,
+                                                   block_m=128)))]
+# Every bf16 candidate the prune keeps for the backward kinds at 128-row tiles: their shared
+# memory estimate once counted num_stages - 1 buffers where the compiled pipeline keeps
+# num_stages (five dx candidates were over the limit).
+for _kind in ("down_bwd", "dx", "dw_gate_up", "dw_down"):
+    CASES += [gemm_case(_kind, KERNELS[_kind][0], 128, KERNELS[_kind][1], torch.bfloat16, c,
+                        f"-cand{i}")
+              for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D,
+                                                       F=F_, block_m=128)))]
 # Every bf16 candidate kept for the TMA kernels at 128-row tiles: their shared memory counts
 # num_stages buffers (the estimate must hold for what autotune may pick).
 for _kind in ("gate_up", "down"):

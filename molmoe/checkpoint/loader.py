@@ -137,6 +137,9 @@ def load(model_id_or_dir: str | os.PathLike, *, dtype="float32", device="cpu",
     with torch.device("meta"):
         model = Molmo(config)
     model.load_state_dict(state, strict=True, assign=True)
+    # the model now holds the tensors; set_backend re-lays MoE gate/up weights out one layer at
+    # a time (MoEFFN.interleave_), freeing each old pair as it goes, so no other reference
+    del state
     model.set_backend(backend)
     model.set_compat(compat)
     model.autocast_dtype = autocast_dtype

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from molmoe.ops import REFERENCE_OPS, Ops
+from molmoe.ops.moe import interleaved_view
 from molmoe.config import TextConfig
 from molmoe.model.kv_cache import CacheStep, KVCache, LayerKV
 from molmoe.model.layers import RMSNorm, run_block, swiglu
@@ -98,7 +99,10 @@ class DenseFFN(nn.Module):
 class MoEFFN(nn.Module):
     """Softmax router over E experts, top-k, no renormalisation for MolmoE (spec §3.5 12'-16').
 
-    Expert weights are stacked: w_gate, w_up (E, F, D) and w_down (E, D, F).
+    Expert weights are stacked: w_gate, w_up (E, F, D) and w_down (E, D, F). `interleave_`
+    puts w_gate and w_up in one (E, 2F, D) buffer (row 2f gate, 2f+1 up) without changing
+    what they are: the Triton op reads that buffer as its gate|up weight with no copy
+    (kernels/moe.py); the state dict still has the two tensors.
     """
 
     def __init__(self, cfg: TextConfig):
@@ -114,6 +118,29 @@ class MoEFFN(nn.Module):
         # The router's aux of the last forward that needed gradients (training): lb_loss,
         # z_loss, counts... `molmoe.training` clears it, runs the forward, sums the losses.
         self.aux: dict | None = None
+
+    @torch.no_grad()
+    def interleave_(self) -> bool:
+        """Store w_gate and w_up as the even and odd rows of one (E, 2F, D) buffer, in place:
+        the Parameter objects stay (an optimizer holding them is unaffected), their data
+        become strided views. Peak memory: one more gate+up pair of this layer while it runs.
+        Skipped (False) for meta tensors and for distributed (FSDP) parameters, whose storage
+        belongs to torch.distributed; True when the weights are interleaved afterwards.
+        `module.to(...)` gives the two weights separate storage again; `Molmo.set_backend`
+        calls this."""
+        g, u = self.w_gate, self.w_up
+        if type(g.data) is not torch.Tensor or type(u.data) is not torch.Tensor or g.is_meta:
+            return False
+        if interleaved_view(g.data, u.data) is not None:
+            return True
+        if u.shape != g.shape or u.dtype != g.dtype or u.device != g.device:
+            return False
+        E, F_, D = g.shape
+        both = torch.empty(E, F_, 2, D, dtype=g.dtype, device=g.device)
+        both[:, :, 0].copy_(g.data)
+        both[:, :, 1].copy_(u.data)
+        g.data, u.data = both[:, :, 0], both[:, :, 1]
+        return True
 
     def forward(self, x):  # (B, S, D)
         y, aux = self.ops.moe_ffn(x.reshape(-1, x.shape[-1]), self.router.weight, self.w_gate,

@@ -44,8 +44,14 @@ class Molmo(nn.Module):
         return self
 
     def set_backend(self, backend: str | Backend) -> "Molmo":
-        """Point every hot op at the reference or the Triton implementation (same weights)."""
+        """Point every hot op at the reference or the Triton implementation (same weights).
+        Also lays each MoE layer's gate and up weights out interleaved (`MoEFFN.interleave_`,
+        no change to their values or to the state dict), the layout the Triton MoE kernel reads
+        without a copy; call it again after moving the model with `.to()`."""
         self.backend = Backend.parse(backend)
+        for module in self.modules():
+            if hasattr(module, "interleave_"):
+                module.interleave_()
         return self.set_ops(ops_for(self.backend))
 
     def set_ops(self, ops: Ops) -> "Molmo":

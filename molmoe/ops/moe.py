@@ -118,3 +118,26 @@ def _(x, w_gate, w_up, w_down, topk_w, topk_idx, counts):
 # Custom ops whose body is plain PyTorch, by qualified name: op counters count their body's
 # ops (molmoe.profiling.OpCounter), so wrapping code in an op never hides work.
 TRANSPARENT_OPS = {"molmoe::grouped_experts": grouped_experts}
+
+
+def interleaved_layout(w_gate, w_up) -> bool:
+    """Whether w_gate / w_up have the shapes, strides and offsets of the even / odd rows of one
+    (E, 2F, D) buffer: metadata only, so it also answers for the fake tensors torch.compile
+    traces with (`interleaved_view` checks the storage too)."""
+    E, F_, D = w_gate.shape
+    return (w_up.shape == w_gate.shape and w_up.dtype == w_gate.dtype
+            and w_up.device == w_gate.device
+            and w_gate.stride() == (2 * F_ * D, 2 * D, 1) and w_up.stride() == w_gate.stride()
+            and w_up.storage_offset() == w_gate.storage_offset() + D)
+
+
+def interleaved_view(w_gate, w_up):
+    """w_gu (E, 2F, D) without a copy when w_gate / w_up are the even / odd rows of one such
+    buffer (what `MoEFFN.interleave_` makes of a model's weights), else None. Real tensors only
+    (it compares storages)."""
+    if not interleaved_layout(w_gate, w_up):
+        return None
+    if w_gate.untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr():
+        return None
+    E, F_, D = w_gate.shape
+    return w_gate.as_strided((E, 2 * F_, D), (2 * F_ * D, D, 1))
