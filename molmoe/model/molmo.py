@@ -31,7 +31,11 @@ class Molmo(nn.Module):
         self.decoder = Decoder(config.text)
         # bf16 autocast over fp32 weights is Ai2's evaluation setting (spec §5.3, §7.1)
         self.autocast_dtype: torch.dtype | None = None
-        self.set_backend(backend)
+        # ops only: a fresh model's MoE weights stay two contiguous tensors, so seeded in-place
+        # initialisation (p.normal_()) fills them as it always has; molmoe.load and later
+        # set_backend calls interleave them
+        self.backend = Backend.parse(backend)
+        self.set_ops(ops_for(self.backend))
         self.set_compat(compat)
 
     def set_compat(self, compat: str) -> "Molmo":
