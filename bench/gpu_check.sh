@@ -55,7 +55,12 @@ else
         || { log "pip install -e . failed"; exit 1; }
 fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
-'cuda', torch.cuda.is_available())" | tee -a "$SUMMARY"
+'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$SUMMARY"
+# Every later step needs torch and triton from $PY: stop here, saying which python lacks them,
+# instead of logging each step as failed and printing an empty table.
+$PY -c "import torch, triton" 2>/dev/null || {
+    log "$PY ($(command -v "$PY")) cannot import torch and triton: run with the environment that has them (PY=/path/to/python, or activate the venv)"
+    exit 2; }
 
 # 2. gpu-marked tests
 if [ $DRY = 1 ]; then

@@ -29,6 +29,17 @@ def test_dry_run_completes_and_says_what_it_skipped(tmp_path):
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
 
 
+def test_a_python_without_torch_stops_it_with_the_reason(tmp_path):
+    # Run with a python that cannot import torch (the machine's bare python3 instead of the
+    # venv's), it says so and exits 2 at once instead of logging every step as failed.
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PY="/bin/false")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot import torch and triton" in proc.stdout
+    assert "bench_moe" not in proc.stdout
+
+
 def _write(directory, name, rows):
     (directory / f"{name}.json").write_text(json.dumps({"rows": rows}))
 
