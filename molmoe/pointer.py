@@ -177,7 +177,8 @@ def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
 def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
                              seed: int = 0, overrides: dict | None = None,
                              sincos: bool = True, vision_init: bool = True,
-                             feature_rms: float = 1.0) -> pathlib.Path:
+                             feature_rms: float = 1.0,
+                             embed_rms: float | None = None) -> pathlib.Path:
     """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created).
     sincos: the ViT's positional embedding starts as a 2D sine-cosine table (patch row and
     column), so every patch feature carries its place from step 0.
@@ -185,7 +186,9 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
     projector's output is scaled so that the image features added to the <im_patch> embeddings
     have RMS `feature_rms` on a fixed synthetic picture. With the demo's flat N(0, 0.05) init the
     features are ~0.004 across positions beside 0.05 embeddings: the decoder learns to ignore
-    the image (runs 1-4, bench/RESULTS.md)."""
+    the image (runs 1-4, bench/RESULTS.md).
+    embed_rms: rescale the decoder's token embeddings to this RMS (None: the demo's N(0, 0.05),
+    20x smaller than the image features; session 3 in bench/RESULTS.md)."""
     spec = ARCHS[arch]
     n_vocab = json.loads(tokenizer_json)
     n_vocab = len(n_vocab["model"]["vocab"])
@@ -200,6 +203,8 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
         _sincos_positions(directory / "pytorch_model.bin", vision)
     if vision_init:
         _vision_init(directory, seed, feature_rms)
+    if embed_rms is not None:
+        _scale_embeddings(directory / "pytorch_model.bin", embed_rms)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "README.md").write_text(
         f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
@@ -260,6 +265,34 @@ def _vision_init(directory: pathlib.Path, seed: int, feature_rms: float) -> None
     assert len(key) == 1, key
     state[key[0]] = state[key[0]] * (feature_rms / rms)
     torch.save(state, path)
+
+
+def _scale_embeddings(path: pathlib.Path, rms: float) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = [k for k in state if k.endswith("wte.embedding") or k.endswith("wte.new_embedding")]
+    assert keys, sorted(state)[:20]
+    for k in keys:
+        v = state[k]
+        state[k] = v * (rms / float(v.pow(2).mean().sqrt()))
+    torch.save(state, path)
+
+
+def parse_overrides(spec: str) -> dict:
+    """'d_model=256,n_heads=8' -> {"d_model": 256, "n_heads": 8} (config.json keys; ints or
+    floats)."""
+    out = {}
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise SystemExit(f"--decoder {spec!r}: {item!r} is not key=number") from None
+    return out
 
 
 def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
@@ -332,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=pathlib.Path, default=None,
                     help="start from this checkpoint instead of a new random one (a diagnostic "
                          "continuation; its tokenizer must cover the data)")
+    ap.add_argument("--decoder", default="",
+                    help="config.json overrides for the decoder, e.g. d_model=256,n_heads=8,"
+                         "mlp_hidden_size=512,n_layers=6 (a new init only)")
+    ap.add_argument("--embed-rms", type=float, default=None,
+                    help="token embeddings' initial RMS (default: the demo's 0.05; the image "
+                         "features start at RMS 1)")
+    ap.add_argument("--feature-rms", type=float, default=1.0,
+                    help="the image features' initial RMS (vision init)")
+    ap.add_argument("--weight-decay", type=float, default=None,
+                    help="AdamW weight decay (default: the trainer's)")
     ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
     ap.add_argument("--connector-lr", type=float, default=None,
                     help="the connector's peak rate")
@@ -375,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                                    else content_words())
         write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
                                  sincos=not args.no_sincos,
-                                 vision_init=not args.no_vision_init)
+                                 vision_init=not args.no_vision_init,
+                                 feature_rms=args.feature_rms, embed_rms=args.embed_rms,
+                                 overrides={"config": parse_overrides(args.decoder)})
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
     model = init
@@ -389,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed, workers=args.workers,
                             save_every=max(steps // 4, 1), activation_checkpointing=False,
                             device="cpu", resume=True,
-                            freeze=tuple(f for f in args.freeze.split(",") if f))
+                            freeze=tuple(f for f in args.freeze.split(",") if f),
+                            **({} if args.weight_decay is None
+                               else {"weight_decay": args.weight_decay}))
         tp = time.perf_counter()
         train(opts)
         phase_s.append(time.perf_counter() - tp)
