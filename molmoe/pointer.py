@@ -69,6 +69,7 @@ DEFAULT_ARCH = "p14-112"
 # optimizer, its own warm-up and cosine), each on its own data (`molmoe.synthetic.Knobs`, synth
 # seed `seed + 100_000 * phase`). A phase: (name, generator knobs, examples, steps).
 # bench/RESULTS.md, "Issue 13", has the runs behind them.
+_TWO = "objects=2-2,shapes=circle,backgrounds=white,sides=224,distinct_colours=1,mix=single:1"
 CURRICULA = {
     # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
     # start that left the blind plateau reliably), every colour and shape alone on white, then
@@ -98,6 +99,19 @@ CURRICULA = {
         ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
                    "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 700),
         ("full", "", 15000, 700),
+    ],
+    # session 3 (runs s3-A, s3-B, s3-D, s3-E in bench/RESULTS.md): the first two c6 phases, then
+    # the colour binding on two circles of different colours: first with each colour at a fixed
+    # spot (the colour word alone tells where to point: the answer learns to read the word),
+    # then mixtures with scenes placed anywhere (the read colour is used to pick the circle).
+    # The runs trained the last two phases with --connector-lr 2e-4, the first three without.
+    "c7": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        ("anchored", _TWO + ",size=15-20,anchor=0.04", 6000, 400),
+        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 10000, 900),
+        ("mix25", f"0.25*{_TWO},size=15-20,anchor=0.04|0.75*{_TWO},size=15-30", 10000, 1200),
     ],
     # the sanity task (one object on plain backgrounds), then the colour alone names the target,
     # then shapes among same-colour distractors, then the issue's full mix.
@@ -271,7 +285,7 @@ def _scale_embeddings(path: pathlib.Path, rms: float) -> None:
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    keys = [k for k in state if k.endswith("wte.embedding") or k.endswith("wte.new_embedding")]
+    keys = [k for k in state if k.endswith(("wte.embedding", "wte.new_embedding"))]
     assert keys, sorted(state)[:20]
     for k in keys:
         v = state[k]
@@ -308,6 +322,50 @@ def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
     torch.save(state, path)
 
 
+def mix_parts(spec: str) -> list[tuple[float, str]]:
+    """A phase's generator spec: 'KNOBS' or a mixture 'W*KNOBS|W*KNOBS|...' (weights optional,
+    default 1) -> [(weight, knobs spec)]. E.g. '0.5*objects=2-2,anchor=0.04|0.5*objects=2-2':
+    half the scenes colour-anchored (a training aid), half placed anywhere."""
+    parts = []
+    for part in spec.split("|"):
+        head, star, rest = part.partition("*")
+        try:
+            weight, knobs = (float(head), rest) if star else (1.0, part)
+        except ValueError:
+            weight, knobs = 1.0, part
+        if weight <= 0:
+            raise SystemExit(f"mixture {spec!r}: weights must be positive")
+        parts.append((weight, knobs.strip()))
+    return parts
+
+
+def write_phase_data(out: pathlib.Path, spec: str, *, n: int, seed: int,
+                     sizes: tuple[int, int]) -> pathlib.Path:
+    """`n` examples of a phase into out/train.jsonl (`molmoe.synthetic.write_dataset`). A
+    mixture (`mix_parts`) writes each part into out/part-K (synth seed `seed + 10_000 * K`,
+    its share of `n`) and lists them all, shuffled by the trainer's sampler, in out/train.jsonl."""
+    from molmoe import synthetic as S
+
+    parts = mix_parts(spec)
+    if len(parts) == 1:
+        return S.write_dataset(out, n=n, seed=seed, sizes=sizes, knobs=S.Knobs.parse(parts[0][1]))
+    total = sum(w for w, _ in parts)
+    counts = [max(1, round(n * w / total)) for w, _ in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, ((_, knobs), m) in enumerate(zip(parts, counts)):
+        part = S.write_dataset(out / f"part-{k}", n=m, seed=seed + 10_000 * k, sizes=sizes,
+                               knobs=S.Knobs.parse(knobs))
+        for line in part.read_text().splitlines():
+            rec = json.loads(line)
+            rec["image"] = f"part-{k}/{rec['image']}"
+            lines.append(json.dumps(rec))
+    tmp = out / "train.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(out / "train.jsonl")
+    return out / "train.jsonl"
+
+
 def parse_curriculum(spec: str) -> list[tuple[str, str, int, int]]:
     """A CURRICULA name, or 'KNOBS@N@STEPS;...' -> [(name, knobs spec, examples, steps)]."""
     from molmoe import synthetic as S
@@ -322,7 +380,8 @@ def parse_curriculum(spec: str) -> list[tuple[str, str, int, int]]:
     if not phases:
         raise SystemExit(f"empty curriculum {spec!r}")
     for _, knobs, n, steps in phases:
-        S.Knobs.parse(knobs)  # fail before any data is written
+        for _, part in mix_parts(knobs):
+            S.Knobs.parse(part)  # fail before any data is written
         if n < 1 or steps < 1:
             raise SystemExit(f"curriculum {spec!r}: examples and steps must be positive")
     return phases
@@ -403,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         data = (args.data if args.data and len(phases) == 1
                 else work / ("data" if len(phases) == 1 else f"data-{k}-{name}"))
         if not (data / "train.jsonl").exists():
-            S.write_dataset(data, n=n, seed=args.seed + 100_000 * k,
-                            sizes=(160, args.max_side), knobs=S.Knobs.parse(spec))
+            write_phase_data(data, spec, n=n, seed=args.seed + 100_000 * k,
+                             sizes=(160, args.max_side))
         datas.append(data)
     t_data = time.perf_counter() - t0
     if args.init:  # go on from a trained checkpoint (its tokenizer and architecture)

@@ -13,14 +13,19 @@ picture and compare, teacher-forced up to the first coordinate digit:
 
     python scripts/pointer_attention.py MODEL_DIR KNOBS [N]
 """
-import json, math, pathlib, sys
-import numpy as np, torch
+import math
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1); torch.set_grad_enabled(False)
 from molmoe import synthetic as S
 from molmoe.pipeline import load_pipeline
-from molmoe.processing.preprocess import scaled_size, image_layout, canvas_size
+from molmoe.processing.preprocess import canvas_size, image_layout, scaled_size
 
 model_dir, spec = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 40
@@ -69,7 +74,7 @@ def token_owner(scene, x):
     ctop, cleft = (CH - ch) // 2, (CW - cw) // 2
     idx = x["image_input_idx"]
     g = crop // cell
-    th, tw = lay.tiling
+    tw = lay.tiling[1]
     step = st.window_size
     for t in range(idx.shape[0]):
         for kk in range(idx.shape[1]):
@@ -114,60 +119,64 @@ def run(question, answer, img):
         int(logits[0, qpos].argmax()), ans[first_digit].item(), ids[0], [h[0].clone() for h in hidden]
 
 
-L, Hh = cfg.n_layers, cfg.n_heads
-named = np.zeros((L, Hh)); other = np.zeros((L, Hh)); tv = np.zeros((L, Hh))
-colw = np.zeros((L, Hh)); resid = np.zeros(L); hnorm = np.zeros(L); cres = np.zeros(L); cnorm = np.zeros(L)
-inorm = np.zeros(L)
-ce_right, ce_swap, digit_ok_A, digit_ok_B, diff_digit = [], [], 0, 0, 0
-m = 0
-for i in range(n * 3):
-    if m >= n:
-        break
-    s = S.make_sample(S._sample_rng(1_000_000 + 17, i), sides=(160, 320), knobs=knobs)
-    objs = s.scene.objects
-    if len(objs) < 2 or objs[0].colour == objs[1].colour:
-        continue
-    a_i = s.target["indices"][0]
-    b_i = next(j for j in range(len(objs)) if j != a_i)
-    img = S.render(s.scene)
-    A, B = objs[a_i], objs[b_i]
-    from molmoe.points import format_points
-    qa, qb = s.question, s.question.replace(A.colour, B.colour)
-    ansA = s.answer
-    ansB = ansA.replace(f"{A.point[0]}", "@X@").replace(f"{A.point[1]}", "@Y@")
-    ansB = ansB.replace("@X@", f"{B.point[0]}").replace("@Y@", f"{B.point[1]}").replace(A.colour, B.colour)
-    xA, ceA, qposA, attA, hA, argA, goldA, idsA, full_A = run(qa, ansA, img)
-    owners = token_owner(s.scene, xA)
-    _, ceB, qposB, attB, hB, argB, goldB, idsB, full_B = run(qb, ansB, img)
-    # swapped: question names B, answer points at A (and vice versa)
-    _, ceAs, *_ = run(qb, ansA.replace(A.colour, B.colour), img)
-    ce_right.append(ceA); ce_swap.append(ceAs)
-    digit_ok_A += argA == goldA; digit_ok_B += argB == goldB; diff_digit += argA != argB
-    posA = [p for p, o in owners.items() if o == a_i]
-    posB = [p for p, o in owners.items() if o == b_i]
-    img_pos = list(owners)
-    cw_pos = next(j for j in range(len(idsA)) if tok.decode([int(idsA[j])]) == A.colour)
+def main():
+    L, Hh = cfg.n_layers, cfg.n_heads
+    named = np.zeros((L, Hh)); other = np.zeros((L, Hh)); tv = np.zeros((L, Hh))
+    colw = np.zeros((L, Hh)); resid = np.zeros(L); hnorm = np.zeros(L); cres = np.zeros(L); cnorm = np.zeros(L)
+    inorm = np.zeros(L)
+    ce_right, ce_swap, digit_ok_A, digit_ok_B, diff_digit = [], [], 0, 0, 0
+    m = 0
+    for i in range(n * 3):
+        if m >= n:
+            break
+        s = S.make_sample(S._sample_rng(1_000_000 + 17, i), sides=(160, 320), knobs=knobs)
+        objs = s.scene.objects
+        if len(objs) < 2 or objs[0].colour == objs[1].colour:
+            continue
+        a_i = s.target["indices"][0]
+        b_i = next(j for j in range(len(objs)) if j != a_i)
+        img = S.render(s.scene)
+        A, B = objs[a_i], objs[b_i]
+        qa, qb = s.question, s.question.replace(A.colour, B.colour)
+        ansA = s.answer
+        ansB = ansA.replace(f"{A.point[0]}", "@X@").replace(f"{A.point[1]}", "@Y@")
+        ansB = ansB.replace("@X@", f"{B.point[0]}").replace("@Y@", f"{B.point[1]}").replace(A.colour, B.colour)
+        xA, ceA, _, attA, hA, argA, goldA, idsA, full_A = run(qa, ansA, img)
+        owners = token_owner(s.scene, xA)
+        _, _, _, attB, hB, argB, goldB, _, full_B = run(qb, ansB, img)
+        # swapped: question names B, answer points at A (and vice versa)
+        _, ceAs, *_ = run(qb, ansA.replace(A.colour, B.colour), img)
+        ce_right.append(ceA); ce_swap.append(ceAs)
+        digit_ok_A += argA == goldA; digit_ok_B += argB == goldB; diff_digit += argA != argB
+        posA = [p for p, o in owners.items() if o == a_i]
+        posB = [p for p, o in owners.items() if o == b_i]
+        img_pos = list(owners)
+        cw_pos = next(j for j in range(len(idsA)) if tok.decode([int(idsA[j])]) == A.colour)
+        for l in range(L):
+            for h in range(Hh):
+                a1, a2 = attA[l][h], attB[l][h]
+                named[l, h] += float(a1[posA].sum() + a2[posB].sum()) / 2
+                other[l, h] += float(a1[posB].sum() + a2[posA].sum()) / 2
+                ia, ib = a1[img_pos], a2[img_pos]
+                tv[l, h] += 0.5 * float((ia / ia.sum().clamp(min=1e-9) - ib / ib.sum().clamp(min=1e-9)).abs().sum())
+                colw[l, h] += float(a1[cw_pos] + a2[cw_pos]) / 2
+            resid[l] += float((hA[l] - hB[l]).norm() / hA[l].norm())
+            hnorm[l] += float(hA[l].norm())
+            ca, cb = full_A[l][cw_pos], full_B[l][cw_pos]
+            cres[l] += float((ca - cb).norm() / ca.norm()); cnorm[l] += float(ca.norm())
+            inorm[l] += float(full_A[l][img_pos].norm(dim=-1).mean())
+        m += 1
+    print(f"{m} scenes; answer CE/token: question names the answer's object {np.mean(ce_right):.3f}, "
+          f"names the other object {np.mean(ce_swap):.3f}")
+    print(f"first digit argmax correct: {digit_ok_A}/{m} (A) {digit_ok_B}/{m} (B); differs between "
+          f"the two questions in {diff_digit}/{m}")
     for l in range(L):
+        print(f"layer {l}: resid |hA-hB|/|hA| {resid[l]/m:.2e} (|hA| {hnorm[l]/m:.3g}); at the "
+              f"colour word {cres[l]/m:.2e} (|h| {cnorm[l]/m:.3g}); image tokens' |h| {inorm[l]/m:.3g}")
         for h in range(Hh):
-            a1, a2 = attA[l][h], attB[l][h]
-            named[l, h] += float(a1[posA].sum() + a2[posB].sum()) / 2
-            other[l, h] += float(a1[posB].sum() + a2[posA].sum()) / 2
-            ia, ib = a1[img_pos], a2[img_pos]
-            tv[l, h] += 0.5 * float((ia / ia.sum().clamp(min=1e-9) - ib / ib.sum().clamp(min=1e-9)).abs().sum())
-            colw[l, h] += float(a1[cw_pos] + a2[cw_pos]) / 2
-        resid[l] += float((hA[l] - hB[l]).norm() / hA[l].norm())
-        hnorm[l] += float(hA[l].norm())
-        ca, cb = full_A[l][cw_pos], full_B[l][cw_pos]
-        cres[l] += float((ca - cb).norm() / ca.norm()); cnorm[l] += float(ca.norm())
-        inorm[l] += float(full_A[l][img_pos].norm(dim=-1).mean())
-    m += 1
-print(f"{m} scenes; answer CE/token: question names the answer's object {np.mean(ce_right):.3f}, "
-      f"names the other object {np.mean(ce_swap):.3f}")
-print(f"first digit argmax correct: {digit_ok_A}/{m} (A) {digit_ok_B}/{m} (B); differs between "
-      f"the two questions in {diff_digit}/{m}")
-for l in range(L):
-    print(f"layer {l}: resid |hA-hB|/|hA| {resid[l]/m:.2e} (|hA| {hnorm[l]/m:.3g}); at the "
-          f"colour word {cres[l]/m:.2e} (|h| {cnorm[l]/m:.3g}); image tokens' |h| {inorm[l]/m:.3g}")
-    for h in range(Hh):
-        print(f"  head {h}: image mass on named {named[l,h]/m:.3f} other {other[l,h]/m:.3f}  "
-              f"TV(A vs B) {tv[l,h]/m:.3f}  on colour word {colw[l,h]/m:.3f}")
+            print(f"  head {h}: image mass on named {named[l,h]/m:.3f} other {other[l,h]/m:.3f}  "
+                  f"TV(A vs B) {tv[l,h]/m:.3f}  on colour word {colw[l,h]/m:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,16 +18,22 @@ trainer's own `TrainingData` and checks, per example,
 (DATA_DIR: a `molmoe.synthetic.write_dataset` directory: train.jsonl + scenes.jsonl.)
 Exit status 1 when any check fails.
 """
-import json, pathlib, sys
-import numpy as np, torch
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
 from PIL import Image
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 from molmoe import synthetic as S
+from molmoe.checkpoint.loader import load
 from molmoe.points import parse_points
+from molmoe.processing.preprocess import canvas_size, image_layout, scaled_size
 from molmoe.processing.processor import Processor
-from molmoe.processing.preprocess import scaled_size, image_layout, canvas_size
 from molmoe.training.data import TrainingData
 
 model_dir, data_dir = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -36,7 +42,7 @@ proc = Processor.from_pretrained(model_dir)
 st = proc.settings
 tok = proc.tokenizer
 ds = TrainingData(data_dir / "train.jsonl", proc)
-metas = [json.loads(l) for l in open(data_dir / "scenes.jsonl")]
+metas = [json.loads(line) for line in (data_dir / "scenes.jsonl").read_text().splitlines()]
 mean, std = torch.tensor(st.image_mean), torch.tensor(st.image_std)
 p, crop = st.image_patch_size, st.crop_size
 fails = {}
@@ -61,17 +67,13 @@ def closest_colour(rgb):
     return min(S.COLOURS, key=lambda c: np.abs(np.asarray(rgb, float) - S.COLOURS[c]).sum())
 
 
-model = None
-if len(sys.argv) > 4 or True:
-    from molmoe.checkpoint.loader import load
-    model = load(model_dir, dtype="float32")
+model = load(model_dir, dtype="float32")
 n_grad = 0
 for i in range(min(n, len(ds))):
     rec, meta = ds.records[i], metas[i]
     q, a = rec.turns[0]
     assert meta["question"] == q and meta["answer"] == a, "scenes.jsonl / train.jsonl out of step"
     scene = S.load_scene(meta)
-    kind = meta["target"]["kind"] if "kind" in meta["target"] else None
     pts = parse_points(a).points
     img = np.asarray(Image.open(rec.image).convert("RGB"))
     H, W = img.shape[:2]
@@ -99,17 +101,12 @@ for i in range(min(n, len(ds))):
     v = idx[idx >= 0]
     if not bool((ids[v.long()] == tok.image_patch_id).all()) or len(set(v.tolist())) != len(v):
         fail("4 image_input_idx on <im_patch>", rec.source)
-    if int(v.max()) >= int(torch.nonzero(~ex.loss_mask[:len(ids)]).max()) and False:
-        pass
     # 5. colour/shape words are own tokens in the prompt
     prompt_pieces = [tok.decode([t]) for t in ids[~ex.loss_mask].tolist()
                      if t < 256 or t > 262]
-    for w in (colour, shape):
-        if w is not None and w not in prompt_pieces and (w + "s") not in prompt_pieces and \
-                S.PLURALS.get(w, "") not in prompt_pieces:
-            # plural questions tokenise "circles" as "circle" + "s"
-            if w not in prompt_pieces:
-                fail("5 word is its own token", f"{q} -> {prompt_pieces}")
+    for w in (colour, shape):  # plural questions: "circles" may be "circle" + "s"
+        if w is not None and not {w, w + "s", S.PLURALS.get(w, "")} & set(prompt_pieces):
+            fail("5 word is its own token", f"{q} -> {prompt_pieces}")
     # 2. through the processor: global crop
     gl = unpatch(ex.images[0], crop).numpy()
     nh, nw = scaled_size(H, W, crop, crop)
@@ -143,7 +140,7 @@ for i in range(min(n, len(ds))):
             fail("3 point's cell holds the named colour", f"{rec.source} cell {r},{c}")
         counts["cells checked"] = counts.get("cells checked", 0) + 1
     # 6. gradient locality on a few examples
-    if model is not None and n_grad < 20:
+    if n_grad < 20:
         n_grad += 1
         images = ex.images.clone()[None].requires_grad_(True)
         feats = model.vision(images, ex.image_masks[None])[0, 0]  # global crop (K, D)

@@ -130,3 +130,24 @@ def test_training_data_points_at_the_named_colour(tmp_path):
         px = glob[int((crop - nh) // 2 + y / 100 * nh), int((crop - nw) // 2 + x / 100 * nw)]
         assert (px - torch.tensor(S.COLOURS[colour], dtype=torch.float32)).abs().max() < 60, \
             (q, a, px)
+
+
+def test_mixture_phase_data(tmp_path):
+    from molmoe.pointer import mix_parts, parse_curriculum, write_phase_data
+    from molmoe.processing.processor import Processor
+    from molmoe.training.data import TrainingData
+
+    assert mix_parts("objects=1-1") == [(1.0, "objects=1-1")]
+    assert mix_parts("0.25*objects=2-2,anchor=0.04|0.75*objects=2-2") == [
+        (0.25, "objects=2-2,anchor=0.04"), (0.75, "objects=2-2")]
+    assert len(parse_curriculum("c7")) == 5
+    spec = ("0.25*objects=2-2,shapes=circle,distinct_colours=1,size=15-20,sides=224,anchor=0.04,"
+            "mix=single:1|0.75*objects=2-2,shapes=circle,distinct_colours=1,mix=single:1")
+    path = write_phase_data(tmp_path / "d", spec, n=8, seed=5, sizes=(160, 200))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8
+    assert sum('"part-0/' in line for line in lines) == 2
+    tok = train_tokenizer_json(_texts(40), n_merges=40)
+    ds = TrainingData(path, Processor.from_pretrained(
+        write_initial_checkpoint(tmp_path / "init", tokenizer_json=tok)))
+    assert len(ds) == 8 and all(r.image.exists() for r in ds.records)
