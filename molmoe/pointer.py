@@ -441,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
 
-    from molmoe import synthetic as S
     from molmoe.training.trainer import TrainOptions, train
 
     work = args.work
