@@ -69,6 +69,7 @@ DEFAULT_ARCH = "p14-112"
 # optimizer, its own warm-up and cosine), each on its own data (`molmoe.synthetic.Knobs`, synth
 # seed `seed + 100_000 * phase`). A phase: (name, generator knobs, examples, steps).
 # bench/RESULTS.md, "Issue 13", has the runs behind them.
+_TWO = "objects=2-2,shapes=circle,backgrounds=white,sides=224,distinct_colours=1,mix=single:1"
 CURRICULA = {
     # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
     # start that left the blind plateau reliably), every colour and shape alone on white, then
@@ -98,6 +99,19 @@ CURRICULA = {
         ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
                    "backgrounds=white+plain+gradient+noisy,mix=single:1", 16000, 700),
         ("full", "", 15000, 700),
+    ],
+    # session 3 (runs s3-A, s3-B, s3-D, s3-E in bench/RESULTS.md): the first two c6 phases, then
+    # the colour binding on two circles of different colours: first with each colour at a fixed
+    # spot (the colour word alone tells where to point: the answer learns to read the word),
+    # then mixtures with scenes placed anywhere (the read colour is used to pick the circle).
+    # The runs trained the last two phases with --connector-lr 2e-4, the first three without.
+    "c7": [
+        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+                      "sides=224,mix=single:1", 4000, 300),
+        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        ("anchored", _TWO + ",size=15-20,anchor=0.04", 6000, 400),
+        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 10000, 900),
+        ("mix25", f"0.25*{_TWO},size=15-20,anchor=0.04|0.75*{_TWO},size=15-30", 10000, 1200),
     ],
     # the sanity task (one object on plain backgrounds), then the colour alone names the target,
     # then shapes among same-colour distractors, then the issue's full mix.
@@ -177,7 +191,8 @@ def tokenizer_texts(jsonl: pathlib.Path) -> list[str]:
 def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_json: str,
                              seed: int = 0, overrides: dict | None = None,
                              sincos: bool = True, vision_init: bool = True,
-                             feature_rms: float = 1.0) -> pathlib.Path:
+                             feature_rms: float = 1.0,
+                             embed_rms: float | None = None) -> pathlib.Path:
     """Random-weights checkpoint of `arch` with `tokenizer_json` into `directory` (created).
     sincos: the ViT's positional embedding starts as a 2D sine-cosine table (patch row and
     column), so every patch feature carries its place from step 0.
@@ -185,7 +200,9 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
     projector's output is scaled so that the image features added to the <im_patch> embeddings
     have RMS `feature_rms` on a fixed synthetic picture. With the demo's flat N(0, 0.05) init the
     features are ~0.004 across positions beside 0.05 embeddings: the decoder learns to ignore
-    the image (runs 1-4, bench/RESULTS.md)."""
+    the image (runs 1-4, bench/RESULTS.md).
+    embed_rms: rescale the decoder's token embeddings to this RMS (None: the demo's N(0, 0.05),
+    20x smaller than the image features; session 3 in bench/RESULTS.md)."""
     spec = ARCHS[arch]
     n_vocab = json.loads(tokenizer_json)
     n_vocab = len(n_vocab["model"]["vocab"])
@@ -200,6 +217,8 @@ def write_initial_checkpoint(directory, *, arch: str = DEFAULT_ARCH, tokenizer_j
         _sincos_positions(directory / "pytorch_model.bin", vision)
     if vision_init:
         _vision_init(directory, seed, feature_rms)
+    if embed_rms is not None:
+        _scale_embeddings(directory / "pytorch_model.bin", embed_rms)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "README.md").write_text(
         f"molmoe pointer initial checkpoint: arch {arch}, seed {seed}, RANDOM weights.\n")
@@ -262,6 +281,34 @@ def _vision_init(directory: pathlib.Path, seed: int, feature_rms: float) -> None
     torch.save(state, path)
 
 
+def _scale_embeddings(path: pathlib.Path, rms: float) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = [k for k in state if k.endswith(("wte.embedding", "wte.new_embedding"))]
+    assert keys, sorted(state)[:20]
+    for k in keys:
+        v = state[k]
+        state[k] = v * (rms / float(v.pow(2).mean().sqrt()))
+    torch.save(state, path)
+
+
+def parse_overrides(spec: str) -> dict:
+    """'d_model=256,n_heads=8' -> {"d_model": 256, "n_heads": 8} (config.json keys; ints or
+    floats)."""
+    out = {}
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise SystemExit(f"--decoder {spec!r}: {item!r} is not key=number") from None
+    return out
+
+
 def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
     import torch
 
@@ -273,6 +320,50 @@ def _sincos_positions(path: pathlib.Path, vision: dict) -> None:
     assert n == grid * grid + 1, (n, grid)
     state[keys[0]] = sincos_table(grid, dim)
     torch.save(state, path)
+
+
+def mix_parts(spec: str) -> list[tuple[float, str]]:
+    """A phase's generator spec: 'KNOBS' or a mixture 'W*KNOBS|W*KNOBS|...' (weights optional,
+    default 1) -> [(weight, knobs spec)]. E.g. '0.5*objects=2-2,anchor=0.04|0.5*objects=2-2':
+    half the scenes colour-anchored (a training aid), half placed anywhere."""
+    parts = []
+    for part in spec.split("|"):
+        head, star, rest = part.partition("*")
+        try:
+            weight, knobs = (float(head), rest) if star else (1.0, part)
+        except ValueError:
+            weight, knobs = 1.0, part
+        if weight <= 0:
+            raise SystemExit(f"mixture {spec!r}: weights must be positive")
+        parts.append((weight, knobs.strip()))
+    return parts
+
+
+def write_phase_data(out: pathlib.Path, spec: str, *, n: int, seed: int,
+                     sizes: tuple[int, int]) -> pathlib.Path:
+    """`n` examples of a phase into out/train.jsonl (`molmoe.synthetic.write_dataset`). A
+    mixture (`mix_parts`) writes each part into out/part-K (synth seed `seed + 10_000 * K`,
+    its share of `n`) and lists them all, shuffled by the trainer's sampler, in out/train.jsonl."""
+    from molmoe import synthetic as S
+
+    parts = mix_parts(spec)
+    if len(parts) == 1:
+        return S.write_dataset(out, n=n, seed=seed, sizes=sizes, knobs=S.Knobs.parse(parts[0][1]))
+    total = sum(w for w, _ in parts)
+    counts = [max(1, round(n * w / total)) for w, _ in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, ((_, knobs), m) in enumerate(zip(parts, counts)):
+        part = S.write_dataset(out / f"part-{k}", n=m, seed=seed + 10_000 * k, sizes=sizes,
+                               knobs=S.Knobs.parse(knobs))
+        for line in part.read_text().splitlines():
+            rec = json.loads(line)
+            rec["image"] = f"part-{k}/{rec['image']}"
+            lines.append(json.dumps(rec))
+    tmp = out / "train.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(out / "train.jsonl")
+    return out / "train.jsonl"
 
 
 def parse_curriculum(spec: str) -> list[tuple[str, str, int, int]]:
@@ -289,7 +380,8 @@ def parse_curriculum(spec: str) -> list[tuple[str, str, int, int]]:
     if not phases:
         raise SystemExit(f"empty curriculum {spec!r}")
     for _, knobs, n, steps in phases:
-        S.Knobs.parse(knobs)  # fail before any data is written
+        for _, part in mix_parts(knobs):
+            S.Knobs.parse(part)  # fail before any data is written
         if n < 1 or steps < 1:
             raise SystemExit(f"curriculum {spec!r}: examples and steps must be positive")
     return phases
@@ -332,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=pathlib.Path, default=None,
                     help="start from this checkpoint instead of a new random one (a diagnostic "
                          "continuation; its tokenizer must cover the data)")
+    ap.add_argument("--decoder", default="",
+                    help="config.json overrides for the decoder, e.g. d_model=256,n_heads=8,"
+                         "mlp_hidden_size=512,n_layers=6 (a new init only)")
+    ap.add_argument("--embed-rms", type=float, default=None,
+                    help="token embeddings' initial RMS (default: the demo's 0.05; the image "
+                         "features start at RMS 1)")
+    ap.add_argument("--feature-rms", type=float, default=1.0,
+                    help="the image features' initial RMS (vision init)")
+    ap.add_argument("--weight-decay", type=float, default=None,
+                    help="AdamW weight decay (default: the trainer's)")
     ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
     ap.add_argument("--connector-lr", type=float, default=None,
                     help="the connector's peak rate")
@@ -339,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
 
-    from molmoe import synthetic as S
     from molmoe.training.trainer import TrainOptions, train
 
     work = args.work
@@ -360,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         data = (args.data if args.data and len(phases) == 1
                 else work / ("data" if len(phases) == 1 else f"data-{k}-{name}"))
         if not (data / "train.jsonl").exists():
-            S.write_dataset(data, n=n, seed=args.seed + 100_000 * k,
-                            sizes=(160, args.max_side), knobs=S.Knobs.parse(spec))
+            write_phase_data(data, spec, n=n, seed=args.seed + 100_000 * k,
+                             sizes=(160, args.max_side))
         datas.append(data)
     t_data = time.perf_counter() - t0
     if args.init:  # go on from a trained checkpoint (its tokenizer and architecture)
@@ -375,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                                    else content_words())
         write_initial_checkpoint(init, arch=args.arch, tokenizer_json=tok, seed=args.seed,
                                  sincos=not args.no_sincos,
-                                 vision_init=not args.no_vision_init)
+                                 vision_init=not args.no_vision_init,
+                                 feature_rms=args.feature_rms, embed_rms=args.embed_rms,
+                                 overrides={"config": parse_overrides(args.decoder)})
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
     model = init
@@ -389,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed, workers=args.workers,
                             save_every=max(steps // 4, 1), activation_checkpointing=False,
                             device="cpu", resume=True,
-                            freeze=tuple(f for f in args.freeze.split(",") if f))
+                            freeze=tuple(f for f in args.freeze.split(",") if f),
+                            **({} if args.weight_decay is None
+                               else {"weight_decay": args.weight_decay}))
         tp = time.perf_counter()
         train(opts)
         phase_s.append(time.perf_counter() - tp)

@@ -79,6 +79,10 @@ class Knobs:
     sides: tuple[int, int] | None = None  # image sides (None: the caller's `sides`)
     shapes: tuple[str, ...] = SHAPES  # the shapes and colours drawn from
     colours: tuple[str, ...] = tuple(COLOURS)
+    # A training aid (bench/RESULTS.md, Issue 13, session 3): each colour's objects are centred
+    # near a fixed spot of the picture (COLOUR_ANCHORS), jittered by up to this fraction of the
+    # shorter side, so the colour word alone tells where to point. None: placed anywhere.
+    anchor: float | None = None
 
     def __post_init__(self):
         lo, hi = self.objects
@@ -108,6 +112,8 @@ class Knobs:
         if not self.colours or any(x not in COLOURS for x in self.colours):
             raise UsageError(f"colours {self.colours}: expected some of {', '.join(COLOURS)}")
         self.shapes, self.colours = tuple(self.shapes), tuple(self.colours)
+        if self.anchor is not None and not 0 <= self.anchor <= 0.5:
+            raise UsageError(f"anchor {self.anchor}: expected a jitter in [0, 0.5] of the side")
         if self.sides is not None and not MIN_SIDE <= self.sides[0] <= self.sides[1]:
             raise UsageError(f"sides {self.sides}: expected {MIN_SIDE} <= min <= max")
         self.objects = (int(lo), int(hi))
@@ -138,16 +144,21 @@ class Knobs:
             elif key == "sides":
                 lo, _, hi = value.partition("-")
                 kw[key] = (int(lo), int(hi or lo))
+            elif key == "anchor":
+                kw[key] = float(value)
             elif key == "mix":
                 kw[key] = {k: float(v) for k, v in (kv.split(":") for kv in value.split("+"))}
             else:
                 raise UsageError(f"unknown generator knob {key!r} in {spec!r}; expected objects, "
                                  "same_shape, same_colour, distinct_colours, backgrounds, size, "
-                                 "sides, shapes, colours, mix")
+                                 "sides, shapes, colours, anchor, mix")
         return cls(**kw)
 
 
 DEFAULT_KNOBS = Knobs()
+# Knobs.anchor: where each colour's objects sit (fractions of width, height), a 3 x 2 grid.
+COLOUR_ANCHORS = {"red": (0.2, 0.28), "green": (0.5, 0.28), "blue": (0.8, 0.28),
+                  "yellow": (0.2, 0.72), "purple": (0.5, 0.72), "orange": (0.8, 0.72)}
 
 _POLY_SIDES = 96  # a circle is drawn as a regular 96-gon (max error 0.05% of its radius)
 _INRADIUS = {"circle": 1.0, "square": math.sqrt(0.5), "triangle": 0.5, "star": STAR_INNER}
@@ -369,8 +380,10 @@ def _render_background(bg: Background, width: int, height: int) -> np.ndarray:
 
 
 def _place(rng: random.Random, specs, width: int, height: int,
-           size_range: tuple[float, float] = SIZE_RANGE) -> tuple[list[Obj], np.ndarray]:
-    """Objects for `specs` [(shape, colour), ...] in that drawing order, or ValueError."""
+           size_range: tuple[float, float] = SIZE_RANGE,
+           anchor: float | None = None) -> tuple[list[Obj], np.ndarray]:
+    """Objects for `specs` [(shape, colour), ...] in that drawing order, or ValueError.
+    anchor: centres near COLOUR_ANCHORS[colour], jittered by up to anchor x the shorter side."""
     short = min(width, height)
     labels = np.zeros((height, width), dtype=np.uint8)
     objs: list[Obj] = []
@@ -380,8 +393,15 @@ def _place(rng: random.Random, specs, width: int, height: int,
         for _ in range(_PLACE_TRIES):
             size = rng.uniform(*size_range) * short
             R = size / 2
-            obj = Obj(shape, colour, rng.uniform(R + 1, width - R - 1),
-                      rng.uniform(R + 1, height - R - 1), size,
+            if anchor is None:
+                cx, cy = rng.uniform(R + 1, width - R - 1), rng.uniform(R + 1, height - R - 1)
+            else:
+                ax, ay = COLOUR_ANCHORS[colour]
+                cx = min(max(ax * width + rng.uniform(-anchor, anchor) * short, R + 1),
+                         width - R - 1)
+                cy = min(max(ay * height + rng.uniform(-anchor, anchor) * short, R + 1),
+                         height - R - 1)
+            obj = Obj(shape, colour, cx, cy, size,
                       0.0 if shape == "circle" else rng.uniform(0.0, 360.0))
             m, (x0, y0, x1, y1), cov = _mask(obj, width, height)
             obj.point = _pct_point(obj, width, height)
@@ -413,7 +433,8 @@ def _place(rng: random.Random, specs, width: int, height: int,
 def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None = None,
                sides: tuple[int, int] = SIDE_RANGE, background: Background | None = None,
                backgrounds: tuple[str, ...] = BACKGROUNDS,
-               size_range: tuple[float, float] = SIZE_RANGE) -> Scene:
+               size_range: tuple[float, float] = SIZE_RANGE,
+               anchor: float | None = None) -> Scene:
     """A scene of the objects `specs` [(shape, colour), ...] (drawn in that order; default:
     1-6 random ones), on an image of `size` (W, H) or of random sides in `sides`."""
     width, height = size if size is not None else _image_size(rng, sides)
@@ -425,7 +446,7 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
     bg = background if background is not None else _make_background(rng, backgrounds)
     for _ in range(_SCENE_TRIES):
         try:
-            objs, labels = _place(rng, specs, width, height, size_range)
+            objs, labels = _place(rng, specs, width, height, size_range, anchor)
         except ValueError:
             continue
         return Scene(width, height, bg, objs, labels)
@@ -580,7 +601,7 @@ def make_sample(rng: random.Random, kind: str | None = None, *,
         kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     specs, shape, colour = _plan(rng, kind, knobs)
     scene = make_scene(rng, specs, sides=knobs.sides or sides, backgrounds=knobs.backgrounds,
-                       size_range=knobs.size)
+                       size_range=knobs.size, anchor=knobs.anchor)
     q, a, target = make_example(rng, scene, kind, shape, colour)
     return Sample(scene, q, a, target)
 

@@ -72,3 +72,82 @@ def test_parse_curriculum():
     for bad in ("objects=9@1@1", "@0@1", ""):
         with pytest.raises((SystemExit, Exception)):
             parse_curriculum(bad)
+
+
+def test_init_overrides_and_embedding_scale(tmp_path):
+    import json
+
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer import parse_overrides
+
+    assert parse_overrides("d_model=256, n_heads=8") == {"d_model": 256, "n_heads": 8}
+    d = write_initial_checkpoint(tmp_path / "init", tokenizer_json=train_tokenizer_json(
+        _texts(40), n_merges=40), embed_rms=1.0,
+        overrides={"config": parse_overrides("d_model=64,n_heads=2,mlp_hidden_size=128")})
+    assert json.loads((d / "config.json").read_text())["d_model"] == 64
+    model = load(d, dtype="float32")
+    assert model.config.text.d_model == 64 and model.config.text.n_heads == 2
+    emb = model.decoder.embed.embedding
+    assert abs(float(emb.pow(2).mean().sqrt()) - 1.0) < 1e-3
+
+
+def test_training_data_points_at_the_named_colour(tmp_path):
+    """What the trainer feeds (TrainingData: the saved file through the processor) holds the
+    named colour at the answer's point, in the global crop the model sees, and the loss mask
+    covers exactly the answer + EOS (bench/RESULTS.md, Issue 13, session 3: the full check is
+    scripts/pointer_verify_data.py)."""
+    from molmoe.points import parse_points
+    from molmoe.processing.preprocess import scaled_size
+    from molmoe.processing.processor import Processor
+    from molmoe.training.data import TrainingData
+
+    knobs = S.Knobs.parse("objects=2-2,shapes=circle,backgrounds=white,size=15-30,sides=224,"
+                          "distinct_colours=1,mix=single:1")
+    S.write_dataset(tmp_path / "data", n=24, seed=3, sizes=(160, 320), knobs=knobs)
+    from molmoe.pointer import content_words
+
+    d = write_initial_checkpoint(tmp_path / "init", tokenizer_json=train_tokenizer_json(
+        _texts(200), n_merges=300, split_words=content_words()))
+    proc = Processor.from_pretrained(d)
+    st = proc.settings
+    ds = TrainingData(tmp_path / "data" / "train.jsonl", proc)
+    mean, std = torch.tensor(st.image_mean), torch.tensor(st.image_std)
+    p, crop = st.image_patch_size, st.crop_size
+    for i in range(len(ds)):
+        (q, a), = ds.records[i].turns
+        colour = q.split()[3]
+        ex = ds[i]
+        ans = ex.input_ids[ex.loss_mask].tolist()
+        assert ans[-1] == proc.tokenizer.eos_token_id
+        assert proc.tokenizer.decode(ans[:-1]) == " " + a
+        assert colour in [proc.tokenizer.decode([t]) for t in ex.input_ids[~ex.loss_mask]]
+        g = crop // p
+        glob = ex.images[0].reshape(g, g, p, p, 3).permute(0, 2, 1, 3, 4).reshape(crop, crop, 3)
+        glob = (glob * std + mean) * 255
+        W, H = __import__("PIL.Image").Image.open(ds.records[i].image).size
+        nh, nw = scaled_size(H, W, crop, crop)
+        (x, y), = parse_points(a).points
+        px = glob[int((crop - nh) // 2 + y / 100 * nh), int((crop - nw) // 2 + x / 100 * nw)]
+        assert (px - torch.tensor(S.COLOURS[colour], dtype=torch.float32)).abs().max() < 60, \
+            (q, a, px)
+
+
+def test_mixture_phase_data(tmp_path):
+    from molmoe.pointer import mix_parts, parse_curriculum, write_phase_data
+    from molmoe.processing.processor import Processor
+    from molmoe.training.data import TrainingData
+
+    assert mix_parts("objects=1-1") == [(1.0, "objects=1-1")]
+    assert mix_parts("0.25*objects=2-2,anchor=0.04|0.75*objects=2-2") == [
+        (0.25, "objects=2-2,anchor=0.04"), (0.75, "objects=2-2")]
+    assert len(parse_curriculum("c7")) == 5
+    spec = ("0.25*objects=2-2,shapes=circle,distinct_colours=1,size=15-20,sides=224,anchor=0.04,"
+            "mix=single:1|0.75*objects=2-2,shapes=circle,distinct_colours=1,mix=single:1")
+    path = write_phase_data(tmp_path / "d", spec, n=8, seed=5, sizes=(160, 200))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8
+    assert sum('"part-0/' in line for line in lines) == 2
+    tok = train_tokenizer_json(_texts(40), n_merges=40)
+    ds = TrainingData(path, Processor.from_pretrained(
+        write_initial_checkpoint(tmp_path / "init", tokenizer_json=tok)))
+    assert len(ds) == 8 and all(r.image.exists() for r in ds.records)

@@ -391,3 +391,18 @@ def test_knobs_shapes_colours():
                for s in ss for o in s.scene.objects)
     with pytest.raises(UsageError):
         S.Knobs.parse("shapes=hexagon")
+
+
+def test_knobs_anchor():
+    ss = _knob_samples("objects=2-2,shapes=circle,backgrounds=white,size=15-20,sides=224,"
+                       "distinct_colours=1,anchor=0.04,mix=single:1", n=40)
+    for s in ss:
+        for o in s.scene.objects:
+            ax, ay = S.COLOUR_ANCHORS[o.colour]
+            assert abs(o.cx - ax * 224) <= 0.04 * 224 + 1e-6
+            assert abs(o.cy - ay * 224) <= 0.04 * 224 + 1e-6
+        i = s.target["indices"][0]
+        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+    for bad in ("anchor=-0.1", "anchor=0.9"):
+        with pytest.raises(UsageError):
+            S.Knobs.parse(bad)
