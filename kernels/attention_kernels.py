@@ -182,17 +182,50 @@ def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr, count_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-    Hq, Sq, Sk, scale,
+    Hq, Sq, Sk, scale, BH,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_KPM: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """TMA: q, k, v and o are read and written through tensor descriptors (Hopper's bulk
     copies: cp.async.bulk.tensor), one (rows, Dh) descriptor per head; the launcher sets it
-    where the bases and row strides are 16-byte aligned, else the pointer loads run."""
-    m_tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    where the bases and row strides are 16-byte aligned, else the pointer loads run.
+
+    PERSISTENT (plain causal: no packed sequences, image blocks or key padding): a fixed grid
+    strides over all (query tile, batch x head) tiles, longest first: tile g is query tile
+    n_m - 1 - g // BH of head g % BH, so the tiles with the most keys (the last query tiles of
+    every head) start first and the short ones fill the end, instead of the launch order
+    leaving the longest tiles for last. Otherwise one program per tile, grid (n_m, BH)."""
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    if PERSISTENT:
+        for g in range(tl.program_id(0), n_m * BH, tl.num_programs(0)):
+            _attn_fwd_tile(
+                n_m - 1 - g // BH, g % BH, n_m, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr, count_ptr,
+                sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+                Hq, Sq, Sk, scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ,
+                HAS_KPM, IEEE, COUNT_TILES, TMA)
+    else:
+        _attn_fwd_tile(
+            tl.program_id(0), tl.program_id(1), n_m, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+            blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr, count_ptr,
+            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+            Hq, Sq, Sk, scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BLOCKS, HAS_SEQ,
+            HAS_KPM, IEEE, COUNT_TILES, TMA)
+
+
+@triton.jit
+def _attn_fwd_tile(
+    m_tile, bh, n_m, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    blk_ptr, blast_ptr, seqs_ptr, seqe_ptr, kfirst_ptr, klast_ptr, kpm_ptr, count_ptr,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+    Hq, Sq, Sk, scale,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr, TMA: tl.constexpr,
+):
+    """Query tile m_tile of batch x head bh (`_attn_fwd_kernel`)."""
     b = bh // Hq
     h = bh % Hq
     hkv = h // G  # GQA: kv head hkv serves q heads [hkv*G, (hkv+1)*G)
@@ -264,7 +297,7 @@ def _attn_fwd_kernel(
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=row_ok)
     if COUNT_TILES:
-        tl.store(count_ptr + bh * tl.num_programs(0) + m_tile, visited)
+        tl.store(count_ptr + bh * n_m + m_tile, visited)
 
 
 # ----------------------------------------------------------------------------- backward

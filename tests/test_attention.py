@@ -432,6 +432,43 @@ def sm90_cases():
             cases.append(Case(name, fn, consts, num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"], types={**types, **ptr_types, **io},
                               divisible=strides))
+    # The persistent, longest-first forward (plain causal only, so no masks): at the causal
+    # default of each dtype and every bf16 candidate the forward policy keeps without masks, at
+    # both head dims.
+    fwd = K._attn_fwd_kernel
+    fwd_ptrs = {n: "*i32" for n in fwd.arg_names if n.endswith("_ptr") and n not in types
+                and n[:-4] not in ("q", "k", "v", "o")}
+    fwd_strides = frozenset(a for a in fwd.arg_names if a.startswith("s") and "_" in a
+                            and a.split("_")[1] in ("b", "h", "s"))
+    from molmoe.kernels.attention import persistent_fwd_config
+
+    persistent = [(dname, Dh, dtype, default_config(_tune_key(False, dtype, Dh, True, False),
+                                                    True))
+                  for dtype, dname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                                       (torch.float32, "fp32")) for Dh in (64, 128)]
+    persistent += [("cand", Dh, torch.bfloat16, cfg) for Dh in (64, 128)
+                   for cfg in POLICIES[False].pruned(dict(dtype=torch.bfloat16, head_dim=Dh,
+                                                          causal=True, masked=False))]
+    # as launched: the persistent tile keeps q and o's staging beside the K/V stages
+    persistent = [(tag, Dh, persistent_fwd_config(cfg, Dh, dtype))
+                  for tag, Dh, dtype, cfg in persistent]
+    seen = set()
+    for tag, Dh, cfg in persistent:
+        if cfg is None:  # does not fit: that shape launches one program per tile
+            continue
+        key = (tag, Dh, *sorted(cfg.items()))
+        if key in seen:  # two candidates that differ only in stages the persistent tile drops
+            continue
+        seen.add(key)
+        elem = {"fp16": "*fp16", "fp32": "*fp32"}.get(tag)
+        io = {f"{n}_ptr": elem for n in ("q", "k", "v", "o")} if elem else {}
+        consts = dict(G=7, HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      CAUSAL=True, HAS_BLOCKS=False, HAS_SEQ=False, HAS_KPM=False,
+                      IEEE=tag == "fp32", COUNT_TILES=False, TMA=True, PERSISTENT=True)
+        cases.append(Case(f"fwd_persistent_d{Dh}_{tag}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+                          f"_w{cfg['num_warps']}_s{cfg['num_stages']}", fwd, consts,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          types={**types, **fwd_ptrs, **io}, divisible=fwd_strides))
     # The backward's delta = rowsum(o * do) kernel, at its fixed tile, each dtype and head dim.
     for dname, elem in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32")):
         for Dh in (64, 128):
@@ -764,3 +801,35 @@ def test_bf16_packed_and_deterministic_gpu():
     for x, r, lo in zip(a, want, low):
         err = (x.float() - r.float()).abs().max().item()
         assert err <= 2 * (lo.float() - r.float()).abs().max().item() + 1e-2 * r.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_longest_first_forward_equals_the_per_tile_grid(dtype, monkeypatch):
+    # Plain causal attention runs a fixed grid that strides over every (query tile, head) tile,
+    # the last query tiles (the most keys) first; MOLMOE_ATTN_PERSISTENT=0 launches one program
+    # per tile. Same bits for o, lse, the gradients and the per-tile key counts; masked
+    # attention (here key padding) keeps the per-tile grid.
+    from molmoe.kernels import attention as A
+
+    q, k, v, _ = make(2, 4, 2, 70, 70, 16, dtype, seed=5)
+    cfg = A.default_config(A._tune_key(False, dtype, 16, True, False), False)
+    n_m = -(-70 // cfg["BLOCK_M"])
+    assert n_m >= 3  # several query tiles per head, more tiles than programs
+    assert A.persistent_fwd_programs(n_m * 8, cfg, 16, dtype, q.device, True) == 3
+    assert A.persistent_fwd_programs(n_m * 8, cfg, 16, dtype, q.device, False) == 0
+
+    def run():
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        o, lse, counts = A._launch_fwd(qq, kk, vv, None, None, None, True, 0.25, True)
+        out = attention(qq, kk, vv, causal=True)
+        out.float().square().sum().backward()
+        return o, lse, counts, out, qq.grad, kk.grad, vv.grad
+
+    persistent = run()
+    monkeypatch.setenv("MOLMOE_ATTN_PERSISTENT", "0")
+    grid = run()
+    for a, b in zip(persistent, grid):
+        assert torch.equal(a, b)
+    assert persistent[2].sum() > 0  # the counts were written through the loop's indices
+    want = attention_ref(q.float(), k.float(), v.float(), causal=True)
+    torch.testing.assert_close(persistent[3].float(), want, atol=2e-3, rtol=2e-3)
