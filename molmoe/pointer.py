@@ -70,15 +70,19 @@ DEFAULT_ARCH = "p14-112"
 # seed `seed + 100_000 * phase`). A phase: (name, generator knobs, examples, steps).
 # bench/RESULTS.md, "Issue 13", has the runs behind them.
 _TWO = "objects=2-2,shapes=circle,backgrounds=white,sides=224,distinct_colours=1,mix=single:1"
+# the sanity task (one red circle on white), then every colour and shape alone on white: the
+# start of every curriculum since session 2
+_REDCIRCLE = ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
+              "sides=224,mix=single:1", 4000, 300)
+_ONE = ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1")
 CURRICULA = {
     # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
     # start that left the blind plateau reliably), every colour and shape alone on white, then
     # the domain widened with white scenes replayed (backgrounds, sizes, aspect ratios), then
     # the colour, then the shape among 1-3 / 1-5 objects, then the issue's mix.
     "c5": [
-        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
-                      "sides=224,mix=single:1", 4000, 300),
-        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 300),
+        _REDCIRCLE,
+        (*_ONE, 6000, 300),
         ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
                  "mix=single:1", 6000, 300),
         ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
@@ -91,9 +95,8 @@ CURRICULA = {
     # after c5's single-object phases at 2e-3 the trained connector had lost the objects' colour
     # (a linear read-out of it from the object's image token fell from 81% at init to 45%).
     "c6": [
-        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
-                      "sides=224,mix=single:1", 4000, 300),
-        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        _REDCIRCLE,
+        (*_ONE, 6000, 200),
         ("wide", "objects=1-1,backgrounds=white+white+plain+gradient+noisy,size=12-30,"
                  "mix=single:1", 6000, 300),
         ("colour", "objects=1-3,distinct_colours=1,same_shape=0.7,size=10-30,"
@@ -106,9 +109,8 @@ CURRICULA = {
     # then mixtures with scenes placed anywhere (the read colour is used to pick the circle).
     # The runs trained the last two phases with --connector-lr 2e-4, the first three without.
     "c7": [
-        ("redcircle", "objects=1-1,shapes=circle,colours=red,backgrounds=white,size=22-28,"
-                      "sides=224,mix=single:1", 4000, 300),
-        ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1", 6000, 200),
+        _REDCIRCLE,
+        (*_ONE, 6000, 200),
         ("anchored", _TWO + ",size=15-20,anchor=0.04", 6000, 400),
         ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 10000, 900),
         ("mix25", f"0.25*{_TWO},size=15-20,anchor=0.04|0.75*{_TWO},size=15-30", 10000, 1200),
