@@ -38,8 +38,10 @@ How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_t
   4. Backward (grouped, same row tiles): g = dy Wd per row; d w = g . h (h = silu(gate)*up from
      the saved pre-activations; per-column-tile partials reduced in order), dh = w g through the
      silu-gate backward, all in one kernel's epilogue; dx rows = dgate Wg + dup Wu, then the same
-     per-token combine; dW as grouped GEMMs over each expert's rows (one program per output tile
-     per expert, no atomics); the router backward turns d w, d p (lb loss) and d lse (z loss)
+     per-token combine; dW as grouped GEMMs over each expert's rows, cut into row segments of
+     at most `dw_segment_rows` rows (one program per output tile per segment; an expert with
+     more rows than a segment is summed from its segments' fp32 partials afterwards, in order:
+     no atomics), the longest segments launched first; the router backward turns d w, d p (lb loss) and d lse (z loss)
      into d logits. Inputs that need no gradient (frozen experts) skip their kernels.
 Where the ideas come from: the sort-pad-grouped-GEMM layout of vLLM's fused_moe
 (moe_align_block_size), the separate gather/scatter of scattermoe and megablocks' dMoE (block
@@ -74,7 +76,7 @@ only, their count read on the device from the permutation's last expert (no host
 program is launched for the padding tiles of the static bound; gate_up's programs then zero the
 saved gate / up rows of those tiles (training). MOLMOE_MOE_PERSISTENT=0 launches one program
 per tile instead (the fallback; same results bit for bit). Not yet: TMA in the backward
-kernels, warp specialization, row-split dW kernels.
+kernels, warp specialization.
 
 Tiles: row tile BLOCK_M is shared by the permutation and the row-tiled kernels and picked from
 the expected rows per expert (T*K/E); each kernel kind has its own (BLOCK_N, BLOCK_K, GROUP_M,
@@ -88,9 +90,9 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, 
 assignments (a = t*K + k), R padded sorted rows (N + E*(BLOCK_M-1), whole tiles).
 
 Limits: fp32/fp16/bf16, x and the expert weights of one dtype; contiguous weights (a copy is made
-otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels loop
-over one expert's rows per output tile, so a very skewed routing (all tokens on one expert) runs
-few long programs. The decode path has no backward (a call that needs gradients takes the grouped
+otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels' longest
+program loops over one segment (8 x the mean rows per expert at E = 64); an fp32 workspace of
+max(2, E/4) segments per weight is allocated whenever N is over one segment. The decode path has no backward (a call that needs gradients takes the grouped
 path). Memory kept for the backward: gate and up (R, F) in the model dtype.
 The decode path returns lb_loss / z_loss as None (inference; `aux_losses` computes them).
 Exact ties between router probabilities go to the lower expert index (a stable descending sort);
@@ -115,6 +117,7 @@ from molmoe.kernels._common import (SMEM_LIMIT, check_launch_device, ensure_tma_
 from molmoe.kernels.moe_gemm import (_combine_kernel, _down_bwd_kernel, _down_kernel,
                                      _down_persistent_kernel, _dw_down_kernel,
                                      _dw_gate_up_kernel, _dw_reduce_kernel,
+                                     _dw_split_reduce_kernel,
                                      _gate_up_bwd_dx_kernel, _gate_up_kernel,
                                      _gate_up_persistent_kernel)
 from molmoe.kernels.moe_routing import padded_rows_bound, permute, route, route_backward
@@ -353,15 +356,84 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
             BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
         _combine(dxs, dx, top_k, on_gpu)
     if need_dw:
-        cfg = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
-        _dw_gate_up_kernel[(triton.cdiv(F_, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)](
-            dg, du, x, sorted_assign, counts, expert_start, dwg, dwu, D, F_, x.stride(0), K=top_k,
-            BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
-        cfg = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)
-        _dw_down_kernel[(triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(F_, cfg["BLOCK_N"]), E)](
-            dy, topk_w, gate, up, sorted_assign, counts, expert_start, dwd, D, F_, dy.stride(0),
-            K=top_k, BLOCK_M=cfg["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg, swizzled=False))
+        cfg_gu = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
+        cfg_d = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)
+        seg_rows = dw_segment_rows(N, E, max(cfg_gu["BLOCK_K"], cfg_d["BLOCK_K"]))
+        segs, nseg, first_slot, slots = dw_segments(counts, expert_start, N, seg_rows)
+        # fp32 partials of the split experts' segments; gate and up at once, then down reuses
+        # the gate's (F x D = D x F elements a slot)
+        wsg, wsu = ((x.new_empty(slots, F_, D, dtype=torch.float32),
+                     x.new_empty(slots, F_, D, dtype=torch.float32)) if slots
+                    else (dwg, dwu))  # (no split possible: never written)
+        _dw_gate_up_kernel[(triton.cdiv(F_, cfg_gu["BLOCK_M"]) * triton.cdiv(D, cfg_gu["BLOCK_N"]),
+                            segs.shape[0])](
+            dg, du, x, sorted_assign, segs, dwg, dwu, wsg, wsu, D, F_, x.stride(0), K=top_k,
+            BLOCK_M=cfg_gu["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg_gu, swizzled=False))
+        if slots:
+            _dw_split_reduce(wsg, dwg, nseg, first_slot, on_gpu)
+            _dw_split_reduce(wsu, dwu, nseg, first_slot, on_gpu)
+            del wsu
+        _dw_down_kernel[(triton.cdiv(D, cfg_d["BLOCK_M"]) * triton.cdiv(F_, cfg_d["BLOCK_N"]),
+                         segs.shape[0])](
+            dy, topk_w, gate, up, sorted_assign, segs, dwd, wsg, D, F_, dy.stride(0),
+            K=top_k, BLOCK_M=cfg_d["BLOCK_M"], IEEE=ieee, **_launch_kw(cfg_d, swizzled=False))
+        if slots:
+            _dw_split_reduce(wsg, dwd, nseg, first_slot, on_gpu)
     return dx, dwg, dwu, dwd, d_topk_w
+
+
+_DW_SLOT_SHARE = 4  # split-segment workspace: at most E / this many slots per weight
+
+
+def dw_segment_rows(num_assignments: int, num_experts: int, block_k: int) -> int:
+    """Rows per segment of the dW kernels (static shapes only): an expert with more rows is split
+    into several segments, each its own programs, summed afterwards, so skewed routing does not
+    make a few programs loop over most of the rows. At least 2 x N / slots_max, so that the split
+    segments' count never passes slots_max = max(2, E / _DW_SLOT_SHARE) (each split expert has
+    more than a segment's rows: its ceil(c / L) segments are fewer than 2 c / L); with E = 64 a
+    segment is 8 x the mean rows per expert and the fp32 workspace is 16 slots, half the size of
+    the dW it serves in bf16. A multiple of the dW kernels' row step."""
+    slots_max = max(2, num_experts // _DW_SLOT_SHARE)
+    rows = max(-(-2 * num_assignments // slots_max), 1)
+    return -(-rows // block_k) * block_k
+
+
+def dw_segments(counts, expert_start, num_assignments: int, seg_rows: int):
+    """The dW kernels' work list, built on the device with static sizes (no host sync; CUDA
+    graphs): expert e's counts[e] sorted rows from expert_start[e] cut into
+    nseg[e] = max(1, ceil(counts[e] / seg_rows)) segments (an empty expert keeps one, which
+    writes its zeros). Returns (segs (S, 4) int32 rows (expert, first row, rows, slot) with the
+    longest segments first (longest-processing-time order: the launch starts them first) and
+    unused rows at the end (rows = -1), nseg (E,), first_slot (E,), slots). A segment of an
+    expert with one segment has slot -1 (its program writes dW); the segments of a split expert
+    take consecutive workspace slots from first_slot[e], `slots` in all (0: no expert can be
+    split at these sizes)."""
+    E = counts.shape[0]
+    counts = counts.to(torch.int64)
+    nseg = torch.clamp((counts + seg_rows - 1) // seg_rows, min=1)
+    num_segs = E + num_assignments // seg_rows  # sum of nseg <= N / seg_rows + E
+    slots = 2 * num_assignments // seg_rows if num_assignments > seg_rows else 0
+    ends = torch.cumsum(nseg, 0)
+    s = torch.arange(num_segs, device=counts.device)
+    e = torch.searchsorted(ends, s, right=True)
+    valid = e < E
+    e = e.clamp(max=E - 1)
+    k = s - (ends[e] - nseg[e])  # the segment's index within its expert
+    rows = torch.where(valid, torch.clamp(counts[e] - k * seg_rows, max=seg_rows), -1)
+    split = nseg > 1
+    first_slot = torch.cumsum(torch.where(split, nseg, 0), 0) - torch.where(split, nseg, 0)
+    slot = torch.where(valid & split[e], first_slot[e] + k, -1)
+    table = torch.stack([e, expert_start.to(torch.int64)[e] + k * seg_rows, rows, slot], 1)
+    order = torch.sort(rows, descending=True, stable=True).indices
+    return (table[order].to(torch.int32).contiguous(), nseg.to(torch.int32),
+            first_slot.to(torch.int32), slots)
+
+
+def _dw_split_reduce(ws, dw, nseg, first_slot, on_gpu):
+    size = dw[0].numel()
+    block = 1024 if on_gpu else 256
+    _dw_split_reduce_kernel[(triton.cdiv(size, block), dw.shape[0])](
+        ws, dw, nseg, first_slot, size, BLOCK=block)
 
 
 # ----------------------------------------------------------------------------- torch.library

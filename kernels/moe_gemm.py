@@ -430,19 +430,40 @@ def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_
 
 
 @triton.jit
-def _dw_gate_up_kernel(dg_ptr, du_ptr, x_ptr, sorted_assign_ptr, counts_ptr, expert_start_ptr,
-                       dwg_ptr, dwu_ptr, D, F, s_xt, K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dw_segment(seg_ptr):
+    """(expert, first sorted row, rows, workspace slot) of this program's row segment
+    (kernels/moe.py `dw_segments`; rows < 0: no segment, its program stores nothing; slot < 0:
+    written to dW directly)."""
+    seg = seg_ptr + tl.program_id(1) * 4
+    return tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
+
+
+@triton.jit
+def _dw_store(acc, dw_ptr, ws_ptr, slot, off, out_ok):
+    """A segment's (BLOCK_M, BLOCK_N) dW tile: the whole expert's sum into dW (its dtype), or one
+    of several segments' fp32 partials into workspace slot `slot` (`_dw_split_reduce_kernel`
+    sums them in order). Two masked stores."""
+    slots = off * 0 + slot  # as a block: a scalar in a block's mask fails in the interpreter
+    tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=out_ok & (slots < 0))
+    tl.store(ws_ptr + off, acc, mask=out_ok & (slots >= 0))
+
+
+@triton.jit
+def _dw_gate_up_kernel(dg_ptr, du_ptr, x_ptr, sorted_assign_ptr, seg_ptr, dwg_ptr, dwu_ptr,
+                       wsg_ptr, wsu_ptr, D, F, s_xt, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """dW_gate[e] = d gate[rows_e]^T @ x[tok], dW_up[e] likewise: (BLOCK_M over F, BLOCK_N over
-    D) per program, a loop over the expert's rows (an empty expert stores zeros)."""
-    e = tl.program_id(1)
+    """dW_gate[e] = d gate[rows]^T @ x[tok], dW_up[e] likewise, over one row segment of expert e
+    (axis 1; the whole expert unless it has more rows than a segment holds): (BLOCK_M over F,
+    BLOCK_N over D) per program, a loop over the segment's rows (an empty expert's one segment
+    stores zeros)."""
+    e, start, count, slot = _dw_segment(seg_ptr)
+    live = count  # < 0: no segment (masked below, not an early return: that gave the fp32
+    count = tl.maximum(count, 0)  # kernels a stack frame on sm_90)
     num_n = tl.cdiv(D, BLOCK_N)
     fcols = (tl.program_id(0) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     f_ok = fcols < F
     d_ok = dcols < D
-    start = tl.load(expert_start_ptr + e)
-    count = tl.load(counts_ptr + e)
     rs = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -457,26 +478,29 @@ def _dw_gate_up_kernel(dg_ptr, du_ptr, x_ptr, sorted_assign_ptr, counts_ptr, exp
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc_g = _dot(dg_t, xb, acc_g, IEEE)
         acc_u = _dot(du_t, xb, acc_u, IEEE)
-    off = e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :]
+    base = tl.where(slot < 0, e, slot).to(tl.int64) * F * D
+    off = base + fcols[:, None] * D + dcols[None, :]
     out_ok = f_ok[:, None] & d_ok[None, :]
-    tl.store(dwg_ptr + off, acc_g.to(dwg_ptr.dtype.element_ty), mask=out_ok)
-    tl.store(dwu_ptr + off, acc_u.to(dwu_ptr.dtype.element_ty), mask=out_ok)
+    out_ok = out_ok & ((off * 0 + live) >= 0)
+    _dw_store(acc_g, dwg_ptr, wsg_ptr, slot, off, out_ok)
+    _dw_store(acc_u, dwu_ptr, wsu_ptr, slot, off, out_ok)
 
 
 @triton.jit
-def _dw_down_kernel(dy_ptr, w_ptr, g_ptr, u_ptr, sorted_assign_ptr, counts_ptr, expert_start_ptr,
-                    dwd_ptr, D, F, s_dyt, K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dw_down_kernel(dy_ptr, w_ptr, g_ptr, u_ptr, sorted_assign_ptr, seg_ptr, dwd_ptr, ws_ptr,
+                    D, F, s_dyt, K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """dW_down[e] = (w * dy[tok])[rows_e]^T @ h[rows_e]: (BLOCK_M over D, BLOCK_N over F); h is
-    recomputed from the saved gate/up (one fewer (R, F) buffer kept for the backward)."""
-    e = tl.program_id(1)
+    """dW_down[e] = (w * dy[tok])[rows]^T @ h[rows] over one row segment of expert e (as
+    `_dw_gate_up_kernel`): (BLOCK_M over D, BLOCK_N over F); h is recomputed from the saved
+    gate/up (one fewer (R, F) buffer kept for the backward)."""
+    e, start, count, slot = _dw_segment(seg_ptr)
+    live = count  # < 0: no segment (masked below, not an early return: that gave the fp32
+    count = tl.maximum(count, 0)  # kernels a stack frame on sm_90)
     num_n = tl.cdiv(F, BLOCK_N)
     dcols = (tl.program_id(0) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     fcols = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = dcols < D
     f_ok = fcols < F
-    start = tl.load(expert_start_ptr + e)
-    count = tl.load(counts_ptr + e)
     rs = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r0 in range(0, count, BLOCK_K):
@@ -493,5 +517,26 @@ def _dw_down_kernel(dy_ptr, w_ptr, g_ptr, u_ptr, sorted_assign_ptr, counts_ptr, 
         gate = gate.to(tl.float32)
         h = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dy_ptr.dtype.element_ty)
         acc = _dot(dy_t, h, acc, IEEE)
-    off = e.to(tl.int64) * D * F + dcols[:, None] * F + fcols[None, :]
-    tl.store(dwd_ptr + off, acc.to(dwd_ptr.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
+    base = tl.where(slot < 0, e, slot).to(tl.int64) * D * F
+    off = base + dcols[:, None] * F + fcols[None, :]
+    _dw_store(acc, dwd_ptr, ws_ptr, slot, off,
+              d_ok[:, None] & f_ok[None, :] & ((off * 0 + live) >= 0))
+
+
+@triton.jit
+def _dw_split_reduce_kernel(ws_ptr, out_ptr, nseg_ptr, first_slot_ptr, size,
+                            BLOCK: tl.constexpr):
+    """out[e] (dW) = the sum, in segment order, of expert e's fp32 partials in workspace slots
+    first_slot[e] ... first_slot[e] + nseg[e] - 1, for the experts split into several row
+    segments (axis 1 = expert; the others were written whole by their one program)."""
+    e = tl.program_id(1)
+    n = tl.load(nseg_ptr + e)
+    if n <= 1:
+        return
+    first = tl.load(first_slot_ptr + e)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in range(0, n):
+        acc += tl.load(ws_ptr + (first + j).to(tl.int64) * size + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + e.to(tl.int64) * size + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

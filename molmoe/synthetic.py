@@ -83,6 +83,9 @@ class Knobs:
     # near a fixed spot of the picture (COLOUR_ANCHORS), jittered by up to this fraction of the
     # shorter side, so the colour word alone tells where to point. None: placed anywhere.
     anchor: float | None = None
+    # What the anchor is keyed by: "colour" (COLOUR_ANCHORS) or "shape" (SHAPE_ANCHORS; with
+    # same-colour distractors the shape word alone tells where to point).
+    anchor_by: str = "colour"
 
     def __post_init__(self):
         lo, hi = self.objects
@@ -114,6 +117,8 @@ class Knobs:
         self.shapes, self.colours = tuple(self.shapes), tuple(self.colours)
         if self.anchor is not None and not 0 <= self.anchor <= 0.5:
             raise UsageError(f"anchor {self.anchor}: expected a jitter in [0, 0.5] of the side")
+        if self.anchor_by not in ("colour", "shape"):
+            raise UsageError(f"anchor_by {self.anchor_by!r}: expected colour or shape")
         if self.sides is not None and not MIN_SIDE <= self.sides[0] <= self.sides[1]:
             raise UsageError(f"sides {self.sides}: expected {MIN_SIDE} <= min <= max")
         self.objects = (int(lo), int(hi))
@@ -146,12 +151,14 @@ class Knobs:
                 kw[key] = (int(lo), int(hi or lo))
             elif key == "anchor":
                 kw[key] = float(value)
+            elif key == "anchor_by":
+                kw[key] = value
             elif key == "mix":
                 kw[key] = {k: float(v) for k, v in (kv.split(":") for kv in value.split("+"))}
             else:
                 raise UsageError(f"unknown generator knob {key!r} in {spec!r}; expected objects, "
                                  "same_shape, same_colour, distinct_colours, backgrounds, size, "
-                                 "sides, shapes, colours, anchor, mix")
+                                 "sides, shapes, colours, anchor, anchor_by, mix")
         return cls(**kw)
 
 
@@ -159,6 +166,9 @@ DEFAULT_KNOBS = Knobs()
 # Knobs.anchor: where each colour's objects sit (fractions of width, height), a 3 x 2 grid.
 COLOUR_ANCHORS = {"red": (0.2, 0.28), "green": (0.5, 0.28), "blue": (0.8, 0.28),
                   "yellow": (0.2, 0.72), "purple": (0.5, 0.72), "orange": (0.8, 0.72)}
+# Knobs.anchor_by="shape": where each shape's objects sit, a 2 x 2 grid.
+SHAPE_ANCHORS = {"circle": (0.27, 0.27), "square": (0.73, 0.27), "triangle": (0.27, 0.73),
+                 "star": (0.73, 0.73)}
 
 _POLY_SIDES = 96  # a circle is drawn as a regular 96-gon (max error 0.05% of its radius)
 _INRADIUS = {"circle": 1.0, "square": math.sqrt(0.5), "triangle": 0.5, "star": STAR_INNER}
@@ -381,9 +391,11 @@ def _render_background(bg: Background, width: int, height: int) -> np.ndarray:
 
 def _place(rng: random.Random, specs, width: int, height: int,
            size_range: tuple[float, float] = SIZE_RANGE,
-           anchor: float | None = None) -> tuple[list[Obj], np.ndarray]:
+           anchor: float | None = None, anchor_by: str = "colour"
+           ) -> tuple[list[Obj], np.ndarray]:
     """Objects for `specs` [(shape, colour), ...] in that drawing order, or ValueError.
-    anchor: centres near COLOUR_ANCHORS[colour], jittered by up to anchor x the shorter side."""
+    anchor: centres near COLOUR_ANCHORS[colour] (anchor_by "colour") or SHAPE_ANCHORS[shape]
+    ("shape"), jittered by up to anchor x the shorter side."""
     short = min(width, height)
     labels = np.zeros((height, width), dtype=np.uint8)
     objs: list[Obj] = []
@@ -396,7 +408,8 @@ def _place(rng: random.Random, specs, width: int, height: int,
             if anchor is None:
                 cx, cy = rng.uniform(R + 1, width - R - 1), rng.uniform(R + 1, height - R - 1)
             else:
-                ax, ay = COLOUR_ANCHORS[colour]
+                ax, ay = (SHAPE_ANCHORS[shape] if anchor_by == "shape"
+                          else COLOUR_ANCHORS[colour])
                 cx = min(max(ax * width + rng.uniform(-anchor, anchor) * short, R + 1),
                          width - R - 1)
                 cy = min(max(ay * height + rng.uniform(-anchor, anchor) * short, R + 1),
@@ -434,7 +447,7 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
                sides: tuple[int, int] = SIDE_RANGE, background: Background | None = None,
                backgrounds: tuple[str, ...] = BACKGROUNDS,
                size_range: tuple[float, float] = SIZE_RANGE,
-               anchor: float | None = None) -> Scene:
+               anchor: float | None = None, anchor_by: str = "colour") -> Scene:
     """A scene of the objects `specs` [(shape, colour), ...] (drawn in that order; default:
     1-6 random ones), on an image of `size` (W, H) or of random sides in `sides`."""
     width, height = size if size is not None else _image_size(rng, sides)
@@ -446,7 +459,7 @@ def make_scene(rng: random.Random, specs=None, *, size: tuple[int, int] | None =
     bg = background if background is not None else _make_background(rng, backgrounds)
     for _ in range(_SCENE_TRIES):
         try:
-            objs, labels = _place(rng, specs, width, height, size_range, anchor)
+            objs, labels = _place(rng, specs, width, height, size_range, anchor, anchor_by)
         except ValueError:
             continue
         return Scene(width, height, bg, objs, labels)
@@ -601,7 +614,7 @@ def make_sample(rng: random.Random, kind: str | None = None, *,
         kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     specs, shape, colour = _plan(rng, kind, knobs)
     scene = make_scene(rng, specs, sides=knobs.sides or sides, backgrounds=knobs.backgrounds,
-                       size_range=knobs.size, anchor=knobs.anchor)
+                       size_range=knobs.size, anchor=knobs.anchor, anchor_by=knobs.anchor_by)
     q, a, target = make_example(rng, scene, kind, shape, colour)
     return Sample(scene, q, a, target)
 

@@ -4,7 +4,9 @@ stream over the image tokens it owns (its cells: scripts/pointer_attention.py's 
 decoder's input and after each layer, then a ridge read-out of the object's colour fitted on
 half the scenes and scored on the other half (chance 1/6).
 
-    python scripts/pointer_key_probe.py MODEL_DIR KNOBS [N]
+    python scripts/pointer_key_probe.py MODEL_DIR KNOBS [N] [colour|shape]
+
+With "shape" it reads the object's shape instead (chance 1/4).
 """
 import pathlib
 import sys
@@ -22,7 +24,8 @@ from molmoe import synthetic as S
 
 n = int(argv[3]) if len(argv) > 3 else 200
 model, proc = PA.model, PA.proc
-cols = list(S.COLOURS)
+what = argv[4] if len(argv) > 4 else "colour"
+cols = list(S.COLOURS) if what == "colour" else list(S.SHAPES)
 feats = {}  # layer -> list of vectors
 labels, scene_of = [], []
 for i in range(n):
@@ -42,7 +45,7 @@ for i in range(n):
             continue
         for li, h in enumerate(layers):
             feats.setdefault(li, []).append(h[pos].mean(0).numpy())
-        labels.append(cols.index(o.colour))
+        labels.append(cols.index(o.colour if what == "colour" else o.shape))
         scene_of.append(i)
 Y = np.array(labels)
 train = np.array(scene_of) < n // 2
@@ -52,9 +55,9 @@ for li in sorted(feats):
     mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
     mu[-1], sd[-1] = 0, 1
     X = (X - mu) / sd
-    T = np.eye(6)[Y]
+    T = np.eye(len(cols))[Y]
     W = np.linalg.solve(X[train].T @ X[train] + 10 * np.eye(X.shape[1]), X[train].T @ T[train])
     acc = (np.argmax(X[~train] @ W, 1) == Y[~train]).mean()
     name = "decoder input" if li == 0 else f"after layer {li - 1}"
-    print(f"{name}: colour read-out from the object's image tokens {acc:.2f} "
+    print(f"{name}: {what} read-out from the object's image tokens {acc:.2f} "
           f"({(~train).sum()} test objects)")

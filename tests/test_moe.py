@@ -710,3 +710,65 @@ def test_tma_and_pointer_paths_agree(monkeypatch):
         assert_within(by_tma, moe_ffn_ref(x[:T], router, wg, wu, wd, 2)[0], want,
                       torch.float16, f"{path} via TMA")
     assert chosen == [True, False, True, False]
+
+
+def test_dw_segments_cover_every_row_once_longest_first():
+    """The dW kernels' work list (kernels/moe.py `dw_segments`): every sorted row of every
+    expert in exactly one segment of at most seg_rows rows, an empty expert in one segment of 0
+    rows (its program writes the zeros), split experts' segments in consecutive workspace slots
+    within the static bound, unused entries last, and the longest segments first."""
+    from molmoe.kernels.moe import dw_segments
+
+    for counts in ([0, 0, 57, 3, 0, 16, 1, 0], [96, 0, 0, 0], [5] * 8, [0] * 3 + [200]):
+        E, N = len(counts), sum(counts)
+        counts_t = torch.tensor(counts, dtype=torch.int64)
+        start = torch.cumsum(torch.tensor([0] + counts[:-1]) + 7, 0)  # padded, gaps between
+        for seg_rows in (16, 32, 1000):
+            segs, nseg, first_slot, slots = dw_segments(counts_t, start, N, seg_rows)
+            segs = segs.tolist()
+            used = [s for s in segs if s[2] >= 0]
+            assert all(s[2] == -1 for s in segs[len(used):]), "unused entries last"
+            assert [s[2] for s in used] == sorted((s[2] for s in used), reverse=True)
+            for e, c in enumerate(counts):
+                mine = sorted((s for s in used if s[0] == e), key=lambda s: s[1])
+                assert len(mine) == int(nseg[e]) == max(1, -(-c // seg_rows))
+                rows = [r for s in mine for r in range(s[1], s[1] + s[2])]
+                assert rows == list(range(int(start[e]), int(start[e]) + c))
+                assert all(0 <= s[2] <= seg_rows for s in mine)
+                if len(mine) == 1:
+                    assert mine[0][3] == -1
+                else:
+                    assert [s[3] for s in mine] == list(range(int(first_slot[e]),
+                                                              int(first_slot[e]) + len(mine)))
+                    assert mine[-1][3] < slots
+
+
+def test_row_split_dw_equals_whole_expert_dw(monkeypatch):
+    """Skewed routing (every token on expert 0, fp32 and fp16): with segments of 16 rows the
+    dominant expert's dW is summed from several programs' fp32 partials (`_dw_split_reduce`);
+    it matches the unsplit kernels and the reference, and every other gradient is bit-identical
+    (the split touches only the dW)."""
+    from molmoe.kernels import moe as M
+
+    seen = []
+    real = M.dw_segments
+    monkeypatch.setattr(M, "dw_segments", lambda *a: seen.append(real(*a)) or seen[-1])
+    for dtype in (torch.float32, torch.float16):
+        inputs = make(45, 24, 40, 6, dtype, seed=5, dominant=True)
+        dy = torch.randn(45, 24, generator=torch.Generator().manual_seed(8)).to(DEV)
+        monkeypatch.setattr(M, "dw_segment_rows", lambda N, E, bk: 1 << 20)  # never split
+        _, _, whole = grads(moe_ffn, inputs, 2, False, dy)
+        assert seen[-1][3] == 0
+        monkeypatch.setattr(M, "dw_segment_rows", lambda N, E, bk: 16)
+        _, aux, split = grads(moe_ffn, inputs, 2, False, dy)
+        segs, nseg, _, slots = seen[-1]
+        assert int(aux["counts"][0]) == 45 and int(nseg[0]) == 3 and slots > 0
+        _, _, lp = grads(moe_ffn_ref, inputs, 2, False, dy)
+        _, _, ref32 = grads(moe_ffn_ref, [t.float() for t in inputs], 2, False, dy)
+        for name, i in (("dx", 0), ("drouter", 1)):
+            assert torch.equal(split[i], whole[i]), name
+        for name, i in (("dw_gate", 2), ("dw_up", 3), ("dw_down", 4)):
+            scale = ref32[i].abs().max().item()
+            assert (split[i].float() - whole[i].float()).abs().max().item() <= (
+                1e-6 if dtype == torch.float32 else 2e-3) * scale, name
+            assert_within(split[i], lp[i], ref32[i], dtype, name)

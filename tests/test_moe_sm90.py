@@ -26,9 +26,10 @@ D, F_, K, E = 2048, 1024, 8, 64
 I32, F32 = "*i32", "*fp32"
 DIV16 = frozenset({"D", "F", "s_xt", "s_dyt", "s_yt", "E", "s_lt"})
 INT_PTRS = {"tile_expert_ptr", "sorted_assign_ptr", "idx_ptr", "counts_ptr", "expert_start_ptr",
-            "chunk_counts_ptr", "chunk_base_ptr", "assign_row_ptr"}
+            "chunk_counts_ptr", "chunk_base_ptr", "assign_row_ptr", "seg_ptr", "nseg_ptr",
+            "first_slot_ptr"}
 F32_PTRS = {"w_ptr", "dw_ptr", "probs_ptr", "lse_ptr", "dprobs_ptr", "dlse_ptr", "dw_part_ptr",
-            "part_ptr"}
+            "part_ptr", "ws_ptr", "wsg_ptr", "wsu_ptr"}
 # other pointers are bf16, other scalars i32 (tests/sm90.py); route_fwd's idx_ptr is an int32
 # output, probs etc. fp32: covered by the sets above.
 TYPES = {**{a: I32 for a in INT_PTRS}, **{a: F32 for a in F32_PTRS}}
@@ -85,6 +86,7 @@ CASES = [
     gemm_case("down_decode", G._down_kernel, 0, DECODE),
     case("combine", G._combine_kernel, dict(K=K, BLOCK_T=4, BLOCK_D=256), 4, 2, None),
     case("dw_reduce", G._dw_reduce_kernel, dict(NUM_PARTS=16, BLOCK_A=64, BLOCK_P=16), 4, 2, None),
+    case("dw_split_reduce", G._dw_split_reduce_kernel, dict(BLOCK=1024), 4, 2, None),
     case("route_fwd", R._route_fwd_kernel, dict(K=K, K_PAD=K, BLOCK_T=64, BLOCK_E=E, RENORM=False),
          4, 2, None),
     case("route_bwd", R._route_bwd_kernel, dict(K=K, BLOCK_T=64, BLOCK_E=E, RENORM=True,

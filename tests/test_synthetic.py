@@ -403,6 +403,24 @@ def test_knobs_anchor():
             assert abs(o.cy - ay * 224) <= 0.04 * 224 + 1e-6
         i = s.target["indices"][0]
         assert S.point_in_object(s.scene, i, *s.target["points"][0])
-    for bad in ("anchor=-0.1", "anchor=0.9"):
+    for bad in ("anchor=-0.1", "anchor=0.9", "anchor_by=size"):
         with pytest.raises(UsageError):
             S.Knobs.parse(bad)
+
+
+def test_knobs_anchor_by_shape():
+    """Shape-anchored scenes: two objects of one colour, different shapes, each shape at its
+    own spot, so the shape word alone says where to point."""
+    ss = _knob_samples("objects=2-2,same_colour=1,same_shape=0,backgrounds=white,size=15-20,"
+                       "sides=224,anchor=0.04,anchor_by=shape,mix=single:1", n=40)
+    for s in ss:
+        objs = s.scene.objects
+        assert len(objs) == 2 and objs[0].colour == objs[1].colour
+        assert objs[0].shape != objs[1].shape
+        for o in objs:
+            ax, ay = S.SHAPE_ANCHORS[o.shape]
+            assert abs(o.cx - ax * 224) <= 0.04 * 224 + 1e-6
+            assert abs(o.cy - ay * 224) <= 0.04 * 224 + 1e-6
+        i = s.target["indices"][0]
+        assert objs[i].shape == s.target["shape"]
+        assert S.point_in_object(s.scene, i, *s.target["points"][0])
