@@ -256,6 +256,43 @@ def targets(records: list[Record], peaks: dict) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
+SKEW_T, SKEW_SHARE = 16384, 0.5
+
+
+def skew_records(triton_c, layer, weights, dtype, peaks, notes) -> list:
+    """Skewed routing at T = 16k: every token pushed along expert 0's router row until expert 0
+    is among the top K of SKEW_SHARE of the tokens. fwd+bwd of the Triton op with the dW
+    kernels' row split (the default) and without it (MOLMOE_MOE_DW_SPLIT=0), interleaved in
+    one run."""
+    import os
+
+    base = make_tokens(SKEW_T, weights, dtype, seed=77).float()
+    push = weights["router_w"][0].float()
+    push = push / push.norm()
+    for step in range(40):  # raise the push until expert 0 holds SKEW_SHARE of the tokens
+        x = (base + 0.5 * step * push).to(dtype)
+        idx = torch.topk(F.linear(x, weights["router_w"]), layer.K).indices
+        if (idx == 0).any(-1).float().mean() >= SKEW_SHARE:
+            break
+    stats = routing_stats(x, weights, layer.K)
+    gy = torch.randn_like(x)
+    line = f"skewed routing T={SKEW_T}: {stats}, expert 0 on >= {SKEW_SHARE:.0%} of the tokens"
+    print(line)
+    notes.append(line)
+    flops = 3 * 2 * SKEW_T * layer.K * 3 * layer.D * layer.F
+    out = []
+    for split in ("1", "0", "1", "0"):  # interleaved: drift hits both
+        os.environ["MOLMOE_MOE_DW_SPLIT"] = split
+        timing = time_fn(lambda: triton_c.grads(x, gy), reps=20)
+        rec = Record("moe", f"triton-skew-split{split}", {"T": SKEW_T, "pass": "fwd+bwd"},
+                     timing, flops=flops, extra={"layer": layer.__dict__, "dtype": str(dtype),
+                                                 **stats})
+        out.append(rec)
+        print(format_row(rec, peaks))
+    os.environ.pop("MOLMOE_MOE_DW_SPLIT", None)
+    return out
+
+
 def main(argv=None) -> pathlib.Path:
     parser = bench_parser(__doc__, "a few token counts only")
     parser.add_argument("--no-triton", action="store_true", help="GPU: baselines only")
@@ -331,6 +368,8 @@ def main(argv=None) -> pathlib.Path:
                 records.append(rec)
                 print(format_row(rec, peaks))
         del x, gy
+    if "triton" in cands and gpu:
+        records += skew_records(cands["triton"], layer, weights, dtype, peaks, notes)
     for line in targets(records, peaks):
         print(line)
         notes.append(line)

@@ -383,6 +383,7 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
 
 
 _DW_SLOT_SHARE = 4  # split-segment workspace: at most E / this many slots per weight
+_DW_SPLIT_ENV = "MOLMOE_MOE_DW_SPLIT"  # "0": never split (bench_moe --skew compares)
 
 
 def dw_segment_rows(num_assignments: int, num_experts: int, block_k: int) -> int:
@@ -392,7 +393,10 @@ def dw_segment_rows(num_assignments: int, num_experts: int, block_k: int) -> int
     segments' count never passes slots_max = max(2, E / _DW_SLOT_SHARE) (each split expert has
     more than a segment's rows: its ceil(c / L) segments are fewer than 2 c / L); with E = 64 a
     segment is 8 x the mean rows per expert and the fp32 workspace is 16 slots, half the size of
-    the dW it serves in bf16. A multiple of the dW kernels' row step."""
+    the dW it serves in bf16. A multiple of the dW kernels' row step. MOLMOE_MOE_DW_SPLIT=0:
+    never split (one segment per expert, the kernels' old schedule)."""
+    if os.environ.get(_DW_SPLIT_ENV, "1") == "0":  # one segment per expert (the comparison)
+        return max(num_assignments, 1) + block_k
     slots_max = max(2, num_experts // _DW_SLOT_SHARE)
     rows = max(-(-2 * num_assignments // slots_max), 1)
     return -(-rows // block_k) * block_k
