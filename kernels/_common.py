@@ -6,6 +6,7 @@ kernels/decode_attention.py). Plain Python and torch; Triton only inside `TilePo
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -106,6 +107,7 @@ class TilePolicy:
         within a spill-free budget; `pruned(ctx)` keeps the candidates that fit;
       * `default(ctx)`: the untuned GPU choice; if it does not fit, the fitting candidate
         closest to it is used instead (so no default can overflow shared memory for its dtype);
+        if no candidate fits either, the default stays and a RuntimeWarning says so, once;
       * `interpreter(ctx)`: one small fixed config for Triton's CPU interpreter (no pruning);
       * a pin: the environment variable `env` ("NAME=int,..."), or `pin(ctx)` where a kernel's
         variable has more structure (MOLMOE_MOE_CONFIG's "kind:" entries). Pinned names override
@@ -127,6 +129,7 @@ class TilePolicy:
         self._candidates, self._fits, self._default = candidates, fits, default
         self._interpreter, self._pin = interpreter, pin
         self.tuned: dict[tuple, dict] = {}
+        self._warned: set[tuple] = set()
 
     @staticmethod
     def key(ctx: dict) -> tuple:
@@ -162,6 +165,12 @@ class TilePolicy:
                 kept = self.pruned(ctx)
                 if kept:
                     cfg = dict(_closest(kept, cfg))
+                elif self.key(ctx) not in self._warned:  # keep the default, but say so once
+                    self._warned.add(self.key(ctx))
+                    warnings.warn(f"{self.op}: no tile config fits the sm_90 limits for {ctx}; "
+                                  f"launching the default {cfg}, which may spill or fail to "
+                                  f"launch (pin one with {self.env})", RuntimeWarning,
+                                  stacklevel=2)
         cfg.update(self.pinned(ctx))
         return cfg
 

@@ -99,6 +99,22 @@ def test_tile_policy_prunes_by_dtype_and_fixes_the_default(monkeypatch):
     assert p.config(bf16, on_gpu=False) == dict(BLOCK_N=16, num_warps=2)
 
 
+def test_tile_policy_warns_once_when_nothing_fits(monkeypatch):
+    import warnings
+
+    monkeypatch.delenv(ENV, raising=False)
+    p = _policy()
+    fp64 = dict(dtype=torch.float64)  # 8-byte elements: no candidate fits the rule
+    assert p.pruned(fp64) == []
+    with pytest.warns(RuntimeWarning,
+                      match=r"x: no tile config fits .*\(pin one with MOLMOE_X_CONFIG\)"):
+        assert p.config(fp64, on_gpu=True) == dict(BLOCK_N=128, num_warps=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.config(fp64, on_gpu=True)  # said once
+        p.config(dict(dtype=torch.bfloat16), on_gpu=True)  # something fits: no warning
+
+
 def test_tile_policy_pin_errors_name_the_valid_keys(monkeypatch):
     p = _policy()
     monkeypatch.setenv(ENV, "BLOK_N=64")
