@@ -176,18 +176,38 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kernel_configs(on_gpu: bool) -> list[dict]:
-    """Candidate tile configs. The interpreter gets one small one so tests stay fast."""
+def kernel_configs(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Candidate tile configs. The interpreter gets one small one so tests stay fast. fp32
+    caches (IEEE dots run as FMAs, operand tiles in registers) get narrow key tiles on 8-16
+    warps: the 16-bit list's tiles spilled there (below, `_FP32_SPILL_FREE`)."""
     if not on_gpu:
         return [dict(BLOCK_N=32, num_warps=1, num_stages=1)]
+    if dtype == torch.float32:
+        return [dict(BLOCK_N=n, num_warps=w, num_stages=s)
+                for n, w, s in ((16, 8, 2), (16, 8, 3), (16, 16, 2), (32, 8, 2), (32, 16, 2),
+                                (64, 8, 2), (64, 16, 2))]
     return [dict(BLOCK_N=n, num_warps=w, num_stages=s)
             for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
+# fp32 (BLOCK_N, num_warps) that compiled without spills on sm_90 at Dh 128, per query-row tile
+# (tests/test_kernels_sm90.py compiles every kept one). Compiled and dropped: every 4-warp tile
+# at 16 rows but 64-key ones (312-320 B of stack for 32 keys); at 64 rows 32 keys on 8 warps
+# (440 B) and 64 keys on 8 (6,552 B, the old default); at 128 rows every tile tried (224 to
+# 7,232 B), so fp32 with more than 64 query rows (G x Sq > 64) has no fitting tile.
+_FP32_SPILL_FREE = {16: {(16, 8), (16, 16), (32, 8), (32, 16), (64, 8), (64, 16)},
+                    32: {(16, 8), (16, 16), (32, 8), (32, 16)},
+                    64: {(16, 8), (16, 16), (64, 16)}}
+
+
 def fits(c: dict, head_dim: int, block_m: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """K and V stages plus the q tile within sm_90's shared memory at the dtype's element size
-    (fp32 caches take twice bf16's bytes)."""
+    (fp32 caches take twice bf16's bytes); fp32 tiles also among those measured spill-free
+    (`_FP32_SPILL_FREE`, Dh <= 128)."""
     elem = element_size(dtype)
+    if dtype == torch.float32 and (c["BLOCK_N"], c["num_warps"]) not in _FP32_SPILL_FREE.get(
+            block_m, ()):
+        return False
     return (2 * c["BLOCK_N"] * head_dim * elem * c["num_stages"]
             + block_m * head_dim * elem) <= SMEM_LIMIT
 
@@ -204,7 +224,7 @@ def prune_configs(configs: list[dict], head_dim: int, block_m: int,
 POLICY = TilePolicy(
     "decode_attention", _CONFIG_ENV, ("BLOCK_N", "num_warps", "num_stages"),
     example="BLOCK_N=64,num_warps=4,num_stages=2",
-    candidates=lambda ctx: kernel_configs(True),
+    candidates=lambda ctx: kernel_configs(True, ctx["dtype"]),
     fits=lambda c, ctx: fits(c, ctx["head_dim"], ctx["block_m"], ctx["dtype"]),
     default=lambda ctx: dict(BLOCK_N=64, num_warps=4, num_stages=3),
     interpreter=lambda ctx: kernel_configs(False)[0])

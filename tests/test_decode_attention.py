@@ -155,18 +155,36 @@ def test_tiles_are_pruned_for_the_dtype_and_tuning_skips_failures(monkeypatch):
     q, k, v = make(1, 4, 2, 1, 32, 64, torch.float32)
     timed = []
 
-    def fake_bench(run):  # 128-key tiles "run out of resources", 64 are the fastest
+    def fake_bench(run):  # 64-key tiles "run out of resources", 32 are the fastest
         cfg = DA.default_config(64, 16, True, torch.float32)
         timed.append(cfg["BLOCK_N"])
-        if cfg["BLOCK_N"] == 128:
+        if cfg["BLOCK_N"] == 64:
             raise RuntimeError("triton OutOfResources: shared memory")
-        return 1.0 if cfg["BLOCK_N"] == 64 else 2.0
+        return 1.0 if cfg["BLOCK_N"] == 32 else 2.0
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     best = DA.autotune(q, k, v)
-    assert best["BLOCK_N"] == 64 and 128 in timed
+    assert best["BLOCK_N"] == 32 and 64 in timed
     assert DA.default_config(64, 16, True, torch.float32) == best  # remembered, not re-timed
     DA.POLICY.tuned.clear()
+
+
+def test_fp32_tiles_are_the_spill_free_ones():
+    """fp32 caches run IEEE dots as FMAs with their tiles in registers: the 16-bit candidates
+    spilled on sm_90 (tests/test_kernels_sm90.py compiles what is kept). Only tiles measured
+    spill-free are kept; past 64 query rows none is, and the policy says so."""
+    from molmoe.kernels import decode_attention as DA
+
+    for bm in (16, 32, 64):
+        kept = DA.POLICY.pruned(dict(dtype=torch.float32, head_dim=128, block_m=bm))
+        assert kept and all((c["BLOCK_N"], c["num_warps"]) in DA._FP32_SPILL_FREE[bm]
+                            for c in kept)
+        assert DA.default_config(128, bm, True, torch.float32) in kept
+    assert DA.default_config(128, 64, True, torch.bfloat16) == dict(BLOCK_N=64, num_warps=4,
+                                                                     num_stages=3)
+    assert DA.POLICY.pruned(dict(dtype=torch.float32, head_dim=128, block_m=128)) == []
+    with pytest.warns(RuntimeWarning, match="decode_attention: no tile config fits"):
+        DA.default_config(128, 128, True, torch.float32)
 
 
 def test_bad_inputs_name_the_problem():

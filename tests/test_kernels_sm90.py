@@ -27,6 +27,7 @@ Shapes, each with its reason:
 from __future__ import annotations
 
 import pytest
+import torch
 import triton
 
 from molmoe.kernels import decode_attention as DA
@@ -68,6 +69,27 @@ def _decode_cases() -> list[Case]:
                                              "sv_b", "sv_h", "sv_n", "skpm_b", "so_b", "so_h",
                                              "so_s", "split_len"}),
                         tensor_core="mma_any"))
+    # Every candidate the policy keeps, for 16-bit and fp32 caches (fp32 runs IEEE dots as
+    # FMAs with its tiles in registers: its 16-bit-sized tiles spilled up to 7.5 KB), at 16 and
+    # 64 query rows (fp32 also 32): 7B-D (G 7), 16 splits, masks.
+    for dtype, name, ieee, rows in ((torch.bfloat16, "bf16", False, ((1, 16), (8, 64))),
+                                    (torch.float32, "fp32", True, ((1, 16), (4, 32), (8, 64)))):
+        for sq, block_m in rows:
+            ctx = dict(dtype=dtype, head_dim=DH, block_m=block_m)
+            for i, cfg in enumerate(DA.POLICY.pruned(ctx)):
+                consts = dict(G=7, SQ=sq, HEAD_DIM=DH, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+                              NUM_SPLITS=16, HAS_SEQLENS=True, HAS_KPM=True, IEEE=ieee,
+                              skpm_n=1)
+                cases.append(Case(
+                    f"decode_split-cand{i}-{name}-m{block_m}", DA._decode_split_kernel, consts,
+                    cfg["num_warps"], cfg["num_stages"],
+                    types=dict(q_ptr=f"*{name}", k_ptr=f"*{name}", v_ptr=f"*{name}",
+                               out_ptr=f"*{name}", seqlens_ptr="*i32", kpm_ptr="*u8",
+                               part_o_ptr="*fp32", part_lse_ptr="*fp32", scale="fp32"),
+                    divisible=frozenset({"sq_b", "sq_h", "sq_s", "sk_b", "sk_h", "sk_n",
+                                         "sv_b", "sv_h", "sv_n", "skpm_b", "so_b", "so_h",
+                                         "so_s", "split_len"}),
+                    tensor_core=None if ieee else "mma_any"))
     # 7B-D at 4096 keys gets 16 splits; 128 is the cap (long caches, or the env pin).
     for sq, splits in ((1, DA.num_splits_heuristic(4, 4096, SMS, 64)), (1, DA._MAX_SPLITS),
                        (8, 16)):
@@ -159,8 +181,14 @@ def test_cases_cover_the_configs():
     # The lists above are what the kernels would run: decode's default tile for both row counts,
     # and for RoPE / pooling more than one surviving config, forward and backward.
     names = [c.name for c in CASES]
-    assert sum(n.startswith("decode_split") for n in names) == 12
-    assert {c.consts["BLOCK_M"] for c in CASES if c.name.startswith("decode_split")} == {16, 64}
+    defaults = [n for n in names if n.startswith("decode_split-") and "-cand" not in n]
+    assert len(defaults) == 12
+    kept = sum(len(DA.POLICY.pruned(dict(dtype=dt, head_dim=DH, block_m=bm)))
+               for dt, bms in ((torch.bfloat16, (16, 64)), (torch.float32, (16, 32, 64)))
+               for bm in bms)
+    assert sum(n.startswith("decode_split-cand") for n in names) == kept > 30
+    assert {c.consts["BLOCK_M"] for c in CASES if c.name.startswith("decode_split")} == {
+        16, 32, 64}
     for prefix in ("rope_fwd", "rope_bwd", "pool_fwd", "pool_bwd"):
         assert sum(n.startswith(prefix) for n in names) > 2, prefix
     gpu = RO.kernel_configs(on_gpu=True)
