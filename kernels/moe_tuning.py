@@ -93,6 +93,8 @@ def fits(c: dict, kind: str, block_m: int, dtype: torch.dtype) -> bool:
         # one (2 BLOCK_N, BLOCK_K) tile of the interleaved gate|up weight: a TMA box holds at
         # most 256 rows, and wgmma's n is at most 256
         ok = ok and 2 * c["BLOCK_N"] <= 256
+    if kind == "gate_up_decode":  # 16 x 64 x 128 on 2 warps kept an 8-byte stack on sm_90
+        ok = ok and c["num_warps"] >= 4
     if dtype == torch.float32:
         n_b = 2 if kind in _TWO_B_TILES else 1
         n_a = 2 if kind in ("dx", "dw_gate_up") else 1

@@ -144,6 +144,14 @@ for _kind in ("gate_up", "down"):
               for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D,
                                                        F=F_, block_m=128)))]
 
+# Every bf16 candidate kept for the decode path (T <= 8: one program per selected expert and
+# column tile, tokens as rows; autotune may pick any of them).
+for _kind in ("gate_up_decode", "down_decode"):
+    CASES += [gemm_case(_kind, KERNELS[_kind][0], 0, KERNELS[_kind][1], torch.bfloat16, c,
+                        f"-cand{i}")
+              for i, c in enumerate(POLICY.pruned(dict(kind=_kind, dtype=torch.bfloat16, D=D,
+                                                       F=F_, block_m=0)))]
+
 
 # The grouped forward GEMMs as launched by default in fp16/bf16: persistent kernels (a fixed
 # grid striding over the real tiles; fp32 keeps one program per tile). The default of each
