@@ -231,11 +231,11 @@ def persistent_programs(num_tiles: int, kind: str, cfg: dict, block_m: int, dtyp
     return min(sms * per_sm, num_tiles)
 
 
-def _combine(z, y, top_k, on_gpu):
+def _combine(z, y, top_k, on_gpu, saturate=True):
     T, D = y.shape
     tile = _combine_tile(on_gpu)
     _combine_kernel[(triton.cdiv(T, tile["BLOCK_T"]), triton.cdiv(D, tile["BLOCK_D"]))](
-        z, y, T, D, y.stride(0), K=top_k, **tile)
+        z, y, T, D, y.stride(0), K=top_k, SATURATE=saturate, **tile)
 
 
 def _experts_fwd(x, w_gate, w_up, w_down, topk_w, counts, expert_start, sorted_assign,
@@ -354,7 +354,7 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
             dg, du, w_gate, w_up, dxs, tile_expert, sorted_assign, D, F_, num_m, K=top_k,
             INTERLEAVED=interleaved,
             BLOCK_M=block_m, IEEE=ieee, **_launch_kw(cfg))
-        _combine(dxs, dx, top_k, on_gpu)
+        _combine(dxs, dx, top_k, on_gpu, saturate=False)  # a gradient: inf stays inf
     if need_dw:
         cfg_gu = default_config("dw_gate_up", x.dtype, D, F_, block_m, on_gpu)
         cfg_d = default_config("dw_down", x.dtype, D, F_, block_m, on_gpu)

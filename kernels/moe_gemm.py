@@ -32,12 +32,14 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _narrow(x, ptr):
-    """fp32 `x` in the element type of `ptr`, for a store. fp16 saturates at +-65504 instead of
-    rounding to inf: an inf in h, z or a saved pre-activation becomes NaN in the next GEMM
-    (inf * 0) and in the silu backward, where a saturated value stays finite. bf16 and fp32
-    have fp32's range: unchanged."""
-    if ptr.dtype.element_ty == tl.float16:
+def _narrow(x, ptr, SATURATE: tl.constexpr = True):
+    """fp32 `x` in the element type of `ptr`, for a store. Forward values (SATURATE): fp16
+    saturates at +-65504 instead of rounding to inf: an inf in h, z or a saved pre-activation
+    becomes NaN in the next GEMM (inf * 0) and in the silu backward, where a saturated value
+    stays finite. Gradients (SATURATE=False) round to inf as PyTorch's do: fp16 training's
+    loss scaler (torch.amp.GradScaler) finds overflow by the infs and skips the step; a
+    saturated gradient would hide it. bf16 and fp32 have fp32's range: unchanged."""
+    if SATURATE and ptr.dtype.element_ty == tl.float16:
         x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
     return x.to(ptr.dtype.element_ty)
 
@@ -187,8 +189,9 @@ def _down_kernel(h_ptr, wd_ptr, w_ptr, z_ptr, tile_expert_ptr, sorted_assign_ptr
 
 @triton.jit
 def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """y[t] = sum_k z[t*K + k] in fp32, slots in order: a gather, no atomics."""
+                    BLOCK_D: tl.constexpr, SATURATE: tl.constexpr = True):
+    """y[t] = sum_k z[t*K + k] in fp32, slots in order: a gather, no atomics. SATURATE: as
+    `_narrow` (the forward's y; False for the backward's dx)."""
     toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (toks < T)[:, None] & (cols < D)[None, :]
@@ -196,7 +199,7 @@ def _combine_kernel(z_ptr, y_ptr, T, D, s_yt, K: tl.constexpr, BLOCK_T: tl.const
     for k in range(K):
         zk = tl.load(z_ptr + (toks * K + k)[:, None] * D + cols[None, :], mask=ok, other=0.0)
         acc += zk.to(tl.float32)
-    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], _narrow(acc, y_ptr),
+    tl.store(y_ptr + toks[:, None] * s_yt + cols[None, :], _narrow(acc, y_ptr, SATURATE),
              mask=ok)
 
 
@@ -392,8 +395,8 @@ def _down_bwd_kernel(dy_ptr, w_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dw_par
         dh = acc * tl.load(w_ptr + assign, mask=ok, other=0.0)[:, None]
         # d silu(g)/dg = sig * (1 + g * (1 - sig))
         dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(dg_ptr + off, _narrow(dgate, dg_ptr), mask=out_ok)
-        tl.store(du_ptr + off, _narrow(dh * gate * sig, du_ptr), mask=out_ok)
+        tl.store(dg_ptr + off, _narrow(dgate, dg_ptr, False), mask=out_ok)
+        tl.store(du_ptr + off, _narrow(dh * gate * sig, du_ptr, False), mask=out_ok)
 
 
 @triton.jit
@@ -425,7 +428,7 @@ def _gate_up_bwd_dx_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, dxs_ptr, tile_expert_
                    tl.load(wg_ptr + b_off + k0 * s_wf, mask=b_ok, other=0.0), acc, IEEE)
         acc = _dot(tl.load(du_ptr + a_off + k0, mask=a_ok, other=0.0),
                    tl.load(wu_ptr + b_off + k0 * s_wf, mask=b_ok, other=0.0), acc, IEEE)
-    tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, dxs_ptr),
+    tl.store(dxs_ptr + assign[:, None] * D + cols[None, :], _narrow(acc, dxs_ptr, False),
              mask=ok[:, None] & col_ok[None, :])
 
 

@@ -555,6 +555,35 @@ def test_fp16_overflow_saturates_instead_of_inf(path):
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-2)
 
 
+def test_fp16_gradient_overflow_stays_inf_for_the_loss_scaler():
+    """Gradients are not saturated: where the fp16 expert backward overflows (d gate / d up,
+    the dx rows, their combine), dx holds inf as the reference's does, so torch.amp.GradScaler
+    sees the overflow and skips the step (a saturated 65504 would pass as a finite gradient).
+    The forward still saturates (test above). Given routing: dx comes from the experts only."""
+    from molmoe.ops.moe import _experts_loop
+
+    T, D, F_, E, K = 4, 16, 16, 2, 2
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(T, D, generator=g) * 0.1).to(DEV, torch.float16)
+    wg, wu = (torch.randn(E, F_, D, generator=g).to(DEV, torch.float16) for _ in range(2))
+    wd = torch.full((E, D, F_), 4.0).to(DEV, torch.float16)
+    topk_w = torch.full((T, K), 0.5, device=DEV)
+    topk_idx = torch.tensor([[0, 1]] * T, device=DEV)
+    dy = torch.full((T, D), 3000.0).to(DEV, torch.float16)  # d h = w dy wd ~ 1e5 > 65504
+
+    def dx_of(fn, **kw):
+        leaf = x.detach().clone().requires_grad_()
+        y = fn(leaf, wg, wu, wd, topk_w, topk_idx, **kw)
+        y = y[0] if isinstance(y, tuple) else y
+        return torch.autograd.grad(y, leaf, dy)[0]
+
+    want = dx_of(_experts_loop)
+    got = dx_of(moe_experts, path="grouped")
+    assert not torch.isfinite(want).all(), "precondition: the reference's dx overflows"
+    assert not torch.isfinite(got).all(), "dx overflow was hidden (saturated)"
+    assert (got.abs() == 65504).sum() == 0
+
+
 def test_interleaved_gate_up_weight_layout_and_cache():
     # The gate_up kernel reads w_gu (E, 2F, D), rows 2f / 2f+1 = gate / up of column f, built
     # behind the kernel boundary once per weight pair and version (kernels/moe.py header).
