@@ -41,8 +41,9 @@ How (kernels/moe_routing.py, kernels/moe_gemm.py; launch policy in kernels/moe_t
      per-token combine; dW as grouped GEMMs over each expert's rows, cut into row segments of
      at most `dw_segment_rows` rows (one program per output tile per segment; an expert with
      more rows than a segment is summed from its segments' fp32 partials afterwards, in order:
-     no atomics), the longest segments launched first; the router backward turns d w, d p (lb loss) and d lse (z loss)
-     into d logits. Inputs that need no gradient (frozen experts) skip their kernels.
+     no atomics), the longest segments launched first; the router backward turns d w, d p
+     (lb loss) and d lse (z loss) into d logits. Inputs that need no gradient (frozen experts)
+     skip their kernels.
 Where the ideas come from: the sort-pad-grouped-GEMM layout of vLLM's fused_moe
 (moe_align_block_size), the separate gather/scatter of scattermoe and megablocks' dMoE (block
 sparse, padded per expert), the losses of Switch Transformer (Fedus et al. 2021) and ST-MoE
@@ -90,10 +91,11 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, 
 assignments (a = t*K + k), R padded sorted rows (N + E*(BLOCK_M-1), whole tiles).
 
 Limits: fp32/fp16/bf16, x and the expert weights of one dtype; contiguous weights (a copy is made
-otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels' longest
-program loops over one segment (8 x the mean rows per expert at E = 64); an fp32 workspace of
-max(2, E/4) segments per weight is allocated whenever N is over one segment. The decode path has no backward (a call that needs gradients takes the grouped
-path). Memory kept for the backward: gate and up (R, F) in the model dtype.
+otherwise); E <= 1024 (one-hot rows in registers in the router/permutation). The dW kernels'
+longest program loops over one segment (8 x the mean rows per expert at E = 64); an fp32
+workspace of max(2, E/4) segments per weight is allocated whenever N is over one segment. The
+decode path has no backward (a call that needs gradients takes the grouped path). Memory kept
+for the backward: gate and up (R, F) in the model dtype.
 The decode path returns lb_loss / z_loss as None (inference; `aux_losses` computes them).
 Exact ties between router probabilities go to the lower expert index (a stable descending sort);
 torch.topk promises no order among ties (CPU: higher index first), so the reference on the CPU
@@ -383,7 +385,7 @@ def _experts_bwd(dy, x, w_gate, w_up, w_down, topk_w, counts, expert_start, sort
 
 
 _DW_SLOT_SHARE = 4  # split-segment workspace: at most E / this many slots per weight
-_DW_SPLIT_ENV = "MOLMOE_MOE_DW_SPLIT"  # "0": never split (bench_moe --skew compares)
+_DW_SPLIT_ENV = "MOLMOE_MOE_DW_SPLIT"  # "0": never split (bench_moe's skewed case compares)
 
 
 def dw_segment_rows(num_assignments: int, num_experts: int, block_k: int) -> int:
