@@ -393,16 +393,22 @@ def test_knobs_shapes_colours():
         S.Knobs.parse("shapes=hexagon")
 
 
+def _check_anchored(ss, anchor_of, jitter=0.04, side=224):
+    """Every object within `jitter` x the side of its anchor (`anchor_of(obj)`, fractions of the
+    picture), and the target's answer point on the target."""
+    for s in ss:
+        for o in s.scene.objects:
+            ax, ay = anchor_of(o)
+            assert abs(o.cx - ax * side) <= jitter * side + 1e-6
+            assert abs(o.cy - ay * side) <= jitter * side + 1e-6
+        i = s.target["indices"][0]
+        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+
+
 def test_knobs_anchor():
     ss = _knob_samples("objects=2-2,shapes=circle,backgrounds=white,size=15-20,sides=224,"
                        "distinct_colours=1,anchor=0.04,mix=single:1", n=40)
-    for s in ss:
-        for o in s.scene.objects:
-            ax, ay = S.COLOUR_ANCHORS[o.colour]
-            assert abs(o.cx - ax * 224) <= 0.04 * 224 + 1e-6
-            assert abs(o.cy - ay * 224) <= 0.04 * 224 + 1e-6
-        i = s.target["indices"][0]
-        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+    _check_anchored(ss, lambda o: S.COLOUR_ANCHORS[o.colour])
     for bad in ("anchor=-0.1", "anchor=0.9", "anchor_by=size"):
         with pytest.raises(UsageError):
             S.Knobs.parse(bad)
@@ -413,14 +419,9 @@ def test_knobs_anchor_by_shape():
     own spot, so the shape word alone says where to point."""
     ss = _knob_samples("objects=2-2,same_colour=1,same_shape=0,backgrounds=white,size=15-20,"
                        "sides=224,anchor=0.04,anchor_by=shape,mix=single:1", n=40)
+    _check_anchored(ss, lambda o: S.SHAPE_ANCHORS[o.shape])
     for s in ss:
         objs = s.scene.objects
         assert len(objs) == 2 and objs[0].colour == objs[1].colour
         assert objs[0].shape != objs[1].shape
-        for o in objs:
-            ax, ay = S.SHAPE_ANCHORS[o.shape]
-            assert abs(o.cx - ax * 224) <= 0.04 * 224 + 1e-6
-            assert abs(o.cy - ay * 224) <= 0.04 * 224 + 1e-6
-        i = s.target["indices"][0]
-        assert objs[i].shape == s.target["shape"]
-        assert S.point_in_object(s.scene, i, *s.target["points"][0])
+        assert objs[s.target["indices"][0]].shape == s.target["shape"]
