@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1); torch.set_grad_enabled(False)
 from molmoe import synthetic as S
 from molmoe.pipeline import load_pipeline
-from molmoe.processing.preprocess import canvas_size, image_layout, scaled_size
+from pointer_geometry import placements
 
 model_dir, spec = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 40
@@ -66,12 +66,7 @@ def token_owner(scene, x):
     owners = {}
     cell = 2 * st.image_patch_size
     crop = st.crop_size
-    nh, nw = scaled_size(H, W, crop, crop)
-    top, left = (crop - nh) // 2, (crop - nw) // 2
-    lay = image_layout(H, W, st)
-    CH, CW = canvas_size(lay, st)
-    ch, cw = scaled_size(H, W, CH, CW)
-    ctop, cleft = (CH - ch) // 2, (CW - cw) // 2
+    (nh, nw, top, left), lay, (CH, CW), (ch, cw, ctop, cleft) = placements(H, W, st)
     idx = x["image_input_idx"]
     g = crop // cell
     tw = lay.tiling[1]

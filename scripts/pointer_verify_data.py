@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 from molmoe import synthetic as S
 from molmoe.checkpoint.loader import load
 from molmoe.points import parse_points
-from molmoe.processing.preprocess import canvas_size, image_layout, scaled_size
+from pointer_geometry import placements
 from molmoe.processing.processor import Processor
 from molmoe.training.data import TrainingData
 
@@ -109,12 +109,7 @@ for i in range(min(n, len(ds))):
             fail("5 word is its own token", f"{q} -> {prompt_pieces}")
     # 2. through the processor: global crop
     gl = unpatch(ex.images[0], crop).numpy()
-    nh, nw = scaled_size(H, W, crop, crop)
-    top, left = (crop - nh) // 2, (crop - nw) // 2
-    lay = image_layout(H, W, st)
-    CH, CW = canvas_size(lay, st)
-    ch, cw = scaled_size(H, W, CH, CW)
-    ctop, cleft = (CH - ch) // 2, (CW - cw) // 2
+    (nh, nw, top, left), lay, (CH, CW), (ch, cw, ctop, cleft) = placements(H, W, st)
     th, tw = lay.tiling
     canvas = np.zeros((CH, CW, 3))
     for ti in range(th):
