@@ -1,0 +1,272 @@
+"""Vision pretraining for the built-in pointing model (issue 13): the tiny Molmo's ViT and
+connector learn, before `molmoe train` ever runs, to say in each pooled image token what lies
+there: which colour and shape cover the cell, and where the centre of each object whose
+centre falls in the cell is. This is the toy's stand-in for the CLIP pretraining a real Molmo's
+vision tower has: a frozen random ViT keeps an object's colour (a mean) but hardly its shape
+(bench/RESULTS.md, session 4: a linear read-out of the shape from the image tokens scored
+37-43%, chance 25%), and the decoder cannot bind a question to what the tokens do not carry.
+
+Targets, per pooled cell (2x2 patches) of every crop the processor makes of a scene, computed
+from the scene's geometry and the processor's own resize-and-pad arithmetic
+(`molmoe.processing.preprocess`), never from the pixels:
+  * `colour`, `shape`: which object covers most of the cell (8x8 samples per cell over the
+    scene's visible-object label map; an object whose annotated point lies in the cell wins),
+    7 and 5 classes with "none";
+  * `centre[c]` for each of the 24 colour x shape classes: 1 in the cell holding the annotated
+    point of an object of class c (binary cross-entropy, every cell);
+  * `offset[c]`: where in that cell the point lies, (x, y) in [0, 1] (squared error, centre
+    cells only);
+  * `where[c]`: the point in percent of the picture / 100, global crop only (the one crop whose
+    placement in the picture a crop can see: the padding around it gives the aspect ratio).
+
+The head is one linear layer on the projected tokens (the exact vectors `Molmo.embed` adds to
+the `<im_patch>` embeddings), so what it reads is linearly in what the decoder gets. After
+training, the projector's output is rescaled to the features' initial RMS (a linear map: the
+read-outs stay) and the head is dropped: the checkpoint keeps the official layout.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import random
+import time
+
+import numpy as np
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle", "star")
+N_CLASSES = len(COLOURS) * len(SHAPES)
+SAMPLES = 8  # per cell side, for the covering object
+MIN_COVER = 8  # samples of SAMPLES**2 an object must cover to name the cell (1/8 of it)
+LOSS_WEIGHTS = tuple(float(v) for v in __import__("os").environ.get("PV_W", "1,4,40").split(","))
+COVERED_WEIGHT = 4.0  # covered cells are a minority: their colour/shape loss counts this much
+
+
+def _class(obj) -> int:
+    return COLOURS.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
+def crop_maps(height: int, width: int, settings):
+    """For every crop of an H x W picture, (sy, sx, oy, ox): picture pixel = crop pixel * s + o
+    along each axis, and the crop pixels the picture covers (y0, y1, x0, x1). Crop 0 is the
+    global view, then the tiles row-major (molmoe.processing.preprocess._crops_python)."""
+    from molmoe.processing.preprocess import canvas_size, image_layout, scaled_size
+
+    crop = settings.crop_size
+    out = []
+    nh, nw = scaled_size(height, width, crop, crop)
+    top, left = (crop - nh) // 2, (crop - nw) // 2
+    out.append((height / nh, width / nw, -top * height / nh, -left * width / nw,
+                (top, top + nh, left, left + nw)))
+    lay = image_layout(height, width, settings)
+    CH, CW = canvas_size(lay, settings)
+    ch, cw = scaled_size(height, width, CH, CW)
+    ctop, cleft = (CH - ch) // 2, (CW - cw) // 2
+    stride = settings.window_size
+    for i in range(lay.tiling[0]):
+        for j in range(lay.tiling[1]):
+            y0, x0 = i * stride, j * stride
+            out.append((height / ch, width / cw, (y0 - ctop) * height / ch,
+                        (x0 - cleft) * width / cw,
+                        (ctop - y0, ctop + ch - y0, cleft - x0, cleft + cw - x0)))
+    return out, lay
+
+
+def cell_targets(scene, settings) -> dict[str, np.ndarray]:
+    """The targets above for one scene: arrays with a leading (crops, cells) shape."""
+    H, W = scene.height, scene.width
+    maps, _ = crop_maps(H, W, settings)
+    kh = settings.image_token_length_h
+    cell = settings.crop_size // kh  # pixels per pooled cell side (2 patches)
+    T, K = len(maps), kh * kh
+    colour = np.zeros((T, K), np.int64)
+    shape = np.zeros((T, K), np.int64)
+    centre = np.zeros((T, K, N_CLASSES), np.float32)
+    offset = np.zeros((T, K, N_CLASSES, 2), np.float32)
+    offset_mask = np.zeros((T, K, N_CLASSES), np.float32)
+    where = np.zeros((T, K, N_CLASSES, 2), np.float32)
+    where_mask = np.zeros((T, K, N_CLASSES), np.float32)
+    # sample points of every cell, in crop pixels
+    s = (np.arange(kh * SAMPLES) + 0.5) * (cell / SAMPLES)
+    for t, (sy, sx, oy, ox, (y0, y1, x0, x1)) in enumerate(maps):
+        py = s * sy + oy
+        px = s * sx + ox
+        iy = np.clip(np.floor(py).astype(np.int64), 0, H - 1)
+        ix = np.clip(np.floor(px).astype(np.int64), 0, W - 1)
+        inside = (((s >= y0) & (s < y1))[:, None] & ((s >= x0) & (s < x1))[None, :])
+        lab = np.where(inside, scene.labels[iy[:, None], ix[None, :]], 0)
+        lab = lab.reshape(kh, SAMPLES, kh, SAMPLES).transpose(0, 2, 1, 3).reshape(K, -1)
+        n_obj = len(scene.objects)
+        counts = np.stack([(lab == j + 1).sum(1) for j in range(n_obj)], 1)  # (K, n_obj)
+        owner = np.where(counts.max(1) >= MIN_COVER, counts.argmax(1), -1)
+        for j, obj in enumerate(scene.objects):
+            # the annotated point in this crop's pixels
+            cy = (obj.point[1] / 100.0 * H - oy) / sy
+            cx = (obj.point[0] / 100.0 * W - ox) / sx
+            if not (0 <= cy < settings.crop_size and 0 <= cx < settings.crop_size):
+                continue
+            r, c = int(cy // cell), int(cx // cell)
+            k, cls = r * kh + c, _class(obj)
+            if owner[k] < 0 or counts[k, j] * 2 >= counts[k, owner[k]]:
+                owner[k] = j
+            centre[t, k, cls] = 1.0
+            offset[t, k, cls] = (cx / cell - c, cy / cell - r)
+            offset_mask[t, k, cls] = 1.0
+            if t == 0:
+                where[t, k, cls] = (obj.point[0] / 100.0, obj.point[1] / 100.0)
+                where_mask[t, k, cls] = 1.0
+        for k in np.nonzero(owner >= 0)[0]:
+            obj = scene.objects[owner[k]]
+            colour[t, k] = 1 + COLOURS.index(obj.colour)
+            shape[t, k] = 1 + SHAPES.index(obj.shape)
+    return {"colour": colour, "shape": shape, "centre": centre, "offset": offset,
+            "offset_mask": offset_mask, "where": where, "where_mask": where_mask}
+
+
+HEAD_OUT = 7 + 5 + N_CLASSES * 5  # colour, shape, centre, offset (x, y), where (x, y)
+
+
+def head_loss(out, tg) -> tuple:
+    """out (N, K, HEAD_OUT), targets stacked over N crops -> (loss, parts)."""
+    import torch
+    import torch.nn.functional as F
+
+    C = N_CLASSES
+    w = 1.0 + (COVERED_WEIGHT - 1.0) * (tg["colour"] > 0).float().reshape(-1)
+    lc = (F.cross_entropy(out[..., :7].reshape(-1, 7), tg["colour"].reshape(-1),
+                          reduction="none") * w).sum() / w.sum()
+    ls = (F.cross_entropy(out[..., 7:12].reshape(-1, 5), tg["shape"].reshape(-1),
+                          reduction="none") * w).sum() / w.sum()
+    cen = out[..., 12:12 + C]
+    # centre cells are rare: weight the positives up
+    lz = F.binary_cross_entropy_with_logits(cen, tg["centre"], pos_weight=torch.tensor(8.0))
+    off = out[..., 12 + C:12 + 3 * C].reshape(*out.shape[:2], C, 2)
+    m = tg["offset_mask"]
+    lo = ((off - tg["offset"]).pow(2).sum(-1) * m).sum() / m.sum().clamp(min=1)
+    wh = out[..., 12 + 3 * C:12 + 5 * C].reshape(*out.shape[:2], C, 2)
+    m = tg["where_mask"]
+    lw = ((wh - tg["where"]).pow(2).sum(-1) * m).sum() / m.sum().clamp(min=1)
+    wz, wo, ww = LOSS_WEIGHTS
+    loss = lc + ls + wz * lz + wo * lo + ww * lw
+    parts = [float(v.detach()) for v in (lc, ls, lz, lo, lw)]
+    loss_parts = dict(zip(("colour", "shape", "centre", "offset", "where"), parts))
+    return loss, loss_parts
+
+
+def _scene_pool(n: int, seed: int, sides: tuple[int, int]):
+    """n (scene, rendered uint8 array) pairs at the issue's domain, from synth seed `seed`."""
+    from molmoe import synthetic as S
+
+    out = []
+    for i in range(n):
+        rng = random.Random(f"molmoe-pointer-vision:{seed}:{i}")
+        sample = S.make_sample(rng, sides=sides)
+        out.append((sample.scene, np.asarray(S.render(sample.scene).convert("RGB"))))
+    return out
+
+
+def _encode(proc, pool, idx):
+    """Crops, masks and stacked targets of pool[idx] (crops of all pictures concatenated)."""
+    import torch
+
+    from molmoe.processing.preprocess import preprocess_image
+
+    images, masks, tgs = [], [], []
+    for i in idx:
+        scene, pixels = pool[i]
+        x = preprocess_image(pixels, proc.settings, proc.token_ids)
+        images.append(x.images)
+        masks.append(x.image_masks)
+        tgs.append(cell_targets(scene, proc.settings))
+    tg = {k: torch.from_numpy(np.concatenate([t[k] for t in tgs])) for k in tgs[0]}
+    return torch.cat(images)[None], torch.cat(masks)[None], tg
+
+
+def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float = 1e-3,
+                    n_scenes: int = 4000, seed: int = 0, sides=(160, 448),
+                    feature_rms: float = 1.0, log_every: int = 50, log=print) -> dict:
+    """Train the ViT and connector of the checkpoint in `directory` on the targets above and
+    write them back (pytorch_model.bin, official layout). Returns held-out read-out figures."""
+    import torch
+
+    from molmoe.checkpoint.adapter import to_official
+    from molmoe.checkpoint.loader import load
+    from molmoe.processing.processor import Processor
+
+    directory = pathlib.Path(directory)
+    torch.manual_seed(seed)
+    model = load(directory, dtype="float32")
+    proc = Processor.from_pretrained(directory)
+    vision = model.vision
+    vision.train().requires_grad_(True)  # load() returns an inference model
+    head = torch.nn.Linear(model.config.text.d_model, HEAD_OUT)
+    params = list(vision.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
+            math.pi * min(s, steps) / steps))))
+    t0 = time.perf_counter()
+    pool = _scene_pool(n_scenes, seed, sides)
+    held = _scene_pool(200, seed + 1_000_000, sides)
+    log(f"vision pretraining: {n_scenes} scenes in {time.perf_counter() - t0:.0f}s")
+    order = random.Random(seed)
+    t1 = time.perf_counter()
+    for step in range(steps):
+        idx = order.sample(range(len(pool)), batch)
+        images, masks, tg = _encode(proc, pool, idx)
+        feats = vision(images, masks)[0]  # (N, K, D)
+        loss, parts = head_loss(head(feats), tg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log(f"  step {step} loss {float(loss):.3f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + f" ({(time.perf_counter() - t1) / (step + 1):.2f} s/step)")
+    vision.eval()
+    report = evaluate_readout(vision, head, proc, held)
+    log("  held-out: " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    # rescale the projector so the features keep their RMS, and write the weights back
+    with torch.no_grad():
+        images, masks, _ = _encode(proc, held, range(32))
+        rms = float(vision(images, masks).pow(2).mean().sqrt())
+        vision.image_projector.w2.weight.mul_(feature_rms / rms)
+    path = directory / "pytorch_model.bin"
+    torch.save(to_official(model.state_dict(), "molmoe-hf"), path)
+    report["train_s"] = time.perf_counter() - t0
+    report["feature_rms_before_rescale"] = rms
+    return report
+
+
+def evaluate_readout(vision, head, proc, held) -> dict:
+    """Held-out accuracy of the head: colour / shape of covered cells, centre-class hits (the
+    cell with the highest logit for each present class is a centre cell of that class), mean
+    |where| error in percent on the global crop."""
+    import torch
+
+    C = N_CLASSES
+    hit_c = hit_s = n_cov = hit_z = n_z = 0
+    err_w, n_w = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(held), 16):
+            images, masks, tg = _encode(proc, held, range(lo, min(lo + 16, len(held))))
+            out = head(vision(images, masks)[0])
+            cov = tg["colour"] > 0
+            hit_c += int((out[..., :7].argmax(-1) == tg["colour"])[cov].sum())
+            hit_s += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov].sum())
+            n_cov += int(cov.sum())
+            cen = out[..., 12:12 + C]
+            present = tg["centre"].amax(1) > 0  # (N, C)
+            best = cen.argmax(1)  # (N, C)
+            got = torch.gather(tg["centre"], 1, best[:, None, :])[:, 0]
+            hit_z += int(got[present].sum())
+            n_z += int(present.sum())
+            wh = out[..., 12 + 3 * C:].reshape(*out.shape[:2], C, 2)
+            m = tg["where_mask"] > 0
+            err_w += float((wh - tg["where"]).abs()[m].sum()) * 100
+            n_w += 2 * int(m.sum())
+    return {"colour_acc": hit_c / max(n_cov, 1), "shape_acc": hit_s / max(n_cov, 1),
+            "centre_acc": hit_z / max(n_z, 1), "where_err_pct": err_w / max(n_w, 1)}

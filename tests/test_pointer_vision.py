@@ -1,0 +1,111 @@
+"""The vision pretraining targets (molmoe.pointer_vision) against the processor's own pixels."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from molmoe import synthetic as S
+from molmoe.pointer import ARCHS
+from molmoe.pointer_vision import COLOURS, SHAPES, cell_targets, head_loss, HEAD_OUT
+from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
+
+IDS = ImageTokenIds(start=1, end=2, patch=3, col=4)
+
+
+def _settings(arch: str) -> ImageSettings:
+    pre = ARCHS[arch]["preprocessor"]
+    return ImageSettings(base_image_input_size=tuple(pre["base_image_input_size"]),
+                         image_patch_size=pre["image_patch_size"],
+                         image_token_length_h=pre["image_token_length_h"],
+                         image_token_length_w=pre["image_token_length_w"],
+                         max_crops=pre["max_crops"],
+                         overlap_margins=tuple(pre["overlap_margins"]))
+
+
+def _crop_pixels(images_TPD, t, settings):
+    """Crop t back to [crop, crop, 3] uint8-scale RGB (undoing patchify and normalisation)."""
+    p, crop = settings.image_patch_size, settings.crop_size
+    n = crop // p
+    x = images_TPD[t].reshape(n, n, p, p, 3).permute(0, 2, 1, 3, 4).reshape(crop, crop, 3)
+    x = x * torch.tensor(settings.image_std) + torch.tensor(settings.image_mean)
+    return (x * 255).numpy()
+
+
+@pytest.mark.parametrize("arch", ["p14-112", "p14-112-t4"])
+@pytest.mark.parametrize("size", [(224, 224), (448, 224), (180, 360), (300, 200)])
+def test_centre_targets_land_on_the_object_in_every_crop(arch, size):
+    """For every object and crop, the centre cell + offset is a crop pixel of that object's
+    colour in the processor's output, and the global crop's `where` is the annotated point."""
+    settings = _settings(arch)
+    cell = settings.crop_size // settings.image_token_length_h
+    checked = 0
+    for i in range(6):
+        rng = random.Random(f"test-pointer-vision:{size}:{i}")
+        scene = S.make_sample(rng, "single", sides=(min(size), max(size))).scene
+        pixels = np.asarray(S.render(scene).convert("RGB"))
+        x = preprocess_image(pixels, settings, IDS, backend="python")
+        tg = cell_targets(scene, settings)
+        assert tg["colour"].shape == (x.images.shape[0], settings.tokens_per_crop)
+        for j, obj in enumerate(scene.objects):
+            cls = COLOURS.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+            cells = np.argwhere(tg["centre"][:, :, cls] > 0)
+            assert (cells[:, 0] == 0).any(), "every object's point is in the global crop"
+            for t, k in cells:
+                r, c = divmod(int(k), settings.image_token_length_h)
+                ox, oy = tg["offset"][t, k, cls]
+                assert 0 <= ox < 1 and 0 <= oy < 1
+                cy, cx = int((r + oy) * cell), int((c + ox) * cell)
+                crop = _crop_pixels(x.images, t, settings)
+                if obj.size * min(crop.shape[0] / scene.height, 1.0) < 8:
+                    continue  # too small to hold its colour after the resize
+                got = crop[cy, cx]
+                assert np.abs(got - np.array(obj.rgb)).max() < 60, (t, k, got, obj.rgb)
+                checked += 1
+                if t == 0:  # one of the objects of this class with its point in the cell
+                    same = [np.array(o.point) / 100.0 for o in scene.objects
+                            if (o.colour, o.shape) == (obj.colour, obj.shape)]
+                    assert min(np.abs(tg["where"][0, k, cls] - w).max() for w in same) < 1e-6
+                    assert tg["where_mask"][0, k, cls] == 1
+    assert checked > 10
+
+
+def test_covering_labels_name_the_object_under_the_cell():
+    """A cell labelled with a colour and shape has that object's pixels under it."""
+    settings = _settings("p14-112-t4")
+    rng = random.Random("test-pointer-vision-cover")
+    for _ in range(5):
+        scene = S.make_sample(rng, "count", sides=(200, 400)).scene
+        tg = cell_targets(scene, settings)
+        g = tg["colour"][0].reshape(4, 4)
+        labelled = np.argwhere(g > 0)
+        assert len(labelled) > 0
+        assert ((tg["colour"] > 0) == (tg["shape"] > 0)).all()
+        names = {(o.colour, o.shape) for o in scene.objects}
+        for t in range(tg["colour"].shape[0]):
+            for k in np.nonzero(tg["colour"][t])[0]:
+                pair = (COLOURS[tg["colour"][t, k] - 1], SHAPES[tg["shape"][t, k] - 1])
+                assert pair in names
+
+
+def test_head_loss_is_zero_only_at_the_targets():
+    settings = _settings("p14-112-t4")
+    scene = S.make_sample(random.Random(3), "count", sides=(224, 224)).scene
+    tg = {k: torch.from_numpy(v) for k, v in cell_targets(scene, settings).items()}
+    N, K = tg["colour"].shape
+    perfect = torch.zeros(N, K, HEAD_OUT)
+    perfect[..., :7] = -50.0
+    perfect[..., :7].scatter_(-1, tg["colour"][..., None], 50.0)
+    perfect[..., 7:12] = -50.0
+    perfect[..., 7:12].scatter_(-1, tg["shape"][..., None], 50.0)
+    C = tg["centre"].shape[-1]
+    perfect[..., 12:12 + C] = tg["centre"] * 100 - 50
+    perfect[..., 12 + C:12 + 3 * C] = tg["offset"].reshape(N, K, -1)
+    perfect[..., 12 + 3 * C:] = tg["where"].reshape(N, K, -1)
+    loss, _ = head_loss(perfect, tg)
+    assert float(loss) < 1e-6
+    worse = perfect.clone()
+    worse[..., 12 + 3 * C:] += 0.01
+    assert float(head_loss(worse, tg)[0]) > 1e-3
