@@ -162,6 +162,14 @@ CURRICULA = {
         ("shape", "objects=2-5,same_shape=0.5,same_colour=0.9,mix=single:1", 12000, 700),
         ("full", "", 40000, 1500),
     ],
+    # session 5, after vision pretraining (--arch p14-112-t4 --vision-steps 2500 --freeze
+    # vit,connector): one object anywhere in the domain, then single questions with the
+    # generator's distractors, then the mix.
+    "v1": [
+        ("one", "objects=1-1,mix=single:1", 6000, 400),
+        ("single", "mix=single:1", 12000, 800),
+        ("full", "", 30000, 1800),
+    ],
 }
 CURRICULA["c8"] = CURRICULA["c7"] + CURRICULA["c8"]
 N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
@@ -457,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1: on 2 shared cores 2 threads thrash when other "
                          "jobs load them (0.6 s/step vs 9 s/step measured)")
-    ap.add_argument("--freeze", default="vit",
-                    help="parts kept at their initial weights: vit, connector (comma list)")
+    ap.add_argument("--freeze", default=None,
+                    help="parts kept at their initial weights: vit, connector (comma list; "
+                         "default: vit, and the connector too after vision pretraining)")
     ap.add_argument("--curriculum", default=None,
                     help=f"phases trained in turn ({', '.join(CURRICULA)}), or a spec "
                          "'KNOBS@N@STEPS;KNOBS@N@STEPS;...' (molmoe.synthetic.Knobs.parse); "
@@ -479,9 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
     ap.add_argument("--connector-lr", type=float, default=None,
                     help="the connector's peak rate")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="vision pretraining steps before `molmoe train` (molmoe.pointer_vision; "
+                         "a new init only; 0: none)")
+    ap.add_argument("--vision-batch", type=int, default=16)
+    ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
+    if args.freeze is None:
+        args.freeze = "vit,connector" if args.vision_steps else "vit"
 
     from molmoe.training.trainer import TrainOptions, train
 
@@ -521,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
                                  vision_init=not args.no_vision_init,
                                  feature_rms=args.feature_rms, embed_rms=args.embed_rms,
                                  overrides={"config": parse_overrides(args.decoder)})
+        if args.vision_steps:
+            from molmoe.pointer_vision import pretrain_vision
+
+            report = pretrain_vision(init, steps=args.vision_steps, batch=args.vision_batch,
+                                     lr=args.vision_pretrain_lr, seed=args.seed,
+                                     feature_rms=args.feature_rms)
+            (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
     model = init

@@ -33,13 +33,19 @@ import time
 
 import numpy as np
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle", "star")
+from molmoe.synthetic import COLOURS as _RGB, SHAPES
+
+COLOURS = tuple(_RGB)
 N_CLASSES = len(COLOURS) * len(SHAPES)
 SAMPLES = 8  # per cell side, for the covering object
 MIN_COVER = 8  # samples of SAMPLES**2 an object must cover to name the cell (1/8 of it)
-LOSS_WEIGHTS = tuple(float(v) for v in __import__("os").environ.get("PV_W", "1,4,40").split(","))
-COVERED_WEIGHT = 4.0  # covered cells are a minority: their colour/shape loss counts this much
+# loss weights of the centre, offset and where terms (colour and shape weigh 1); a covered
+# cell's colour/shape loss counts COVERED_WEIGHT times an empty cell's (~14% are covered).
+# WHERE_ELSEWHERE > 0 would also ask every other global cell for (0, 0): tried at 0.05 in
+# session 5, it cost the where read-out (11% error against 2.5%), so the points alone count.
+LOSS_WEIGHTS = (1.0, 4.0, 40.0)
+COVERED_WEIGHT = 4.0
+WHERE_ELSEWHERE = 0.0
 
 
 def _class(obj) -> int:
@@ -114,7 +120,8 @@ def cell_targets(scene, settings) -> dict[str, np.ndarray]:
             offset_mask[t, k, cls] = 1.0
             if t == 0:
                 where[t, k, cls] = (obj.point[0] / 100.0, obj.point[1] / 100.0)
-                where_mask[t, k, cls] = 1.0
+        if t == 0:  # the points; WHERE_ELSEWHERE: every other cell says (0, 0)
+            where_mask[0] = np.where(centre[0] > 0, 1.0, WHERE_ELSEWHERE)
         for k in np.nonzero(owner >= 0)[0]:
             obj = scene.objects[owner[k]]
             colour[t, k] = 1 + COLOURS.index(obj.colour)
@@ -145,7 +152,7 @@ def head_loss(out, tg) -> tuple:
     lo = ((off - tg["offset"]).pow(2).sum(-1) * m).sum() / m.sum().clamp(min=1)
     wh = out[..., 12 + 3 * C:12 + 5 * C].reshape(*out.shape[:2], C, 2)
     m = tg["where_mask"]
-    lw = ((wh - tg["where"]).pow(2).sum(-1) * m).sum() / m.sum().clamp(min=1)
+    lw = ((wh - tg["where"]).pow(2).sum(-1) * m).sum() / (m == 1).sum().clamp(min=1)
     wz, wo, ww = LOSS_WEIGHTS
     loss = lc + ls + wz * lz + wo * lo + ww * lw
     parts = [float(v.detach()) for v in (lc, ls, lz, lo, lw)]
@@ -153,19 +160,21 @@ def head_loss(out, tg) -> tuple:
     return loss, loss_parts
 
 
-def _scene_pool(n: int, seed: int, sides: tuple[int, int]):
-    """n (scene, rendered uint8 array) pairs at the issue's domain, from synth seed `seed`."""
+def _scene_pool(n: int, seed: int, sides: tuple[int, int], tag: str = "train"):
+    """n (scene, rendered uint8 array) pairs in the issue's domain (the generator's default
+    question mix, so 1-6 objects with its distractors), from their own RNG strings: never a
+    scene of the training data or of the evaluator."""
     from molmoe import synthetic as S
 
     out = []
     for i in range(n):
-        rng = random.Random(f"molmoe-pointer-vision:{seed}:{i}")
+        rng = random.Random(f"molmoe-pointer-vision-{tag}:{seed}:{i}")
         sample = S.make_sample(rng, sides=sides)
         out.append((sample.scene, np.asarray(S.render(sample.scene).convert("RGB"))))
     return out
 
 
-def _encode(proc, pool, idx):
+def _encode(proc, pool, idx, with_counts: bool = False):
     """Crops, masks and stacked targets of pool[idx] (crops of all pictures concatenated)."""
     import torch
 
@@ -179,12 +188,14 @@ def _encode(proc, pool, idx):
         masks.append(x.image_masks)
         tgs.append(cell_targets(scene, proc.settings))
     tg = {k: torch.from_numpy(np.concatenate([t[k] for t in tgs])) for k in tgs[0]}
-    return torch.cat(images)[None], torch.cat(masks)[None], tg
+    out = torch.cat(images)[None], torch.cat(masks)[None], tg
+    return (*out, [len(t["colour"]) for t in tgs]) if with_counts else out
 
 
 def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float = 1e-3,
-                    n_scenes: int = 4000, seed: int = 0, sides=(160, 448),
-                    feature_rms: float = 1.0, log_every: int = 50, log=print) -> dict:
+                    n_scenes: int = 4000, n_held: int = 200, seed: int = 0, sides=(160, 448),
+                    feature_rms: float = 1.0, log_every: int = 50, log=print,
+                    head_out=None) -> dict:
     """Train the ViT and connector of the checkpoint in `directory` on the targets above and
     write them back (pytorch_model.bin, official layout). Returns held-out read-out figures."""
     import torch
@@ -208,10 +219,11 @@ def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float =
             math.pi * min(s, steps) / steps))))
     t0 = time.perf_counter()
     pool = _scene_pool(n_scenes, seed, sides)
-    held = _scene_pool(200, seed + 1_000_000, sides)
+    held = _scene_pool(n_held, seed, sides, "held-out")
     log(f"vision pretraining: {n_scenes} scenes in {time.perf_counter() - t0:.0f}s")
     order = random.Random(seed)
     t1 = time.perf_counter()
+    losses = []
     for step in range(steps):
         idx = order.sample(range(len(pool)), batch)
         images, masks, tg = _encode(proc, pool, idx)
@@ -222,8 +234,9 @@ def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float =
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log(f"  step {step} loss {float(loss):.3f} "
+            log(f"  step {step} loss {float(loss.detach()):.3f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
                 + f" ({(time.perf_counter() - t1) / (step + 1):.2f} s/step)")
     vision.eval()
@@ -231,33 +244,50 @@ def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float =
     log("  held-out: " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
     # rescale the projector so the features keep their RMS, and write the weights back
     with torch.no_grad():
-        images, masks, _ = _encode(proc, held, range(32))
+        images, masks, _ = _encode(proc, held, range(min(32, len(held))))
         rms = float(vision(images, masks).pow(2).mean().sqrt())
         vision.image_projector.w2.weight.mul_(feature_rms / rms)
+    # load() maps the weights file into memory: write a new file and rename it over the old
+    # one (overwriting in place truncates the mapped pages under the live tensors: SIGBUS)
     path = directory / "pytorch_model.bin"
-    torch.save(to_official(model.state_dict(), "molmoe-hf"), path)
+    tmp = path.with_suffix(".bin.tmp")
+    torch.save({k: v.clone() for k, v in to_official(model.state_dict(), "molmoe-hf").items()},
+               tmp)
+    tmp.replace(path)
+    if head_out is not None:  # for diagnostics: the read-out head itself
+        torch.save(head.state_dict(), head_out)
     report["train_s"] = time.perf_counter() - t0
+    report["loss_first"], report["loss_last"] = losses[0], losses[-1]
     report["feature_rms_before_rescale"] = rms
     return report
 
 
 def evaluate_readout(vision, head, proc, held) -> dict:
-    """Held-out accuracy of the head: colour / shape of covered cells, centre-class hits (the
+    """Held-out accuracy of the head: colour / shape of covered cells (and the shape of the
+    cells holding an object's point), centre-class hits (the
     cell with the highest logit for each present class is a centre cell of that class), mean
     |where| error in percent on the global crop."""
     import torch
 
     C = N_CLASSES
-    hit_c = hit_s = n_cov = hit_z = n_z = 0
+    hit_c = hit_s = n_cov = hit_z = n_z = hit_sc = n_at = hit_st = n_st = 0
     err_w, n_w = 0.0, 0
     with torch.no_grad():
         for lo in range(0, len(held), 16):
-            images, masks, tg = _encode(proc, held, range(lo, min(lo + 16, len(held))))
+            images, masks, tg, n_crops = _encode(proc, held, range(lo, min(lo + 16, len(held))),
+                                                 with_counts=True)
             out = head(vision(images, masks)[0])
             cov = tg["colour"] > 0
             hit_c += int((out[..., :7].argmax(-1) == tg["colour"])[cov].sum())
             hit_s += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov].sum())
             n_cov += int(cov.sum())
+            at = tg["centre"].amax(-1) > 0  # cells holding an object's point
+            hit_sc += int((out[..., 7:12].argmax(-1) == tg["shape"])[at].sum())
+            n_at += int(at.sum())
+            tile = torch.ones_like(cov)  # crop 0 of each picture is its global view
+            tile[torch.from_numpy(np.cumsum([0] + n_crops[:-1]))] = False
+            hit_st += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov & tile].sum())
+            n_st += int((cov & tile).sum())
             cen = out[..., 12:12 + C]
             present = tg["centre"].amax(1) > 0  # (N, C)
             best = cen.argmax(1)  # (N, C)
@@ -265,8 +295,10 @@ def evaluate_readout(vision, head, proc, held) -> dict:
             hit_z += int(got[present].sum())
             n_z += int(present.sum())
             wh = out[..., 12 + 3 * C:].reshape(*out.shape[:2], C, 2)
-            m = tg["where_mask"] > 0
+            m = tg["where_mask"] == 1
             err_w += float((wh - tg["where"]).abs()[m].sum()) * 100
             n_w += 2 * int(m.sum())
     return {"colour_acc": hit_c / max(n_cov, 1), "shape_acc": hit_s / max(n_cov, 1),
+            "shape_acc_at_points": hit_sc / max(n_at, 1),
+            "shape_acc_tiles": hit_st / max(n_st, 1),
             "centre_acc": hit_z / max(n_z, 1), "where_err_pct": err_w / max(n_w, 1)}

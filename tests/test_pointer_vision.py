@@ -109,3 +109,34 @@ def test_head_loss_is_zero_only_at_the_targets():
     worse = perfect.clone()
     worse[..., 12 + 3 * C:] += 0.01
     assert float(head_loss(worse, tg)[0]) > 1e-3
+
+
+def test_pretrain_vision_rewrites_only_the_vision_weights(tmp_path):
+    """A short run on one fixed batch lowers the loss, leaves the decoder bit-identical, keeps
+    the official layout (molmoe.load reads it back) and rescales the features to the asked
+    RMS."""
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
+    from molmoe.pointer_vision import pretrain_vision
+    from molmoe.processing.processor import Processor
+
+    texts = []
+    for i in range(40):
+        s = S.make_sample(random.Random(i))
+        texts += [s.question, " " + s.answer]
+    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
+                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
+                                                                     split_words=content_words()))
+    before = load(d).state_dict()
+    report = pretrain_vision(d, steps=25, batch=4, n_scenes=4, n_held=4, lr=2e-3, seed=1,
+                             sides=(160, 224), feature_rms=0.7, log_every=0)
+    assert report["loss_last"] < 0.6 * report["loss_first"], report
+    after = load(d)
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("vision.") for k in changed), sorted(changed)[:5]
+    proc = Processor.from_pretrained(d)
+    scene = S.make_sample(random.Random(99), sides=(160, 224)).scene
+    x = proc("Point to the red circle.", S.render(scene))
+    with torch.no_grad():
+        rms = float(after.vision(x["images"][None], x["image_masks"][None]).pow(2).mean().sqrt())
+    assert 0.3 < rms < 1.5  # rescaled to 0.7 on the held-out scenes, not this one
