@@ -62,21 +62,12 @@ ARCHS = {
                          "image_token_length_h": 4, "image_token_length_w": 4, "max_crops": 2,
                          "overlap_margins": [2, 2]},
     },
-    # 112-px crops of 14-px patches without overlap margins, up to 4 tiles: the tiles see the
-    # picture at up to 224 (2 x 2) or 448 (1 x 4) px, so the smallest objects (8% of the
-    # shorter side) are 9-18 px there instead of 5-7 px (session 5 in bench/RESULTS.md).
-    "p14-112-t4": {
-        "config": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 256,
-                   "moe_num_experts": 8, "moe_top_k": 2, "max_position_embeddings": 1024,
-                   "vit_layers": [-1, -3]},
-        "vision": {"image_default_input_size": [112, 112], "image_patch_size": 14,
-                   "image_emb_dim": 96, "image_num_heads": 4, "image_num_layers": 4,
-                   "image_mlp_dim": 192},
-        "preprocessor": {"base_image_input_size": [112, 112], "image_patch_size": 14,
-                         "image_token_length_h": 4, "image_token_length_w": 4, "max_crops": 4,
-                         "overlap_margins": [0, 0]},
-    },
 }
+# p14-112 without overlap margins and with up to 4 tiles: the tiles see the picture at up to 224
+# (2 x 2) or 448 (1 x 4) px, so the smallest objects (8% of the shorter side) are 9-18 px there
+# instead of 5-7 px (session 5 in bench/RESULTS.md).
+ARCHS["p14-112-t4"] = {**ARCHS["p14-112"], "preprocessor": {
+    **ARCHS["p14-112"]["preprocessor"], "max_crops": 4, "overlap_margins": [0, 0]}}
 DEFAULT_ARCH = "p14-112"
 
 # Curricula: phases trained one after another, each from the previous phase's export (fresh
