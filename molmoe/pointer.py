@@ -153,13 +153,19 @@ CURRICULA = {
         ("shape", "objects=2-5,same_shape=0.5,same_colour=0.9,mix=single:1", 12000, 700),
         ("full", "", 40000, 1500),
     ],
-    # session 5, after vision pretraining (--arch p14-112-t4 --vision-steps 2500 --freeze
-    # vit,connector): one object anywhere in the issue's domain, then single questions with the
-    # generator's distractors, then the issue's mix.
+    # session 5 (runs s3, s5, s6 in bench/RESULTS.md, each from the one before), after vision
+    # pretraining (--arch p14-112-t4 --vision-steps 2500; --freeze then defaults to
+    # vit,connector): one object anywhere in the issue's domain, session 3's colour-anchored
+    # mix50, then both anchors with free pairs and the generator's single questions at any
+    # aspect. As one curriculum it has not been run from seed, and it has no multi, count or
+    # absent phase yet (s6 on the evaluator: single 19%).
     "v1": [
         ("one", "objects=1-1,mix=single:1", 6000, 400),
-        ("single", "mix=single:1", 12000, 800),
-        ("full", "", 30000, 1800),
+        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 10000, 900),
+        ("anchors", f"0.15*{_ANCHORED},distinct_colours=1|0.15*{_ANCHORED},same_colour=1,"
+                    f"same_shape=0,anchor_by=shape|0.2*objects=2-2,distinct_colours=1,"
+                    f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
+                    f"|0.3*mix=single:1", 16000, 1200),
     ],
 }
 CURRICULA["c8"] = CURRICULA["c7"] + CURRICULA["c8"]
