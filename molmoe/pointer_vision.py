@@ -192,7 +192,7 @@ def _encode(proc, pool, idx, with_counts: bool = False):
     return (*out, [len(t["colour"]) for t in tgs]) if with_counts else out
 
 
-def pretrain_vision(directory, *, steps: int = 600, batch: int = 16, lr: float = 1e-3,
+def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float = 2e-3,
                     n_scenes: int = 4000, n_held: int = 200, seed: int = 0, sides=(160, 448),
                     feature_rms: float = 1.0, log_every: int = 50, log=print,
                     head_out=None) -> dict:
