@@ -16,13 +16,7 @@ IDS = ImageTokenIds(start=1, end=2, patch=3, col=4)
 
 
 def _settings(arch: str) -> ImageSettings:
-    pre = ARCHS[arch]["preprocessor"]
-    return ImageSettings(base_image_input_size=tuple(pre["base_image_input_size"]),
-                         image_patch_size=pre["image_patch_size"],
-                         image_token_length_h=pre["image_token_length_h"],
-                         image_token_length_w=pre["image_token_length_w"],
-                         max_crops=pre["max_crops"],
-                         overlap_margins=tuple(pre["overlap_margins"]))
+    return ImageSettings.from_config(ARCHS[arch]["preprocessor"])
 
 
 def _crop_pixels(images_TPD, t, settings):
