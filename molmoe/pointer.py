@@ -493,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
+    if args.vision_steps < 0 or args.vision_batch < 1:
+        raise SystemExit("--vision-steps must be >= 0 and --vision-batch >= 1")
+    if args.vision_steps and args.init:
+        raise SystemExit("--vision-steps pretrains the vision tower of a new init; "
+                         "--init continues from a trained checkpoint: give one or the other")
     if args.freeze is None:
         args.freeze = "vit,connector" if args.vision_steps else "vit"
 

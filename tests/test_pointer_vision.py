@@ -134,3 +134,17 @@ def test_pretrain_vision_rewrites_only_the_vision_weights(tmp_path):
     with torch.no_grad():
         rms = float(after.vision(x["images"][None], x["image_masks"][None]).pow(2).mean().sqrt())
     assert 0.3 < rms < 1.5  # rescaled to 0.7 on the held-out scenes, not this one
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vision-steps", "10", "--init", "somewhere"], "give one or the other"),
+    (["--vision-steps", "-1"], "--vision-steps must be >= 0"),
+    (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
+])
+def test_recipe_refuses_bad_vision_flags_before_writing(tmp_path, argv, message):
+    from molmoe.pointer import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=message):
+        main(["--work", str(work), *argv])
+    assert not work.exists()
