@@ -1,12 +1,12 @@
 """Can the tiny ViT learn an object's shape at all? The simplest shape task, trained from the
 checkpoint's vision tower and, beside it on the same pictures, from a small CNN: one object
-(any shape, colour, rotation; 20-30% of the side) on white 224-px squares, the processor's
+(any shape, colour, rotation; 20-30% of the side unless SIZE says) on white 224-px squares, the processor's
 global 112-px crop, a fresh batch of 32 pictures every step, 4-way shape classification with a
 linear head (ViT: mean of the last block's patch features; CNN: 3 strided convolutions, global
 max). Prints held-out accuracy (300 pictures) every 100 steps. bench/RESULTS.md, Issue 13,
 session 6.
 
-    python scripts/pointer_shape_probe.py MODEL_DIR [vit|cnn] [STEPS] [LR]
+    python scripts/pointer_shape_probe.py MODEL_DIR [vit|cnn] [STEPS] [LR] [SIZE, e.g. 0.4-0.5]
 """
 import random
 import sys
@@ -26,9 +26,10 @@ from molmoe.processing.processor import Processor  # noqa: E402
 model_dir, which = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "vit"
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 400
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-3
+size = tuple(float(v) for v in (sys.argv[5] if len(sys.argv) > 5 else "0.2-0.3").split("-"))
 torch.manual_seed(0)
 proc = Processor.from_pretrained(model_dir)
-knobs = S.Knobs(objects=(1, 1), backgrounds=("white",), size=(0.2, 0.3), sides=(224, 224))
+knobs = S.Knobs(objects=(1, 1), backgrounds=("white",), size=size, sides=(224, 224))
 crop, patch = proc.settings.crop_size, proc.settings.image_patch_size
 g = crop // patch
 
