@@ -12,10 +12,14 @@ from molmoe.config import MolmoConfig, preset
 from molmoe.model import Molmo
 
 
-def random_model(name: str, seed: int = 0, std: float = 0.1, top_k: int | None = None) -> Molmo:
-    """A preset's model with random weights; `top_k` overrides the MoE's experts per token."""
+def random_model(name: str, seed: int = 0, std: float = 0.1, top_k: int | None = None,
+                 image_size: int | None = None) -> Molmo:
+    """A preset's model with random weights; `top_k` overrides the MoE's experts per token,
+    `image_size` the ViT's crop side (fewer patches: the Triton interpreter's ViT is slow)."""
     torch.manual_seed(seed)
     config = preset(name)
+    if image_size is not None:
+        config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
     if top_k is not None:
         text = dataclasses.replace(config.text, moe=dataclasses.replace(config.text.moe, top_k=top_k))
         config = config.replace(text=text)
