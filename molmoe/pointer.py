@@ -485,16 +485,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-lr", type=float, default=None, help="the ViT's peak rate")
     ap.add_argument("--connector-lr", type=float, default=None,
                     help="the connector's peak rate")
+    ap.add_argument("--shape-steps", default="0",
+                    help="steps of the shape phase's stages before any other pretraining, "
+                         "comma list (molmoe.pointer_vision.pretrain_shape: one object on "
+                         "white, then on every background; session 7 used 2000,1500); "
+                         "a new init only; 0: none")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="vision pretraining steps before `molmoe train` (molmoe.pointer_vision; "
                          "a new init only; 0: none)")
     ap.add_argument("--vision-batch", type=int, default=16)
+    ap.add_argument("--vision-scenes", type=int, default=4000,
+                    help="the vision pretraining's scene pool; 0: fresh scenes every step")
     ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
-    if args.vision_steps < 0 or args.vision_batch < 1:
-        raise SystemExit("--vision-steps must be >= 0 and --vision-batch >= 1")
+    try:
+        shape_steps = tuple(int(v) for v in args.shape_steps.split(","))
+    except ValueError:
+        raise SystemExit(f"--shape-steps {args.shape_steps!r}: a comma list of step counts")
+    if len(shape_steps) > 2 or min(shape_steps) < 0:
+        raise SystemExit(f"--shape-steps {args.shape_steps!r}: one or two counts >= 0")
+    if any(shape_steps) and args.init:
+        raise SystemExit("--shape-steps pretrains the vision tower of a new init; "
+                         "--init continues from a trained checkpoint: give one or the other")
+    if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0:
+        raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1 and "
+                         "--vision-scenes >= 0")
     if args.vision_steps and args.init:
         raise SystemExit("--vision-steps pretrains the vision tower of a new init; "
                          "--init continues from a trained checkpoint: give one or the other")
@@ -539,11 +556,17 @@ def main(argv: list[str] | None = None) -> int:
                                  vision_init=not args.no_vision_init,
                                  feature_rms=args.feature_rms, embed_rms=args.embed_rms,
                                  overrides={"config": parse_overrides(args.decoder)})
+        if any(shape_steps):
+            from molmoe.pointer_vision import pretrain_shape
+
+            report = pretrain_shape(init, steps=shape_steps, seed=args.seed)
+            (work / "shape.json").write_text(json.dumps(report, indent=2))
         if args.vision_steps:
             from molmoe.pointer_vision import pretrain_vision
 
             report = pretrain_vision(init, steps=args.vision_steps, batch=args.vision_batch,
                                      lr=args.vision_pretrain_lr, seed=args.seed,
+                                     n_scenes=args.vision_scenes,
                                      feature_rms=args.feature_rms)
             (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)

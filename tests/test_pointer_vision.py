@@ -1,6 +1,7 @@
 """The vision pretraining targets (molmoe.pointer_vision) against the processor's own pixels."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -136,10 +137,71 @@ def test_pretrain_vision_rewrites_only_the_vision_weights(tmp_path):
     assert 0.3 < rms < 1.5  # rescaled to 0.7 on the held-out scenes, not this one
 
 
+def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monkeypatch):
+    """n_scenes=0: every step encodes scenes it has never seen (no pool), only vision changes."""
+    from molmoe import pointer_vision as V
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
+
+    texts = []
+    for i in range(40):
+        s = S.make_sample(random.Random(i))
+        texts += [s.question, " " + s.answer]
+    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
+                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
+                                                                     split_words=content_words()))
+    seen = []
+    encode = V._encode
+
+    def spy(proc, pool, idx, with_counts=False):
+        if not with_counts:  # training batches first (the read-out passes with_counts=True)
+            seen.extend(json.dumps([o.point for o in pool[i][0].objects]) for i in idx)
+        return encode(proc, pool, idx, with_counts)
+
+    monkeypatch.setattr(V, "_encode", spy)
+    before = load(d).state_dict()
+    V.pretrain_vision(d, steps=3, batch=2, n_scenes=0, n_held=2, sides=(160, 224), log_every=0)
+    assert len(set(seen[:6])) == 6  # 3 steps x 2: six different scenes (then the rescale's)
+    changed = {k for k, v in load(d).state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("vision.") for k in changed)
+    with pytest.raises(ValueError, match="n_scenes"):
+        V.pretrain_vision(d, steps=1, n_scenes=-1)
+
+
+def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
+    """The shape phase trains the ViT alone (connector and decoder bit-identical), in the
+    official layout, and reports a held-out accuracy per stage."""
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
+    from molmoe.pointer_vision import pretrain_shape
+
+    texts = []
+    for i in range(40):
+        s = S.make_sample(random.Random(i))
+        texts += [s.question, " " + s.answer]
+    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
+                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
+                                                                     split_words=content_words()))
+    before = load(d).state_dict()
+    report = pretrain_shape(d, steps=(3, 2), batch=4, n_held=8, log_every=0)
+    assert set(report) == {"stage0_held_acc", "stage1_held_acc", "train_s"}
+    assert all(0.0 <= report[f"stage{i}_held_acc"] <= 1.0 for i in range(2))
+    after = load(d).state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("vision.image_vit.") for k in changed), sorted(changed)
+    with pytest.raises(ValueError, match="non-negative"):
+        pretrain_shape(d, steps=(1, 1, 1))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--vision-steps", "10", "--init", "somewhere"], "give one or the other"),
     (["--vision-steps", "-1"], "--vision-steps must be >= 0"),
     (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
+    (["--vision-steps", "10", "--vision-scenes", "-1"], "--vision-scenes >= 0"),
+    (["--shape-steps", "2000,x"], "a comma list of step counts"),
+    (["--shape-steps", "1,2,3"], "one or two counts"),
+    (["--shape-steps", "-1"], "one or two counts"),
+    (["--shape-steps", "10", "--init", "somewhere"], "give one or the other"),
 ])
 def test_recipe_refuses_bad_vision_flags_before_writing(tmp_path, argv, message):
     from molmoe.pointer import main
