@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape-steps", default="0",
                     help="steps of the shape phase's stages before any other pretraining, "
                          "comma list (molmoe.pointer_vision.pretrain_shape: one object on "
-                         "white, then on every background; session 7 used 2000,1500); "
-                         "a new init only; 0: none")
+                         "white, then 1-4 on white, then the issue's domain; e.g. "
+                         "2000,1000,1000); a new init only; 0: none")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="vision pretraining steps before `molmoe train` (molmoe.pointer_vision; "
                          "a new init only; 0: none)")
@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         shape_steps = tuple(int(v) for v in args.shape_steps.split(","))
     except ValueError:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: a comma list of step counts")
-    if len(shape_steps) > 2 or min(shape_steps) < 0:
-        raise SystemExit(f"--shape-steps {args.shape_steps!r}: one or two counts >= 0")
+    if len(shape_steps) > 3 or min(shape_steps) < 0:
+        raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to three counts >= 0")
     if any(shape_steps) and args.init:
         raise SystemExit("--shape-steps pretrains the vision tower of a new init; "
                          "--init continues from a trained checkpoint: give one or the other")

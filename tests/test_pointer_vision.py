@@ -168,6 +168,39 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
         V.pretrain_vision(d, steps=1, n_scenes=-1)
 
 
+def test_shape_batch_weights_cover_each_object_in_the_global_crop(tmp_path):
+    """The per-object coverage weights of the shape phase, against the crop's own pixels: the
+    centre pixel of a patch an object covers fully is that object's colour, of a patch it does
+    not touch (on white, one object) white or the crop's padding."""
+    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
+    from molmoe.pointer_vision import _shape_batch
+    from molmoe.processing.processor import Processor
+
+    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
+                                 tokenizer_json=train_tokenizer_json(["a b"], n_merges=4))
+    proc = Processor.from_pretrained(d)
+    st = proc.settings
+    mean, std = torch.tensor(st.image_mean), torch.tensor(st.image_std)
+    p = st.image_patch_size
+    knobs = S.Knobs.parse("objects=1-1,shapes=circle+square,backgrounds=white,size=45-50,"
+                          "sides=200-300")
+    x, objects = _shape_batch(proc, knobs, "test", 0, 6)
+    assert len(objects) == 6
+    for n, w, shape in objects:
+        sample = S.make_sample(random.Random(f"molmoe-pointer-shape-test:{n}"), "single",
+                               knobs=knobs)
+        obj = sample.scene.objects[0]
+        assert shape == S.SHAPES.index(obj.shape)
+        centre = x[n].reshape(-1, p, p, 3)[:, p // 2, p // 2] * std + mean  # (P, 3) in [0, 1]
+        colour = torch.tensor(S.COLOURS[obj.colour]) / 255.0
+        full, empty = w == 1.0, w == 0.0
+        assert full.any() and empty.any()
+        assert (centre[full] - colour).abs().max() < 0.05
+        white = (centre[empty] - 1.0).abs().amax(-1) < 0.05
+        padding = centre[empty].abs().amax(-1) < 1e-5  # around a picture of another aspect
+        assert bool((white | padding).all()) and bool(white.any())
+
+
 def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     """The shape phase trains the ViT alone (connector and decoder bit-identical), in the
     official layout, and reports a held-out accuracy per stage."""
@@ -183,14 +216,14 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
                                  tokenizer_json=train_tokenizer_json(texts, n_merges=40,
                                                                      split_words=content_words()))
     before = load(d).state_dict()
-    report = pretrain_shape(d, steps=(3, 2), batch=4, n_held=8, log_every=0)
-    assert set(report) == {"stage0_held_acc", "stage1_held_acc", "train_s"}
-    assert all(0.0 <= report[f"stage{i}_held_acc"] <= 1.0 for i in range(2))
+    report = pretrain_shape(d, steps=(2, 1, 1), batch=4, n_held=8, log_every=0)
+    assert set(report) == {"stage0_held_acc", "stage1_held_acc", "stage2_held_acc", "train_s"}
+    assert all(0.0 <= report[f"stage{i}_held_acc"] <= 1.0 for i in range(3))
     after = load(d).state_dict()
     changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("vision.image_vit.") for k in changed), sorted(changed)
     with pytest.raises(ValueError, match="non-negative"):
-        pretrain_shape(d, steps=(1, 1, 1))
+        pretrain_shape(d, steps=(1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -199,8 +232,8 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
     (["--vision-steps", "10", "--vision-scenes", "-1"], "--vision-scenes >= 0"),
     (["--shape-steps", "2000,x"], "a comma list of step counts"),
-    (["--shape-steps", "1,2,3"], "one or two counts"),
-    (["--shape-steps", "-1"], "one or two counts"),
+    (["--shape-steps", "1,2,3,4"], "one to three counts"),
+    (["--shape-steps", "-1"], "one to three counts"),
     (["--shape-steps", "10", "--init", "somewhere"], "give one or the other"),
 ])
 def test_recipe_refuses_bad_vision_flags_before_writing(tmp_path, argv, message):
