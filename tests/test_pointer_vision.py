@@ -106,22 +106,29 @@ def test_head_loss_is_zero_only_at_the_targets():
     assert float(head_loss(worse, tg)[0]) > 1e-3
 
 
-def test_pretrain_vision_rewrites_only_the_vision_weights(tmp_path):
-    """A short run on one fixed batch lowers the loss, leaves the decoder bit-identical, keeps
-    the official layout (molmoe.load reads it back) and rescales the features to the asked
-    RMS."""
-    from molmoe.checkpoint.loader import load
+def _initial_checkpoint(tmp_path):
+    """A p14-112-t4 initial checkpoint with a tokenizer trained on 40 generator examples."""
     from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
-    from molmoe.pointer_vision import pretrain_vision
-    from molmoe.processing.processor import Processor
+
 
     texts = []
     for i in range(40):
         s = S.make_sample(random.Random(i))
         texts += [s.question, " " + s.answer]
-    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
-                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
-                                                                     split_words=content_words()))
+    return write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
+                                    tokenizer_json=train_tokenizer_json(
+                                        texts, n_merges=40, split_words=content_words()))
+
+
+def test_pretrain_vision_rewrites_only_the_vision_weights(tmp_path):
+    """A short run on one fixed batch lowers the loss, leaves the decoder bit-identical, keeps
+    the official layout (molmoe.load reads it back) and rescales the features to the asked
+    RMS."""
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer_vision import pretrain_vision
+    from molmoe.processing.processor import Processor
+
+    d = _initial_checkpoint(tmp_path)
     before = load(d).state_dict()
     report = pretrain_vision(d, steps=25, batch=4, n_scenes=4, n_held=4, lr=2e-3, seed=1,
                              sides=(160, 224), feature_rms=0.7, log_every=0)
@@ -141,15 +148,8 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
     """n_scenes=0: every step encodes scenes it has never seen (no pool), only vision changes."""
     from molmoe import pointer_vision as V
     from molmoe.checkpoint.loader import load
-    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
 
-    texts = []
-    for i in range(40):
-        s = S.make_sample(random.Random(i))
-        texts += [s.question, " " + s.answer]
-    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
-                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
-                                                                     split_words=content_words()))
+    d = _initial_checkpoint(tmp_path)
     seen = []
     encode = V._encode
 
@@ -172,12 +172,10 @@ def test_shape_batch_weights_cover_each_object_in_the_global_crop(tmp_path):
     """The per-object coverage weights of the shape phase, against the crop's own pixels: the
     centre pixel of a patch an object covers fully is that object's colour, of a patch it does
     not touch (on white, one object) white or the crop's padding."""
-    from molmoe.pointer import train_tokenizer_json, write_initial_checkpoint
     from molmoe.pointer_vision import _shape_batch
     from molmoe.processing.processor import Processor
 
-    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
-                                 tokenizer_json=train_tokenizer_json(["a b"], n_merges=4))
+    d = _initial_checkpoint(tmp_path)
     proc = Processor.from_pretrained(d)
     st = proc.settings
     mean, std = torch.tensor(st.image_mean), torch.tensor(st.image_std)
@@ -206,16 +204,9 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     """The shape phase trains the ViT alone (connector and decoder bit-identical), in the
     official layout, and reports a held-out accuracy per stage."""
     from molmoe.checkpoint.loader import load
-    from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
     from molmoe.pointer_vision import pretrain_shape
 
-    texts = []
-    for i in range(40):
-        s = S.make_sample(random.Random(i))
-        texts += [s.question, " " + s.answer]
-    d = write_initial_checkpoint(tmp_path / "init", arch="p14-112-t4", seed=0,
-                                 tokenizer_json=train_tokenizer_json(texts, n_merges=40,
-                                                                     split_words=content_words()))
+    d = _initial_checkpoint(tmp_path)
     before = load(d).state_dict()
     report = pretrain_shape(d, steps=(2, 1, 1), batch=4, n_held=8, log_every=0)
     assert set(report) == {"train_s"} | {f"stage{i}_held_{what}acc" for i in range(3)
