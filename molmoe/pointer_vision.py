@@ -192,8 +192,9 @@ def _encode(proc, pool, idx, with_counts: bool = False):
 
 # The shape phase (bench/RESULTS.md, issue 13, session 7). The tiny ViT learns an object's shape
 # from a per-object label: the last block's features of the patches the object covers in the
-# processor's global crop, averaged with its coverage as weights, then a linear 4-way head (so
-# the shape has to be in the object's own tokens, where the decoder looks). From scratch it
+# processor's global crop, averaged with its coverage as weights, then a linear head for its
+# shape and its colour (so both have to be in the object's own tokens, where the decoder
+# looks). From scratch it
 # learns this only on white: one object of 20-30% of a 224-px square reaches 95% held out
 # after 2,000 steps at lr 5e-4, while on the issue's coloured backgrounds the same steps reach
 # 55-62%. Each step towards the issue's domain then goes quickly from the previous tower
@@ -340,6 +341,8 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     from molmoe.checkpoint.loader import load
     from molmoe.processing.processor import Processor
 
+    if n_scenes < 0:
+        raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
     directory = pathlib.Path(directory)
     torch.manual_seed(seed)
     model = load(directory, dtype="float32")
@@ -354,8 +357,6 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
             math.pi * min(s, steps) / steps))))
     t0 = time.perf_counter()
-    if n_scenes < 0:
-        raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
     pool = _scene_pool(n_scenes, seed, sides)
     held = _scene_pool(n_held, seed, sides, "held-out")
     log(f"vision pretraining: {n_scenes or 'fresh'} scenes in {time.perf_counter() - t0:.0f}s")
