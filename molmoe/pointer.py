@@ -506,15 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: a comma list of step counts")
     if len(shape_steps) > 3 or min(shape_steps) < 0:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to three counts >= 0")
-    if any(shape_steps) and args.init:
-        raise SystemExit("--shape-steps pretrains the vision tower of a new init; "
-                         "--init continues from a trained checkpoint: give one or the other")
     if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0:
         raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1 and "
                          "--vision-scenes >= 0")
-    if args.vision_steps and args.init:
-        raise SystemExit("--vision-steps pretrains the vision tower of a new init; "
-                         "--init continues from a trained checkpoint: give one or the other")
+    pretraining = [f for f, on in (("--shape-steps", any(shape_steps)),
+                                   ("--vision-steps", args.vision_steps)) if on]
+    if pretraining and args.init:
+        raise SystemExit(f"{' and '.join(pretraining)}: vision pretraining starts from a new "
+                         "init; --init continues from a trained checkpoint: give one or the other")
     if args.freeze is None:
         args.freeze = "vit,connector" if args.vision_steps else "vit"
 

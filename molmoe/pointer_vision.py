@@ -77,6 +77,18 @@ def crop_maps(height: int, width: int, settings):
     return out, lay
 
 
+def sample_labels(scene, crop_map, n: int, step: float) -> np.ndarray:
+    """scene.labels (1 + visible object, 0: none) at n x n sample points of one crop, at crop
+    pixels (i + 0.5) * step along each axis; `crop_map` is one entry of `crop_maps`. Points on
+    the crop's padding are 0."""
+    sy, sx, oy, ox, (y0, y1, x0, x1) = crop_map
+    s = (np.arange(n) + 0.5) * step
+    iy = np.clip(np.floor(s * sy + oy).astype(np.int64), 0, scene.height - 1)
+    ix = np.clip(np.floor(s * sx + ox).astype(np.int64), 0, scene.width - 1)
+    inside = ((s >= y0) & (s < y1))[:, None] & ((s >= x0) & (s < x1))[None, :]
+    return np.where(inside, scene.labels[iy[:, None], ix[None, :]], 0)
+
+
 def cell_targets(scene, settings) -> dict[str, np.ndarray]:
     """The targets above for one scene: arrays with a leading (crops, cells) shape."""
     H, W = scene.height, scene.width
@@ -92,14 +104,8 @@ def cell_targets(scene, settings) -> dict[str, np.ndarray]:
     where = np.zeros((T, K, N_CLASSES, 2), np.float32)
     where_mask = np.zeros((T, K, N_CLASSES), np.float32)
     # sample points of every cell, in crop pixels
-    s = (np.arange(kh * SAMPLES) + 0.5) * (cell / SAMPLES)
-    for t, (sy, sx, oy, ox, (y0, y1, x0, x1)) in enumerate(maps):
-        py = s * sy + oy
-        px = s * sx + ox
-        iy = np.clip(np.floor(py).astype(np.int64), 0, H - 1)
-        ix = np.clip(np.floor(px).astype(np.int64), 0, W - 1)
-        inside = (((s >= y0) & (s < y1))[:, None] & ((s >= x0) & (s < x1))[None, :])
-        lab = np.where(inside, scene.labels[iy[:, None], ix[None, :]], 0)
+    for t, (sy, sx, oy, ox, _) in enumerate(maps):
+        lab = sample_labels(scene, maps[t], kh * SAMPLES, cell / SAMPLES)
         lab = lab.reshape(kh, SAMPLES, kh, SAMPLES).transpose(0, 2, 1, 3).reshape(K, -1)
         n_obj = len(scene.objects)
         counts = np.stack([(lab == j + 1).sum(1) for j in range(n_obj)], 1)  # (K, n_obj)
@@ -218,17 +224,14 @@ def _shape_batch(proc, knobs, tag: str, start: int, n: int):
     settings = proc.settings
     g = settings.crop_size // settings.image_patch_size
     k = _COVER_SAMPLES
-    s = (np.arange(g * k) + 0.5) * (settings.image_patch_size / k)
     patches, objects = [], []
     for n_pic, i in enumerate(range(start, start + n)):
         scene = S.make_sample(random.Random(f"molmoe-pointer-shape-{tag}:{i}"), "single",
                               knobs=knobs).scene
         pixels = np.asarray(S.render(scene).convert("RGB"))
         patches.append(preprocess_image(pixels, settings, proc.token_ids).images[0])
-        sy, sx, oy, ox, _ = crop_maps(scene.height, scene.width, settings)[0][0]  # global
-        iy = np.clip(np.floor(s * sy + oy).astype(np.int64), 0, scene.height - 1)
-        ix = np.clip(np.floor(s * sx + ox).astype(np.int64), 0, scene.width - 1)
-        lab = scene.labels[iy[:, None], ix[None, :]]  # visible object per sample, 0: none
+        global_crop = crop_maps(scene.height, scene.width, settings)[0][0]
+        lab = sample_labels(scene, global_crop, g * k, settings.image_patch_size / k)
         for j, obj in enumerate(scene.objects):
             w = (lab == j + 1).reshape(g, k, g, k).mean((1, 3)).reshape(-1)
             if w.any():

@@ -110,7 +110,6 @@ def _initial_checkpoint(tmp_path):
     """A p14-112-t4 initial checkpoint with a tokenizer trained on 40 generator examples."""
     from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
 
-
     texts = []
     for i in range(40):
         s = S.make_sample(random.Random(i))
