@@ -488,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape-steps", default="0",
                     help="steps of the shape phase's stages before any other pretraining, "
                          "comma list (molmoe.pointer_vision.pretrain_shape: one object on "
-                         "white, then 1-4 on white, then the issue's domain; e.g. "
-                         "2000,1000,1000); a new init only; 0: none")
+                         "white, then 1-4 on white, then the issue's domain on the global "
+                         "view, then on the tiles; e.g. 2000,1000,0,1000); a new init only; "
+                         "0: none")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="vision pretraining steps before `molmoe train` (molmoe.pointer_vision; "
                          "a new init only; 0: none)")
@@ -504,8 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         shape_steps = tuple(int(v) for v in args.shape_steps.split(","))
     except ValueError:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: a comma list of step counts")
-    if len(shape_steps) > 3 or min(shape_steps) < 0:
-        raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to three counts >= 0")
+    if len(shape_steps) > 4 or min(shape_steps) < 0:
+        raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to four counts >= 0")
     if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0:
         raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1 and "
                          "--vision-scenes >= 0")

@@ -206,37 +206,48 @@ def _encode(proc, pool, idx, with_counts: bool = False):
 # 55-62%. Each step towards the issue's domain then goes quickly from the previous tower
 # (1-4 objects of 12-30% on white: 47% -> 80% in 1,000 steps), and all at once does not.
 SHAPE_STAGES = (
-    "objects=1-1,backgrounds=white,size=20-30,sides=224",
-    "objects=1-4,backgrounds=white,size=12-30,sides=224",
-    "backgrounds=plain+gradient+noisy,sides=160-448",  # the issue's domain
+    # (generator knobs, the crops read: "global" = the processor's global view, "tiles" = the
+    # other crops, where the domain's objects are 2-4x larger than in the global view)
+    ("objects=1-1,backgrounds=white,size=20-30,sides=224", "global"),
+    ("objects=1-4,backgrounds=white,size=12-30,sides=224", "global"),
+    ("backgrounds=plain+gradient+noisy,sides=160-448", "global"),  # the issue's domain
+    ("backgrounds=plain+gradient+noisy,sides=160-448", "tiles"),
 )
 _COVER_SAMPLES = 4  # per patch side, for an object's coverage of each patch
 
 
-def _shape_batch(proc, knobs, tag: str, start: int, n: int):
-    """n pictures: (global-crop patches (n, P, patch*patch*3), [(picture index, coverage
-    weights (P,), shape index, colour index) for every object visible in the global crop])."""
+def _shape_batch(proc, knobs, tag: str, start: int, n: int, crops: str = "global"):
+    """n pictures: (the patches of their `crops` ("global" or "tiles"), (N, P, patch*patch*3)
+    with every picture's crops in turn, and [(first crop, end crop, coverage weights over
+    those crops' patches (crops * P,), shape index, colour index)] for every object visible
+    in them)."""
     import torch
 
     from molmoe import synthetic as S
     from molmoe.processing.preprocess import preprocess_image
 
+    if crops not in ("global", "tiles"):
+        raise ValueError(f"crops: 'global' or 'tiles', got {crops!r}")
     settings = proc.settings
     g = settings.crop_size // settings.image_patch_size
     k = _COVER_SAMPLES
-    patches, objects = [], []
-    for n_pic, i in enumerate(range(start, start + n)):
+    patches, objects, at = [], [], 0
+    for i in range(start, start + n):
         scene = S.make_sample(random.Random(f"molmoe-pointer-shape-{tag}:{i}"), "single",
                               knobs=knobs).scene
         pixels = np.asarray(S.render(scene).convert("RGB"))
-        patches.append(preprocess_image(pixels, settings, proc.token_ids).images[0])
-        global_crop = crop_maps(scene.height, scene.width, settings)[0][0]
-        lab = sample_labels(scene, global_crop, g * k, settings.image_patch_size / k)
+        images = preprocess_image(pixels, settings, proc.token_ids).images
+        maps = crop_maps(scene.height, scene.width, settings)[0]
+        picked = [0] if crops == "global" else list(range(1, len(maps)))
+        patches.extend(images[t] for t in picked)
+        labs = np.stack([sample_labels(scene, maps[t], g * k, settings.image_patch_size / k)
+                         for t in picked])  # (crops, g*k, g*k)
         for j, obj in enumerate(scene.objects):
-            w = (lab == j + 1).reshape(g, k, g, k).mean((1, 3)).reshape(-1)
+            w = (labs == j + 1).reshape(len(picked), g, k, g, k).mean((2, 4)).reshape(-1)
             if w.any():
-                objects.append((n_pic, torch.from_numpy(w.astype(np.float32)),
+                objects.append((at, at + len(picked), torch.from_numpy(w.astype(np.float32)),
                                 SHAPES.index(obj.shape), COLOURS.index(obj.colour)))
+        at += len(picked)
     return torch.stack(patches), objects
 
 
@@ -270,24 +281,24 @@ def pretrain_shape(directory, *, steps: tuple[int, ...] = (2000, 1000, 1000), ba
 
     def logits(x, objects):
         """(shape logits, shape labels, colour logits, colour labels) of every object."""
-        feats = vit(x)[-1][:, 1:]  # (n, P, D), the class token dropped
-        out = head(torch.stack([(feats[n] * w[:, None]).sum(0) / w.sum()
-                                for n, w, _, _ in objects]))
-        return (out[:, :len(SHAPES)], torch.tensor([o[2] for o in objects]),
-                out[:, len(SHAPES):], torch.tensor([o[3] for o in objects]))
+        feats = vit(x)[-1][:, 1:]  # (N, P, D), the class token dropped
+        out = head(torch.stack([(feats[a:b].reshape(-1, feats.shape[-1]) * w[:, None]).sum(0)
+                                / w.sum() for a, b, w, _, _ in objects]))
+        return (out[:, :len(SHAPES)], torch.tensor([o[3] for o in objects]),
+                out[:, len(SHAPES):], torch.tensor([o[4] for o in objects]))
 
     t0 = time.perf_counter()
     report = {}
     for stage, n_steps in enumerate(steps):
         if not n_steps:
             continue
-        knobs = S.Knobs.parse(SHAPE_STAGES[stage])
+        knobs, crops = S.Knobs.parse(SHAPE_STAGES[stage][0]), SHAPE_STAGES[stage][1]
         opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
         for step in range(n_steps):
             s_out, s_y, c_out, c_y = logits(*_shape_batch(proc, knobs, f"{seed}:{stage}",
-                                                          step * batch, batch))
+                                                          step * batch, batch, crops))
             loss = F.cross_entropy(s_out, s_y) + F.cross_entropy(c_out, c_y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -301,7 +312,7 @@ def pretrain_shape(directory, *, steps: tuple[int, ...] = (2000, 1000, 1000), ba
         with torch.no_grad():
             for lo in range(0, n_held, 50):
                 s_out, s_y, c_out, c_y = logits(*_shape_batch(
-                    proc, knobs, f"{seed}:{stage}:held", lo, min(50, n_held - lo)))
+                    proc, knobs, f"{seed}:{stage}:held", lo, min(50, n_held - lo), crops))
                 hits += int((s_out.argmax(-1) == s_y).sum())
                 colour_hits += int((c_out.argmax(-1) == c_y).sum())
                 total += len(s_y)
@@ -333,12 +344,15 @@ def _write_back(model, directory: pathlib.Path) -> None:
 def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float = 2e-3,
                     n_scenes: int = 4000, n_held: int = 200, seed: int = 0, sides=(160, 448),
                     feature_rms: float = 1.0, log_every: int = 50, log=print,
-                    head_out=None) -> dict:
+                    head_out=None, train_vit: bool = True) -> dict:
     """Train the ViT and connector of the checkpoint in `directory` on the targets above and
     write them back (pytorch_model.bin, official layout). Returns held-out read-out figures.
     n_scenes: the size of the fixed pool batches are drawn from; 0 draws a fresh batch of
     scenes every step (session 7: the shape then creeps up, 26% -> 35% over 3,000 steps, where
-    fixed pools of 3,000 stayed at 29-35% throughout; bench/RESULTS.md)."""
+    fixed pools of 3,000 stayed at 29-35% throughout; bench/RESULTS.md).
+    train_vit=False keeps the ViT as it is and trains the connector (and head) only: after the
+    shape phase, training the ViT on these dense targets washed its shape out (session 7,
+    E8 against E9)."""
     import torch
 
     from molmoe.checkpoint.loader import load
@@ -352,8 +366,10 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     proc = Processor.from_pretrained(directory)
     vision = model.vision
     vision.train().requires_grad_(True)  # load() returns an inference model
+    if not train_vit:
+        vision.image_vit.eval().requires_grad_(False)
     head = torch.nn.Linear(model.config.text.d_model, HEAD_OUT)
-    params = list(vision.parameters()) + list(head.parameters())
+    params = [p for p in vision.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -385,7 +401,8 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
                 + f" ({(time.perf_counter() - t1) / (step + 1):.2f} s/step)")
     vision.eval()
-    report = evaluate_readout(vision, head, proc, held)
+    report = {**evaluate_readout(vision, head, proc, held),
+              **head_pointing(vision, head, proc, held)}
     log("  held-out: " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
     # rescale the projector so the features keep their RMS, and write the weights back
     with torch.no_grad():
@@ -441,3 +458,52 @@ def evaluate_readout(vision, head, proc, held) -> dict:
             "shape_acc_at_points": hit_sc / max(n_at, 1),
             "shape_acc_tiles": hit_st / max(n_st, 1),
             "centre_acc": hit_z / max(n_z, 1), "where_err_pct": err_w / max(n_w, 1)}
+
+
+def head_pointing(vision, head, proc, held) -> dict:
+    """Point with the read-out head alone, as the decoder would have to from the same tokens:
+    for every object whose colour x shape class no other object of its scene has, the cell of
+    the highest centre logit of that class over all the picture's crops, moved by the offset
+    head, mapped back to the picture through the crop's placement; a hit lands on the object's
+    visible pixels. Split by whether another object shares the target's colour (then only the
+    shape tells them apart) or not. An upper bound of sorts on what the frozen tokens let a
+    decoder find, and cheap: no decoder is trained."""
+    import torch
+
+    C = N_CLASSES
+    kh = proc.settings.image_token_length_h
+    cell = proc.settings.crop_size / kh
+    hits = {"shared": [0, 0], "unique": [0, 0]}
+    with torch.no_grad():
+        for lo in range(0, len(held), 16):
+            idx = range(lo, min(lo + 16, len(held)))
+            images, masks, _, n_crops = _encode(proc, held, idx, with_counts=True)
+            out = head(vision(images, masks)[0])
+            first = 0
+            for i, n in zip(idx, n_crops):
+                scene = held[i][0]
+                maps, _ = crop_maps(scene.height, scene.width, proc.settings)
+                o = out[first:first + n]  # (crops, K, HEAD_OUT)
+                first += n
+                classes = [_class(obj) for obj in scene.objects]
+                for j, obj in enumerate(scene.objects):
+                    cls = classes[j]
+                    if classes.count(cls) > 1:
+                        continue
+                    t, k = divmod(int(o[..., 12 + cls].argmax()), o.shape[1])
+                    off = o[t, k, 12 + C:12 + 3 * C].reshape(C, 2)[cls].clamp(0, 1)
+                    r, c = divmod(k, kh)
+                    sy, sx, oy, ox, _ = maps[t]
+                    y = int((r + float(off[1])) * cell * sy + oy)
+                    x = int((c + float(off[0])) * cell * sx + ox)
+                    inside = 0 <= y < scene.height and 0 <= x < scene.width
+                    hit = inside and scene.labels[y, x] == j + 1
+                    shared = any(o2.colour == obj.colour for o2 in scene.objects if o2 is not obj)
+                    h = hits["shared" if shared else "unique"]
+                    h[0] += int(hit)
+                    h[1] += 1
+    n_all = hits["shared"][1] + hits["unique"][1]
+    return {"head_point_acc": (hits["shared"][0] + hits["unique"][0]) / max(n_all, 1),
+            "head_point_acc_shared_colour": hits["shared"][0] / max(hits["shared"][1], 1),
+            "head_point_acc_unique_colour": hits["unique"][0] / max(hits["unique"][1], 1),
+            "head_point_targets": n_all, "head_point_shared_colour": hits["shared"][1]}

@@ -167,10 +167,13 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
         V.pretrain_vision(d, steps=1, n_scenes=-1)
 
 
-def test_shape_batch_weights_cover_each_object_in_the_global_crop(tmp_path):
-    """The per-object coverage weights of the shape phase, against the crop's own pixels: the
+@pytest.mark.parametrize("crops", ["global", "tiles"])
+def test_shape_batch_weights_cover_each_object_in_its_crops(tmp_path, crops):
+    """The per-object coverage weights of the shape phase, against the crops' own pixels: the
     centre pixel of a patch an object covers fully is that object's colour, of a patch it does
-    not touch (on white, one object) white or the crop's padding."""
+    not touch (on white, one object) white or the crop's padding. "tiles" reads every crop but
+    the global view, each picture's in turn."""
+    from molmoe.processing.preprocess import preprocess_image
     from molmoe.pointer_vision import _shape_batch
     from molmoe.processing.processor import Processor
 
@@ -181,15 +184,20 @@ def test_shape_batch_weights_cover_each_object_in_the_global_crop(tmp_path):
     p = st.image_patch_size
     knobs = S.Knobs.parse("objects=1-1,shapes=circle+square,backgrounds=white,size=45-50,"
                           "sides=200-300")
-    x, objects = _shape_batch(proc, knobs, "test", 0, 6)
+    x, objects = _shape_batch(proc, knobs, "test", 0, 6, crops)
     assert len(objects) == 6
-    for n, w, shape, colour_index in objects:
+    at = 0
+    for n, (a, b, w, shape, colour_index) in enumerate(objects):
         sample = S.make_sample(random.Random(f"molmoe-pointer-shape-test:{n}"), "single",
                                knobs=knobs)
         obj = sample.scene.objects[0]
         assert shape == S.SHAPES.index(obj.shape)
         assert colour_index == list(S.COLOURS).index(obj.colour)
-        centre = x[n].reshape(-1, p, p, 3)[:, p // 2, p // 2] * std + mean  # (P, 3) in [0, 1]
+        n_crops = preprocess_image(np.asarray(S.render(sample.scene).convert("RGB")), st,
+                                   proc.token_ids).images.shape[0]
+        assert (a, b) == (at, at + (1 if crops == "global" else n_crops - 1))
+        at = b
+        centre = x[a:b].reshape(-1, p, p, 3)[:, p // 2, p // 2] * std + mean  # in [0, 1]
         colour = torch.tensor(S.COLOURS[obj.colour]) / 255.0
         full, empty = w == 1.0, w == 0.0
         assert full.any() and empty.any()
@@ -197,6 +205,7 @@ def test_shape_batch_weights_cover_each_object_in_the_global_crop(tmp_path):
         white = (centre[empty] - 1.0).abs().amax(-1) < 0.05
         padding = centre[empty].abs().amax(-1) < 1e-5  # around a picture of another aspect
         assert bool((white | padding).all()) and bool(white.any())
+    assert at == x.shape[0]
 
 
 def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
@@ -207,15 +216,15 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
 
     d = _initial_checkpoint(tmp_path)
     before = load(d).state_dict()
-    report = pretrain_shape(d, steps=(2, 1, 1), batch=4, n_held=8, log_every=0)
-    assert set(report) == {"train_s"} | {f"stage{i}_held_{what}acc" for i in range(3)
+    report = pretrain_shape(d, steps=(2, 1, 0, 1), batch=4, n_held=8, log_every=0)
+    assert set(report) == {"train_s"} | {f"stage{i}_held_{what}acc" for i in (0, 1, 3)
                                          for what in ("", "colour_")}
     assert all(0.0 <= v <= 1.0 for k, v in report.items() if k != "train_s")
     after = load(d).state_dict()
     changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("vision.image_vit.") for k in changed), sorted(changed)
     with pytest.raises(ValueError, match="non-negative"):
-        pretrain_shape(d, steps=(1, 1, 1, 1))
+        pretrain_shape(d, steps=(1, 1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -224,8 +233,8 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
     (["--vision-steps", "10", "--vision-scenes", "-1"], "--vision-scenes >= 0"),
     (["--shape-steps", "2000,x"], "a comma list of step counts"),
-    (["--shape-steps", "1,2,3,4"], "one to three counts"),
-    (["--shape-steps", "-1"], "one to three counts"),
+    (["--shape-steps", "1,2,3,4,5"], "one to four counts"),
+    (["--shape-steps", "-1"], "one to four counts"),
     (["--shape-steps", "10", "--init", "somewhere"], "give one or the other"),
 ])
 def test_recipe_refuses_bad_vision_flags_before_writing(tmp_path, argv, message):
@@ -235,3 +244,46 @@ def test_recipe_refuses_bad_vision_flags_before_writing(tmp_path, argv, message)
     with pytest.raises(SystemExit, match=message):
         main(["--work", str(work), *argv])
     assert not work.exists()
+
+
+def test_head_pointing_hits_with_the_targets_and_misses_with_other_classes(tmp_path):
+    """`head_pointing` with a head that outputs the exact targets points at every uniquely
+    named object (the offset and the crop placement map back to the annotated point); with the
+    centre logits of another class it points elsewhere."""
+    from molmoe.pointer_vision import N_CLASSES, _scene_pool, head_pointing
+    from molmoe.processing.processor import Processor
+
+    proc = Processor.from_pretrained(_initial_checkpoint(tmp_path))
+    held = _scene_pool(12, 5, (160, 448), "head-pointing-test")
+    C = N_CLASSES
+
+    def perfect(shift):
+        outs = []
+        for scene, _ in held:
+            tg = {k: torch.from_numpy(v) for k, v in cell_targets(scene, proc.settings).items()}
+            N, K = tg["colour"].shape
+            out = torch.zeros(N, K, HEAD_OUT)
+            out[..., 12:12 + C] = (tg["centre"] * 100 - 50).roll(shift, -1)
+            out[..., 12 + C:12 + 3 * C] = tg["offset"].roll(shift, -2).reshape(N, K, -1)
+            outs.append(out)
+        return torch.cat(outs)
+
+    class Vision:  # returns, for the crops of held[...] in order, the prepared head outputs
+        def __init__(self, out):
+            self.out, self.at = out, 0
+
+        def __call__(self, images, masks):
+            n = images.shape[1]
+            self.at, lo = self.at + n, self.at
+            return (self.out[lo:self.at],)
+
+    right = head_pointing(Vision(perfect(0)), lambda x: x, proc, held)
+    wrong = head_pointing(Vision(perfect(7)), lambda x: x, proc, held)
+    names = [[(o.colour, o.shape) for o in s.objects] for s, _ in held]
+    n = sum(sum(ns.count(x) == 1 for x in ns) for ns in names)
+    assert right["head_point_targets"] == wrong["head_point_targets"] == n > 20
+    assert right["head_point_acc"] == 1.0, right
+    assert wrong["head_point_acc"] < 0.2, wrong
+    shared = sum(sum(ns.count(x) == 1 and sum(c == x[0] for c, _ in ns) > 1 for x in ns)
+                 for ns in names)
+    assert right["head_point_shared_colour"] == shared
