@@ -498,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-scenes", type=int, default=4000,
                     help="the vision pretraining's scene pool; 0: fresh scenes every step")
     ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--vision-vit", choices=("train", "freeze"), default=None,
+                    help="whether the vision pretraining trains the ViT or only the connector "
+                         "(default: freeze after the shape phase, whose shape the dense targets "
+                         "wash out of a trained ViT; train otherwise)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -567,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             report = pretrain_vision(init, steps=args.vision_steps, batch=args.vision_batch,
                                      lr=args.vision_pretrain_lr, seed=args.seed,
                                      n_scenes=args.vision_scenes,
-                                     feature_rms=args.feature_rms)
+                                     feature_rms=args.feature_rms,
+                                     train_vit=(args.vision_vit or ("freeze" if any(shape_steps)
+                                                                   else "train")) == "train")
             (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
