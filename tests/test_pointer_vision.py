@@ -287,3 +287,33 @@ def test_head_pointing_hits_with_the_targets_and_misses_with_other_classes(tmp_p
     shared = sum(sum(ns.count(x) == 1 and sum(c == x[0] for c, _ in ns) > 1 for x in ns)
                  for ns in names)
     assert right["head_point_shared_colour"] == shared
+
+
+@pytest.mark.parametrize("argv, train_vit", [
+    (["--shape-steps", "1", "--vision-steps", "1"], False),
+    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit", "train"], True),
+    (["--vision-steps", "1"], True),
+    (["--vision-steps", "1", "--vision-vit", "freeze"], False),
+])
+def test_recipe_freezes_the_vit_for_the_dense_targets_after_a_shape_phase(
+        tmp_path, monkeypatch, argv, train_vit):
+    """The recipe's wiring: the dense pretraining keeps the ViT frozen after a shape phase
+    unless told otherwise, and trains it without one. The pretraining functions themselves are
+    replaced by recorders here (they have their own tests above); training is stopped there."""
+    import molmoe.pointer_vision as V
+    import molmoe.training.trainer as T
+    from molmoe.pointer import main
+
+    calls = {}
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(V, "pretrain_shape", lambda d, **kw: calls.setdefault("shape", kw) or {})
+    monkeypatch.setattr(V, "pretrain_vision", lambda d, **kw: calls.setdefault("vision", kw) or {})
+    monkeypatch.setattr(T, "train", lambda opts: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        main(["--work", str(tmp_path / "w"), "--arch", "p14-112-t4", "--no-eval",
+              "--curriculum", "objects=1-1,mix=single:1,sides=160@4@1", *argv])
+    assert calls["vision"]["train_vit"] is train_vit
+    assert ("shape" in calls) == ("--shape-steps" in argv)
