@@ -167,6 +167,19 @@ CURRICULA = {
                     f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
                     f"|0.3*mix=single:1", 16000, 1200),
     ],
+    # session 8: v1 shortened, then the issue's own question mix (multi, count and absent for
+    # the first time) with both anchored pairs replayed; after the shape phase and the dense
+    # targets over the frozen tower (--shape-steps 2000,1000,0,1500 --vision-steps 1000).
+    "v2": [
+        ("one", "objects=1-1,mix=single:1", 5000, 300),
+        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 8000, 700),
+        ("anchors", f"0.15*{_ANCHORED},distinct_colours=1|0.15*{_ANCHORED},same_colour=1,"
+                    f"same_shape=0,anchor_by=shape|0.2*objects=2-2,distinct_colours=1,"
+                    f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
+                    f"|0.3*mix=single:1", 12000, 1000),
+        ("full", f"0.1*{_ANCHORED},distinct_colours=1|0.1*{_ANCHORED},same_colour=1,"
+                 f"same_shape=0,anchor_by=shape|0.8*", 20000, 1500),
+    ],
 }
 CURRICULA["c8"] = CURRICULA["c7"] + CURRICULA["c8"]
 N_MERGES = 400  # learned tokens beyond the 256 bytes and 7 specials
@@ -498,10 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-scenes", type=int, default=4000,
                     help="the vision pretraining's scene pool; 0: fresh scenes every step")
     ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
-    ap.add_argument("--vision-vit", choices=("train", "freeze"), default=None,
-                    help="whether the vision pretraining trains the ViT or only the connector "
-                         "(default: freeze after the shape phase, whose shape the dense targets "
-                         "wash out of a trained ViT; train otherwise)")
+    ap.add_argument("--vision-vit-lr", type=float, default=None,
+                    help="the ViT's peak rate in the vision pretraining; 0 freezes it and "
+                         "trains only the connector (default: 0 after the shape phase, whose "
+                         "shape the dense targets wash out of a ViT trained at the full rate; "
+                         "--vision-pretrain-lr otherwise)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -511,9 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: a comma list of step counts")
     if len(shape_steps) > 4 or min(shape_steps) < 0:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to four counts >= 0")
-    if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0:
-        raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1 and "
-                         "--vision-scenes >= 0")
+    if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0 \
+            or (args.vision_vit_lr or 0) < 0:
+        raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1, "
+                         "--vision-scenes >= 0 and --vision-vit-lr >= 0")
     pretraining = [f for f, on in (("--shape-steps", any(shape_steps)),
                                    ("--vision-steps", args.vision_steps)) if on]
     if pretraining and args.init:
@@ -572,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                                      lr=args.vision_pretrain_lr, seed=args.seed,
                                      n_scenes=args.vision_scenes,
                                      feature_rms=args.feature_rms,
-                                     train_vit=(args.vision_vit or ("freeze" if any(shape_steps)
-                                                                   else "train")) == "train")
+                                     vit_lr=(args.vision_vit_lr if args.vision_vit_lr is not None
+                                             else 0.0 if any(shape_steps) else None))
             (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()

@@ -344,15 +344,15 @@ def _write_back(model, directory: pathlib.Path) -> None:
 def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float = 2e-3,
                     n_scenes: int = 4000, n_held: int = 200, seed: int = 0, sides=(160, 448),
                     feature_rms: float = 1.0, log_every: int = 50, log=print,
-                    head_out=None, train_vit: bool = True) -> dict:
+                    head_out=None, vit_lr: float | None = None) -> dict:
     """Train the ViT and connector of the checkpoint in `directory` on the targets above and
     write them back (pytorch_model.bin, official layout). Returns held-out read-out figures.
     n_scenes: the size of the fixed pool batches are drawn from; 0 draws a fresh batch of
     scenes every step (session 7: the shape then creeps up, 26% -> 35% over 3,000 steps, where
     fixed pools of 3,000 stayed at 29-35% throughout; bench/RESULTS.md).
-    train_vit=False keeps the ViT as it is and trains the connector (and head) only: after the
-    shape phase, training the ViT on these dense targets washed its shape out (session 7,
-    E8 against E9)."""
+    vit_lr: the ViT's own peak rate (None: `lr`); 0 keeps the ViT as it is and trains the
+    connector (and head) only: after the shape phase, training the ViT at `lr` on these dense
+    targets washed its shape out (session 7, E8 against E9)."""
     import torch
 
     from molmoe.checkpoint.loader import load
@@ -360,17 +360,26 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
 
     if n_scenes < 0:
         raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
+    vit_lr = lr if vit_lr is None else vit_lr
+    if vit_lr < 0:
+        raise ValueError(f"vit_lr must be >= 0, got {vit_lr}")
     directory = pathlib.Path(directory)
     torch.manual_seed(seed)
     model = load(directory, dtype="float32")
     proc = Processor.from_pretrained(directory)
     vision = model.vision
     vision.train().requires_grad_(True)  # load() returns an inference model
-    if not train_vit:
-        vision.image_vit.eval().requires_grad_(False)
     head = torch.nn.Linear(model.config.text.d_model, HEAD_OUT)
-    params = [p for p in vision.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    vit = vision.image_vit
+    if not vit_lr:
+        vit.eval().requires_grad_(False)
+    vit_params = {id(p) for p in vit.parameters()}
+    groups = [{"params": [p for p in vision.parameters() if id(p) not in vit_params]
+               + list(head.parameters()), "lr": lr}]
+    if vit_lr:
+        groups.append({"params": list(vit.parameters()), "lr": vit_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(

@@ -165,6 +165,8 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
     assert changed and all(k.startswith("vision.") for k in changed)
     with pytest.raises(ValueError, match="n_scenes"):
         V.pretrain_vision(d, steps=1, n_scenes=-1)
+    with pytest.raises(ValueError, match="vit_lr"):
+        V.pretrain_vision(d, steps=1, vit_lr=-1.0)
 
 
 @pytest.mark.parametrize("crops", ["global", "tiles"])
@@ -232,6 +234,7 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     (["--vision-steps", "-1"], "--vision-steps must be >= 0"),
     (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
     (["--vision-steps", "10", "--vision-scenes", "-1"], "--vision-scenes >= 0"),
+    (["--vision-steps", "10", "--vision-vit-lr", "-1"], "--vision-vit-lr >= 0"),
     (["--shape-steps", "2000,x"], "a comma list of step counts"),
     (["--shape-steps", "1,2,3,4,5"], "one to four counts"),
     (["--shape-steps", "-1"], "one to four counts"),
@@ -289,16 +292,16 @@ def test_head_pointing_hits_with_the_targets_and_misses_with_other_classes(tmp_p
     assert right["head_point_shared_colour"] == shared
 
 
-@pytest.mark.parametrize("argv, train_vit", [
-    (["--shape-steps", "1", "--vision-steps", "1"], False),
-    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit", "train"], True),
-    (["--vision-steps", "1"], True),
-    (["--vision-steps", "1", "--vision-vit", "freeze"], False),
+@pytest.mark.parametrize("argv, vit_lr", [
+    (["--shape-steps", "1", "--vision-steps", "1"], 0.0),
+    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit-lr", "1e-4"], 1e-4),
+    (["--vision-steps", "1"], None),
+    (["--vision-steps", "1", "--vision-vit-lr", "0"], 0.0),
 ])
 def test_recipe_freezes_the_vit_for_the_dense_targets_after_a_shape_phase(
-        tmp_path, monkeypatch, argv, train_vit):
+        tmp_path, monkeypatch, argv, vit_lr):
     """The recipe's wiring: the dense pretraining keeps the ViT frozen after a shape phase
-    unless told otherwise, and trains it without one. The pretraining functions themselves are
+    unless given a rate for it, and trains it at the pretraining's rate without one. The pretraining functions themselves are
     replaced by recorders here (they have their own tests above); training is stopped there."""
     import molmoe.pointer_vision as V
     import molmoe.training.trainer as T
@@ -315,5 +318,18 @@ def test_recipe_freezes_the_vit_for_the_dense_targets_after_a_shape_phase(
     with pytest.raises(Stop):
         main(["--work", str(tmp_path / "w"), "--arch", "p14-112-t4", "--no-eval",
               "--curriculum", "objects=1-1,mix=single:1,sides=160@4@1", *argv])
-    assert calls["vision"]["train_vit"] is train_vit
+    assert calls["vision"]["vit_lr"] == vit_lr
     assert ("shape" in calls) == ("--shape-steps" in argv)
+
+
+def test_pretrain_vision_with_vit_lr_zero_trains_the_connector_only(tmp_path):
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer_vision import pretrain_vision
+
+    d = _initial_checkpoint(tmp_path)
+    before = load(d).state_dict()
+    pretrain_vision(d, steps=2, batch=2, n_scenes=0, n_held=2, sides=(160, 224), vit_lr=0.0,
+                    log_every=0)
+    changed = {k for k, v in load(d).state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("vision.image_pooling_2d.") for k in changed), sorted(changed)
+    assert not any(k.startswith("vision.image_vit.") for k in changed), sorted(changed)
