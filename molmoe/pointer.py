@@ -513,9 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--vision-vit-lr", type=float, default=None,
                     help="the ViT's peak rate in the vision pretraining; 0 freezes it and "
-                         "trains only the connector (default: 0 after the shape phase, whose "
-                         "shape the dense targets wash out of a ViT trained at the full rate; "
-                         "--vision-pretrain-lr otherwise)")
+                         "trains only the connector (default: --vision-pretrain-lr / 5 after "
+                         "the shape phase, whose shape the full rate washes out while a frozen "
+                         "ViT loses the place; session 8: head pointing 50%% at 1/5, 36%% "
+                         "frozen; --vision-pretrain-lr otherwise)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -588,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                                      n_scenes=args.vision_scenes,
                                      feature_rms=args.feature_rms,
                                      vit_lr=(args.vision_vit_lr if args.vision_vit_lr is not None
-                                             else 0.0 if any(shape_steps) else None))
+                                             else args.vision_pretrain_lr / 5
+                                             if any(shape_steps) else None))
             (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()
