@@ -84,6 +84,13 @@ _ONE = ("one", "objects=1-1,backgrounds=white,size=15-30,sides=224,mix=single:1"
 _SH = "objects=2-2,same_colour=1,same_shape=0,backgrounds=white,sides=224,mix=single:1"
 # two anchored objects on white at any size and aspect ratio (the evaluator's three tilings)
 _ANCHORED = "objects=2-2,backgrounds=white,mix=single:1,size=15-20,anchor=0.04"
+# session 3's colour-anchored mixture: half the pairs at their colours' spots, half anywhere
+_MIX50 = f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30"
+# both anchors (colour, shape) with free pairs and single questions of the domain
+_BOTH_ANCHORS = (f"0.15*{_ANCHORED},distinct_colours=1|0.15*{_ANCHORED},same_colour=1,"
+                 f"same_shape=0,anchor_by=shape|0.2*objects=2-2,distinct_colours=1,"
+                 f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
+                 f"|0.3*mix=single:1")
 CURRICULA = {
     # session 2 (runs d5, d7): the sanity task itself first (one red circle on white: the only
     # start that left the blind plateau reliably), every colour and shape alone on white, then
@@ -161,22 +168,16 @@ CURRICULA = {
     # absent phase yet (s6 on the evaluator: single 19%).
     "v1": [
         ("one", "objects=1-1,mix=single:1", 6000, 400),
-        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 10000, 900),
-        ("anchors", f"0.15*{_ANCHORED},distinct_colours=1|0.15*{_ANCHORED},same_colour=1,"
-                    f"same_shape=0,anchor_by=shape|0.2*objects=2-2,distinct_colours=1,"
-                    f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
-                    f"|0.3*mix=single:1", 16000, 1200),
+        ("mix50", _MIX50, 10000, 900),
+        ("anchors", _BOTH_ANCHORS, 16000, 1200),
     ],
     # session 8: v1 shortened, then the issue's own question mix (multi, count and absent for
     # the first time) with both anchored pairs replayed; after the shape phase and the dense
     # targets over the frozen tower (--shape-steps 2000,1000,0,1500 --vision-steps 1000).
     "v2": [
         ("one", "objects=1-1,mix=single:1", 5000, 300),
-        ("mix50", f"0.5*{_TWO},size=15-20,anchor=0.04|0.5*{_TWO},size=15-30", 8000, 700),
-        ("anchors", f"0.15*{_ANCHORED},distinct_colours=1|0.15*{_ANCHORED},same_colour=1,"
-                    f"same_shape=0,anchor_by=shape|0.2*objects=2-2,distinct_colours=1,"
-                    f"mix=single:1|0.2*objects=2-2,same_colour=1,same_shape=0,mix=single:1"
-                    f"|0.3*mix=single:1", 12000, 1000),
+        ("mix50", _MIX50, 8000, 700),
+        ("anchors", _BOTH_ANCHORS, 12000, 1000),
         ("full", f"0.1*{_ANCHORED},distinct_colours=1|0.1*{_ANCHORED},same_colour=1,"
                  f"same_shape=0,anchor_by=shape|0.8*", 20000, 1500),
     ],
