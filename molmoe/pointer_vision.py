@@ -351,8 +351,9 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     scenes every step (session 7: the shape then creeps up, 26% -> 35% over 3,000 steps, where
     fixed pools of 3,000 stayed at 29-35% throughout; bench/RESULTS.md).
     vit_lr: the ViT's own peak rate (None: `lr`); 0 keeps the ViT as it is and trains the
-    connector (and head) only: after the shape phase, training the ViT at `lr` on these dense
-    targets washed its shape out (session 7, E8 against E9)."""
+    connector (and head) only. After the shape phase the ViT trained at `lr` lost its shape
+    (session 7, E8 against E9) and frozen kept the shape but not the place (session 8: where
+    error 11% against 4%)."""
     import torch
 
     from molmoe.checkpoint.loader import load
@@ -410,8 +411,9 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
                 + f" ({(time.perf_counter() - t1) / (step + 1):.2f} s/step)")
     vision.eval()
-    report = {**evaluate_readout(vision, head, proc, held),
-              **head_pointing(vision, head, proc, held)}
+    outputs = _held_outputs(vision, head, proc, held)
+    report = {**evaluate_readout(vision, head, proc, held, outputs),
+              **head_pointing(vision, head, proc, held, outputs)}
     log("  held-out: " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
     # rescale the projector so the features keep their RMS, and write the weights back
     with torch.no_grad():
@@ -427,7 +429,21 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     return report
 
 
-def evaluate_readout(vision, head, proc, held) -> dict:
+def _held_outputs(vision, head, proc, held) -> list:
+    """The head's outputs on the held-out scenes, 16 at a time: [(scene indices, outputs
+    (crops, K, HEAD_OUT), stacked targets, crops per scene)]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(held), 16):
+            idx = range(lo, min(lo + 16, len(held)))
+            images, masks, tg, n_crops = _encode(proc, held, idx, with_counts=True)
+            out.append((idx, head(vision(images, masks)[0]), tg, n_crops))
+    return out
+
+
+def evaluate_readout(vision, head, proc, held, outputs=None) -> dict:
     """Held-out accuracy of the head: colour / shape of covered cells (and the shape of the
     cells holding an object's point), centre-class hits (the
     cell with the highest logit for each present class is a centre cell of that class), mean
@@ -437,80 +453,71 @@ def evaluate_readout(vision, head, proc, held) -> dict:
     C = N_CLASSES
     hit_c = hit_s = n_cov = hit_z = n_z = hit_sc = n_at = hit_st = n_st = 0
     err_w, n_w = 0.0, 0
-    with torch.no_grad():
-        for lo in range(0, len(held), 16):
-            images, masks, tg, n_crops = _encode(proc, held, range(lo, min(lo + 16, len(held))),
-                                                 with_counts=True)
-            out = head(vision(images, masks)[0])
-            cov = tg["colour"] > 0
-            hit_c += int((out[..., :7].argmax(-1) == tg["colour"])[cov].sum())
-            hit_s += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov].sum())
-            n_cov += int(cov.sum())
-            at = tg["centre"].amax(-1) > 0  # cells holding an object's point
-            hit_sc += int((out[..., 7:12].argmax(-1) == tg["shape"])[at].sum())
-            n_at += int(at.sum())
-            tile = torch.ones_like(cov)  # crop 0 of each picture is its global view
-            tile[torch.from_numpy(np.cumsum([0] + n_crops[:-1]))] = False
-            hit_st += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov & tile].sum())
-            n_st += int((cov & tile).sum())
-            cen = out[..., 12:12 + C]
-            present = tg["centre"].amax(1) > 0  # (N, C)
-            best = cen.argmax(1)  # (N, C)
-            got = torch.gather(tg["centre"], 1, best[:, None, :])[:, 0]
-            hit_z += int(got[present].sum())
-            n_z += int(present.sum())
-            wh = out[..., 12 + 3 * C:].reshape(*out.shape[:2], C, 2)
-            m = tg["where_mask"] > 0
-            err_w += float((wh - tg["where"]).abs()[m].sum()) * 100
-            n_w += 2 * int(m.sum())
+    for _, out, tg, n_crops in outputs or _held_outputs(vision, head, proc, held):
+        cov = tg["colour"] > 0
+        hit_c += int((out[..., :7].argmax(-1) == tg["colour"])[cov].sum())
+        hit_s += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov].sum())
+        n_cov += int(cov.sum())
+        at = tg["centre"].amax(-1) > 0  # cells holding an object's point
+        hit_sc += int((out[..., 7:12].argmax(-1) == tg["shape"])[at].sum())
+        n_at += int(at.sum())
+        tile = torch.ones_like(cov)  # crop 0 of each picture is its global view
+        tile[torch.from_numpy(np.cumsum([0] + n_crops[:-1]))] = False
+        hit_st += int((out[..., 7:12].argmax(-1) == tg["shape"])[cov & tile].sum())
+        n_st += int((cov & tile).sum())
+        cen = out[..., 12:12 + C]
+        present = tg["centre"].amax(1) > 0  # (N, C)
+        best = cen.argmax(1)  # (N, C)
+        got = torch.gather(tg["centre"], 1, best[:, None, :])[:, 0]
+        hit_z += int(got[present].sum())
+        n_z += int(present.sum())
+        wh = out[..., 12 + 3 * C:].reshape(*out.shape[:2], C, 2)
+        m = tg["where_mask"] > 0
+        err_w += float((wh - tg["where"]).abs()[m].sum()) * 100
+        n_w += 2 * int(m.sum())
     return {"colour_acc": hit_c / max(n_cov, 1), "shape_acc": hit_s / max(n_cov, 1),
             "shape_acc_at_points": hit_sc / max(n_at, 1),
             "shape_acc_tiles": hit_st / max(n_st, 1),
             "centre_acc": hit_z / max(n_z, 1), "where_err_pct": err_w / max(n_w, 1)}
 
 
-def head_pointing(vision, head, proc, held) -> dict:
+def head_pointing(vision, head, proc, held, outputs=None) -> dict:
     """Point with the read-out head alone, as the decoder would have to from the same tokens:
     for every object whose colour x shape class no other object of its scene has, the cell of
     the highest centre logit of that class over all the picture's crops, moved by the offset
     head, mapped back to the picture through the crop's placement; a hit lands on the object's
     visible pixels. Split by whether another object shares the target's colour (then only the
-    shape tells them apart) or not. An upper bound of sorts on what the frozen tokens let a
-    decoder find, and cheap: no decoder is trained."""
-    import torch
-
+    shape tells them apart) or not. A gauge of what one linear look at the tokens finds (a
+    decoder may do better), and cheap: no decoder is trained. `outputs`: `_held_outputs`'s,
+    when the caller has them."""
     C = N_CLASSES
     kh = proc.settings.image_token_length_h
     cell = proc.settings.crop_size / kh
     hits = {"shared": [0, 0], "unique": [0, 0]}
-    with torch.no_grad():
-        for lo in range(0, len(held), 16):
-            idx = range(lo, min(lo + 16, len(held)))
-            images, masks, _, n_crops = _encode(proc, held, idx, with_counts=True)
-            out = head(vision(images, masks)[0])
-            first = 0
-            for i, n in zip(idx, n_crops):
-                scene = held[i][0]
-                maps, _ = crop_maps(scene.height, scene.width, proc.settings)
-                o = out[first:first + n]  # (crops, K, HEAD_OUT)
-                first += n
-                classes = [_class(obj) for obj in scene.objects]
-                for j, obj in enumerate(scene.objects):
-                    cls = classes[j]
-                    if classes.count(cls) > 1:
-                        continue
-                    t, k = divmod(int(o[..., 12 + cls].argmax()), o.shape[1])
-                    off = o[t, k, 12 + C:12 + 3 * C].reshape(C, 2)[cls].clamp(0, 1)
-                    r, c = divmod(k, kh)
-                    sy, sx, oy, ox, _ = maps[t]
-                    y = int((r + float(off[1])) * cell * sy + oy)
-                    x = int((c + float(off[0])) * cell * sx + ox)
-                    inside = 0 <= y < scene.height and 0 <= x < scene.width
-                    hit = inside and scene.labels[y, x] == j + 1
-                    shared = any(o2.colour == obj.colour for o2 in scene.objects if o2 is not obj)
-                    h = hits["shared" if shared else "unique"]
-                    h[0] += int(hit)
-                    h[1] += 1
+    for idx, out, _, n_crops in outputs or _held_outputs(vision, head, proc, held):
+        first = 0
+        for i, n in zip(idx, n_crops):
+            scene = held[i][0]
+            maps, _ = crop_maps(scene.height, scene.width, proc.settings)
+            o = out[first:first + n]  # (crops, K, HEAD_OUT)
+            first += n
+            classes = [_class(obj) for obj in scene.objects]
+            for j, obj in enumerate(scene.objects):
+                cls = classes[j]
+                if classes.count(cls) > 1:
+                    continue
+                t, k = divmod(int(o[..., 12 + cls].argmax()), o.shape[1])
+                off = o[t, k, 12 + C:12 + 3 * C].reshape(C, 2)[cls].clamp(0, 1)
+                r, c = divmod(k, kh)
+                sy, sx, oy, ox, _ = maps[t]
+                y = int((r + float(off[1])) * cell * sy + oy)
+                x = int((c + float(off[0])) * cell * sx + ox)
+                inside = 0 <= y < scene.height and 0 <= x < scene.width
+                hit = inside and scene.labels[y, x] == j + 1
+                shared = any(o2.colour == obj.colour for o2 in scene.objects if o2 is not obj)
+                h = hits["shared" if shared else "unique"]
+                h[0] += int(hit)
+                h[1] += 1
     n_all = hits["shared"][1] + hits["unique"][1]
     return {"head_point_acc": (hits["shared"][0] + hits["unique"][0]) / max(n_all, 1),
             "head_point_acc_shared_colour": hits["shared"][0] / max(hits["shared"][1], 1),
