@@ -172,8 +172,9 @@ CURRICULA = {
         ("anchors", _BOTH_ANCHORS, 16000, 1200),
     ],
     # session 8: v1 shortened, then the issue's own question mix (multi, count and absent for
-    # the first time) with both anchored pairs replayed; after the shape phase and the dense
-    # targets over the frozen tower (--shape-steps 2000,1000,0,1500 --vision-steps 1000).
+    # the first time) with both anchored pairs replayed; run after the shape phase and the
+    # dense targets over the frozen tower (--shape-steps 2000,1000,0,1500 --vision-steps 1000
+    # --vision-vit-lr 0; bench/RESULTS.md, session 8: single 25.8%).
     "v2": [
         ("one", "objects=1-1,mix=single:1", 5000, 300),
         ("mix50", _MIX50, 8000, 700),

@@ -301,8 +301,9 @@ def test_head_pointing_hits_with_the_targets_and_misses_with_other_classes(tmp_p
 def test_recipe_slows_the_vit_for_the_dense_targets_after_a_shape_phase(
         tmp_path, monkeypatch, argv, vit_lr):
     """The recipe's wiring: after a shape phase the dense pretraining trains the ViT at a fifth
-    of its rate unless given one (0 freezes it), and at the full rate without a shape phase. The pretraining functions themselves are
-    replaced by recorders here (they have their own tests above); training is stopped there."""
+    of its rate unless given one (0 freezes it), and at the full rate without a shape phase.
+    The pretraining functions themselves are replaced by recorders here (they have their own
+    tests above); training is stopped there."""
     import molmoe.pointer_vision as V
     import molmoe.training.trainer as T
     from molmoe.pointer import main
@@ -318,8 +319,7 @@ def test_recipe_slows_the_vit_for_the_dense_targets_after_a_shape_phase(
     with pytest.raises(Stop):
         main(["--work", str(tmp_path / "w"), "--arch", "p14-112-t4", "--no-eval",
               "--curriculum", "objects=1-1,mix=single:1,sides=160@4@1", *argv])
-    assert calls["vision"]["vit_lr"] == pytest.approx(vit_lr) if vit_lr else \
-        calls["vision"]["vit_lr"] == vit_lr
+    assert calls["vision"]["vit_lr"] == (vit_lr if vit_lr is None else pytest.approx(vit_lr))
     assert ("shape" in calls) == ("--shape-steps" in argv)
 
 
