@@ -137,8 +137,35 @@ def cell_targets(scene, settings) -> dict[str, np.ndarray]:
 HEAD_OUT = 7 + 5 + N_CLASSES * 5  # colour, shape, centre, offset (x, y), where (x, y)
 
 
-def head_loss(out, tg) -> tuple:
-    """out (N, K, HEAD_OUT), targets stacked over N crops -> (loss, parts)."""
+def centre_softmax_loss(cen, centre, n_crops):
+    """Pointing as a choice among cells: for every class present in a picture, the
+    cross-entropy of a softmax of that class's centre logits over all the picture's cells
+    (every crop), the centre cells being the right answers (their probabilities summed).
+    cen, centre: (N, K, C) stacked over the pictures' crops; n_crops: crops per picture.
+    The per-cell binary loss weighs a same-coloured neighbour like any empty cell; this one
+    spends its gradient on the cells that compete for the point."""
+    import torch
+
+    C = cen.shape[-1]
+    losses, first = [], 0
+    for n in n_crops:
+        z = cen[first:first + n].reshape(-1, C)
+        t = centre[first:first + n].reshape(-1, C) > 0
+        first += n
+        present = t.any(0)
+        if present.any():
+            z, t = z[:, present], t[:, present]
+            pos = torch.logsumexp(z.masked_fill(~t, float("-inf")), 0)
+            losses.append(torch.logsumexp(z, 0) - pos)
+    if not losses:
+        return cen.sum() * 0.0
+    return torch.cat(losses).mean()
+
+
+def head_loss(out, tg, n_crops=None, centre_softmax: float = 0.0) -> tuple:
+    """out (N, K, HEAD_OUT), targets stacked over N crops -> (loss, parts). With
+    `centre_softmax` > 0 (and the crops per picture, `n_crops`) the loss adds that weight
+    times `centre_softmax_loss`."""
     import torch
     import torch.nn.functional as F
 
@@ -161,19 +188,25 @@ def head_loss(out, tg) -> tuple:
     loss = lc + ls + wz * lz + wo * lo + ww * lw
     parts = [float(v.detach()) for v in (lc, ls, lz, lo, lw)]
     loss_parts = dict(zip(("colour", "shape", "centre", "offset", "where"), parts))
+    if centre_softmax:
+        if n_crops is None:
+            raise ValueError("centre_softmax needs n_crops (crops per picture)")
+        lsm = centre_softmax_loss(cen, tg["centre"], n_crops)
+        loss = loss + centre_softmax * lsm
+        loss_parts["centre_softmax"] = float(lsm.detach())
     return loss, loss_parts
 
 
-def _scene_pool(n: int, seed: int, sides: tuple[int, int], tag: str = "train"):
+def _scene_pool(n: int, seed: int, sides: tuple[int, int], tag: str = "train", knobs=None):
     """n (scene, rendered uint8 array) pairs in the issue's domain (the generator's default
-    question mix, so 1-6 objects with its distractors), from their own RNG strings: never a
-    scene of the training data or of the evaluator."""
+    question mix, so 1-6 objects with its distractors) or `knobs`'s, from their own RNG
+    strings: never a scene of the training data or of the evaluator."""
     from molmoe import synthetic as S
 
     out = []
     for i in range(n):
         rng = random.Random(f"molmoe-pointer-vision-{tag}:{seed}:{i}")
-        sample = S.make_sample(rng, sides=sides)
+        sample = S.make_sample(rng, sides=sides, knobs=knobs)
         out.append((sample.scene, np.asarray(S.render(sample.scene).convert("RGB"))))
     return out
 
@@ -229,8 +262,6 @@ def _shape_batch(proc, knobs, tag: str, start: int, n: int, crops: str = "global
     if crops not in ("global", "tiles"):
         raise ValueError(f"crops: 'global' or 'tiles', got {crops!r}")
     settings = proc.settings
-    g = settings.crop_size // settings.image_patch_size
-    k = _COVER_SAMPLES
     patches, objects, at = [], [], 0
     for i in range(start, start + n):
         scene = S.make_sample(random.Random(f"molmoe-pointer-shape-{tag}:{i}"), "single",
@@ -240,15 +271,63 @@ def _shape_batch(proc, knobs, tag: str, start: int, n: int, crops: str = "global
         maps = crop_maps(scene.height, scene.width, settings)[0]
         picked = [0] if crops == "global" else list(range(1, len(maps)))
         patches.extend(images[t] for t in picked)
-        labs = np.stack([sample_labels(scene, maps[t], g * k, settings.image_patch_size / k)
-                         for t in picked])  # (crops, g*k, g*k)
-        for j, obj in enumerate(scene.objects):
-            w = (labs == j + 1).reshape(len(picked), g, k, g, k).mean((2, 4)).reshape(-1)
-            if w.any():
-                objects.append((at, at + len(picked), torch.from_numpy(w.astype(np.float32)),
-                                SHAPES.index(obj.shape), COLOURS.index(obj.colour)))
+        objects.extend((at, at + len(picked), w, sh, co)
+                       for w, sh, co in _object_coverage(scene, maps, picked, settings))
         at += len(picked)
     return torch.stack(patches), objects
+
+
+def _object_coverage(scene, maps, picked, settings) -> list:
+    """[(coverage weights (len(picked) * patches,), shape index, colour index)] of every
+    object of `scene` visible in its crops `picked` (indices into `maps`, `crop_maps`'s)."""
+    import torch
+
+    g = settings.crop_size // settings.image_patch_size
+    k = _COVER_SAMPLES
+    labs = np.stack([sample_labels(scene, maps[t], g * k, settings.image_patch_size / k)
+                     for t in picked])  # (crops, g*k, g*k)
+    out = []
+    for j, obj in enumerate(scene.objects):
+        w = (labs == j + 1).reshape(len(picked), g, k, g, k).mean((2, 4)).reshape(-1)
+        if w.any():
+            out.append((torch.from_numpy(w.astype(np.float32)), SHAPES.index(obj.shape),
+                        COLOURS.index(obj.colour)))
+    return out
+
+
+def _batch_objects(proc, pool, idx) -> list:
+    """The shape phase's per-object labels for pool[idx] as `_encode` stacks them: [(first
+    crop, end crop, weights, shape, colour)] over each picture's tiles (its global view when it
+    has no tiles), crop indices into the batch's concatenated crops."""
+    out, at = [], 0
+    for i in idx:
+        scene = pool[i][0]
+        maps = crop_maps(scene.height, scene.width, proc.settings)[0]
+        picked = list(range(1, len(maps))) or [0]
+        out.extend((at + picked[0], at + picked[-1] + 1, w, sh, co)
+                   for w, sh, co in _object_coverage(scene, maps, picked, proc.settings))
+        at += len(maps)
+    return out
+
+
+def object_logits(feats, objects, head) -> tuple:
+    """The shape phase's read-out: each object's features (from feats (N, P, D), patches of
+    N crops) averaged over its patches with its coverage as weights, then the linear `head`:
+    (shape logits, shape labels, colour logits, colour labels) of every object."""
+    import torch
+
+    out = head(torch.stack([(feats[a:b].reshape(-1, feats.shape[-1]) * w[:, None]).sum(0)
+                            / w.sum() for a, b, w, _, _ in objects]))
+    return (out[:, :len(SHAPES)], torch.tensor([o[3] for o in objects]),
+            out[:, len(SHAPES):], torch.tensor([o[4] for o in objects]))
+
+
+def object_loss(feats, objects, head):
+    """The shape phase's loss: `object_logits`'s shape and colour cross-entropies, summed."""
+    import torch.nn.functional as F
+
+    s_out, s_y, c_out, c_y = object_logits(feats, objects, head)
+    return F.cross_entropy(s_out, s_y) + F.cross_entropy(c_out, c_y)
 
 
 def pretrain_shape(directory, *, steps: tuple[int, ...] = (2000, 1000, 1000), batch: int = 32,
@@ -280,12 +359,7 @@ def pretrain_shape(directory, *, steps: tuple[int, ...] = (2000, 1000, 1000), ba
     head = torch.nn.Linear(vit.cfg.emb_dim, len(SHAPES) + len(COLOURS))
 
     def logits(x, objects):
-        """(shape logits, shape labels, colour logits, colour labels) of every object."""
-        feats = vit(x)[-1][:, 1:]  # (N, P, D), the class token dropped
-        out = head(torch.stack([(feats[a:b].reshape(-1, feats.shape[-1]) * w[:, None]).sum(0)
-                                / w.sum() for a, b, w, _, _ in objects]))
-        return (out[:, :len(SHAPES)], torch.tensor([o[3] for o in objects]),
-                out[:, len(SHAPES):], torch.tensor([o[4] for o in objects]))
+        return object_logits(vit(x)[-1][:, 1:], objects, head)  # the class token dropped
 
     t0 = time.perf_counter()
     report = {}
@@ -344,7 +418,10 @@ def _write_back(model, directory: pathlib.Path) -> None:
 def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float = 2e-3,
                     n_scenes: int = 4000, n_held: int = 200, seed: int = 0, sides=(160, 448),
                     feature_rms: float = 1.0, log_every: int = 50, log=print,
-                    head_out=None, vit_lr: float | None = None) -> dict:
+                    head_out=None, vit_lr: float | None = None,
+                    centre_softmax: float = 0.0, knobs: str | None = None,
+                    head_in=None, object_weight: float = 0.0,
+                    centre_shape: float = 0.0) -> dict:
     """Train the ViT and connector of the checkpoint in `directory` on the targets above and
     write them back (pytorch_model.bin, official layout). Returns held-out read-out figures.
     n_scenes: the size of the fixed pool batches are drawn from; 0 draws a fresh batch of
@@ -353,17 +430,29 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     vit_lr: the ViT's own peak rate (None: `lr`); 0 keeps the ViT as it is and trains the
     connector (and head) only. After the shape phase the ViT trained at `lr` lost its shape
     (session 7, E8 against E9) and frozen kept the shape but not the place (session 8: where
-    error 11% against 4%)."""
+    error 11% against 4%).
+    centre_softmax: weight of `centre_softmax_loss` (0: the per-cell binary loss alone).
+    knobs: `molmoe.synthetic.Knobs` spec of the training scenes (None: the issue's domain);
+    the held-out scenes are always the issue's domain.
+    object_weight: weight of the shape phase's per-object loss (`object_loss`, on the ViT's
+    last block over each object's tiles, its own linear head) trained along, so the dense
+    targets cannot wash out the shape the tower has; needs a trainable ViT.
+    centre_shape: weight of an extra shape cross-entropy of the dense head at the cells that
+    hold an object's point (the cells a pointer picks)."""
     import torch
+    import torch.nn.functional as F
 
     from molmoe.checkpoint.loader import load
     from molmoe.processing.processor import Processor
+    from molmoe.synthetic import Knobs
 
     if n_scenes < 0:
         raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
     vit_lr = lr if vit_lr is None else vit_lr
     if vit_lr < 0:
         raise ValueError(f"vit_lr must be >= 0, got {vit_lr}")
+    if object_weight and not vit_lr:
+        raise ValueError("object_weight needs a trainable ViT (vit_lr > 0)")
     directory = pathlib.Path(directory)
     torch.manual_seed(seed)
     model = load(directory, dtype="float32")
@@ -371,6 +460,8 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     vision = model.vision
     vision.train().requires_grad_(True)  # load() returns an inference model
     head = torch.nn.Linear(model.config.text.d_model, HEAD_OUT)
+    if head_in is not None:  # a head from an earlier call (`head_out`), to go on training
+        head.load_state_dict(torch.load(head_in))
     vit = vision.image_vit
     if not vit_lr:
         vit.eval().requires_grad_(False)
@@ -379,6 +470,11 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
                + list(head.parameters()), "lr": lr}]
     if vit_lr:
         groups.append({"params": list(vit.parameters()), "lr": vit_lr})
+    last_block = {}
+    if object_weight:
+        obj_head = torch.nn.Linear(vit.cfg.emb_dim, len(SHAPES) + len(COLOURS))
+        groups[0]["params"] += list(obj_head.parameters())
+        hook = vit.register_forward_hook(lambda m, i, o: last_block.__setitem__("x", o[-1]))
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
@@ -386,7 +482,9 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
             math.pi * min(s, steps) / steps))))
     t0 = time.perf_counter()
-    pool = _scene_pool(n_scenes, seed, sides)
+    train_knobs = Knobs.parse(knobs) if knobs else None
+    tag = f":{knobs}" if knobs else ""
+    pool = _scene_pool(n_scenes, seed, sides, knobs=train_knobs)
     held = _scene_pool(n_held, seed, sides, "held-out")
     log(f"vision pretraining: {n_scenes or 'fresh'} scenes in {time.perf_counter() - t0:.0f}s")
     order = random.Random(seed)
@@ -394,12 +492,23 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     losses = []
     for step in range(steps):
         if n_scenes:
-            images, masks, tg = _encode(proc, pool, order.sample(range(len(pool)), batch))
+            src, idx = pool, order.sample(range(len(pool)), batch)
         else:
-            images, masks, tg = _encode(proc, _scene_pool(batch, seed, sides, f"fresh{step}"),
-                                        range(batch))
+            src = _scene_pool(batch, seed, sides, f"fresh{step}{tag}", train_knobs)
+            idx = range(batch)
+        images, masks, tg, n_crops = _encode(proc, src, idx, with_counts=True)
         feats = vision(images, masks)[0]  # (N, K, D)
-        loss, parts = head_loss(head(feats), tg)
+        out = head(feats)
+        loss, parts = head_loss(out, tg, n_crops, centre_softmax)
+        if centre_shape:
+            at = tg["centre"].amax(-1) > 0
+            lcs = F.cross_entropy(out[..., 7:12][at], tg["shape"][at])
+            loss = loss + centre_shape * lcs
+            parts["centre_shape"] = float(lcs.detach())
+        if object_weight:
+            lob = object_loss(last_block["x"][:, 1:], _batch_objects(proc, src, idx), obj_head)
+            loss = loss + object_weight * lob
+            parts["object"] = float(lob.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -410,6 +519,8 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
             log(f"  step {step} loss {float(loss.detach()):.3f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
                 + f" ({(time.perf_counter() - t1) / (step + 1):.2f} s/step)")
+    if object_weight:
+        hook.remove()
     vision.eval()
     outputs = _held_outputs(vision, head, proc, held)
     report = {**evaluate_readout(vision, head, proc, held, outputs),

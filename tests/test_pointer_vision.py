@@ -10,7 +10,8 @@ import torch
 
 from molmoe import synthetic as S
 from molmoe.pointer import ARCHS
-from molmoe.pointer_vision import COLOURS, SHAPES, cell_targets, head_loss, HEAD_OUT
+from molmoe.pointer_vision import (COLOURS, SHAPES, HEAD_OUT, cell_targets, centre_softmax_loss,
+                                   head_loss)
 from molmoe.processing.preprocess import ImageSettings, ImageTokenIds, preprocess_image
 
 IDS = ImageTokenIds(start=1, end=2, patch=3, col=4)
@@ -106,6 +107,42 @@ def test_head_loss_is_zero_only_at_the_targets():
     assert float(head_loss(worse, tg)[0]) > 1e-3
 
 
+def test_centre_softmax_picks_the_centre_cell_among_each_pictures_cells():
+    C = 3
+    centre = torch.zeros(5, 4, C)  # picture 0: crops 0-1, picture 1: crops 2-4
+    centre[1, 2, 0] = 1.0  # class 0 in picture 0 at crop 1, cell 2
+    centre[3, 0, 0] = centre[4, 1, 0] = 1.0  # class 0 in picture 1, seen by two crops
+    centre[2, 3, 2] = 1.0  # class 2 in picture 1; class 1 is absent everywhere
+    right = centre * 60 - 30
+    assert float(centre_softmax_loss(right, centre, [2, 3])) < 1e-6
+    # the loss sums the probability of the centre cells: both of picture 1's may share it
+    half = right.clone()
+    half[4, 1, 0] = -30.0
+    assert float(centre_softmax_loss(half, centre, [2, 3])) < 1e-6
+    # a higher logit on another cell costs, one in another picture does not
+    wrong = right.clone()
+    wrong[0, 0, 0] = 40.0
+    assert float(centre_softmax_loss(wrong, centre, [2, 3])) > 2.0
+    elsewhere = right.clone()
+    elsewhere[1, 2, 2] = 40.0  # class 2 is absent from picture 0: no term there
+    assert float(centre_softmax_loss(elsewhere, centre, [2, 3])) < 1e-6
+    # an absent class's logits never matter
+    absent = right.clone()
+    absent[..., 1] = torch.randn(5, 4) * 10
+    assert float(centre_softmax_loss(absent, centre, [2, 3])) < 1e-6
+    # head_loss adds it only when asked, and needs the crops per picture for it
+    settings = _settings("p14-112-t4")
+    scene = S.make_sample(random.Random(3), "count", sides=(224, 224)).scene
+    tg = {k: torch.from_numpy(v) for k, v in cell_targets(scene, settings).items()}
+    out = torch.randn(*tg["colour"].shape, HEAD_OUT)
+    base, parts = head_loss(out, tg)
+    both, parts2 = head_loss(out, tg, [len(tg["colour"])], 0.5)
+    assert "centre_softmax" not in parts and parts2["centre_softmax"] > 0
+    assert float(both - base) == pytest.approx(0.5 * parts2["centre_softmax"], rel=1e-5)
+    with pytest.raises(ValueError, match="n_crops"):
+        head_loss(out, tg, None, 0.5)
+
+
 def _initial_checkpoint(tmp_path):
     """A p14-112-t4 initial checkpoint with a tokenizer trained on 40 generator examples."""
     from molmoe.pointer import content_words, train_tokenizer_json, write_initial_checkpoint
@@ -152,9 +189,8 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
     seen = []
     encode = V._encode
 
-    def spy(proc, pool, idx, with_counts=False):
-        if not with_counts:  # training batches first (the read-out passes with_counts=True)
-            seen.extend(json.dumps([o.point for o in pool[i][0].objects]) for i in idx)
+    def spy(proc, pool, idx, with_counts=False):  # training batches come first
+        seen.extend(json.dumps([o.point for o in pool[i][0].objects]) for i in idx)
         return encode(proc, pool, idx, with_counts)
 
     monkeypatch.setattr(V, "_encode", spy)
@@ -167,6 +203,58 @@ def test_pretrain_vision_fresh_scenes_draw_a_new_batch_every_step(tmp_path, monk
         V.pretrain_vision(d, steps=1, n_scenes=-1)
     with pytest.raises(ValueError, match="vit_lr"):
         V.pretrain_vision(d, steps=1, vit_lr=-1.0)
+
+
+def test_batch_objects_weights_cover_each_object_in_the_encoded_batch(tmp_path):
+    """The per-object labels the dense pretraining adds (`object_weight`) index the crops as
+    `_encode` stacks them: each picture's tiles (every picture has some under this geometry),
+    and the patches they weigh fully show the object's colour."""
+    from molmoe.pointer_vision import _batch_objects, _encode, _scene_pool
+    from molmoe.processing.processor import Processor
+
+    d = _initial_checkpoint(tmp_path)
+    proc = Processor.from_pretrained(d)
+    st = proc.settings
+    mean, std = torch.tensor(st.image_mean), torch.tensor(st.image_std)
+    p = st.image_patch_size
+    knobs = S.Knobs.parse("objects=1-1,backgrounds=white,size=40-45")
+    pool = _scene_pool(5, 3, (112, 400), "objects-test", knobs)
+    images, _, _, n_crops = _encode(proc, pool, [4, 0, 2], with_counts=True)
+    objects = _batch_objects(proc, pool, [4, 0, 2])
+    assert len(objects) == 3
+    first = np.cumsum([0] + n_crops[:-1])
+    for (a, b, w, shape, colour_index), i, f, n in zip(objects, [4, 0, 2], first, n_crops):
+        obj = pool[i][0].objects[0]
+        assert (a, b) == ((f, f + 1) if n == 1 else (f + 1, f + n))
+        assert (shape, colour_index) == (S.SHAPES.index(obj.shape),
+                                         list(S.COLOURS).index(obj.colour))
+        centre = images[0, a:b].reshape(-1, p, p, 3)[:, p // 2, p // 2] * std + mean
+        full = w == 1.0
+        assert full.any()
+        colour = torch.tensor(S.COLOURS[obj.colour]) / 255.0
+        assert (centre[full] - colour).abs().max() < 0.05
+
+
+def test_pretrain_vision_joint_terms_train_and_need_a_trainable_vit(tmp_path):
+    """The per-object term, the point cells' shape term and the softmax over cells all enter
+    the loss (a short run on one fixed batch lowers it, the ViT changes); the per-object term
+    refuses a frozen ViT before training."""
+    from molmoe.checkpoint.loader import load
+    from molmoe.pointer_vision import pretrain_vision
+
+    d = _initial_checkpoint(tmp_path)
+    before = load(d).state_dict()
+    logs = []
+    report = pretrain_vision(d, steps=25, batch=4, n_scenes=4, n_held=4, lr=2e-3, seed=1,
+                             sides=(160, 224), log_every=24, log=logs.append,
+                             centre_softmax=1.0, object_weight=1.0, centre_shape=1.0)
+    assert report["loss_last"] < 0.6 * report["loss_first"], report
+    assert all(f" {k} " in logs[1] for k in ("centre_softmax", "centre_shape", "object"))
+    after = load(d).state_dict()
+    assert not torch.equal(after["vision.image_vit.patch_embedding.weight"],
+                           before["vision.image_vit.patch_embedding.weight"])
+    with pytest.raises(ValueError, match="object_weight"):
+        pretrain_vision(d, steps=1, vit_lr=0.0, object_weight=1.0)
 
 
 @pytest.mark.parametrize("crops", ["global", "tiles"])
