@@ -515,10 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--vision-vit-lr", type=float, default=None,
                     help="the ViT's peak rate in the vision pretraining; 0 freezes it and "
-                         "trains only the connector (default: --vision-pretrain-lr / 5 after "
-                         "the shape phase, whose shape the full rate washes out while a frozen "
-                         "ViT loses the place; session 8: head pointing 50%% at 1/5, 36%% "
-                         "frozen; --vision-pretrain-lr otherwise)")
+                         "trains only the connector (default: --vision-pretrain-lr / 2 after "
+                         "the shape phase, with the joint terms that keep its shape; a frozen "
+                         "ViT loses the place; --vision-pretrain-lr otherwise)")
+    ap.add_argument("--vision-joint", type=float, default=None,
+                    help="weight of the dense pretraining's joint terms: the softmax over "
+                         "cells, the shape phase's per-object loss (needs a trainable ViT) and "
+                         "the point cells' shape (molmoe.pointer_vision.pretrain_vision; "
+                         "default: 1 after a shape phase, 0 otherwise; bench/RESULTS.md, "
+                         "session 9)")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -529,9 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(shape_steps) > 4 or min(shape_steps) < 0:
         raise SystemExit(f"--shape-steps {args.shape_steps!r}: one to four counts >= 0")
     if args.vision_steps < 0 or args.vision_batch < 1 or args.vision_scenes < 0 \
-            or (args.vision_vit_lr or 0) < 0:
+            or (args.vision_vit_lr or 0) < 0 or (args.vision_joint or 0) < 0:
         raise SystemExit("--vision-steps must be >= 0, --vision-batch >= 1, "
-                         "--vision-scenes >= 0 and --vision-vit-lr >= 0")
+                         "--vision-scenes >= 0, --vision-vit-lr >= 0 and --vision-joint >= 0")
     pretraining = [f for f, on in (("--shape-steps", any(shape_steps)),
                                    ("--vision-steps", args.vision_steps)) if on]
     if pretraining and args.init:
@@ -586,13 +591,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.vision_steps:
             from molmoe.pointer_vision import pretrain_vision
 
+            shaped = any(shape_steps)
+            vit_lr = (args.vision_vit_lr if args.vision_vit_lr is not None
+                      else args.vision_pretrain_lr / 2 if shaped else args.vision_pretrain_lr)
+            joint = args.vision_joint if args.vision_joint is not None else float(shaped)
             report = pretrain_vision(init, steps=args.vision_steps, batch=args.vision_batch,
                                      lr=args.vision_pretrain_lr, seed=args.seed,
                                      n_scenes=args.vision_scenes,
-                                     feature_rms=args.feature_rms,
-                                     vit_lr=(args.vision_vit_lr if args.vision_vit_lr is not None
-                                             else args.vision_pretrain_lr / 5
-                                             if any(shape_steps) else None))
+                                     feature_rms=args.feature_rms, vit_lr=vit_lr,
+                                     centre_softmax=joint, centre_shape=joint,
+                                     object_weight=joint if vit_lr else 0.0)
             (work / "vision.json").write_text(json.dumps(report, indent=2))
     print(f"data {t_data:.0f}s; init {init}", flush=True)
     t1 = time.perf_counter()

@@ -323,6 +323,7 @@ def test_pretrain_shape_rewrites_only_the_vit(tmp_path):
     (["--vision-steps", "10", "--vision-batch", "0"], "--vision-batch >= 1"),
     (["--vision-steps", "10", "--vision-scenes", "-1"], "--vision-scenes >= 0"),
     (["--vision-steps", "10", "--vision-vit-lr", "-1"], "--vision-vit-lr >= 0"),
+    (["--vision-steps", "10", "--vision-joint", "-1"], "--vision-joint >= 0"),
     (["--shape-steps", "2000,x"], "a comma list of step counts"),
     (["--shape-steps", "1,2,3,4,5"], "one to four counts"),
     (["--shape-steps", "-1"], "one to four counts"),
@@ -380,16 +381,20 @@ def test_head_pointing_hits_with_the_targets_and_misses_with_other_classes(tmp_p
     assert right["head_point_shared_colour"] == shared
 
 
-@pytest.mark.parametrize("argv, vit_lr", [
-    (["--shape-steps", "1", "--vision-steps", "1"], 4e-4),  # --vision-pretrain-lr 2e-3 / 5
-    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit-lr", "1e-4"], 1e-4),
-    (["--vision-steps", "1"], None),
-    (["--vision-steps", "1", "--vision-vit-lr", "0"], 0.0),
+@pytest.mark.parametrize("argv, vit_lr, joint", [
+    (["--shape-steps", "1", "--vision-steps", "1"], 1e-3, 1.0),  # --vision-pretrain-lr 2e-3 / 2
+    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit-lr", "1e-4"], 1e-4, 1.0),
+    (["--shape-steps", "1", "--vision-steps", "1", "--vision-vit-lr", "0"], 0.0, 1.0),
+    (["--shape-steps", "1", "--vision-steps", "1", "--vision-joint", "0.5"], 1e-3, 0.5),
+    (["--vision-steps", "1"], 2e-3, 0.0),
+    (["--vision-steps", "1", "--vision-vit-lr", "0"], 0.0, 0.0),
+    (["--vision-steps", "1", "--vision-joint", "2"], 2e-3, 2.0),
 ])
 def test_recipe_slows_the_vit_for_the_dense_targets_after_a_shape_phase(
-        tmp_path, monkeypatch, argv, vit_lr):
-    """The recipe's wiring: after a shape phase the dense pretraining trains the ViT at a fifth
-    of its rate unless given one (0 freezes it), and at the full rate without a shape phase.
+        tmp_path, monkeypatch, argv, vit_lr, joint):
+    """The recipe's wiring: after a shape phase the dense pretraining trains the ViT at half
+    its rate unless given one (0 freezes it) with the joint terms on (weight 1), and at the
+    full rate without them otherwise; the per-object term only with a trainable ViT.
     The pretraining functions themselves are replaced by recorders here (they have their own
     tests above); training is stopped there."""
     import molmoe.pointer_vision as V
@@ -407,7 +412,10 @@ def test_recipe_slows_the_vit_for_the_dense_targets_after_a_shape_phase(
     with pytest.raises(Stop):
         main(["--work", str(tmp_path / "w"), "--arch", "p14-112-t4", "--no-eval",
               "--curriculum", "objects=1-1,mix=single:1,sides=160@4@1", *argv])
-    assert calls["vision"]["vit_lr"] == (vit_lr if vit_lr is None else pytest.approx(vit_lr))
+    kw = calls["vision"]
+    assert kw["vit_lr"] == pytest.approx(vit_lr)
+    assert kw["centre_softmax"] == kw["centre_shape"] == joint
+    assert kw["object_weight"] == (joint if vit_lr else 0.0)
     assert ("shape" in calls) == ("--shape-steps" in argv)
 
 
