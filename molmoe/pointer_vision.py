@@ -162,10 +162,12 @@ def centre_softmax_loss(cen, centre, n_crops):
     return torch.cat(losses).mean()
 
 
-def head_loss(out, tg, n_crops=None, centre_softmax: float = 0.0) -> tuple:
+def head_loss(out, tg, n_crops=None, centre_softmax: float = 0.0,
+              centre_shape: float = 0.0) -> tuple:
     """out (N, K, HEAD_OUT), targets stacked over N crops -> (loss, parts). With
     `centre_softmax` > 0 (and the crops per picture, `n_crops`) the loss adds that weight
-    times `centre_softmax_loss`."""
+    times `centre_softmax_loss`; with `centre_shape` > 0, that weight times a second shape
+    cross-entropy over the cells holding an object's point (the cells a pointer picks)."""
     import torch
     import torch.nn.functional as F
 
@@ -194,6 +196,11 @@ def head_loss(out, tg, n_crops=None, centre_softmax: float = 0.0) -> tuple:
         lsm = centre_softmax_loss(cen, tg["centre"], n_crops)
         loss = loss + centre_softmax * lsm
         loss_parts["centre_softmax"] = float(lsm.detach())
+    if centre_shape:
+        at = tg["centre"].amax(-1) > 0
+        lcs = F.cross_entropy(out[..., 7:12][at], tg["shape"][at])
+        loss = loss + centre_shape * lcs
+        loss_parts["centre_shape"] = float(lcs.detach())
     return loss, loss_parts
 
 
@@ -440,7 +447,6 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
     centre_shape: weight of an extra shape cross-entropy of the dense head at the cells that
     hold an object's point (the cells a pointer picks)."""
     import torch
-    import torch.nn.functional as F
 
     from molmoe.checkpoint.loader import load
     from molmoe.processing.processor import Processor
@@ -498,13 +504,7 @@ def pretrain_vision(directory, *, steps: int = 2500, batch: int = 16, lr: float 
             idx = range(batch)
         images, masks, tg, n_crops = _encode(proc, src, idx, with_counts=True)
         feats = vision(images, masks)[0]  # (N, K, D)
-        out = head(feats)
-        loss, parts = head_loss(out, tg, n_crops, centre_softmax)
-        if centre_shape:
-            at = tg["centre"].amax(-1) > 0
-            lcs = F.cross_entropy(out[..., 7:12][at], tg["shape"][at])
-            loss = loss + centre_shape * lcs
-            parts["centre_shape"] = float(lcs.detach())
+        loss, parts = head_loss(head(feats), tg, n_crops, centre_softmax, centre_shape)
         if object_weight:
             lob = object_loss(last_block["x"][:, 1:], _batch_objects(proc, src, idx), obj_head)
             loss = loss + object_weight * lob

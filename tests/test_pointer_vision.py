@@ -141,6 +141,12 @@ def test_centre_softmax_picks_the_centre_cell_among_each_pictures_cells():
     assert float(both - base) == pytest.approx(0.5 * parts2["centre_softmax"], rel=1e-5)
     with pytest.raises(ValueError, match="n_crops"):
         head_loss(out, tg, None, 0.5)
+    # the point cells' shape term likewise: its weight times the shape cross-entropy there
+    at = tg["centre"].amax(-1) > 0
+    with_shape, parts3 = head_loss(out, tg, centre_shape=2.0)
+    expected = torch.nn.functional.cross_entropy(out[..., 7:12][at], tg["shape"][at])
+    assert parts3["centre_shape"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(with_shape - base) == pytest.approx(2.0 * float(expected), rel=1e-5)
 
 
 def _initial_checkpoint(tmp_path):
